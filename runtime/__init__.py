@@ -1,0 +1,1 @@
+"""Kiln runtime: paged KV cache, scheduler, sampler, engine."""

@@ -1,0 +1,55 @@
+"""Per-request sampling parameters (plain data, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """What one request asks of the sampler; validated on construction."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-k logprobs to return with each sampled token (<= 20)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for name, ok in (
+            ("max_tokens", self.max_tokens >= 1),
+            ("temperature", 0.0 <= self.temperature <= 2.0),
+            ("top_p", 0.0 < self.top_p <= 1.0),
+            ("top_k", self.top_k >= -1),
+            ("min_p", 0.0 <= self.min_p <= 1.0),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
+            ("repetition_penalty", self.repetition_penalty > 0.0),
+            ("n", self.n >= 1),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS),
+        ):
+            if not ok:
+                raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
