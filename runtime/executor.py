@@ -1,0 +1,94 @@
+"""Run an IR graph with the reference ops over a flat batch and a paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ir.graph import Graph
+from ir.ops import PagedAttention
+from ir.reference import REFERENCE, TORCH_DTYPES, RefContext
+from runtime.batch import BatchInputs
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def kv_cache_spec(graph: Graph) -> KVCacheSpec:
+    attn = [n for n in graph.nodes if isinstance(n.op, PagedAttention)]
+    if not attn:
+        raise ValueError("graph has no attention layers")
+    ops = [n.op for n in attn]
+    dtype = TORCH_DTYPES[attn[0].outputs[0].type.dtype]
+    if len({(o.num_kv_heads, o.head_dim) for o in ops}) != 1:
+        raise ValueError("layers with different KV shapes are not supported")
+    return KVCacheSpec(max(o.layer for o in ops) + 1, ops[0].num_kv_heads, ops[0].head_dim, dtype)
+
+
+def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, block_size: int, device="cpu"):
+    shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+    return tuple(
+        tuple(torch.zeros(shape, dtype=spec.dtype, device=device) for _ in "kv")
+        for _ in range(spec.num_layers)
+    )
+
+
+class Executor:
+    """Interprets the graph node by node; slots are precomputed so a step is a tight loop."""
+
+    def __init__(self, graph: Graph, params: dict[str, torch.Tensor]) -> None:
+        slot: dict[str, int] = {}
+        for i in graph.inputs:
+            slot[i.value.name] = len(slot)
+        for n in graph.nodes:
+            for v in n.outputs:
+                slot[v.name] = len(slot)
+        self.num_slots = len(slot)
+        self.param_slots = [(slot[i.value.name], params[i.value.name]) for i in graph.params]
+        self.input_slots = [slot[i.value.name] for i in graph.runtime_inputs]
+        self.input_names = [i.value.name for i in graph.runtime_inputs]
+        self.plan = [
+            (
+                REFERENCE[type(n.op)],
+                n.op,
+                [None if x is None else slot[x] for x in n.inputs],
+                [slot[v.name] for v in n.outputs],
+            )
+            for n in graph.nodes
+        ]
+        self.output_slot = slot[graph.outputs[0]]
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchInputs, kv_caches) -> torch.Tensor:
+        """Logits [B, vocab] of each sequence's last token in the batch."""
+        env: list = [None] * self.num_slots
+        for s, t in self.param_slots:
+            env[s] = t
+        for s, name in zip(self.input_slots, self.input_names, strict=True):
+            env[s] = getattr(batch, name)
+        ctx = RefContext(
+            sizes={"T": batch.num_tokens, "B": batch.num_seqs},
+            kv_caches=kv_caches,
+            slot_mapping=batch.slot_mapping,
+            query_start=batch.query_start,
+            context_lens=batch.context_lens,
+            block_tables=batch.block_tables,
+        )
+        for fn, op, ins, outs in self.plan:
+            result = fn(op, ctx, *(None if i is None else env[i] for i in ins))
+            if len(outs) == 1:
+                env[outs[0]] = result
+            else:
+                for s, r in zip(outs, result, strict=True):
+                    env[s] = r
+        return env[self.output_slot]

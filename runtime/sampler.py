@@ -1,0 +1,215 @@
+"""Token sampler: penalties, temperature, top-k/top-p/min-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from runtime.outputs import Logprob
+from runtime.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingState:
+    """One sequence's sampling inputs; the engine keeps it across steps."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # appended to by the engine; only read here
+    eos_token_ids: tuple[int, ...]  # banned while the output is shorter than min_tokens
+    generator: torch.Generator | None  # None: draw from torch's default generator
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    token_id: int
+    # the sampled token and the top `params.logprobs` tokens; None when logprobs were not asked
+    logprobs: dict[int, Logprob] | None
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator for one seeded sequence (the engine passes params.seed + sample index)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledToken]:
+    """Pick one token per row of `logits` [B, V] and report the requested logprobs."""
+    raw = logits.float()
+    processed = apply_penalties(raw, states)
+    token_ids = processed.argmax(dim=-1)
+    rows = [i for i, s in enumerate(states) if not s.params.greedy]
+    if rows:
+        index = torch.tensor(rows, device=raw.device)
+        picked = [states[i] for i in rows]
+        probs = torch.softmax(apply_filters(processed[index], picked), dim=-1)
+        token_ids[index] = _draw(probs, [s.generator for s in picked])
+    tokens = token_ids.tolist()
+    logprobs = _logprobs(raw, tokens, states)
+    return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+
+
+def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Logit bias, repetition/frequency/presence penalties and the min_tokens ban, as float32.
+
+    Returns a new tensor; `logits` is left untouched (its raw values feed the logprobs).
+    """
+    out = logits.to(torch.float32, copy=True)
+    _add_logit_bias(out, states)
+    _apply_repetition_penalty(out, states)
+    _apply_frequency_presence(out, states)
+    _ban_stop_tokens(out, states)
+    return out
+
+
+def apply_filters(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; filtered-out tokens get -inf.
+
+    Every row must be a sampled (non-greedy) one: its temperature is divided in.
+    """
+    device = logits.device
+    temperature = torch.tensor([s.params.temperature for s in states], device=device)
+    out = logits / temperature.unsqueeze(1)
+    vocab = out.shape[-1]
+    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in states]
+    top_p = [s.params.top_p for s in states]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        _top_k_top_p(out, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
+    min_p = [s.params.min_p for s in states]
+    if max(min_p) > 0.0:
+        probs = torch.softmax(out, dim=-1)
+        threshold = torch.tensor(min_p, device=device).unsqueeze(1) * probs.amax(-1, keepdim=True)
+        out.masked_fill_(probs < threshold, -torch.inf)
+    return out
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    """In place; top_k == vocab and top_p == 1 leave a row alone. Ties at the k-th value stay."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    kth = ordered.gather(1, (top_k - 1).unsqueeze(1))
+    ordered.masked_fill_(ordered < kth, -torch.inf)
+    probs = torch.softmax(ordered, dim=-1)
+    # keep the smallest head whose mass reaches top_p: a token stays if the mass before it is short
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    ordered.masked_fill_(drop, -torch.inf)
+    logits.scatter_(1, order, ordered)
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Sample one token per row by the exponential race: argmax(p / E), E ~ Exp(1).
+
+    A seeded row draws only from its own generator, so its token does not depend on the
+    rest of the batch.
+    """
+    noise = torch.empty_like(probs)
+    if all(g is None for g in generators):
+        noise.exponential_()
+    else:
+        for row, generator in enumerate(generators):
+            noise[row].exponential_(generator=generator)
+    # a zero draw would make 0/0 = nan, and argmax prefers nan over everything
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _logprobs(
+    raw: torch.Tensor, tokens: list[int], states: list[SamplingState]
+) -> list[dict[int, Logprob] | None]:
+    """Logprobs of the raw model logits: the sampled token and the top-n, ranked from 1."""
+    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    result: list[dict[int, Logprob] | None] = [None] * len(states)
+    if not rows:
+        return result
+    device = raw.device
+    logprobs = torch.log_softmax(raw[torch.tensor(rows, device=device)], dim=-1)
+    sampled = torch.tensor([tokens[i] for i in rows], device=device).unsqueeze(1)
+    sampled_lp = logprobs.gather(1, sampled)
+    sampled_rank = (logprobs > sampled_lp).sum(-1) + 1
+    top_lp, top_ids = logprobs.topk(max(states[i].params.logprobs for i in rows), dim=-1)
+    # every token above a top-k value is itself in the top-k, so ranks come from the top-k alone
+    top_rank = (top_lp.unsqueeze(1) > top_lp.unsqueeze(2)).sum(-1) + 1
+    columns = zip(
+        sampled_lp.squeeze(1).tolist(),
+        sampled_rank.tolist(),
+        top_lp.tolist(),
+        top_ids.tolist(),
+        top_rank.tolist(),
+        strict=True,
+    )
+    for i, (lp, rank, lps, ids, ranks) in zip(rows, columns, strict=True):
+        n = states[i].params.logprobs
+        entry = {tokens[i]: Logprob(lp, rank)}
+        entry.update((t, Logprob(v, r)) for t, v, r in zip(ids[:n], lps[:n], ranks[:n]))
+        result[i] = entry
+    return result
+
+
+def _rows_tokens(
+    token_lists: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (row, token) index pairs for a ragged list of token lists."""
+    lengths = torch.tensor([len(t) for t in token_lists], device=device)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists), device=device), lengths)
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), device=device)
+    return rows, tokens.long()
+
+
+def _add_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    biases = [s.params.logit_bias for s in states]
+    if not any(biases):
+        return
+    rows, tokens = _rows_tokens([list(b) for b in biases], logits.device)
+    values = torch.tensor([v for b in biases for v in b.values()], device=logits.device)
+    logits.index_put_((rows, tokens), values.float(), accumulate=True)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
+    if not rows:
+        return
+    device = logits.device
+    seen = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=device)
+    history = [states[i].prompt_token_ids + states[i].output_token_ids for i in rows]
+    seen[_rows_tokens(history, device)] = True
+    penalty = torch.tensor([states[i].params.repetition_penalty for i in rows], device=device)
+    penalty = penalty.unsqueeze(1)
+    index = torch.tensor(rows, device=device)
+    sub = logits[index]
+    penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
+    logits[index] = torch.where(seen, penalized, sub)
+
+
+def _apply_frequency_presence(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    rows = [
+        i
+        for i, s in enumerate(states)
+        if s.params.frequency_penalty != 0.0 or s.params.presence_penalty != 0.0
+    ]
+    if not rows:
+        return
+    device = logits.device
+    counts = torch.zeros(len(rows), logits.shape[-1], device=device)
+    where = _rows_tokens([states[i].output_token_ids for i in rows], device)
+    counts.index_put_(where, torch.ones(where[0].shape, device=device), accumulate=True)
+    frequency = torch.tensor([states[i].params.frequency_penalty for i in rows], device=device)
+    presence = torch.tensor([states[i].params.presence_penalty for i in rows], device=device)
+    index = torch.tensor(rows, device=device)
+    logits[index] -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
+
+
+def _ban_stop_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Before min_tokens outputs, no stop token id (nor EOS, unless ignored) may be sampled."""
+    banned = [
+        [] if len(s.output_token_ids) >= s.params.min_tokens else _stop_ids(s) for s in states
+    ]
+    if any(banned):
+        logits[_rows_tokens(banned, logits.device)] = -torch.inf
+
+
+def _stop_ids(state: SamplingState) -> list[int]:
+    eos = () if state.params.ignore_eos else state.eos_token_ids
+    return [*eos, *state.params.stop_token_ids]

@@ -1,0 +1,215 @@
+"""Sampler tests against straightforward per-row torch references."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from runtime.sampler import (
+    SamplingState,
+    apply_filters,
+    apply_penalties,
+    make_generator,
+    sample,
+)
+from runtime.sampling_params import SamplingParams
+
+
+def state(params: SamplingParams, prompt=(), output=(), eos=(), seed=None) -> SamplingState:
+    generator = None if seed is None else make_generator(seed, "cpu")
+    return SamplingState(params, list(prompt), list(output), tuple(eos), generator)
+
+
+def reference_penalties(row: torch.Tensor, s: SamplingState) -> torch.Tensor:
+    x = row.float().clone()
+    p = s.params
+    for token, bias in p.logit_bias.items():
+        x[token] += bias
+    for token in set(s.prompt_token_ids + s.output_token_ids):
+        x[token] = (
+            x[token] / p.repetition_penalty if x[token] > 0 else x[token] * p.repetition_penalty
+        )
+    for token in set(s.output_token_ids):
+        x[token] -= p.frequency_penalty * s.output_token_ids.count(token) + p.presence_penalty
+    if len(s.output_token_ids) < p.min_tokens:
+        for token in (() if p.ignore_eos else s.eos_token_ids) + p.stop_token_ids:
+            x[token] = -torch.inf
+    return x
+
+
+def reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    x = row.double() / p.temperature
+    if p.top_k > 0:
+        kth = sorted(x.tolist(), reverse=True)[min(p.top_k, len(x)) - 1]
+        x[x < kth] = -torch.inf
+    if p.top_p < 1.0:
+        probs = torch.softmax(x, -1).tolist()
+        mass = 0.0
+        for token in sorted(range(len(x)), key=lambda t: -probs[t]):
+            if mass >= p.top_p:
+                x[token] = -torch.inf
+            mass += probs[token]
+    if p.min_p > 0.0:
+        probs = torch.softmax(x, -1)
+        x[probs < p.min_p * probs.max()] = -torch.inf
+    return x.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_argmax(dtype):
+    logits = (torch.randn(9, 1003) * 3).to(dtype)
+    states = [state(SamplingParams(temperature=0.0), seed=i if i % 2 else None) for i in range(9)]
+    tokens = [t.token_id for t in sample(logits, states)]
+    assert tokens == logits.float().argmax(-1).tolist()
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(7, 517) * 2
+    params = SamplingParams(temperature=1.0, top_k=1, repetition_penalty=1.3)
+    states = [state(params, prompt=random.sample(range(517), 20), seed=i) for i in range(7)]
+    processed = apply_penalties(logits, states)
+    for _ in range(5):
+        assert [t.token_id for t in sample(logits, states)] == processed.argmax(-1).tolist()
+
+
+def test_penalties_and_bias_match_reference():
+    rng = random.Random(0)
+    vocab = 97
+    logits = torch.randn(6, vocab) * 4
+    states = []
+    for i in range(6):
+        params = SamplingParams(
+            repetition_penalty=rng.choice([1.0, 0.7, 1.5]),
+            frequency_penalty=rng.uniform(-2, 2) if i % 3 else 0.0,
+            presence_penalty=rng.uniform(-2, 2) if i % 2 else 0.0,
+            logit_bias={rng.randrange(vocab): rng.uniform(-5, 5) for _ in range(i)},
+            stop_token_ids=(5,) if i == 4 else (),
+            min_tokens=i,
+            max_tokens=32,
+            ignore_eos=i == 5,
+        )
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        output = [rng.randrange(20) for _ in range(rng.randrange(0, 9))]  # small range: repeats
+        states.append(state(params, prompt, output, eos=(3, 96)))
+    before = logits.clone()
+    got = apply_penalties(logits, states)
+    torch.testing.assert_close(logits, before)  # the raw logits stay untouched
+    want = torch.stack([reference_penalties(logits[i], s) for i, s in enumerate(states)])
+    torch.testing.assert_close(got, want)  # float32 default tolerances: same ops, same order
+    assert got.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(temperature=1.0, min_p=0.1),
+        SamplingParams(temperature=0.5, top_k=20, top_p=0.9, min_p=0.02),
+        SamplingParams(temperature=1.0),
+    ],
+)
+def test_filters_match_reference(params):
+    logits = torch.randn(5, 301) * 3
+    states = [state(params) for _ in range(5)]
+    got = apply_filters(logits, states)
+    want = torch.stack([reference_filter(row, params) for row in logits])
+    # float32 vs float64 division: a few ulp on the kept logits; the masks must be identical
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_k=3),
+        SamplingParams(temperature=0.8, top_p=0.7),
+        SamplingParams(temperature=1.2, min_p=0.15),
+        SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.05),
+    ],
+)
+def test_sampling_stays_inside_filters_and_follows_probs(params):
+    torch.manual_seed(1)
+    logits = torch.randn(11) * 1.5
+    expected = torch.softmax(reference_filter(logits, params).double(), -1)
+    draws = 20_000
+    got = [t.token_id for t in sample(logits.expand(draws, -1), [state(params)] * draws)]
+    freq = torch.bincount(torch.tensor(got), minlength=11).double() / draws
+    assert set(got) <= set(torch.nonzero(expected).flatten().tolist())
+    # the std of each frequency is at most sqrt(0.25 / 20000) = 0.0035: 0.02 is over 5 sigma
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.02)
+    seeded = [state(params, seed=i) for i in range(500)]
+    got = {t.token_id for t in sample(logits.expand(500, -1), seeded)}
+    assert got <= set(torch.nonzero(expected).flatten().tolist())
+
+
+def run_steps(target_position: int, batch: int, steps: int, seed: int) -> list[int]:
+    """Sample `steps` tokens for one seeded request placed among `batch - 1` other rows."""
+    vocab = 211
+    target_logits = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(7))
+    params = SamplingParams(temperature=0.9, top_p=0.95, repetition_penalty=1.2, max_tokens=64)
+    target = state(params, prompt=[1, 2, 3], seed=seed)
+    others = [
+        state(SamplingParams(temperature=t, top_k=k), prompt=[4], seed=s)
+        for t, k, s in [(1.0, -1, None), (0.0, -1, 5), (1.5, 10, 99), (0.3, -1, None)]
+    ]
+    states = others[: batch - 1]
+    states.insert(target_position, target)
+    for step in range(steps):
+        logits = torch.randn(batch, vocab) * 2
+        logits[target_position] = target_logits[step]
+        for s, token in zip(states, sample(logits, states), strict=True):
+            s.output_token_ids.append(token.token_id)
+    return target.output_token_ids
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    alone = run_steps(target_position=0, batch=1, steps=12, seed=1234)
+    assert run_steps(target_position=2, batch=5, steps=12, seed=1234) == alone
+    assert run_steps(target_position=1, batch=3, steps=12, seed=1234) == alone
+
+
+def test_different_seeds_differ():
+    flat = torch.zeros(1, 1000)
+    runs = []
+    for seed in (1, 2, 3):
+        s = state(SamplingParams(), seed=seed)
+        runs.append([sample(flat, [s])[0].token_id for _ in range(8)])
+    assert len({tuple(r) for r in runs}) == 3  # equal by chance with probability ~1e-24
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_bans_eos_and_stop_ids(temperature):
+    logits = torch.zeros(1, 50)
+    logits[0, 7] = 30.0  # EOS: almost certain when allowed
+    logits[0, 9] = 29.0  # a stop token id
+    params = SamplingParams(temperature=temperature, min_tokens=3, stop_token_ids=(9,))
+    s = state(params, output=[1, 1], eos=(7,))
+    for _ in range(50):
+        assert sample(logits, [s])[0].token_id not in (7, 9)
+    s.output_token_ids.append(1)  # min_tokens reached
+    assert sample(logits, [s])[0].token_id == 7
+    ignore = state(SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True), eos=(7,))
+    assert sample(logits, [ignore])[0].token_id == 7  # with ignore_eos, EOS is an ordinary token
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks():
+    logits = (torch.randn(5, 333) * 3).to(torch.bfloat16)
+    asked = [None, 0, 3, 20, 7]
+    states = [
+        state(SamplingParams(temperature=1.0, logprobs=n, repetition_penalty=1.5), prompt=[0, 1])
+        for n in asked
+    ]
+    reference = torch.log_softmax(logits.float(), -1)
+    for row, (n, token) in enumerate(zip(asked, sample(logits, states), strict=True)):
+        if n is None:
+            assert token.logprobs is None
+            continue
+        top = reference[row].topk(n).indices.tolist() if n else []
+        assert list(token.logprobs) == list(dict.fromkeys([token.token_id, *top]))
+        for token_id, lp in token.logprobs.items():
+            want = reference[row, token_id]
+            assert lp.logprob == pytest.approx(want.item(), abs=1e-5)
+            assert lp.rank == int((reference[row] > want).sum()) + 1
+            assert lp.decoded_token is None
