@@ -11,6 +11,7 @@ class GraphBuilder:
         self.inputs: list[Input] = list(inputs)
         self.nodes: list[Node] = []
         self.types: dict[str, TensorType] = {i.value.name: i.value.type for i in inputs}
+        self.producer: dict[str, Node] = {}
         self.taken: set[str] = set(self.types) | (taken or set())
         self.counter = 0
 
@@ -36,9 +37,7 @@ class GraphBuilder:
         hint = type(op).__name__.lower()
         names = names or tuple(self.fresh(hint) for _ in out_types)
         outs = tuple(Value(n, t) for n, t in zip(names, out_types, strict=True))
-        self.nodes.append(Node(op, tuple(inputs), outs))
-        for v in outs:
-            self.types[v.name] = v.type
+        self.emit(Node(op, tuple(inputs), outs))
         return names
 
     def add1(self, op, *inputs: str | None, name: str | None = None) -> str:
@@ -50,6 +49,7 @@ class GraphBuilder:
         for v in node.outputs:
             self.types[v.name] = v.type
             self.taken.add(v.name)
+            self.producer[v.name] = node
 
     def build(self, outputs: tuple[str, ...]) -> Graph:
         return Graph(tuple(self.inputs), tuple(self.nodes), tuple(outputs))

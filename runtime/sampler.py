@@ -143,7 +143,9 @@ def _logprobs(
     for i, (lp, rank, lps, ids, ranks) in zip(rows, columns, strict=True):
         n = states[i].params.logprobs
         entry = {tokens[i]: Logprob(lp, rank)}
-        entry.update((t, Logprob(v, r)) for t, v, r in zip(ids[:n], lps[:n], ranks[:n]))
+        entry.update(
+            (t, Logprob(v, r)) for t, v, r in zip(ids[:n], lps[:n], ranks[:n], strict=True)
+        )
         result[i] = entry
     return result
 

@@ -109,9 +109,9 @@ class _WaitingQueue:
 class Scheduler:
     """Decides, each step, which tokens of which sequences run.
 
-    Running sequences are kept in service order (admission order, or priority order under
-    "priority"), so the last one is always the preemption victim and, walking the list in
-    order, it is never one already scheduled this step.
+    Running sequences are kept in service order (admission order, or (priority, arrival)
+    order under "priority"). When blocks run out, the last of them not yet scheduled this
+    step (the newest, or the least important) is preempted and later recomputed.
     """
 
     def __init__(self, config: SchedulerConfig):
@@ -204,20 +204,37 @@ class Scheduler:
     def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Sequence]]:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
-        i = 0
-        while i < len(self._running) and budget > 0:
-            seq = self._running[i]
+        scheduled: set[Sequence] = set()
+        # Decodes before prefill chunks: a long prefill never starves the decoding sequences.
+        decodes = [s for s in self._running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self._running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
-                victim = self._running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    return chunks, preempted
-            chunks.append(self._chunk(seq, seq.num_computed_tokens, num_new))
-            budget -= num_new
-            i += 1
+            if self._make_room(seq, num_new, scheduled, preempted):
+                chunks.append(self._chunk(seq, seq.num_computed_tokens, num_new))
+                scheduled.add(seq)
+                budget -= num_new
         return chunks, preempted
+
+    def _make_room(
+        self, seq: Sequence, num_new: int, scheduled: set[Sequence], preempted: list[Sequence]
+    ) -> bool:
+        """Allocate for seq, preempting from the back of the running list until it fits.
+
+        False when seq itself had to go: it was the last one not yet scheduled this step.
+        """
+        while not self.block_manager.allocate(seq, num_new):
+            victim = next(s for s in reversed(self._running) if s not in scheduled)
+            self._running.remove(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _schedule_waiting(self, budget: int) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []

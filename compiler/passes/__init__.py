@@ -1,0 +1,1 @@
+"""Graph -> Graph passes, one per file; compiler/pipeline.py gives their order."""

@@ -1,0 +1,51 @@
+"""Merge Linear nodes that share an input (Q/K/V, gate/up) into one wider Linear.
+
+Pre: any verified graph. Post: for each input, its parameter Linears of equal weight dtype
+and bias presence are one Linear over Concat(weights) (a params-only node that
+fold_constants turns into a pre-packed weight), followed by one Slice per former output.
+"""
+
+from __future__ import annotations
+
+from compiler.passes.rewrite import Rewriter, rewrite
+from ir import ops
+from ir.graph import Graph, Node
+
+
+def _key(node: Node, rw: Rewriter) -> tuple | None:
+    if not isinstance(node.op, ops.Linear):
+        return None
+    x, w, bias = node.inputs
+    if w not in rw.params or (bias is not None and bias not in rw.params):
+        return None
+    return (x, rw.type_of(w).dtype, bias is None)
+
+
+def merge_projections(graph: Graph) -> Graph:
+    probe = Rewriter(graph)
+    groups: dict[tuple, list[Node]] = {}
+    for node in graph.nodes:
+        if (key := _key(node, probe)) is not None:
+            groups.setdefault(key, []).append(node)
+    merged = {id(g[0]): g for g in groups.values() if len(g) > 1}
+    absorbed = {id(n) for g in merged.values() for n in g[1:]}
+
+    def rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
+        if id(node) in absorbed:
+            return {}  # its output was renamed when the group's first node was merged
+        group = merged.get(id(node))
+        if group is None:
+            return None
+        x = node.inputs[0]
+        weight = rw.add(ops.Concat(0), *(n.inputs[1] for n in group))[0]
+        bias = rw.add(ops.Concat(0), *(n.inputs[2] for n in group))[0] if node.inputs[2] else None
+        y = rw.add(ops.Linear(), x, weight, bias)[0]
+        start, renames = 0, {}
+        for n in group:
+            width = rw.type_of(n.inputs[1]).shape[0]
+            renames[n.outputs[0].name] = rw.add(ops.Slice(-1, start, start + width), y)[0]
+            start += width
+        return renames
+
+    # absorbed nodes come after their group's first node, so their renames already exist
+    return rewrite(graph, rule)

@@ -1,0 +1,57 @@
+"""Raise w * cast(x' * rsqrt(mean(x'^2, -1) + eps)) with x' = cast?(x) into RMSNorm(x, w).
+
+Pre: canonicalized (no identity casts). Post: each matched tree is one RMSNorm node; the
+interior nodes are left for DCE.
+"""
+
+from __future__ import annotations
+
+from compiler.passes.rewrite import Rewriter, rewrite
+from ir import ops
+from ir.graph import Graph, Node
+
+
+def _through_cast(rw: Rewriter, name: str) -> str:
+    cast = rw.producer(name, ops.Cast)
+    return cast.inputs[0] if cast else name
+
+
+def _normalized(rw: Rewriter, name: str) -> tuple[str, float] | None:
+    """If `name` is cast?(x' * rsqrt(mean(x'^2) + eps)), return (x, eps)."""
+    mul = rw.producer(_through_cast(rw, name), ops.Binary)
+    if mul is None or mul.op.fn != "mul":
+        return None
+    for xp, r in (mul.inputs, reversed(mul.inputs)):
+        rsqrt = rw.producer(r, ops.Unary)
+        add = rsqrt and rsqrt.op.fn == "rsqrt" and rw.producer(rsqrt.inputs[0], ops.BinaryScalar)
+        mean = add and add.op.fn == "add" and rw.producer(add.inputs[0], ops.Mean)
+        if not mean or not mean.op.keepdim or len(mean.op.dims) != 1:
+            continue
+        pow_ = rw.producer(mean.inputs[0], ops.BinaryScalar)
+        rank = rw.type_of(xp).rank
+        if mean.op.dims[0] % rank != rank - 1 or not pow_:
+            continue
+        if (pow_.op.fn, pow_.op.scalar) == ("pow", 2.0) and pow_.inputs[0] == xp:
+            return _through_cast(rw, xp), add.op.scalar
+    return None
+
+
+def _rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
+    if not isinstance(node.op, ops.Binary) or node.op.fn != "mul":
+        return None
+    for w, y in (node.inputs, reversed(node.inputs)):
+        found = _normalized(rw, y)
+        if found is None or rw.type_of(w).shape != (rw.type_of(found[0]).shape[-1],):
+            continue
+        x, eps = found
+        cast = rw.producer(y, ops.Cast)
+        if cast and cast.op.dtype != rw.type_of(x).dtype:
+            continue  # the normalized value must be rounded back to x's dtype, as RMSNorm does
+        if ops.RMSNorm(eps).infer(rw.type_of(x), rw.type_of(w))[0] != node.outputs[0].type:
+            continue
+        return {node.outputs[0].name: rw.add(ops.RMSNorm(eps), x, w)[0]}
+    return None
+
+
+def raise_rmsnorm(graph: Graph) -> Graph:
+    return rewrite(graph, _rule)

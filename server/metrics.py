@@ -1,0 +1,124 @@
+"""Prometheus metrics with vLLM-compatible names under the `kiln:` prefix, one registry per app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from runtime.outputs import RequestOutput
+
+# vLLM's buckets, so dashboards built for it read Kiln unchanged
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+LABELS = ["model_name"]
+
+
+class EngineCollector(Collector):
+    """Reads the engine's scheduler and cache state at scrape time."""
+
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        for name, key, doc in (
+            ("num_requests_running", "num_running", "Requests in the running batch."),
+            ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
+            ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use."),
+        ):
+            yield self._metric(GaugeMetricFamily, name, doc, stats[key])
+        for name, key, doc in (
+            ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up."),
+            ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the cache."),
+        ):
+            yield self._metric(CounterMetricFamily, name, doc, stats[key])
+
+    def _metric(self, family: type, name: str, doc: str, value: float) -> Metric:
+        metric = family(f"kiln:{name}", doc, labels=LABELS)
+        metric.add_metric([self.model_name], value)
+        return metric
+
+
+class Metrics:
+    """The app's registry: request counters and latency histograms, plus the engine's state."""
+
+    def __init__(self, engine: Any, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+
+        def labelled(metric: Any) -> Any:
+            return metric.labels(model_name)
+
+        self.prompt_tokens = labelled(
+            Counter("kiln:prompt_tokens", "Prefill tokens processed.", LABELS, registry=reg)
+        )
+        self.generation_tokens = labelled(
+            Counter("kiln:generation_tokens", "Generated tokens.", LABELS, registry=reg)
+        )
+        self.ttft = labelled(
+            Histogram(
+                "kiln:time_to_first_token_seconds",
+                "Time to the first token.",
+                LABELS,
+                registry=reg,
+                buckets=TTFT_BUCKETS,
+            )  # fmt: skip
+        )
+        self.itl = labelled(
+            Histogram(
+                "kiln:inter_token_latency_seconds",
+                "Time between token updates.",
+                LABELS,
+                registry=reg,
+                buckets=ITL_BUCKETS,
+            )  # fmt: skip
+        )
+        self.e2e = labelled(
+            Histogram(
+                "kiln:e2e_request_latency_seconds",
+                "Arrival to last token.",
+                LABELS,
+                registry=reg,
+                buckets=E2E_BUCKETS,
+            )  # fmt: skip
+        )
+        reg.register(EngineCollector(engine, model_name))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def start(self, num_prompt_tokens: int) -> RequestTimer:
+        self.prompt_tokens.inc(num_prompt_tokens)
+        return RequestTimer(self, time.monotonic())
+
+
+class RequestTimer:
+    """Observes one engine request's updates: token counts, TTFT, inter-token gaps, end to end."""
+
+    def __init__(self, metrics: Metrics, arrival: float) -> None:
+        self.metrics = metrics
+        self.arrival = arrival
+        self.last: float | None = None
+
+    def observe(self, output: RequestOutput) -> None:
+        now = time.monotonic()
+        new_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if new_tokens:
+            self.metrics.generation_tokens.inc(new_tokens)
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.arrival)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+        if output.finished:
+            self.metrics.e2e.observe(now - self.arrival)

@@ -1,0 +1,335 @@
+"""Request parsing and validation: JSON bodies in, typed requests out, ProtocolError on bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from runtime.sampling_params import SamplingParams
+from server.chat import render_chat
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+ROLES = frozenset({"system", "user", "assistant"})
+_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+_INT_FIELDS = ("top_k", "seed", "n", "min_tokens")
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
+_TYPE_NAMES |= {list: "an array", dict: "an object"}
+
+
+class ProtocolError(Exception):
+    """A request the server refuses: HTTP status plus the OpenAI error fields."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, type: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        fallback = "invalid_request_error" if status < 500 else "server_error"
+        self.type = type or ERROR_TYPES.get(status, fallback)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What parsing needs to know about the served model."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    tokenizer: Any  # None for token-id-only artifacts
+    default_params: Mapping[str, Any]
+    max_n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One engine request: its token ids, its text when known, and its sampling parameters."""
+
+    token_ids: tuple[int, ...]
+    text: str | None
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A completion or chat request; it yields len(prompts) * n choices."""
+
+    chat: bool
+    prompts: tuple[Prompt, ...]
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool  # completions only: prefix each choice with its prompt text
+    top_logprobs: int | None  # alternatives shown per token; None: no logprobs
+
+
+def bad(message: str, param: str | None = None) -> ProtocolError:
+    return ProtocolError(400, message, param)
+
+
+def parse_body(content_type: str, raw: bytes) -> dict[str, Any]:
+    if content_type != "application/json":
+        raise bad(f"Content-Type must be application/json, not {content_type}")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad("the body must be a JSON object")
+    return body
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _get(body: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """body[key] checked against `kind` (bool is not an int here); `default` when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return default
+    kinds = (int, float) if kind is float else kind
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kinds):
+        raise bad(f"'{key}' must be {_TYPE_NAMES[kind]}", key)
+    if kind is float and not math.isfinite(value):
+        raise bad(f"'{key}' must be finite", key)
+    return float(value) if kind is float else value
+
+
+def check_model(body: Mapping[str, Any], info: ModelInfo) -> None:
+    model = _get(body, "model", str)
+    if model is not None and model != info.name:
+        raise ProtocolError(404, f"The model `{model}` does not exist.", "model")
+
+
+def check_token_ids(ids: Any, info: ModelInfo, param: str) -> list[int]:
+    if not isinstance(ids, list):
+        raise bad(f"'{param}' must be an array of token ids", param)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < info.vocab_size:
+            raise bad(f"token id {t!r} in '{param}' is outside [0, {info.vocab_size})", param)
+    return ids
+
+
+def encode(info: ModelInfo, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    if info.tokenizer is None:
+        raise bad("this model has no tokenizer: send token ids", param)
+    return info.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad("'stop' must be a non-empty string or an array of them", "stop")
+    return tuple(stops)
+
+
+def _logit_bias(body: Mapping[str, Any], info: ModelInfo) -> dict[int, float]:
+    bias = _get(body, "logit_bias", dict, {})
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+        check_token_ids([token], info, "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 100:
+            raise bad(f"logit_bias value for {key} must be in [-100, 100]", "logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]:
+    """Model defaults, overridden by whatever the request sets."""
+    out = {k: v for k, v in info.default_params.items() if k in _SAMPLING_FIELDS}
+    given = {k: _get(body, k, float) for k in _FLOAT_FIELDS}
+    given |= {k: _get(body, k, int) for k in _INT_FIELDS}
+    given["ignore_eos"] = _get(body, "ignore_eos", bool)
+    out |= {k: v for k, v in given.items() if v is not None}
+    if out.get("n", 1) > info.max_n:
+        raise bad(f"'n' must be at most {info.max_n}", "n")
+    out["stop"] = _stop(body)
+    ids = body.get("stop_token_ids")
+    out["stop_token_ids"] = tuple(check_token_ids(ids, info, "stop_token_ids")) if ids else ()
+    out["logit_bias"] = _logit_bias(body, info)
+    return out
+
+
+def _max_tokens(body: Mapping[str, Any]) -> tuple[int | None, str]:
+    """The requested completion length and the field that carried it."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        if (value := _get(body, key, int)) is not None:
+            return value, key
+    return None, "max_tokens"
+
+
+def _prompt(
+    ids: list[int],
+    text: str | None,
+    body: Mapping[str, Any],
+    info: ModelInfo,
+    sampling: dict[str, Any],
+    names: dict[str, str],
+) -> Prompt:
+    """One prompt's params; `names` maps SamplingParams fields to the request's field names."""
+    prompt_param = "messages" if "messages" in body else "prompt"
+    if len(ids) >= info.max_model_len:
+        msg = f"the prompt is {len(ids)} tokens; this model's max_model_len is {info.max_model_len}"
+        raise bad(msg, prompt_param)
+    requested, key = _max_tokens(body)
+    room = info.max_model_len - len(ids)
+    max_tokens = requested if requested is not None else min(sampling.get("max_tokens", room), room)
+    try:
+        params = SamplingParams(**(sampling | {"max_tokens": max_tokens}))
+    except ValueError as exc:
+        field = str(exc).removeprefix("invalid ").split(":")[0]
+        name = names.get(field, field)
+        raise bad(str(exc).replace(field, name, 1), name) from None
+    if len(ids) + max_tokens > info.max_model_len:
+        raise bad(
+            f"this model's max_model_len is {info.max_model_len} tokens, but {len(ids)} prompt "
+            f"tokens + {max_tokens} completion tokens ({key}) = {len(ids) + max_tokens}",
+            key,
+        )
+    return Prompt(tuple(ids), text, params)
+
+
+def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = _get(body, "stream", bool, False)
+    options = _get(body, "stream_options", dict)
+    if options is not None and not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return stream, bool(options and _get(options, "include_usage", bool, False))
+
+
+def _completion_items(body: Mapping[str, Any]) -> list[str | list[int]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+            return prompt
+        if not any(isinstance(p, str | list) for p in prompt):
+            return [prompt]  # one token-id prompt; the ids are checked later
+    raise bad("'prompt' must be a string, token ids, or a non-empty array of either", "prompt")
+
+
+def _completion_prompt(item: str | list[int], info: ModelInfo, special: bool, echo: bool):
+    if not item:
+        raise bad("'prompt' must not be empty", "prompt")
+    if isinstance(item, str):
+        return encode(info, item, special, "prompt"), item
+    ids = check_token_ids(item, info, "prompt")
+    if echo and info.tokenizer is None:
+        raise bad("'echo' needs a tokenizer, which this model lacks", "echo")
+    return ids, info.tokenizer.decode(ids) if echo else None
+
+
+def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
+    check_model(body, info)
+    if body.get("suffix") is not None:
+        raise bad("'suffix' is not supported", "suffix")
+    stream, include_usage = _stream_flags(body)
+    echo = _get(body, "echo", bool, False)
+    logprobs = _get(body, "logprobs", int)
+    if echo and logprobs is not None:
+        raise bad("'echo' with 'logprobs' (prompt logprobs) is not supported", "echo")
+    sampling = _sampling_fields(body, info) | {"logprobs": logprobs}
+    special = _get(body, "add_special_tokens", bool, True)
+    items = [_completion_prompt(p, info, special, echo) for p in _completion_items(body)]
+    names = {"max_tokens": _max_tokens(body)[1]}
+    prompts = tuple(_prompt(ids, text, body, info, sampling, names) for ids, text in items)
+    n = prompts[0].params.n
+    return GenerateRequest(False, prompts, n, stream, include_usage, echo, logprobs)
+
+
+def _message(message: Any, i: int) -> dict[str, str]:
+    param = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise bad(f"'{param}' must be an object", param)
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise bad(f"'{param}.role' must be one of {sorted(ROLES)}, not {role!r}", param)
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise bad(f"'{param}.content' parts must be of type 'text'", param)
+        content = "\n".join(_get(p, "text", str, "") for p in content)
+    if not isinstance(content, str):
+        raise bad(f"'{param}.content' must be a string or an array of text parts", param)
+    return {"role": role, "content": content}
+
+
+def chat_prompt(body: Mapping[str, Any], info: ModelInfo, special_default: bool) -> list[int]:
+    """The token ids of the templated conversation in body['messages']."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty array", "messages")
+    parsed = [_message(m, i) for i, m in enumerate(messages)]
+    if info.tokenizer is None:
+        raise bad("this model has no tokenizer or chat template", "messages")
+    try:
+        text = render_chat(info.tokenizer, parsed, _get(body, "add_generation_prompt", bool, True))
+    except ValueError as exc:
+        raise bad(str(exc), "messages") from None
+    special = _get(body, "add_special_tokens", bool, special_default)
+    return encode(info, text, special, "messages")
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    top = _get(body, "top_logprobs", int)
+    if not _get(body, "logprobs", bool, False):
+        if top is not None:
+            raise bad("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
+        return None
+    return top or 0
+
+
+def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
+    check_model(body, info)
+    stream, include_usage = _stream_flags(body)
+    top_logprobs = _chat_logprobs(body)
+    sampling = _sampling_fields(body, info) | {"logprobs": top_logprobs}
+    ids = chat_prompt(body, info, special_default=False)
+    names = {"max_tokens": _max_tokens(body)[1], "logprobs": "top_logprobs"}
+    prompt = _prompt(ids, None, body, info, sampling, names)
+    return GenerateRequest(
+        True, (prompt,), prompt.params.n, stream, include_usage, False, top_logprobs
+    )
+
+
+def parse_tokenize(body: Mapping[str, Any], info: ModelInfo) -> list[int]:
+    check_model(body, info)
+    if "messages" in body:
+        return chat_prompt(body, info, special_default=False)
+    prompt = _get(body, "prompt", str)
+    if prompt is None:
+        raise bad("'prompt' or 'messages' is required", "prompt")
+    return encode(info, prompt, _get(body, "add_special_tokens", bool, True), "prompt")
+
+
+def parse_detokenize(body: Mapping[str, Any], info: ModelInfo) -> list[int]:
+    check_model(body, info)
+    if info.tokenizer is None:
+        raise bad("this model has no tokenizer", "tokens")
+    return check_token_ids(body.get("tokens"), info, "tokens")
