@@ -242,7 +242,8 @@ class SiluMul:
 class FusedElementwise:
     """A tree of elementwise ops over the inputs, evaluated in float32, stored as `dtype`.
 
-    expr nodes: ("arg", i) | ("const", value) | ("cast", dtype, e) | (unary_fn, e) | (binary_fn, a, b)
+    expr nodes: ("arg", i) | ("const", value) | ("cast", dtype, e) | (unary_fn, e)
+    | (binary_fn, a, b)
     """
 
     expr: tuple

@@ -241,3 +241,12 @@ def attend(op, q, k_cache, v_cache, ctx: RefContext, b: int) -> torch.Tensor:
         allowed &= q_pos - k_pos < op.sliding_window
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return torch.einsum("hnl,lhd->nhd", probs, values).to(q.dtype)
+
+
+def evaluate(graph, inputs: dict[str, torch.Tensor], ctx: RefContext) -> list[torch.Tensor]:
+    """Run `graph` on named input tensors (params included); returns its outputs."""
+    env = dict(inputs)
+    for node in graph.nodes:
+        results = run_op(node.op, ctx, *(env[n] if n else None for n in node.inputs))
+        env.update((v.name, r) for v, r in zip(node.outputs, results, strict=True))
+    return [env[n] for n in graph.outputs]

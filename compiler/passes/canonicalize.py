@@ -18,9 +18,12 @@ def _rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
     x = node.inputs[0] if node.inputs else None
     if isinstance(op, ops.Cast | ops.Reshape) and x and rw.type_of(x) == out.type:
         return {out.name: x}
-    if isinstance(op, ops.BinaryScalar) and not op.scalar_first:
-        if (op.fn, op.scalar) in IDENTITY_SCALARS:
-            return {out.name: x}
+    if (
+        isinstance(op, ops.BinaryScalar)
+        and not op.scalar_first
+        and ((op.fn, op.scalar) in IDENTITY_SCALARS)
+    ):
+        return {out.name: x}
     if isinstance(op, ops.Slice) and rw.type_of(x) == out.type and op.step == 1:
         return {out.name: x}
     if isinstance(op, ops.Reshape) and (inner := rw.producer(x, ops.Reshape)):

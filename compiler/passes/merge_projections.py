@@ -12,10 +12,15 @@ from ir import ops
 from ir.graph import Graph, Node
 
 
+def _operands(node: Node) -> tuple[str, str, str | None]:
+    x, w, *bias = node.inputs
+    return x, w, bias[0] if bias else None
+
+
 def _key(node: Node, rw: Rewriter) -> tuple | None:
     if not isinstance(node.op, ops.Linear):
         return None
-    x, w, bias = node.inputs
+    x, w, bias = _operands(node)
     if w not in rw.params or (bias is not None and bias not in rw.params):
         return None
     return (x, rw.type_of(w).dtype, bias is None)
@@ -36,10 +41,11 @@ def merge_projections(graph: Graph) -> Graph:
         group = merged.get(id(node))
         if group is None:
             return None
-        x = node.inputs[0]
-        weight = rw.add(ops.Concat(0), *(n.inputs[1] for n in group))[0]
-        bias = rw.add(ops.Concat(0), *(n.inputs[2] for n in group))[0] if node.inputs[2] else None
-        y = rw.add(ops.Linear(), x, weight, bias)[0]
+        x, _, has_bias = _operands(node)
+        weight = rw.add(ops.Concat(0), *(_operands(n)[1] for n in group))[0]
+        biases = [_operands(n)[2] for n in group]
+        bias = rw.add(ops.Concat(0), *biases)[0] if has_bias else None
+        y = rw.add(ops.Linear(), x, weight, *([bias] if bias else []))[0]
         start, renames = 0, {}
         for n in group:
             width = rw.type_of(n.inputs[1]).shape[0]

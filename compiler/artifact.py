@@ -1,0 +1,168 @@
+"""The compiled artifact: a self-describing directory, written atomically, loaded safely.
+
+Layout: manifest.json (versions, source and its hash, architecture, dtype, target, limits,
+sha256 of every other file), graph.json, weights/*.safetensors, kernels/ (cuda target),
+tokenizer/ (when the source has one), generation_config.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ir.graph import Graph
+from ir.reference import TORCH_DTYPES
+from ir.serialize import graph_from_json, graph_to_json
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 4 << 30
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    path: Path
+    manifest: dict
+    graph: Graph
+    params: dict[str, torch.Tensor]
+    generation_config: dict = field(default_factory=dict)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.path / "tokenizer").is_dir()
+
+    def load_tokenizer(self):
+        if not self.has_tokenizer:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path / "tokenizer", trust_remote_code=False)
+
+
+def write_artifact(
+    out: Path,
+    manifest: dict,
+    graph: Graph,
+    params: dict[str, torch.Tensor],
+    tokenizer=None,
+    generation_config: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write into a temporary sibling directory, then move it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        (tmp / "graph.json").write_text(graph_to_json(graph))
+        _write_weights(tmp / "weights", params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config or {}, indent=1))
+        for rel, data in (extra_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        files = {
+            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        doc = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _write_weights(directory: Path, params: dict[str, torch.Tensor]) -> None:
+    directory.mkdir()
+    shard: dict[str, torch.Tensor] = {}
+    size, index = 0, 0
+    for name in sorted(params):
+        t = params[name].contiguous()
+        if shard and size + t.nbytes > SHARD_BYTES:
+            save_file(shard, directory / f"shard-{index:05d}.safetensors")
+            shard, size, index = {}, 0, index + 1
+        shard[name] = t
+        size += t.nbytes
+    save_file(shard, directory / f"shard-{index:05d}.safetensors")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: not a Kiln artifact (no manifest.json)") from e
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}/manifest.json: invalid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+            "recompile with this version of kiln"
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every listed file exists inside the artifact and matches its sha256."""
+    root = path.resolve()
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "graph.json" not in files:
+        raise ArtifactError(f"{path}: manifest lists no files")
+    for rel, expected in files.items():
+        p = (root / rel).resolve()
+        if root not in p.parents:
+            raise ArtifactError(f"{path}: manifest entry {rel!r} points outside the artifact")
+        if not p.is_file():
+            raise ArtifactError(f"{path}: missing file {rel}")
+        if sha256_file(p) != expected:
+            raise ArtifactError(f"{path}: {rel} is corrupted (sha256 mismatch)")
+
+
+def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify_hashes:
+        verify_files(path, manifest)
+    try:
+        graph = graph_from_json((path / "graph.json").read_text())
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}/graph.json: invalid graph: {e}") from e
+    params: dict[str, torch.Tensor] = {}
+    for shard in sorted(manifest["files"]):
+        if shard.startswith("weights/") and shard.endswith(".safetensors"):
+            params.update(load_file(path / shard))
+    _check_params(graph, params)
+    gen = json.loads((path / "generation_config.json").read_text())
+    return Artifact(path, manifest, graph, params, gen if isinstance(gen, dict) else {})
+
+
+def _check_params(graph: Graph, params: dict[str, torch.Tensor]) -> None:
+    for p in graph.params:
+        t = params.get(p.value.name)
+        if t is None:
+            raise ArtifactError(f"weight {p.value.name} is missing")
+        expect = (tuple(p.value.type.shape), TORCH_DTYPES[p.value.type.dtype])
+        if (tuple(t.shape), t.dtype) != expect:
+            raise ArtifactError(f"weight {p.value.name}: {tuple(t.shape)} {t.dtype}, want {expect}")

@@ -1,0 +1,85 @@
+"""Trace + optimize every family; the compiled graph reproduces transformers' logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+
+from compiler.frontend import trace_model
+from compiler.frontend.convert import UnsupportedOpError
+from compiler.frontend.loader import UnsupportedModelError, check_config
+from compiler.pipeline import run_pipeline
+from ir.ops import PagedAttention
+from runtime.batch import build_batch
+from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
+
+# fp32 end to end; the only differences are summation orders (matmul blocking, softmax)
+LOGITS_ATOL = 2e-4
+
+
+def run_batch(graph, params, prompts, block_size=4):
+    per_seq = -(-max(len(p) for p in prompts) // block_size) + 1
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+    kv = allocate_kv_cache(kv_cache_spec(graph), per_seq * len(prompts), block_size)
+    batch = build_batch([(p, 0, t) for p, t in zip(prompts, tables, strict=True)], block_size)
+    return Executor(graph, params).forward(batch, kv)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_graph_matches_transformers(family):
+    model = tiny_model(family)
+    graph, params = run_pipeline(*trace_model(model))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (37, 5, 1, 18)]
+    logits = run_batch(graph, params, prompts)
+    model.config._attn_implementation = "sdpa"
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fusions_happen(family):
+    graph, _ = run_pipeline(*trace_model(tiny_model(family)))
+    counts = graph.op_counts()
+    layers = FAMILIES[family].get("num_hidden_layers", 2)
+    attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
+    assert len(attn) == layers and all(a.rope and a.layout == "bthd" for a in attn)
+    assert counts["AddRMSNorm"] == 2 * layers  # every norm but the first takes the residual add
+    assert counts["SiluMul"] == layers
+    assert counts["Linear"] == 4 * layers + 1  # qkv, o, gate_up, down per layer + lm_head
+    assert "Binary" not in counts and "Mean" not in counts and "Transpose" not in counts
+
+
+def test_sliding_window_reaches_attention():
+    graph, _ = trace_model(tiny_model("mistral"))
+    attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
+    assert {a.sliding_window for a in attn} == {24}
+
+
+def test_unsupported_config_is_refused_with_a_reason():
+    from transformers import AutoConfig
+
+    moe = AutoConfig.for_model("mixtral", num_local_experts=4)
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        check_config(moe)
+    enc = AutoConfig.for_model("t5")
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        check_config(enc)
+
+
+def test_unconvertible_op_is_named():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny_model("llama").config
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, position_ids, logits_to_keep, use_cache):
+            logits = torch.cumsum(input_ids.float(), -1)[..., None] * self.scale
+            return type("Out", (), {"logits": logits})
+
+    with pytest.raises(UnsupportedOpError, match="cumsum"):
+        trace_model(Odd())

@@ -1,0 +1,196 @@
+"""Each pass: a before graph, the expected graph (compared as printed text), and a numerical
+check that both compute the same thing through the reference ops on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compiler.passes.canonicalize import canonicalize
+from compiler.passes.cse import cse
+from compiler.passes.dce import eliminate_dead_code
+from compiler.passes.fold_constants import fold_constants
+from compiler.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
+from compiler.passes.fuse_elementwise import fuse_elementwise
+from compiler.passes.merge_projections import merge_projections
+from compiler.passes.raise_rmsnorm import raise_rmsnorm
+from compiler.passes.raise_rope import raise_rope
+from compiler.passes.raise_silu_mul import raise_silu_mul
+from ir import ops, print_graph, verify
+from ir.builder import GraphBuilder
+from ir.reference import TORCH_DTYPES, RefContext, evaluate
+from ir.types import TensorType
+
+SIZES = {"T": 5, "B": 2}
+# same math in the same order: exact in fp32; bf16 differs only where fusion skips a rounding
+ATOL = {"float32": 1e-6, "bfloat16": 2e-2}
+
+
+def random_inputs(graph, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in graph.inputs:
+        shape = [SIZES[d] if isinstance(d, str) else d for d in i.value.type.shape]
+        dtype = TORCH_DTYPES[i.value.type.dtype]
+        t = torch.randn(shape, generator=g) if dtype.is_floating_point else None
+        out[i.value.name] = (
+            t.to(dtype) if t is not None else torch.randint(0, 7, shape, generator=g)
+        )
+    return out
+
+
+def check(pass_fn, before, expected, atol=1e-6):
+    after = eliminate_dead_code(verify(pass_fn(verify(before))))
+    assert print_graph(after, numbered=True) == print_graph(
+        eliminate_dead_code(expected), numbered=True
+    )
+    inputs = random_inputs(before)
+    ctx = RefContext(sizes=SIZES)
+    for a, b in zip(evaluate(before, inputs, ctx), evaluate(after, inputs, ctx), strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def f32(*shape):
+    return TensorType(shape, "float32")
+
+
+def test_canonicalize_drops_noops():
+    b = GraphBuilder()
+    x = b.input("x", f32(1, "T", 8))
+    c = b.add1(ops.Cast("float32"), x)
+    m = b.add1(ops.BinaryScalar("mul", 1.0), c)
+    r = b.add1(ops.Reshape((1, "T", 2, 4)), m)
+    r2 = b.add1(ops.Reshape(("T", 8)), r)
+    t = b.add1(ops.Transpose(0, 1), r2)
+    t2 = b.add1(ops.Transpose(1, 0), t)
+    before = b.build((t2,))
+    e = GraphBuilder()
+    x = e.input("x", f32(1, "T", 8))
+    expected = e.build((e.add1(ops.Reshape(("T", 8)), x),))
+    check(canonicalize, before, expected)
+
+
+def test_dce_keeps_attention_and_drops_unused():
+    b = GraphBuilder()
+    x = b.input("x", f32(1, "T", 8))
+    b.input("unused", f32(3), kind="param")
+    b.add1(ops.Unary("exp"), x)
+    before = b.build((b.add1(ops.Unary("neg"), x),))
+    after = eliminate_dead_code(before)
+    assert [type(n.op).__name__ for n in after.nodes] == ["Unary"]
+    assert [i.value.name for i in after.inputs] == ["x"]
+
+
+def test_cse_merges_duplicates():
+    b = GraphBuilder()
+    x = b.input("x", f32("T", 4))
+    a1, a2 = b.add1(ops.Unary("cos"), x), b.add1(ops.Unary("cos"), x)
+    before = b.build((b.add1(ops.Binary("add"), a1, a2),))
+    e = GraphBuilder()
+    x = e.input("x", f32("T", 4))
+    a = e.add1(ops.Unary("cos"), x)
+    check(cse, before, e.build((e.add1(ops.Binary("add"), a, a),)))
+
+
+def rmsnorm_chain(b, x, w, dtype):
+    xf = b.add1(ops.Cast("float32"), x) if dtype != "float32" else x
+    p = b.add1(ops.BinaryScalar("pow", 2.0), xf)
+    m = b.add1(ops.Mean((-1,), True), p)
+    a = b.add1(ops.BinaryScalar("add", 1e-5), m)
+    r = b.add1(ops.Unary("rsqrt"), a)
+    y = b.add1(ops.Binary("mul"), xf, r)
+    y = b.add1(ops.Cast(dtype), y) if dtype != "float32" else y
+    return b.add1(ops.Binary("mul"), w, y)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_raise_rmsnorm(dtype):
+    t = TensorType((1, "T", 24), dtype)
+    b = GraphBuilder()
+    x, w = b.input("x", t), b.input("w", TensorType((24,), dtype), kind="param")
+    before = b.build((rmsnorm_chain(b, x, w, dtype),))
+    e = GraphBuilder()
+    x, w = e.input("x", t), e.input("w", TensorType((24,), dtype), kind="param")
+    check(raise_rmsnorm, before, e.build((e.add1(ops.RMSNorm(1e-5), x, w),)), ATOL[dtype])
+
+
+def test_raise_rope():
+    b = GraphBuilder()
+    x, cos, sin = (
+        b.input("x", f32(1, 3, "T", 8)),
+        b.input("cos", f32(1, 1, "T", 8)),
+        b.input("sin", f32(1, 1, "T", 8)),
+    )
+    lo, hi = b.add1(ops.Slice(3, 0, 4), x), b.add1(ops.Slice(3, 4, 8), x)
+    rot = b.add1(ops.Concat(-1), b.add1(ops.Unary("neg"), hi), lo)
+    out = b.add1(
+        ops.Binary("add"), b.add1(ops.Binary("mul"), x, cos), b.add1(ops.Binary("mul"), rot, sin)
+    )
+    before = b.build((out,))
+    e = GraphBuilder()
+    names = [
+        e.input(n, t.value.type) for n, t in zip(["x", "cos", "sin"], before.inputs, strict=True)
+    ]
+    check(raise_rope, before, e.build((e.add1(ops.Rope(), *names),)))
+
+
+def test_raise_silu_mul():
+    b = GraphBuilder()
+    g, u = b.input("g", f32("T", 6)), b.input("u", f32("T", 6))
+    before = b.build((b.add1(ops.Binary("mul"), u, b.add1(ops.Unary("silu"), g)),))
+    e = GraphBuilder()
+    g, u = e.input("g", f32("T", 6)), e.input("u", f32("T", 6))
+    check(raise_silu_mul, before, e.build((e.add1(ops.SiluMul(), g, u),)))
+
+
+def test_merge_projections_then_fold():
+    b = GraphBuilder()
+    x = b.input("x", f32("T", 8))
+    ws = [b.input(f"w{i}", f32(n, 8), kind="param") for i, n in enumerate((8, 4, 4))]
+    outs = tuple(b.add1(ops.Linear(), x, w) for w in ws)
+    before = b.build(outs)
+    e = GraphBuilder()
+    x = e.input("x", f32("T", 8))
+    ws = [e.input(f"w{i}", f32(n, 8), kind="param") for i, n in enumerate((8, 4, 4))]
+    y = e.add1(ops.Linear(), x, e.add1(ops.Concat(0), *ws))
+    slices = (ops.Slice(-1, 0, 8), ops.Slice(-1, 8, 12), ops.Slice(-1, 12, 16))
+    check(merge_projections, before, e.build(tuple(e.add1(s, y) for s in slices)))
+    merged = merge_projections(before)
+    params = {k: v for k, v in random_inputs(before).items() if k.startswith("w")}
+    folded, new_params = fold_constants(merged, params)
+    assert [type(n.op).__name__ for n in folded.nodes] == ["Linear", "Slice", "Slice", "Slice"]
+    assert len(new_params) == 1 and next(iter(new_params.values())).shape == (16, 8)
+
+
+def test_fuse_add_rmsnorm_redirects_later_uses():
+    b = GraphBuilder()
+    x, r = b.input("x", f32(1, "T", 8)), b.input("r", f32(1, "T", 8))
+    w = b.input("w", f32(8), kind="param")
+    s = b.add1(ops.Binary("add"), x, r)
+    n = b.add1(ops.RMSNorm(1e-6), s, w)
+    before = b.build((b.add1(ops.Binary("add"), s, n),))
+    e = GraphBuilder()
+    x, r = e.input("x", f32(1, "T", 8)), e.input("r", f32(1, "T", 8))
+    w = e.input("w", f32(8), kind="param")
+    n, s = e.add(ops.AddRMSNorm(1e-6), x, r, w)
+    check(fuse_add_rmsnorm, before, e.build((e.add1(ops.Binary("add"), s, n),)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fuse_elementwise_builds_expression_tree(dtype):
+    t = TensorType(("T", 5), dtype)
+    b = GraphBuilder()
+    x, y = b.input("x", t), b.input("y", t)
+    a = b.add1(ops.Binary("mul"), x, y)
+    c = b.add1(ops.BinaryScalar("sub", 1.5, scalar_first=True), a)
+    d = b.add1(ops.Unary("tanh"), c)
+    before = b.build((d, b.add1(ops.Unary("exp"), x)))  # exp alone: nothing to fuse
+    e = GraphBuilder()
+    x, y = e.input("x", t), e.input("y", t)
+    inner = ("mul", ("arg", 0), ("arg", 1))
+    inner = inner if dtype == "float32" else ("cast", dtype, inner)
+    sub = ("sub", ("const", 1.5), inner)
+    sub = sub if dtype == "float32" else ("cast", dtype, sub)
+    fused = e.add1(ops.FusedElementwise(("tanh", sub), dtype), x, y)
+    expected = e.build((fused, e.add1(ops.Unary("exp"), x)))
+    check(fuse_elementwise, before, expected, atol=0)  # explicit casts: bit-exact

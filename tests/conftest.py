@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random-weight models of every supported family, saved as safetensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TINY = dict(
+    vocab_size=160,
+    hidden_size=48,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+FAMILIES = {
+    "llama": dict(
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama_mha_tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=4),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=16),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=24),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    spec = {**TINY, **FAMILIES[family]}
+    config = AutoConfig.for_model(**spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger weights than the init default: sharper, less tie-prone logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """Each family saved as a local HF directory (config.json + safetensors, no tokenizer)."""
+    out = {}
+    for family in FAMILIES:
+        path = tmp_path_factory.mktemp(family)
+        tiny_model(family).save_pretrained(path, safe_serialization=True)
+        out[family] = str(path)
+    return out
