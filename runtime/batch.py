@@ -29,10 +29,17 @@ class BatchInputs:
 
 
 def build_batch(
-    chunks: list[tuple[list[int], int, list[int]]], block_size: int, device="cpu"
+    chunks: list[tuple[list[int], int, list[int]]],
+    block_size: int,
+    sample: list[bool] | None = None,
+    device="cpu",
 ) -> BatchInputs:
-    """Batch from (tokens to compute, position of the first one, block table) per sequence."""
+    """Batch from (tokens to compute, position of the first one, block table) per sequence.
+
+    Logits are gathered for the sequences whose `sample` flag is set (default: all).
+    """
     token_ids, positions, slots, starts, lens = [], [], [], [0], []
+    sample = sample if sample is not None else [True] * len(chunks)
     for tokens, start, table in chunks:
         token_ids += tokens
         pos = range(start, start + len(tokens))
@@ -53,5 +60,7 @@ def build_batch(
         query_start=tensor(starts, torch.int32),
         context_lens=tensor(lens, torch.int32),
         block_tables=tensor(tables, torch.int32),
-        logits_indices=tensor([s - 1 for s in starts[1:]], torch.int64),
+        logits_indices=tensor(
+            [end - 1 for end, keep in zip(starts[1:], sample, strict=True) if keep], torch.int64
+        ),
     )

@@ -46,8 +46,8 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._block_hash: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}  # block hash -> block holding that content
-        # seq_id -> chained hashes of the seq's full, scheduled blocks (registered or not)
-        self._seq_hashes: dict[int, list[bytes]] = {}
+        # live seq -> chained hashes of its full, scheduled blocks (registered or not)
+        self._seq_hashes: dict[Sequence, list[bytes]] = {}
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -92,7 +92,7 @@ class BlockManager:
         num_computed_tokens becomes hit.num_tokens and num_new_tokens count from there.
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
-        first = seq.seq_id not in self._seq_hashes
+        first = seq not in self._seq_hashes
         hit = hit if first and hit is not None else PrefixHit((), 0)
         start = hit.num_tokens if first else seq.num_computed_tokens
         end = start + num_new_tokens
@@ -119,14 +119,14 @@ class BlockManager:
             else:
                 self._evictable[block] = None
         seq.block_table.clear()
-        self._seq_hashes.pop(seq.seq_id, None)
+        self._seq_hashes.pop(seq, None)
 
     def _start(self, seq: Sequence, hit: PrefixHit) -> None:
         for block in hit.blocks:
             self._ref[block] += 1
             self._evictable.pop(block, None)
         seq.block_table[:] = hit.blocks
-        self._seq_hashes[seq.seq_id] = [self._block_hash[b] for b in hit.blocks]
+        self._seq_hashes[seq] = [self._block_hash[b] for b in hit.blocks]
         seq.num_computed_tokens = hit.num_tokens
         if seq.num_output_tokens == 0:
             seq.num_cached_tokens = hit.num_tokens
@@ -152,7 +152,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return
-        hashes, bs = self._seq_hashes[seq.seq_id], self.block_size
+        hashes, bs = self._seq_hashes[seq], self.block_size
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else b""
             block_hash = hash_block(parent, seq.token_slice(i * bs, (i + 1) * bs))

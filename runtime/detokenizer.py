@@ -96,7 +96,7 @@ class IncrementalDetokenizer:
         """Find the earliest stop string that ends inside the text added at `start`."""
         found: tuple[int, str] | None = None
         for stop in self._stops:
-            pos = self.text.find(stop, start)
+            pos = self.text.find(stop, max(0, start - len(stop) + 1))
             if pos >= 0 and (found is None or pos < found[0]):
                 found = (pos, stop)
         if found is None:

@@ -53,3 +53,22 @@ class RequestOutput:
     @property
     def text(self) -> str:
         return self.outputs[0].text
+
+
+def merge_update(acc: RequestOutput | None, update: RequestOutput) -> RequestOutput:
+    """Fold a streamed update (deltas) into the accumulated result of its request."""
+    if acc is None:
+        acc = RequestOutput(update.request_id, update.prompt, update.prompt_token_ids, [], False, 0)
+    by_index = {o.index: o for o in acc.outputs}
+    for delta in update.outputs:
+        out = by_index.setdefault(delta.index, CompletionOutput(delta.index))
+        out.text += delta.text
+        out.token_ids += delta.token_ids
+        if delta.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + delta.logprobs
+        out.finish_reason = delta.finish_reason or out.finish_reason
+        out.stop_reason = delta.stop_reason if delta.finish_reason else out.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.finished = update.finished
+    acc.num_cached_tokens = update.num_cached_tokens
+    return acc

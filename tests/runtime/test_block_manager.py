@@ -52,6 +52,14 @@ def assert_pool_consistent(bm: BlockManager, live) -> None:
     assert bm.usage == pytest.approx(len(held) / bm.num_total_blocks)
 
 
+def test_token_slice_matches_token_ids():
+    seq = make_seq(0, [5, 6, 7])
+    seq.output_token_ids += [8, 9]
+    for start in range(6):
+        for end in range(start, 7):
+            assert seq.token_slice(start, end) == seq.token_ids[start:end]
+
+
 @pytest.mark.parametrize("caching", [True, False])
 def test_allocate_grows_table_and_free_restores_pool(caching):
     rng = random.Random(0)
@@ -152,6 +160,23 @@ def test_hit_revives_evictable_blocks():
     assert run_chunk(bm, b, 1, hit)
     assert bm.num_evictable_blocks == 0 and bm.num_free_blocks == 4
     assert_pool_consistent(bm, [b])
+
+
+def test_num_cached_tokens_is_set_by_the_prompt_stage_only():
+    bm = BlockManager(8, block_size=4)
+    a = make_seq(0, list(range(9)))
+    assert run_chunk(bm, a, 9)
+    b = make_seq(1, list(range(9)))
+    assert run_chunk(bm, b, 1, bm.lookup(b))
+    assert b.num_cached_tokens == 8
+    b.output_token_ids += [9, 10, 11, 12]
+    assert run_chunk(bm, b, 3)  # decodes fill block 2; then b is preempted and recomputed
+    bm.free(b)
+    b.num_computed_tokens = 0
+    hit = bm.lookup(b)
+    assert hit.num_tokens == 12  # its own output block is cached too
+    assert run_chunk(bm, b, 1, hit)
+    assert b.num_cached_tokens == 8 and b.num_computed_tokens == 13
 
 
 def test_duplicate_content_is_cached_once():

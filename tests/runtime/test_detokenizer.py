@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.sampling_params import SamplingParams
@@ -120,14 +121,35 @@ def test_possible_stop_prefix_is_held_back(tokenizer, prompt):
 
 
 def test_stop_strings_wait_for_min_tokens(tokenizer, prompt):
-    text = "a b a b a b a b"
-    outputs = encode(tokenizer, text)
-    params = SamplingParams(stop=("b",), min_tokens=3, max_tokens=16)
-    detok, _, matched = stream(tokenizer, prompt, outputs, params)
+    outputs = encode(tokenizer, "a b a b a b")
+    assert tokenizer.decode(outputs[:2]) == "a b"
+    _, _, matched = stream(tokenizer, prompt, outputs, SamplingParams(stop=("b",)))
     assert matched == "b"
-    # the stop string counts only in a token after the first min_tokens ones
-    assert tokenizer.decode(outputs[:3]) == "a b a"
+    params = SamplingParams(stop=("b",), min_tokens=2, max_tokens=16)
+    detok, _, matched = stream(tokenizer, prompt, outputs, params)
+    # as in vLLM, only a token after the first min_tokens ones can complete a stop string
+    assert matched == "b"
     assert detok.text == "a b a "
+
+
+@pytest.mark.parametrize("stops", [("world", "lo w"), ("lo w", "world")])
+def test_earliest_stop_string_wins(tokenizer, prompt, stops):
+    # both complete with the " world" token; "lo w" starts first whatever the list order
+    params = SamplingParams(stop=stops)
+    detok, _, matched = stream(tokenizer, prompt, encode(tokenizer, "Hello world"), params)
+    assert (matched, detok.text) == ("lo w", "Hel")
+
+
+def test_prompt_context_keeps_leading_space():
+    # a SentencePiece-style decoder drops the first token's space unless the prompt precedes it
+    vocab = {"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2, "\u2581again": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    detok, deltas, _ = stream(tokenizer, [1], [2, 3], SamplingParams())
+    assert "".join(deltas) == detok.text == " world again"
+    assert tokenizer.decode([1, 2, 3]) == "Hello" + detok.text
 
 
 def test_prompt_ending_inside_a_character(tokenizer):

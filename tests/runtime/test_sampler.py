@@ -17,6 +17,13 @@ from runtime.sampler import (
 from runtime.sampling_params import SamplingParams
 
 
+@pytest.fixture(autouse=True)
+def _seed_inputs():
+    """Random inputs, reproducible from run to run."""
+    random.seed(0)
+    torch.manual_seed(0)
+
+
 def state(params: SamplingParams, prompt=(), output=(), eos=(), seed=None) -> SamplingState:
     generator = None if seed is None else make_generator(seed, "cpu")
     return SamplingState(params, list(prompt), list(output), tuple(eos), generator)
@@ -188,8 +195,10 @@ def test_min_tokens_bans_eos_and_stop_ids(temperature):
     s = state(params, output=[1, 1], eos=(7,))
     for _ in range(50):
         assert sample(logits, [s])[0].token_id not in (7, 9)
-    s.output_token_ids.append(1)  # min_tokens reached
-    assert sample(logits, [s])[0].token_id == 7
+    s.output_token_ids.append(1)  # min_tokens reached: both are allowed again
+    after = {sample(logits, [s])[0].token_id for _ in range(50)}
+    # sampled, 9 has probability 0.27 per draw: missing it 50 times has probability 2e-7
+    assert after == ({7} if temperature == 0.0 else {7, 9})
     ignore = state(SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True), eos=(7,))
     assert sample(logits, [ignore])[0].token_id == 7  # with ignore_eos, EOS is an ordinary token
 
@@ -206,8 +215,11 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
         if n is None:
             assert token.logprobs is None
             continue
-        top = reference[row].topk(n).indices.tolist() if n else []
-        assert list(token.logprobs) == list(dict.fromkeys([token.token_id, *top]))
+        # bf16 logits tie often and topk orders ties arbitrarily: compare values, not ids
+        assert next(iter(token.logprobs)) == token.token_id
+        assert len(token.logprobs) in (n, n + 1)
+        values = sorted((lp.logprob for lp in token.logprobs.values()), reverse=True)
+        assert values[:n] == pytest.approx(reference[row].topk(n).values.tolist(), abs=1e-5)
         for token_id, lp in token.logprobs.items():
             want = reference[row, token_id]
             assert lp.logprob == pytest.approx(want.item(), abs=1e-5)

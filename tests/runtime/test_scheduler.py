@@ -115,12 +115,12 @@ def test_max_num_seqs():
     assert_idle(sched)
 
 
-def test_preempts_the_newest_and_recomputes_it_later():
-    cfg = SchedulerConfig(num_blocks=6, block_size=4, enable_prefix_caching=False)
+def test_preempts_the_newest_and_recomputes_it_first():
+    cfg = SchedulerConfig(num_blocks=6, block_size=4, max_num_seqs=2, enable_prefix_caching=False)
     sched = Scheduler(cfg)
-    a, b = make_seq(0, 8, max_tokens=12), make_seq(1, 8, max_tokens=12)
-    sched.add(a)
-    sched.add(b)
+    a, b, c = make_seq(0, 8, max_tokens=12), make_seq(1, 8, max_tokens=12), make_seq(2, 4, 2)
+    for seq in (a, b, c):
+        sched.add(seq)
     for _ in range(5):  # prefill, then decodes at positions 8..11: 6 blocks in use
         assert not step(sched).preempted
     assert sched.block_manager.num_free_blocks == 0
@@ -128,16 +128,16 @@ def test_preempts_the_newest_and_recomputes_it_later():
     assert out.preempted == (b,) and spans(out) == [(0, 12, 1, True)]
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0
     assert b.block_table == [] and b.num_output_tokens == 5  # outputs kept
-    assert (sched.num_running, sched.num_waiting) == (1, 1)
+    assert (sched.num_running, sched.num_waiting) == (1, 2)
     while not a.is_finished:
-        assert all(c.seq is a for c in step(sched).chunks)
-    out = step(sched)
-    assert spans(out) == [(1, 0, 13, True)]  # recompute: prompt + 5 outputs, then sample
+        assert all(s.seq is a for s in step(sched).chunks)
+    out = step(sched)  # b, ahead of c: recompute of prompt + 5 outputs, then sample
+    assert spans(out) == [(1, 0, 13, True), (2, 0, 4, True)]
     while sched.has_unfinished():
         step(sched)
-    for seq in (a, b):
+    for seq in (a, b, c):
         ref = list(seq.prompt_token_ids)
-        for _ in range(12):
+        for _ in range(seq.params.max_tokens):
             ref.append(next_token(ref))
         assert seq.token_ids == ref and seq.finish_reason == "length"
     assert_idle(sched)

@@ -1,0 +1,85 @@
+"""`kiln.LLM` (offline generation over an artifact) and `kiln.compile`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compiler.artifact import load_artifact
+from compiler.compile import CompileOptions, compile_model
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.outputs import RequestOutput, merge_update
+from runtime.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+def compile(source: str, out: str | Path, **options) -> Path:
+    """Compile `source` (HF directory, .gguf file or builtin:NAME) into an artifact at `out`."""
+    return compile_model(source, Path(out), CompileOptions(**options))
+
+
+class LLM:
+    """Offline generation, vLLM-style: `LLM(artifact).generate(prompts, params)`."""
+
+    def __init__(self, artifact: str | Path, **engine_options) -> None:
+        self.engine = Engine(load_artifact(Path(artifact)), EngineConfig(**engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def default_params(self, **overrides) -> SamplingParams:
+        """SamplingParams with the model's generation-config defaults, then `overrides`."""
+        names = {f.name for f in fields(SamplingParams)}
+        defaults = {k: v for k, v in self.engine.artifact.generation_config.items() if k in names}
+        return SamplingParams(**{**defaults, **overrides})
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); results in input order."""
+        prompts = _as_list(prompts)
+        params = sampling_params if sampling_params is not None else self.default_params()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        order = []
+        for prompt, p in zip(prompts, params, strict=True):
+            request_id = str(next(self._ids))
+            text, ids = (
+                (prompt, self._encode(prompt)) if isinstance(prompt, str) else (None, prompt)
+            )
+            self.engine.add_request(request_id, ids, p, prompt=text)
+            order.append(request_id)
+        return self._run(order, use_tqdm)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this artifact has no tokenizer: pass prompts as token-id lists")
+        return self.tokenizer.encode(text)
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(order), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for update in self.engine.step():
+                    acc = merge_update(results.get(update.request_id), update)
+                    results[update.request_id] = acc
+                    bar.update(int(acc.finished))
+        return [results[r] for r in order]
+
+
+def _as_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    return prompts

@@ -1,0 +1,214 @@
+"""Engine: requests in, one scheduled + executed + sampled step at a time, outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from compiler.artifact import Artifact
+from runtime.config import EngineConfig
+from runtime.detokenizer import IncrementalDetokenizer
+from runtime.model_runner import ModelRunner
+from runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from runtime.sampler import SampledToken, SamplingState, make_generator, sample
+from runtime.sampling_params import SamplingParams
+from runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from runtime.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    states: list[SamplingState]
+    detoks: list[IncrementalDetokenizer | None]
+    stop_reasons: list[int | str | None] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class Engine:
+    def __init__(self, artifact: Artifact, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        self.artifact = artifact
+        self.tokenizer = artifact.load_tokenizer()
+        self.max_model_len = min(
+            config.max_model_len or artifact.manifest["max_model_len"],
+            artifact.manifest["max_model_len"],
+        )
+        self.vocab_size = artifact.manifest["vocab_size"]
+        self.eos_token_ids = tuple(artifact.manifest["eos_token_ids"])
+        self.runner = ModelRunner(artifact, config)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=self.runner.num_blocks,
+                block_size=self.runner.block_size,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=config.enable_prefix_caching,
+                policy=config.policy,
+            )
+        )
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self.num_computed_tokens = 0  # tokens run through the model (prefix hits excluded)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request; raises ValueError if it can never be served."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        now = time.monotonic()
+        seqs = [
+            Sequence(
+                next(self._seq_ids), request_id, list(prompt_token_ids), params, now, priority, i
+            )
+            for i in range(params.n)
+        ]
+        for seq in seqs:  # equal lengths: if any cannot fit, the first raises, nothing is queued
+            self.scheduler.add(seq)
+        device = self.runner.device
+        self.requests[request_id] = _Request(
+            request_id,
+            prompt,
+            list(prompt_token_ids),
+            seqs,
+            [
+                SamplingState(
+                    params,
+                    seq.prompt_token_ids,
+                    seq.output_token_ids,
+                    self.eos_token_ids,
+                    None if params.seed is None else make_generator(params.seed + i, device),
+                )
+                for i, seq in enumerate(seqs)
+            ],
+            [self._detokenizer(prompt_token_ids, params) for _ in seqs],
+            [None] * len(seqs),
+        )
+
+    def _detokenizer(self, prompt_token_ids, params) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an update (deltas) for every request that got tokens."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        logits = self.runner.execute(plan.chunks)
+        self.num_computed_tokens += plan.num_batched_tokens
+        sampling = [c for c in plan.chunks if c.sample]
+        tokens = sample(logits, [self._state(c.seq) for c in sampling])
+        self.scheduler.update(
+            plan, {c.seq.seq_id: t.token_id for c, t in zip(sampling, tokens, strict=True)}
+        )
+        return self._outputs(plan, sampling, tokens)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now (its blocks free at once); returns its final update."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.abort(request_id)
+        outs = [
+            CompletionOutput(i, text=self._take_text(request, i), finish_reason="abort")
+            for i in range(len(request.seqs))
+        ]
+        return self._request_output(request, outs)
+
+    def _state(self, seq: Sequence) -> SamplingState:
+        return self.requests[seq.request_id].states[seq.index]
+
+    def _outputs(self, plan: SchedulerOutput, sampling, tokens: list[SampledToken]):
+        updates: dict[str, list[CompletionOutput]] = {}
+        for chunk, token in zip(sampling, tokens, strict=True):
+            seq = chunk.seq
+            request = self.requests[seq.request_id]
+            self._check_stop(request, seq, token.token_id)
+            out = CompletionOutput(
+                seq.index,
+                text=self._take_text(request, seq.index),
+                token_ids=[token.token_id],
+                logprobs=[self._decoded(token.logprobs)] if token.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=request.stop_reasons[seq.index],
+            )
+            updates.setdefault(seq.request_id, []).append(out)
+        results = []
+        for request_id, outs in updates.items():
+            request = self.requests[request_id]
+            results.append(self._request_output(request, outs))
+            if request.finished:
+                del self.requests[request_id]
+        return results
+
+    def _request_output(self, request: _Request, outs: list[CompletionOutput]) -> RequestOutput:
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            outs,
+            finished=request.finished or all(o.finish_reason == "abort" for o in outs),
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
+        )
+
+    def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:
+        params, detok = seq.params, request.detoks[seq.index]
+        stop_string = detok.add(token) if detok is not None else None
+        reason, why = None, None
+        if token in self.eos_token_ids and not params.ignore_eos:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason, why = "stop", token
+        elif stop_string is not None:
+            reason, why = "stop", stop_string
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            request.stop_reasons[seq.index] = why
+            self.scheduler.finish(seq, reason)
+
+    def _take_text(self, request: _Request, index: int) -> str:
+        detok = request.detoks[index]
+        if detok is None:
+            return ""
+        return detok.take_delta(finished=request.seqs[index].is_finished)
+
+    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
+        if self.tokenizer is not None:
+            for token_id, lp in logprobs.items():
+                lp.decoded_token = self.tokenizer.decode([token_id])
+        return logprobs
+
+    def stats(self) -> dict:
+        bm = self.scheduler.block_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+        }
