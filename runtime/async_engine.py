@@ -1,0 +1,132 @@
+"""AsyncEngine: the engine loop on its own thread, streaming updates to asyncio consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from runtime.engine import Engine
+from runtime.outputs import RequestOutput
+from runtime.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (crashed or shut down); no request can be served."""
+
+
+class AsyncEngine:
+    """Thread-safe front of an Engine: `generate` yields a request's updates (deltas)."""
+
+    def __init__(self, engine: Engine, model_name: str = "model") -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
+        self.tokenizer = engine.tokenizer
+        self.default_params = dict(engine.artifact.generation_config)
+        self.kv_cache_tokens = engine.runner.num_tokens
+        self.max_concurrency = self.kv_cache_tokens / engine.max_model_len
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None and not self._stopping.is_set()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Updates of one request until it finishes; closing the iterator aborts it."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    async def shutdown(self, timeout: float) -> None:
+        """Let in-flight requests finish for up to `timeout` s, abort the rest, stop the loop."""
+        deadline = time.monotonic() + timeout
+        while self.engine.requests and time.monotonic() < deadline and self._error is None:
+            await asyncio.sleep(0.05)
+        self._commands.put(("stop",))
+        await asyncio.to_thread(self._thread.join, 10)
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _loop(self) -> None:
+        try:
+            while self._run_commands(block=not self.engine.has_unfinished()):
+                for update in self.engine.step():
+                    self._deliver(update.request_id, update)
+        except BaseException as e:  # the loop must report any death to every waiter
+            log.exception("engine loop died")
+            self._error = e
+        finally:
+            self._stopping.set()
+            self._abort_all()
+
+    def _run_commands(self, block: bool) -> bool:
+        """Apply queued adds/aborts; False once asked to stop."""
+        while True:
+            try:
+                cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "abort":
+                final = self.engine.abort(cmd[1])
+                if final is not None:
+                    self._deliver(cmd[1], final)
+                continue
+            _, request_id, ids, params, prompt = cmd
+            try:
+                self.engine.add_request(request_id, ids, params, prompt)
+            except ValueError as e:
+                self._deliver(request_id, e)
+
+    def _abort_all(self) -> None:
+        for request_id in list(self.engine.requests):
+            final = self.engine.abort(request_id)
+            if final is not None:
+                self._deliver(request_id, final)
+        dead = EngineDeadError("the engine stopped")
+        for request_id in list(self._streams):
+            self._deliver(request_id, dead)

@@ -1,0 +1,185 @@
+"""Engine acceptance: continuous batching, preemption, aborts and prefix caching change no
+output; seeded sampling is reproducible whatever else is in the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from conftest import tiny_model
+
+import kiln
+from runtime.async_engine import AsyncEngine
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    tiny_model("qwen3").save_pretrained(src, safe_serialization=True)
+    return kiln.compile(str(src), tmp_path_factory.mktemp("art") / "qwen3")
+
+
+def greedy(max_tokens):
+    return kiln.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def workload(n, seed=0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(160) for _ in range(rng.randint(1, 300))] for _ in range(n)]
+    return prompts, [greedy(rng.randint(1, 24)) for _ in range(n)]
+
+
+def alone(artifact, prompts, params):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    return [llm.generate([p], [sp], use_tqdm=False)[0].token_ids for p, sp in zip(prompts, params)]
+
+
+def assert_idle(llm):
+    bm = llm.engine.scheduler.block_manager
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+    assert bm.num_free_blocks + bm.num_evictable_blocks == bm.num_total_blocks
+    assert bm.usage == 0.0
+
+
+def test_64_requests_chunked_together_equal_each_alone(artifact):
+    prompts, params = workload(64)
+    llm = kiln.LLM(artifact, num_kv_blocks=2048, max_num_batched_tokens=64)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == alone(artifact, prompts, params)
+    assert all(len(o.token_ids) == p.max_tokens for o, p in zip(outs, params))
+    assert_idle(llm)
+
+
+def test_preemption_and_aborts_leave_outputs_and_pool_intact(artifact):
+    prompts, params = workload(24, seed=1)
+    expected = alone(artifact, prompts, params)
+    # 40 blocks x 16 = 640 tokens for 24 requests of up to 324 tokens: preemption is certain
+    llm = kiln.LLM(artifact, num_kv_blocks=40, max_num_batched_tokens=128)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        llm.engine.add_request(str(i), p, sp)
+    outs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    aborted, steps = set(), 0
+    while llm.engine.has_unfinished():
+        for update in llm.engine.step():
+            outs[update.request_id] += update.token_ids
+        steps += 1
+        if steps == 6:  # abort every other request midway
+            for i in range(0, len(prompts), 2):
+                if llm.engine.abort(str(i)) is not None:
+                    aborted.add(str(i))
+    assert aborted
+    for i, exp in enumerate(expected):
+        if str(i) not in aborted:
+            assert outs[str(i)] == exp
+    assert_idle(llm)
+
+
+def test_preemption_happens_and_changes_nothing(artifact):
+    prompts, params = workload(16, seed=2)
+    llm = kiln.LLM(artifact, num_kv_blocks=30, max_num_batched_tokens=96)
+    sched = llm.engine.scheduler
+    schedule, preemptions = sched.schedule, []
+
+    def counting():
+        out = schedule()
+        preemptions.extend(out.preempted)
+        return out
+
+    sched.schedule = counting
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert preemptions, "the pool was meant to be too small"
+    assert [o.token_ids for o in outs] == alone(artifact, prompts, params)
+    assert_idle(llm)
+
+
+def test_prefix_cache_computes_only_the_suffix(artifact):
+    rng = random.Random(3)
+    prefix = [rng.randrange(160) for _ in range(64)]
+    first, second = prefix + [5, 6, 7], prefix + [9, 10, 11, 12, 13]
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    llm.generate([first], greedy(4), use_tqdm=False)
+    before = llm.engine.num_computed_tokens
+    out = llm.generate([second], greedy(4), use_tqdm=False)[0]
+    # 4 blocks of 16 cached; the 5 suffix tokens + 3 decode steps are computed
+    assert out.num_cached_tokens == 64
+    assert llm.engine.num_computed_tokens - before == 5 + 3
+    cold = kiln.LLM(artifact, num_kv_blocks=64, enable_prefix_caching=False)
+    assert out.token_ids == cold.generate([second], greedy(4), use_tqdm=False)[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_across_batches(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=256)
+    prompt = list(range(10, 30))
+    seeded = kiln.SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    solo = llm.generate([prompt], seeded, use_tqdm=False)[0].token_ids
+    others = [list(range(i, i + 7)) for i in range(5)]
+    noisy = kiln.SamplingParams(max_tokens=20, temperature=1.0)
+    mixed = llm.generate(others[:2] + [prompt] + others[2:], [noisy] * 2 + [seeded] + [noisy] * 3)
+    assert mixed[2].token_ids == solo
+    other_seed = kiln.SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=99)
+    assert llm.generate([prompt], other_seed, use_tqdm=False)[0].token_ids != solo
+
+
+def test_top_k_1_equals_greedy_and_n_samples_share_the_prompt(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=256)
+    prompt = list(range(40, 90))
+    g = llm.generate([prompt], greedy(12), use_tqdm=False)[0]
+    k1 = kiln.SamplingParams(max_tokens=12, temperature=1.0, top_k=1, ignore_eos=True)
+    assert llm.generate([prompt], k1, use_tqdm=False)[0].token_ids == g.token_ids
+    both = kiln.SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=5, ignore_eos=True)
+    out = llm.generate([prompt], both, use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # per-sample seeds differ
+    assert llm.engine.scheduler.block_manager.prefix_hits >= 48  # samples 2, 3 reuse 3 blocks
+
+
+def test_logit_bias_and_penalties_change_outputs(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=256)
+    prompt = list(range(3, 20))
+    base = llm.generate([prompt], greedy(8), use_tqdm=False)[0].token_ids
+    bias = kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logit_bias={7: 100})
+    assert llm.generate([prompt], bias, use_tqdm=False)[0].token_ids == [7] * 8
+    rep = kiln.SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0
+    )
+    penalized = llm.generate([prompt], rep, use_tqdm=False)[0].token_ids
+    assert len(set(penalized)) >= len(set(base))
+
+
+def test_requests_that_can_never_fit_are_rejected(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=4)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[1] * 500], greedy(100), use_tqdm=False)
+    with pytest.raises(ValueError, match="KV cache"):
+        llm.generate([[1] * 60], greedy(10), use_tqdm=False)
+    assert_idle(llm)
+
+
+def test_async_engine_streams_and_aborts(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=128)
+    prompt = list(range(5, 25))
+    expected = llm.generate([prompt], greedy(10), use_tqdm=False)[0].token_ids
+    asyncio.run(stream_then_abort(AsyncEngine(llm.engine), prompt, expected))
+
+
+async def stream_then_abort(engine, prompt, expected):
+    llm_engine = engine.engine
+    got = []
+    async for update in engine.generate("a", prompt, greedy(10)):
+        got += update.token_ids
+    assert got == expected
+    stream = engine.generate("b", prompt, greedy(200))
+    await anext(stream)
+    await stream.aclose()  # a client that went away
+    for _ in range(100):
+        if not llm_engine.requests:
+            break
+        await asyncio.sleep(0.02)
+    assert not llm_engine.requests
+    assert llm_engine.scheduler.block_manager.usage == 0.0
+    with pytest.raises(ValueError, match="max_model_len"):
+        async for _ in engine.generate("c", [1] * 600, greedy(10)):
+            pass
+    await engine.shutdown(timeout=1)
+    assert not engine.is_alive
