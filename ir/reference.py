@@ -204,10 +204,15 @@ def _paged_attention(op, ctx, q, k, v, cos=None, sin=None):
     k_cache, v_cache = ctx.kv_caches[op.layer]
     write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
     out = torch.empty_like(q)
-    for b in range(ctx.context_lens.shape[0]):
-        start, end = int(ctx.query_start[b]), int(ctx.query_start[b + 1])
-        if end > start:
-            out[start:end] = attend(op, q[start:end], k_cache, v_cache, ctx, b)
+    counts = (ctx.query_start[1:] - ctx.query_start[:-1]).tolist()
+    decodes = [b for b, n in enumerate(counts) if n == 1]
+    if decodes:  # one batched call for every single-token query
+        rows = ctx.query_start[decodes].long()
+        out[rows] = attend_decodes(op, q[rows], k_cache, v_cache, ctx, decodes)
+    for b, n in enumerate(counts):
+        if n > 1:
+            start = int(ctx.query_start[b])
+            out[start : start + n] = attend(op, q[start : start + n], k_cache, v_cache, ctx, b)
     return out[None]
 
 
@@ -222,6 +227,27 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     block_size = cache.shape[1]
     blocks = block_table[: math.ceil(length / block_size)]
     return cache[blocks].flatten(0, 1)[:length]
+
+
+def attend_decodes(op, q, k_cache, v_cache, ctx: RefContext, seqs: list[int]) -> torch.Tensor:
+    """Attention of one new token per sequence q [S, H, D] over each one's cached context."""
+    lens = ctx.context_lens[seqs].long()
+    width = int(lens.max())
+    blocks = ctx.block_tables[seqs][:, : math.ceil(width / k_cache.shape[1])].long()
+    keys = k_cache[blocks].flatten(1, 2)[:, :width].float()  # [S, L, KVH, D]
+    values = v_cache[blocks].flatten(1, 2)[:, :width].float()
+    s, kvh = q.shape[0], op.num_kv_heads
+    qg = q.float().view(s, kvh, op.num_heads // kvh, op.head_dim)  # [S, KVH, G, D]
+    scores = torch.einsum("skgd,slkd->skgl", qg, keys) * op.scale
+    if op.softcap:
+        scores = torch.tanh(scores / op.softcap) * op.softcap
+    k_pos = torch.arange(width)[None, :]
+    allowed = k_pos < lens[:, None]
+    if op.sliding_window:
+        allowed &= (lens[:, None] - 1) - k_pos < op.sliding_window
+    probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
+    out = torch.einsum("skgl,slkd->skgd", probs, values)
+    return out.reshape(s, op.num_heads, op.head_dim).to(q.dtype)
 
 
 def attend(op, q, k_cache, v_cache, ctx: RefContext, b: int) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""Shared benchmark plumbing: environment record, result JSON, table printing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def environment() -> dict:
+    env = {
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["driver"] = _smi("driver_version")
+    try:
+        import numba
+
+        env["numba"] = numba.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _smi(field: str) -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def timed(fn, repeats: int) -> dict:
+    """Median, min and max wall time of `repeats` runs of fn() (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def save(name: str, record: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{name}-{stamp}.json"
+    path.write_text(json.dumps({"environment": environment(), **record}, indent=1))
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    body = [
+        "  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True))
+        for r in rows
+    ]
+    return "\n".join([line, "-" * len(line), *body])

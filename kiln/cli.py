@@ -1,0 +1,151 @@
+"""The `kiln` command: compile, run (OpenAI-compatible server), generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("kiln")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("torch", "transformers", "httpx", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into an artifact")
+    c.add_argument("source", help="HF model directory, .gguf file, or builtin:smollm2")
+    c.add_argument("-o", "--output", required=True, type=Path, help="artifact directory")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--target", choices=["cpu"], default="cpu")
+    c.add_argument("--max-model-len", type=int)
+    c.add_argument("--dump-ir", type=Path, metavar="DIR", help="write the IR after each pass")
+    c.set_defaults(func=_compile)
+
+    r = sub.add_parser("run", help="serve an artifact with the OpenAI-compatible API")
+    r.add_argument("artifact", type=Path)
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--api-key", help="require this bearer key on /v1/*")
+    r.add_argument("--served-model-name", help="model name clients use (default: artifact dir)")
+    r.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds to drain")
+    _engine_args(r)
+    r.set_defaults(func=_run)
+
+    g = sub.add_parser("generate", help="complete one prompt without a server")
+    g.add_argument("artifact", type=Path)
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _engine_args(g)
+    g.set_defaults(func=_generate)
+    return p
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV-cache size")
+
+
+def _engine_config(args):
+    from runtime.config import EngineConfig
+
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+    )
+
+
+def _compile(args) -> None:
+    from compiler.compile import CompileOptions, compile_model
+
+    options = CompileOptions(args.dtype, args.target, args.max_model_len, dump_ir=args.dump_ir)
+    path = compile_model(args.source, args.output, options)
+    log.info("artifact written to %s", path)
+
+
+def _load_engine(args):
+    from compiler.artifact import load_artifact
+    from runtime.engine import Engine
+
+    return Engine(load_artifact(args.artifact), _engine_config(args))
+
+
+def _generate(args) -> None:
+    import time
+
+    from runtime.outputs import merge_update
+    from runtime.sampling_params import SamplingParams
+
+    engine = _load_engine(args)
+    if engine.tokenizer is None:
+        raise ValueError("this artifact has no tokenizer; use the server with token ids")
+    text = args.prompt
+    if args.chat:
+        messages = [{"role": "user", "content": text}]
+        text = engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+    ids = engine.tokenizer.encode(text, add_special_tokens=not args.chat)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    engine.add_request("cli", ids, params, prompt=text)
+    start, result = time.perf_counter(), None
+    while engine.has_unfinished():
+        for update in engine.step():
+            result = merge_update(result, update)
+            sys.stdout.write(update.outputs[0].text)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    log.info(
+        "%d tokens in %.2f s (%.1f tok/s)",
+        len(result.token_ids),
+        elapsed,
+        len(result.token_ids) / elapsed,
+    )
+
+
+def _run(args) -> None:
+    import asyncio
+
+    from runtime.async_engine import AsyncEngine
+    from server.app import ServerConfig, create_app, serve
+
+    name = args.served_model_name or args.artifact.resolve().name
+    engine = AsyncEngine(_load_engine(args), model_name=name)
+    log.info(
+        "KV cache: %d tokens; maximum concurrency at %d tokens per request: %.1fx",
+        engine.kv_cache_tokens,
+        engine.max_model_len,
+        engine.max_concurrency,
+    )
+    app = create_app(engine, ServerConfig(served_model_name=name, api_key=args.api_key))
+    asyncio.run(serve(app, args.host, args.port, args.shutdown_timeout, engine))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
