@@ -6,8 +6,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from runtime.outputs import RequestOutput
@@ -53,49 +54,26 @@ class Metrics:
     """The app's registry: request counters and latency histograms, plus the engine's state."""
 
     def __init__(self, engine: Any, model_name: str) -> None:
-        self.registry = CollectorRegistry()
-        reg = self.registry
+        self.registry = reg = CollectorRegistry()
 
-        def labelled(metric: Any) -> Any:
+        def counter(name: str, doc: str) -> Any:
+            return Counter(f"kiln:{name}", doc, LABELS, registry=reg).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            metric = Histogram(f"kiln:{name}", doc, LABELS, registry=reg, buckets=buckets)
             return metric.labels(model_name)
 
-        self.prompt_tokens = labelled(
-            Counter("kiln:prompt_tokens", "Prefill tokens processed.", LABELS, registry=reg)
-        )
-        self.generation_tokens = labelled(
-            Counter("kiln:generation_tokens", "Generated tokens.", LABELS, registry=reg)
-        )
-        self.ttft = labelled(
-            Histogram(
-                "kiln:time_to_first_token_seconds",
-                "Time to the first token.",
-                LABELS,
-                registry=reg,
-                buckets=TTFT_BUCKETS,
-            )  # fmt: skip
-        )
-        self.itl = labelled(
-            Histogram(
-                "kiln:inter_token_latency_seconds",
-                "Time between token updates.",
-                LABELS,
-                registry=reg,
-                buckets=ITL_BUCKETS,
-            )  # fmt: skip
-        )
-        self.e2e = labelled(
-            Histogram(
-                "kiln:e2e_request_latency_seconds",
-                "Arrival to last token.",
-                LABELS,
-                registry=reg,
-                buckets=E2E_BUCKETS,
-            )  # fmt: skip
-        )
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens received.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between tokens.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
         reg.register(EngineCollector(engine, model_name))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition the scraper asked for (OpenMetrics or Prometheus text) and its type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
     def start(self, num_prompt_tokens: int) -> RequestTimer:
         self.prompt_tokens.inc(num_prompt_tokens)

@@ -1,4 +1,4 @@
-"""Request parsing and validation: JSON bodies in, typed requests out, ProtocolError on bad input."""
+"""Request parsing and validation: JSON in, typed requests out, ProtocolError on bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from runtime.sampling_params import SamplingParams
-from server.chat import render_chat
+from server.chat import parse_messages, render_chat
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -18,7 +18,6 @@ ERROR_TYPES = {
     500: "server_error",
     503: "service_unavailable_error",
 }
-ROLES = frozenset({"system", "user", "assistant"})
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 _FLOAT_FIELDS = (
     "temperature",
@@ -264,32 +263,15 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     return GenerateRequest(False, prompts, n, stream, include_usage, echo, logprobs)
 
 
-def _message(message: Any, i: int) -> dict[str, str]:
-    param = f"messages[{i}]"
-    if not isinstance(message, dict):
-        raise bad(f"'{param}' must be an object", param)
-    role, content = message.get("role"), message.get("content")
-    if role not in ROLES:
-        raise bad(f"'{param}.role' must be one of {sorted(ROLES)}, not {role!r}", param)
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            raise bad(f"'{param}.content' parts must be of type 'text'", param)
-        content = "\n".join(_get(p, "text", str, "") for p in content)
-    if not isinstance(content, str):
-        raise bad(f"'{param}.content' must be a string or an array of text parts", param)
-    return {"role": role, "content": content}
-
-
 def chat_prompt(body: Mapping[str, Any], info: ModelInfo, special_default: bool) -> list[int]:
     """The token ids of the templated conversation in body['messages']."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty array", "messages")
-    parsed = [_message(m, i) for i, m in enumerate(messages)]
-    if info.tokenizer is None:
-        raise bad("this model has no tokenizer or chat template", "messages")
+    add_generation_prompt = _get(body, "add_generation_prompt", bool, True)
     try:
-        text = render_chat(info.tokenizer, parsed, _get(body, "add_generation_prompt", bool, True))
+        parsed = parse_messages(messages)
+        if info.tokenizer is None:
+            raise ValueError("this model has no tokenizer or chat template")
+        text = render_chat(info.tokenizer, parsed, add_generation_prompt)
     except ValueError as exc:
         raise bad(str(exc), "messages") from None
     special = _get(body, "add_special_tokens", bool, special_default)

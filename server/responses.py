@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.outputs import Logprob
+from runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from server.protocol import GenerateRequest
 
 DONE = b"data: [DONE]\n\n"
 
@@ -163,3 +164,35 @@ def _chunk(meta: Meta, choices: list[dict], usage: dict | None, include_usage: b
 
 def _head(meta: Meta, kind: str) -> dict[str, Any]:
     return {"id": meta.id, "object": kind, "created": meta.created, "model": meta.model}
+
+
+class Pieces:
+    """Turns engine deltas into per-choice pieces: echo once, running text offsets, usage."""
+
+    def __init__(self, req: GenerateRequest, token_text: Callable[[int], str]) -> None:
+        self.req = req
+        self.token_text = token_text
+        self.offsets: dict[int, int] = {}  # choice -> where its next token's text starts
+        self.completion_tokens = 0
+
+    def of(self, prompt_index: int, out: RequestOutput) -> list[Piece]:
+        return [self._piece(prompt_index * self.req.n + c.index, c) for c in out.outputs]
+
+    def _piece(self, index: int, c: CompletionOutput) -> Piece:
+        req = self.req
+        self.completion_tokens += len(c.token_ids)
+        echo = ""
+        if index not in self.offsets:
+            echo = (req.prompts[index // req.n].text or "") if req.echo else ""
+            self.offsets[index] = len(echo)
+        logprobs = None
+        if req.top_logprobs is not None and c.logprobs is not None:
+            entries = token_logprobs(c.token_ids, c.logprobs, req.top_logprobs, self.token_text)
+            offset = self.offsets[index]
+            self.offsets[index] += sum(len(e.token) for e in entries)
+            logprobs = chat_logprobs(entries) if req.chat else completion_logprobs(entries, offset)
+        return Piece(index, echo + c.text, logprobs, c.finish_reason)
+
+    def usage(self) -> dict:
+        prompt_tokens = sum(len(p.token_ids) for p in self.req.prompts)
+        return token_usage(prompt_tokens, self.completion_tokens)

