@@ -8,9 +8,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +35,10 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float = 120) -> None
         if server.poll() is not None:
             raise SystemExit(f"kiln run exited with status {server.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
             pass
         time.sleep(0.5)
     raise SystemExit("kiln run did not become ready in time")

@@ -288,7 +288,7 @@ async def serve(
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-        logger.info("serving on %s", ", ".join(map(str, runner.addresses)))
+        logger.info("ready: http://%s:%d (OpenAI API under /v1)", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
