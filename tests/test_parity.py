@@ -56,10 +56,8 @@ def test_batched_greedy_equals_transformers(family, artifacts):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    loaded = load_model("builtin:smollm2", torch.float32)
-    path = kiln.compile("builtin:smollm2", tmp_path_factory.mktemp("smol") / "art")
-    return loaded, path
+def smollm2(smollm2_artifact):
+    return load_model("builtin:smollm2", torch.float32), smollm2_artifact
 
 
 @pytest.mark.slow

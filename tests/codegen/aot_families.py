@@ -1,0 +1,64 @@
+"""Compile one kernel of every family for sm_90 and print their metadata as JSON.
+
+Run as a script, in a process without NUMBA_ENABLE_CUDASIM: the simulator has no compiler.
+"""
+
+import json
+import re
+import sys
+
+import codegen.cuda  # noqa: F401 (registers the builders)
+from codegen.aot import compile_kernel
+from codegen.registry import BuildConstants, build_kernels
+from ir.ops import (
+    AddRMSNorm,
+    Embedding,
+    FusedElementwise,
+    GatherLastTokens,
+    PagedAttention,
+    RMSNorm,
+    SiluMul,
+)
+from ir.types import TensorType
+
+
+def cases():
+    bf = "bfloat16"
+    x = TensorType((1, "T", 40), bf)
+    heads = (TensorType((1, "T", 4, 16), bf), *[TensorType((1, "T", 2, 16), bf)] * 2)
+    cos_sin = [TensorType((1, "T", 16), "float32")] * 2
+    expr = ("mul", ("gelu_tanh", ("arg", 0)), ("cast", "float16", ("arg", 1)))
+    return [
+        (Embedding(), (TensorType((100, 40), bf), TensorType((1, "T"), "int64"))),
+        (RMSNorm(1e-6), (x, TensorType((40,), bf))),
+        (AddRMSNorm(1e-6), (x, x, TensorType((40,), "float32"))),
+        (SiluMul(), (x, x)),
+        (FusedElementwise(expr, "float16"), (x, TensorType((40,), "float32"))),
+        (GatherLastTokens(), (x, TensorType(("B",), "int64"))),
+        (PagedAttention(0, 4, 2, 16, 0.25, 8, 30.0, "bthd", True), (*heads, *cos_sin)),
+        (PagedAttention(0, 4, 2, 16, 0.25, layout="bthd"), heads),
+    ]
+
+
+def main(arch: str) -> None:
+    records = []
+    for op, inputs in cases():
+        for kernel in build_kernels(op, inputs, BuildConstants(block_size=16)).kernels:
+            compiled = compile_kernel(kernel, arch)
+            declared = rf"\.param\s+\.\w+\s+{re.escape(compiled.symbol)}_param_\d+"
+            ptx_params = len(re.findall(declared, compiled.ptx))
+            records.append(
+                {
+                    **compiled.metadata(),
+                    "op": type(op).__name__,
+                    "cubin_magic": compiled.cubin[:4].hex(),
+                    "cubin_bytes": len(compiled.cubin),
+                    "ptx_target": compiled.ptx.split(".target", 1)[1].split()[0],
+                    "ptx_params": ptx_params,
+                }
+            )
+    json.dump(records, sys.stdout)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,67 @@
+"""Shared pieces of the kernel tests: tolerances, poisoned outputs, typed launches."""
+
+from __future__ import annotations
+
+import torch
+
+import codegen.cuda  # noqa: F401 (registers the builders)
+from codegen.cuda.launch import launch
+from codegen.registry import BuildConstants, OpKernels, build_kernels
+from ir.reference import DTYPE_NAMES, TORCH_DTYPES
+from ir.types import TensorType
+
+FLOATS = ("float32", "float16", "bfloat16")
+
+# (atol, rtol) against the reference, which runs the same dtype on the CPU.
+# float32: sums run in another order (tree reductions, online softmax): a few ulp.
+# float16 / bfloat16: a float32 result a few ulp off can round to the neighbouring value of
+# the narrow dtype: one ulp of it (2^-10 and 2^-7 relative), with headroom for values near 0.
+TOLERANCE = {
+    "float32": (1e-5, 1e-5),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (2e-2, 1.6e-2),
+}
+
+
+def assert_matches(
+    actual: torch.Tensor, expected: torch.Tensor, equal_nan: bool = False, like: str | None = None
+) -> None:
+    """Compare within the tolerance of expected's dtype, or of `like` when that is looser."""
+    atol, rtol = TOLERANCE.get(like or DTYPE_NAMES[expected.dtype], (0, 0))
+    torch.testing.assert_close(
+        actual.cpu(), expected.cpu(), atol=atol, rtol=rtol, equal_nan=equal_nan
+    )
+
+
+def rand(*shape: int, dtype: str = "float32", device: str = "cpu") -> torch.Tensor:
+    return torch.randn(*shape).to(TORCH_DTYPES[dtype]).to(device)
+
+
+def poisoned(shape: tuple[int, ...], dtype: str, device: str = "cpu") -> torch.Tensor:
+    """An output buffer full of NaN (or a sentinel for integers): unwritten elements show."""
+    torch_dtype = TORCH_DTYPES[dtype]
+    fill = float("nan") if torch_dtype.is_floating_point else -7
+    return torch.full(shape, fill, dtype=torch_dtype, device=device)
+
+
+def typed(t: torch.Tensor, symbolic: dict[int, str] | None = None) -> TensorType:
+    """TensorType of t, with the dimensions in `symbolic` ({axis: "T"}) left symbolic."""
+    shape = tuple((symbolic or {}).get(i, d) for i, d in enumerate(t.shape))
+    return TensorType(shape, DTYPE_NAMES[t.dtype])
+
+
+def run_kernels(
+    op,
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    sizes: dict[str, int],
+    types: tuple[TensorType, ...],
+    consts: BuildConstants = BuildConstants(),  # noqa: B008
+    **extra: torch.Tensor,
+) -> OpKernels:
+    """Build the op's kernels for `types` and run them on inputs -> outputs."""
+    kernels = build_kernels(op, types, consts)
+    tensors = {f"in{i}": t for i, t in enumerate(inputs)}
+    tensors |= {f"out{i}": t for i, t in enumerate(outputs)}
+    launch(kernels, sizes, {**tensors, **extra})
+    return kernels

@@ -1,0 +1,190 @@
+"""PagedAttention kernels (rope + cache write, split-K attention, reduce) against the reference.
+
+Both the attention output and the written KV cache are compared. Cache slots no sequence
+owns, and cached positions beyond the context, start as NaN: a kernel that reads them
+poisons its output, and one that writes a wrong slot shows in the cache comparison.
+"""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from kernel_harness import assert_matches, poisoned, rand, run_kernels, typed
+
+from codegen.cuda.launch import launch
+from codegen.registry import BuildConstants, OpKernels, build_kernels
+from ir.ops import PagedAttention
+from ir.reference import TORCH_DTYPES, RefContext, run_op
+from runtime.batch import BatchInputs, build_batch
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    chunks: tuple[tuple[int, int], ...]  # per sequence: (new tokens, tokens already cached)
+
+
+SMALL = Case(4, 2, 8, 4, chunks=((5, 0), (1, 11), (3, 6)))  # prefill, decode, chunked prefill
+
+
+def make_batch(case: Case, device: str) -> tuple[BatchInputs, int]:
+    """Sequences get blocks of a shuffled pool, so no two neighbours are adjacent."""
+    need = [math.ceil((n + c) / case.block_size) for n, c in case.chunks]
+    pool = torch.randperm(sum(need) + 3).tolist()  # 3 blocks nobody owns
+    tables, chunks = [], []
+    for (n, c), k in zip(case.chunks, need, strict=True):
+        tables.append(pool[:k])
+        pool = pool[k:]
+        chunks.append(([0] * n, c, tables[-1]))
+    return build_batch(chunks, case.block_size, device=device), sum(need) + 3
+
+
+def make_cache(case: Case, batch: BatchInputs, num_blocks: int, dtype: str, device: str):
+    """k and v caches: NaN everywhere but each sequence's already cached positions."""
+    shape = (num_blocks, case.block_size, case.kv_heads, case.head_dim)
+    caches = [poisoned(shape, dtype, device) for _ in "kv"]
+    for b, (_, cached) in enumerate(case.chunks):
+        slots = [
+            int(batch.block_tables[b, p // case.block_size]) * case.block_size + p % case.block_size
+            for p in range(cached)
+        ]
+        for cache in caches:
+            cache.view(-1, case.kv_heads, case.head_dim)[slots] = rand(
+                cached, case.kv_heads, case.head_dim, dtype=dtype, device=device
+            )
+    return caches
+
+
+def rope_tables(positions: torch.Tensor, dim: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
+    angles = positions.float()[:, None] * inv_freq
+    angles = torch.cat((angles, angles), -1)[None]  # [1, T, D]
+    return angles.cos().to(TORCH_DTYPES[dtype]), angles.sin().to(TORCH_DTYPES[dtype])
+
+
+def check_attention(
+    case: Case, dtype: str, rope: bool, window=None, softcap=None, partition=512, device="cpu"
+):
+    batch, num_blocks = make_batch(case, device)
+    tokens, seqs = batch.num_tokens, batch.num_seqs
+    op = PagedAttention(
+        layer=0,
+        num_heads=case.heads,
+        num_kv_heads=case.kv_heads,
+        head_dim=case.head_dim,
+        scale=case.head_dim**-0.5,
+        sliding_window=window,
+        softcap=softcap,
+        layout="bthd",
+        rope=rope,
+    )
+    q = rand(1, tokens, case.heads, case.head_dim, dtype=dtype, device=device)
+    k, v = (rand(1, tokens, case.kv_heads, case.head_dim, dtype=dtype, device=device) for _ in "kv")
+    inputs = [q, k, v, *(rope_tables(batch.positions, case.head_dim, dtype) if rope else ())]
+    k_cache, v_cache = make_cache(case, batch, num_blocks, dtype, device)
+    # The reference's batched decode path multiplies masked-out (zero) probabilities by the
+    # padding it gathers, so it runs on zeros where the kernels see NaN; the NaN of slots
+    # nobody writes are put back into its cache afterwards.
+    ref_cache = (k_cache.cpu().nan_to_num(0.0), v_cache.cpu().nan_to_num(0.0))
+    fields = batch_fields(batch)
+    ctx = RefContext({"T": tokens, "B": seqs}, (ref_cache,), *(t.cpu() for t in fields.values()))
+    (expected,) = run_op(op, ctx, *(t.cpu() for t in inputs))
+    unwritten = k_cache.cpu().flatten(0, 1).isnan().flatten(1).any(1)
+    unwritten[batch.slot_mapping.cpu()] = False
+    for cache in ref_cache:
+        cache.flatten(0, 1)[unwritten] = float("nan")
+
+    out = poisoned((1, tokens, case.heads, case.head_dim), dtype, device)
+    sizes = {"T": tokens, "B": seqs, "max_context_len": int(batch.context_lens.max())}
+    kernels = run_kernels(
+        op,
+        inputs,
+        [out],
+        sizes,
+        tuple(typed(t, {1: "T"}) for t in inputs),
+        BuildConstants(block_size=case.block_size, attn_partition=partition),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        **fields,
+    )
+    assert_matches(k_cache, ref_cache[0], equal_nan=True)
+    assert_matches(v_cache, ref_cache[1], equal_nan=True)
+    assert_matches(out, expected)
+    return kernels, sizes
+
+
+def batch_fields(batch: BatchInputs) -> dict[str, torch.Tensor]:
+    names = ("slot_mapping", "query_start", "context_lens", "block_tables")
+    return {name: getattr(batch, name) for name in names}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_rope_attention_split_k(dtype):
+    # partitions of 4 context tokens: up to 3 per token, merged by the reduce kernel
+    kernels, sizes = check_attention(SMALL, dtype, rope=True, partition=4)
+    assert kernels.kernels[2].when(sizes)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_one_partition(dtype):
+    kernels, sizes = check_attention(SMALL, dtype, rope=False)
+    assert not kernels.kernels[2].when(sizes)  # the attention kernel writes the output itself
+
+
+def test_sliding_window_and_softcap():
+    check_attention(SMALL, "float16", rope=True, window=5, softcap=2.0, partition=8)
+
+
+def test_multi_head_attention_and_several_tiles():
+    # a 40-token context crosses several tiles of keys (tiles are one key per thread)
+    case = Case(2, 2, 16, 8, chunks=((1, 39), (2, 0)))
+    check_attention(case, "bfloat16", rope=False)
+
+
+def test_head_dim_over_max_threads():
+    # head_dim 256 over 128 threads: each thread owns two output dims
+    check_attention(Case(2, 1, 256, 4, chunks=((1, 5),)), "float32", rope=True)
+
+
+def test_padding_slots_write_nothing():
+    case = SMALL
+    batch, num_blocks = make_batch(case, "cpu")
+    k_cache, v_cache = make_cache(case, batch, num_blocks, "float32", "cpu")
+    before = k_cache.clone()
+    op = PagedAttention(0, case.heads, case.kv_heads, case.head_dim, 1.0, layout="bthd")
+    k = rand(1, batch.num_tokens, case.kv_heads, case.head_dim)
+    types = tuple(
+        typed(t, {1: "T"}) for t in (rand(1, batch.num_tokens, case.heads, case.head_dim), k, k)
+    )
+    prologue = OpKernels(
+        build_kernels(op, types, BuildConstants(block_size=case.block_size)).kernels[:1]
+    )
+    slots = torch.full_like(batch.slot_mapping, -1)
+    launch(
+        prologue,
+        {"T": batch.num_tokens},
+        {"in1": k, "in2": k, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slots},
+    )
+    assert torch.equal(k_cache.nan_to_num(), before.nan_to_num())
+
+
+LARGE = Case(32, 8, 128, 16, chunks=((1, 4000), (1, 37), (300, 0), (77, 1500), (1, 2049)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("partition", [512, 8192])
+def test_attention_gpu(dtype, partition):
+    check_attention(LARGE, dtype, rope=True, partition=partition, device="cuda")
+
+
+@pytest.mark.gpu
+def test_attention_gpu_window_softcap_gqa():
+    case = Case(16, 2, 64, 16, chunks=((1, 999), (129, 300), (1, 5)))
+    check_attention(
+        case, "bfloat16", rope=False, window=256, softcap=50.0, partition=256, device="cuda"
+    )

@@ -1,0 +1,205 @@
+"""`kiln run` end to end: the real server process, the real engine, the official client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.status, json.loads(r.read())
+
+
+def start_server(artifact, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln.cli", "run", str(artifact), "--port", str(port), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for line in proc.stdout:  # the start-up log says when it is ready
+        if "ready: " in line:
+            return proc, url
+    raise RuntimeError(f"kiln run exited with {proc.wait()}")
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_artifact):
+    proc, url = start_server(
+        smollm2_artifact, "--served-model-name", "smol", "--shutdown-timeout", "5"
+    )
+    yield proc, url
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0)
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_and_completion_streamed_equal_plain(client):
+    plain = client.chat.completions.create(
+        model="smol", messages=CHAT, max_tokens=24, temperature=0
+    )
+    assert "Paris" in plain.choices[0].message.content
+    chunks = client.chat.completions.create(
+        model="smol",
+        messages=CHAT,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finish = "", None, None
+    for c in chunks:
+        if c.choices:
+            text += c.choices[0].delta.content or ""
+            finish = c.choices[0].finish_reason or finish
+        if c.usage:
+            usage = c.usage
+    assert text == plain.choices[0].message.content
+    assert finish == plain.choices[0].finish_reason
+    assert usage.completion_tokens == plain.usage.completion_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    comp = client.completions.create(
+        model="smol", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0
+    )
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="smol", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == comp.choices[0].text
+    assert comp.usage.completion_tokens == 12
+
+
+def test_n_stop_and_logprobs(client):
+    out = client.completions.create(
+        model="smol",
+        prompt="Count: 1, 2, 3,",
+        max_tokens=16,
+        temperature=0.8,
+        n=2,
+        seed=3,
+        extra_body={"ignore_eos": True},
+    )
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert out.usage.completion_tokens == 2 * 16
+    stopped = client.completions.create(
+        model="smol", prompt="Count: 1, 2, 3,", max_tokens=32, temperature=0, stop=[" 6"]
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert " 6" not in stopped.choices[0].text and "5" in stopped.choices[0].text
+    lp = client.chat.completions.create(
+        model="smol", messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.logprob == max(t.logprob for t in entry.top_logprobs)  # greedy: the top one
+
+
+def test_bad_input_then_good(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smol", prompt="hi", max_tokens=100000)
+    assert "8192" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smol", prompt="hi", max_tokens=2, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    ok = client.completions.create(model="smol", prompt="hi", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+async def _abandon(url: str, n: int) -> None:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=0.5)
+
+    async def one(i: int) -> None:
+        try:
+            stream = await client.chat.completions.create(
+                model="smol",
+                messages=[{"role": "user", "content": f"Tell me a long story, number {i}."}],
+                max_tokens=500,
+                stream=True,
+            )
+            async for _ in stream:
+                pass
+        except (openai.APITimeoutError, openai.APIConnectionError):
+            pass
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await client.close()
+
+
+def test_abandoned_streams_free_everything(client, server):
+    asyncio.run(_abandon(server[1], 100))
+    start = time.monotonic()
+    out = client.completions.create(model="smol", prompt="Hello", max_tokens=8, timeout=5)
+    assert out.usage.completion_tokens == 8 and time.monotonic() - start < 5
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = urllib.request.urlopen(server[1] + "/metrics", timeout=5).read().decode()
+        running = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("kiln:num_requests_running")
+        )
+        usage = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("kiln:kv_cache_usage_perc")
+        )
+        if (running == 0 and usage == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert running == 0 and usage == 0.0
+
+
+def test_sigterm_during_streaming_exits_cleanly(smollm2_artifact):
+    proc, url = start_server(smollm2_artifact, "--shutdown-timeout", "2")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    stream = client.completions.create(
+        model=smollm2_artifact.name,
+        prompt="Once upon a time",
+        max_tokens=2000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    proc.send_signal(signal.SIGTERM)
+    finish = None
+    for chunk in stream:  # the stream ends: with a finish_reason, or a clean close
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert proc.wait(timeout=15) == 0
+    assert finish in ("abort", "length", "stop")
