@@ -1,8 +1,25 @@
-"""Shared pieces of the kernel tests: tolerances, poisoned outputs, typed launches."""
+"""Shared pieces of the kernel tests: simulator setup, tolerances, poisoned outputs, launches.
+
+Without a GPU the kernels run under the Numba CUDA simulator. NUMBA_ENABLE_CUDASIM is read
+once, when numba.cuda is first imported, so it is set here, before this module imports
+codegen; every test module here imports this one first. It holds for the whole pytest
+process, which is safe while no other test directory imports numba. (A conftest.py here
+would shadow tests/conftest.py, which other test modules import as `conftest`.) The AOT
+test compiles in a subprocess with the variable removed: the simulator has no compiler.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 import codegen.cuda  # noqa: F401 (registers the builders)
 from codegen.cuda.launch import launch
@@ -50,6 +67,29 @@ def typed(t: torch.Tensor, symbolic: dict[int, str] | None = None) -> TensorType
     return TensorType(shape, DTYPE_NAMES[t.dtype])
 
 
+def gpu_test(fn: Callable) -> Callable:
+    """Mark a test `gpu` (selected by `pytest -m gpu`); skip it where torch sees no GPU."""
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(no_gpu(fn))
+
+
+@contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """The simulator runs each CUDA thread as a Python thread and polls them all; a short
+    GIL switch interval makes that several times faster."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def launch_kernels(kernels: OpKernels, sizes: dict[str, int], tensors: Mapping) -> None:
+    with _short_switch_interval():
+        launch(kernels, sizes, tensors)
+
+
 def run_kernels(
     op,
     inputs: list[torch.Tensor],
@@ -63,5 +103,5 @@ def run_kernels(
     kernels = build_kernels(op, types, consts)
     tensors = {f"in{i}": t for i, t in enumerate(inputs)}
     tensors |= {f"out{i}": t for i, t in enumerate(outputs)}
-    launch(kernels, sizes, {**tensors, **extra})
+    launch_kernels(kernels, sizes, {**tensors, **extra})
     return kernels

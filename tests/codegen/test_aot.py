@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kernel_harness import assert_matches, poisoned, rand, typed
+from kernel_harness import assert_matches, gpu_test, poisoned, rand, typed
 
 from ir.ops import RMSNorm
 from ir.reference import RefContext, run_op
@@ -61,7 +61,7 @@ def test_attention_is_three_kernels(compiled_families):
     assert ["rope", "kv", "cache", "write"] in names and ["kv", "cache", "write"] in names
 
 
-@pytest.mark.gpu
+@gpu_test
 def test_cubin_launches_through_cuda_core():
     """The cubin and its parameter layout, loaded without numba's launcher."""
     from cuda.core import Device, LaunchConfig, ObjectCode, launch

@@ -10,10 +10,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from kernel_harness import assert_matches, poisoned, rand, run_kernels, typed
+from kernel_harness import (
+    assert_matches,
+    gpu_test,
+    launch_kernels,
+    poisoned,
+    rand,
+    run_kernels,
+    typed,
+)
 
-from codegen.cuda.launch import launch
-from codegen.registry import BuildConstants, OpKernels, build_kernels
+from codegen.registry import BATCH_FIELDS, BuildConstants, OpKernels, build_kernels
 from ir.ops import PagedAttention
 from ir.reference import TORCH_DTYPES, RefContext, run_op
 from runtime.batch import BatchInputs, build_batch
@@ -118,8 +125,7 @@ def check_attention(
 
 
 def batch_fields(batch: BatchInputs) -> dict[str, torch.Tensor]:
-    names = ("slot_mapping", "query_start", "context_lens", "block_tables")
-    return {name: getattr(batch, name) for name in names}
+    return {name: getattr(batch, name) for name in BATCH_FIELDS}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -164,7 +170,7 @@ def test_padding_slots_write_nothing():
         build_kernels(op, types, BuildConstants(block_size=case.block_size)).kernels[:1]
     )
     slots = torch.full_like(batch.slot_mapping, -1)
-    launch(
+    launch_kernels(
         prologue,
         {"T": batch.num_tokens},
         {"in1": k, "in2": k, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slots},
@@ -175,14 +181,14 @@ def test_padding_slots_write_nothing():
 LARGE = Case(32, 8, 128, 16, chunks=((1, 4000), (1, 37), (300, 0), (77, 1500), (1, 2049)))
 
 
-@pytest.mark.gpu
+@gpu_test
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("partition", [512, 8192])
 def test_attention_gpu(dtype, partition):
     check_attention(LARGE, dtype, rope=True, partition=partition, device="cuda")
 
 
-@pytest.mark.gpu
+@gpu_test
 def test_attention_gpu_window_softcap_gqa():
     case = Case(16, 2, 64, 16, chunks=((1, 999), (129, 300), (1, 5)))
     check_attention(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_harness import FLOATS, assert_matches, poisoned, rand, run_kernels, typed
+from kernel_harness import FLOATS, assert_matches, gpu_test, poisoned, rand, run_kernels, typed
 
 from codegen.cuda.elementwise import generate_source
 from ir.ops import BINARY_FNS, UNARY_FNS, FusedElementwise
@@ -62,7 +62,7 @@ def test_shared_subtrees_are_computed_once():
     assert src.count("load0(") == 1
 
 
-@pytest.mark.gpu
+@gpu_test
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_elementwise_gpu(dtype):
     x = rand(1001, 2, 800, dtype=dtype, device="cuda").transpose(0, 1)[:1, :, 20:797]  # strided

@@ -1,7 +1,7 @@
 """RMSNorm and AddRMSNorm kernels against the reference, under the simulator and on a GPU."""
 
 import pytest
-from kernel_harness import FLOATS, assert_matches, poisoned, rand, run_kernels, typed
+from kernel_harness import FLOATS, assert_matches, gpu_test, poisoned, rand, run_kernels, typed
 
 from ir.ops import AddRMSNorm, RMSNorm
 from ir.reference import RefContext, run_op
@@ -50,7 +50,7 @@ def test_add_rmsnorm_rows_of_heads():
     check_add_rmsnorm((1, 2, 3, 16), "float16", "float32")
 
 
-@pytest.mark.gpu
+@gpu_test
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("hidden", [1000, 4099])
 def test_rmsnorm_gpu(dtype, hidden):

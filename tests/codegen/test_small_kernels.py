@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_harness import FLOATS, assert_matches, poisoned, rand, run_kernels, typed
+from kernel_harness import FLOATS, assert_matches, gpu_test, poisoned, rand, run_kernels, typed
 
 from ir.ops import Embedding, GatherLastTokens, SiluMul
 from ir.reference import RefContext, run_op
@@ -67,7 +67,7 @@ def test_gather_last_tokens(dtype):
     check_gather(tokens=9, width=37, seqs=3, dtype=dtype)
 
 
-@pytest.mark.gpu
+@gpu_test
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_small_kernels_gpu(dtype):
     check_embedding(

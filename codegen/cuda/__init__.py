@@ -1,0 +1,5 @@
+"""CUDA kernel families; importing this package registers every builder."""
+
+from codegen.cuda import attention, elementwise, embedding, gather, rmsnorm, silu_mul
+
+__all__ = ["attention", "elementwise", "embedding", "gather", "rmsnorm", "silu_mul"]

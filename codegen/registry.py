@@ -1,0 +1,122 @@
+"""Kernel registry: (op type, target) -> builder of the kernels that run one op.
+
+A builder takes (op, input TensorTypes, BuildConstants) and returns OpKernels: the kernels to
+launch in order, each specialized on the op's compile-time constants, and the scratch buffers
+they share. Every kernel argument is a tensor; its Param names what the runner binds to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ir.types import Dim, TensorType
+
+Sizes = Mapping[str, int]  # "T", "B" and, for attention, "max_context_len"
+Grid = Callable[[Sizes], tuple[int, ...]]
+
+BATCH_FIELDS = ("slot_mapping", "query_start", "context_lens", "block_tables")
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One kernel argument and what the runner binds to it.
+
+    name: "in<i>" (the op's i-th input), "out<i>" (its i-th output), a batch field (see
+    BATCH_FIELDS), "k_cache"/"v_cache" (the op's layer), or one of the op's Scratch names.
+    A tensor of higher rank than `ndim` is viewed with its leading dimensions merged into one.
+    layout "C" needs a contiguous tensor; "A" takes any strides (views straight off the graph).
+    """
+
+    name: str
+    dtype: str
+    ndim: int
+    layout: str = "C"
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """One launch: fn[grid(sizes), block](*params); skipped when `when(sizes)` is false.
+
+    Equal names mean equal code (the name hashes every constant the kernel is built from),
+    so an artifact stores each distinct kernel once.
+    """
+
+    name: str
+    fn: Any  # numba CUDA dispatcher (a simulator kernel under NUMBA_ENABLE_CUDASIM)
+    params: tuple[Param, ...]
+    block: tuple[int, ...]
+    grid: Grid
+    when: Callable[[Sizes], bool] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scratch:
+    """A temporary buffer the op's kernels pass between them, allocated by the runner."""
+
+    name: str
+    dtype: str
+    shape: Callable[[Sizes], tuple[int, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class OpKernels:
+    kernels: tuple[Kernel, ...]
+    scratch: tuple[Scratch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BuildConstants:
+    """Compile-time constants that do not live on the op."""
+
+    block_size: int = 16  # tokens per KV-cache block
+    attn_partition: int = 512  # context tokens per split-K partition of attention
+
+
+Builder = Callable[[Any, tuple[TensorType, ...], BuildConstants], OpKernels]
+KERNEL_BUILDERS: dict[tuple[type, str], Builder] = {}
+
+
+def kernel_for(op_type: type, target: str = "cuda") -> Callable[[Builder], Builder]:
+    def register(builder: Builder) -> Builder:
+        key = (op_type, target)
+        if key in KERNEL_BUILDERS:
+            raise ValueError(f"kernel builder for {op_type.__name__} on {target} registered twice")
+        KERNEL_BUILDERS[key] = builder
+        return builder
+
+    return register
+
+
+def build_kernels(
+    op: Any,
+    inputs: tuple[TensorType, ...],
+    consts: BuildConstants = BuildConstants(),
+    target: str = "cuda",
+) -> OpKernels:
+    builder = KERNEL_BUILDERS.get((type(op), target))
+    if builder is None:
+        raise KeyError(f"no {target} kernel for {type(op).__name__}")
+    return builder(op, tuple(inputs), consts)
+
+
+def kernel_name(family: str, *key: object) -> str:
+    """Readable family name plus a hash of everything the kernel is specialized on."""
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+    return f"{family}_{digest}"
+
+
+def concrete(shape: tuple[Dim, ...], sizes: Sizes) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else d for d in shape)
+
+
+def num_rows(t: TensorType, sizes: Sizes) -> int:
+    """Rows of t seen as [rows, last dim]."""
+    return math.prod(concrete(t.shape[:-1], sizes))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
