@@ -1,8 +1,9 @@
 """The compiled artifact: a self-describing directory, written atomically, loaded safely.
 
 Layout: manifest.json (versions, source and its hash, architecture, dtype, target, limits,
-sha256 of every other file), graph.json, weights/*.safetensors, kernels/ (cuda target),
-tokenizer/ (when the source has one), generation_config.json.
+sha256 of every other file), graph.json, weights/*.safetensors (weights/rank{r}/*.safetensors
+when tensor_parallel_size > 1), kernels/ (cuda target), tokenizer/ (when the source has one),
+generation_config.json.
 """
 
 from __future__ import annotations
@@ -53,19 +54,27 @@ def write_artifact(
     out: Path,
     manifest: dict,
     graph: Graph,
-    params: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
     tokenizer=None,
     generation_config: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write into a temporary sibling directory, then move it into place."""
+    """Write into a temporary sibling directory, then move it into place.
+
+    `params` is one dict, or a list of one dict per tensor-parallel rank.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     try:
         (tmp / "graph.json").write_text(graph_to_json(graph))
-        _write_weights(tmp / "weights", params)
+        if isinstance(params, dict):
+            _write_weights(tmp / "weights", params)
+        else:
+            (tmp / "weights").mkdir()
+            for rank, rank_params in enumerate(params):
+                _write_weights(tmp / "weights" / f"rank{rank}", rank_params)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config or {}, indent=1))
@@ -140,9 +149,11 @@ def verify_files(path: Path, manifest: dict) -> None:
             raise ArtifactError(f"{path}: {rel} is corrupted (sha256 mismatch)")
 
 
-def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
+def load_artifact(path: Path, verify_hashes: bool = True, rank: int = 0) -> Artifact:
+    """The artifact with the weights of tensor-parallel `rank` (0 when it is not sharded)."""
     path = Path(path)
     manifest = read_manifest(path)
+    weights = _weights_dir(path, manifest, rank)
     if verify_hashes:
         verify_files(path, manifest)
     try:
@@ -151,11 +162,20 @@ def load_artifact(path: Path, verify_hashes: bool = True) -> Artifact:
         raise ArtifactError(f"{path}/graph.json: invalid graph: {e}") from e
     params: dict[str, torch.Tensor] = {}
     for shard in sorted(manifest["files"]):
-        if shard.startswith("weights/") and shard.endswith(".safetensors"):
+        if shard.rpartition("/")[0] == weights and shard.endswith(".safetensors"):
             params.update(load_file(path / shard))
     _check_params(graph, params)
     gen = json.loads((path / "generation_config.json").read_text())
     return Artifact(path, manifest, graph, params, gen if isinstance(gen, dict) else {})
+
+
+def _weights_dir(path: Path, manifest: dict, rank: int) -> str:
+    size = manifest.get("tensor_parallel_size", 1)
+    if not isinstance(size, int) or size < 1:
+        raise ArtifactError(f"{path}: bad tensor_parallel_size {size!r} in the manifest")
+    if not 0 <= rank < size:
+        raise ArtifactError(f"{path}: no rank {rank} (tensor_parallel_size is {size})")
+    return "weights" if size == 1 else f"weights/rank{rank}"
 
 
 def _check_params(graph: Graph, params: dict[str, torch.Tensor]) -> None:

@@ -10,10 +10,13 @@ import torch
 from tqdm import tqdm
 
 from compiler.artifact import write_artifact
-from compiler.frontend import load_model, trace_model
-from compiler.pipeline import run_pipeline
+from compiler.frontend import LoadedModel, load_model, trace_model
+from compiler.passes.shard import shard
+from compiler.pipeline import PIPELINE, run_pipeline
+from ir.graph import Graph
 from ir.ops import PagedAttention
-from ir.reference import TORCH_DTYPES
+from ir.printer import print_graph
+from ir.reference import DTYPE_NAMES, TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 KILN_VERSION = "0.1.0"
@@ -28,32 +31,67 @@ class CompileOptions:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
     dump_ir: Path | None = None
+    arch: str = "sm_90"  # cuda target: the GPU architecture kernels are built for
+    tensor_parallel_size: int = 1  # > 1: one graph, weights sharded per rank (passes/shard.py)
+
+    def __post_init__(self) -> None:
+        if self.target not in DEFAULT_DTYPE:
+            raise ValueError(f"unknown target {self.target!r} (supported: cpu, cuda)")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 def compile_model(source: str, out: Path, options: CompileOptions = CompileOptions()) -> Path:
-    if options.target != "cpu":
-        raise ValueError(f"unknown target {options.target!r} (supported: cpu)")
     dtype = options.dtype or DEFAULT_DTYPE[options.target]
-    steps = tqdm(total=4, desc="kiln compile", unit="step")
-    steps.set_postfix_str("load")
-    loaded = load_model(source, TORCH_DTYPES[dtype])
-    steps.update()
+    log.info("loading %s", source)
+    return compile_loaded(load_model(source, TORCH_DTYPES[dtype]), out, options)
+
+
+def compile_loaded(loaded: LoadedModel, out: Path, options: CompileOptions) -> Path:
+    """Compile a model already in memory (its parameters' dtype is the artifact's)."""
+    built = build(loaded, options)
+    return write_artifact(
+        out,
+        built.manifest,
+        built.graph,
+        built.weights,
+        loaded.tokenizer,
+        generation_defaults(loaded.model),
+        extra_files=built.files,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """Everything an artifact holds, in memory."""
+
+    manifest: dict
+    graph: Graph
+    weights: dict  # name -> tensor, or (tensor parallel) one such dict per rank
+    files: dict[str, bytes]  # kernels/*.cubin, *.ptx for the cuda target
+
+
+def build(loaded: LoadedModel, options: CompileOptions) -> Built:
+    dtype = DTYPE_NAMES[next(loaded.model.parameters()).dtype]
+    steps = tqdm(total=3, desc="kiln compile", unit="step")
     steps.set_postfix_str("trace")
     graph, params = trace_model(loaded.model)
     before = graph.op_counts()
     steps.update()
     steps.set_postfix_str("optimize")
     graph, params = run_pipeline(graph, params, dump_dir=options.dump_ir)
+    architecture = architecture_summary(loaded.model.config, graph)  # of the whole model
+    graph, weights = _shard(graph, params, options)
     log.info("ops before passes: %s", before)
     log.info("ops after passes:  %s", graph.op_counts())
     steps.update()
-    steps.set_postfix_str("write")
+    steps.set_postfix_str("kernels" if options.target == "cuda" else "write")
     config = loaded.model.config
     manifest = {
         "kiln_version": KILN_VERSION,
         "source": loaded.source,
         "source_sha256": loaded.source_sha256,
-        "architecture": architecture_summary(config, graph),
+        "architecture": architecture,
         "dtype": dtype,
         "quantization": None,
         "target": options.target,
@@ -63,12 +101,28 @@ def compile_model(source: str, out: Path, options: CompileOptions = CompileOptio
         "eos_token_ids": eos_token_ids(loaded),
         "op_counts": {"before": before, "after": graph.op_counts()},
     }
-    path = write_artifact(
-        out, manifest, graph, params, loaded.tokenizer, generation_defaults(loaded.model)
-    )
+    files: dict[str, bytes] = {}
+    if options.target == "cuda":
+        from compiler.kernels import compile_graph_kernels
+
+        manifest["kernels"], files = compile_graph_kernels(graph, options.arch, options.block_size)
+    if options.tensor_parallel_size > 1:  # absent: TP=1 artifacts are unchanged
+        manifest["tensor_parallel_size"] = options.tensor_parallel_size
     steps.update()
     steps.close()
-    return path
+    return Built(manifest, graph, weights, files)
+
+
+def _shard(graph, params, options: CompileOptions):
+    """(graph, params) unchanged at TP=1, else the per-rank graph and a weights dict per rank."""
+    tp = options.tensor_parallel_size
+    if tp == 1:
+        return graph, params
+    graph, weights = shard(graph, params, tp)
+    log.info("sharded over %d ranks: %s", tp, graph.op_counts())
+    if options.dump_ir:
+        (options.dump_ir / f"{len(PIPELINE) + 2:02d}_shard.ir").write_text(print_graph(graph))
+    return graph, weights
 
 
 def architecture_summary(config, graph) -> dict:

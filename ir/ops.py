@@ -239,6 +239,15 @@ class SiluMul:
 
 @op
 @dataclass(frozen=True, slots=True)
+class AllReduce:
+    """Sum of x over the ranks of the tensor-parallel group (identity on one rank)."""
+
+    def infer(self, x: TensorType):
+        return (x,)
+
+
+@op
+@dataclass(frozen=True, slots=True)
 class FusedElementwise:
     """A tree of elementwise ops over the inputs, evaluated in float32, stored as `dtype`.
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ir import ops
@@ -46,7 +47,8 @@ class RefContext:
     kv_caches[layer] = (k, v), each [num_blocks, block_size, num_kv_heads, head_dim].
     slot_mapping[T]: cache slot of each new token; query_start[B+1]: token offsets of the
     sequences in the flat batch; context_lens[B]: cached + new tokens of each sequence;
-    block_tables[B, max_blocks]: each sequence's blocks in order.
+    block_tables[B, max_blocks]: each sequence's blocks in order; tp_group: the
+    tensor-parallel process group AllReduce sums over (None: a single rank).
     """
 
     sizes: dict[str, int]
@@ -55,6 +57,7 @@ class RefContext:
     query_start: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
+    tp_group: dist.ProcessGroup | None = None
 
 
 def reference(op_type: type) -> Callable:
@@ -169,6 +172,15 @@ def _rope(op, ctx, x, cos, sin):
     return rope(x, cos, sin)
 
 
+@reference(ops.AllReduce)
+def _all_reduce(op, ctx, x):
+    if ctx.tp_group is None:
+        return x
+    out = x.clone()  # inputs stay untouched, as with every other op
+    dist.all_reduce(out, group=ctx.tp_group)
+    return out
+
+
 @reference(ops.SiluMul)
 def _silu_mul(op, ctx, gate, up):
     return F.silu(gate) * up
@@ -246,6 +258,7 @@ def attend_decodes(op, q, k_cache, v_cache, ctx: RefContext, seqs: list[int]) ->
     if op.sliding_window:
         allowed &= (lens[:, None] - 1) - k_pos < op.sliding_window
     probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
+    values = values.masked_fill(~allowed[:, :, None, None], 0.0)  # padding slots may hold NaN
     out = torch.einsum("skgl,slkd->skgd", probs, values)
     return out.reshape(s, op.num_heads, op.head_dim).to(q.dtype)
 

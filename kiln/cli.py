@@ -34,9 +34,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="HF model directory, .gguf file, or builtin:smollm2")
     c.add_argument("-o", "--output", required=True, type=Path, help="artifact directory")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    c.add_argument("--target", choices=["cpu"], default="cpu")
+    c.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
+    c.add_argument("--arch", default="sm_90", help="cuda target: GPU architecture (no GPU needed)")
     c.add_argument("--max-model-len", type=int)
     c.add_argument("--dump-ir", type=Path, metavar="DIR", help="write the IR after each pass")
+    c.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="N", help="shard over N GPUs"
+    )
     c.set_defaults(func=_compile)
 
     r = sub.add_parser("run", help="serve an artifact with the OpenAI-compatible API")
@@ -57,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _engine_args(g)
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks (kernels: BENCH.md K1, K3, K4 on a GPU)")
+    b.add_argument("what", choices=["kernels"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    b.set_defaults(func=_bench)
     return p
 
 
@@ -66,6 +75,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV-cache size")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: the artifact's target)")
 
 
 def _engine_config(args):
@@ -77,13 +87,21 @@ def _engine_config(args):
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+        device=args.device,
     )
 
 
 def _compile(args) -> None:
     from compiler.compile import CompileOptions, compile_model
 
-    options = CompileOptions(args.dtype, args.target, args.max_model_len, dump_ir=args.dump_ir)
+    options = CompileOptions(
+        args.dtype,
+        args.target,
+        args.max_model_len,
+        dump_ir=args.dump_ir,
+        tensor_parallel_size=args.tensor_parallel_size,
+        arch=args.arch,
+    )
     path = compile_model(args.source, args.output, options)
     log.info("artifact written to %s", path)
 
@@ -127,6 +145,12 @@ def _generate(args) -> None:
         elapsed,
         len(result.token_ids) / elapsed,
     )
+
+
+def _bench(args) -> None:
+    from benchmarks import kernels
+
+    kernels.main(args.rest)
 
 
 def _run(args) -> None:

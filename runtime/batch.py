@@ -18,6 +18,7 @@ class BatchInputs:
     context_lens: torch.Tensor  # [B] int32: cached + new tokens of each sequence
     block_tables: torch.Tensor  # [B, max_blocks] int32: each sequence's blocks, in order
     logits_indices: torch.Tensor  # [B] int64: index in T of each sequence's last token
+    max_context_len: int = 0  # max(context_lens), known on the host (kernel launch geometry)
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +61,7 @@ def build_batch(
         query_start=tensor(starts, torch.int32),
         context_lens=tensor(lens, torch.int32),
         block_tables=tensor(tables, torch.int32),
+        max_context_len=max(lens),
         logits_indices=tensor(
             [end - 1 for end, keep in zip(starts[1:], sample, strict=True) if keep], torch.int64
         ),

@@ -12,7 +12,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the artifact's
     enable_prefix_caching: bool = True
     policy: str = "fcfs"  # or "priority"
-    device: str = "cpu"
+    device: str | None = None  # default: "cuda" for a cuda-target artifact, else "cpu"
     # KV-cache size: an explicit block count wins; else a byte budget (CPU, default 2 GiB);
     # on CUDA, a fraction of the GPU memory left once the weights are in.
     num_kv_blocks: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,14 @@ def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, block_size: int, devic
 class Executor:
     """Interprets the graph node by node; slots are precomputed so a step is a tight loop."""
 
-    def __init__(self, graph: Graph, params: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        params: dict[str, torch.Tensor],
+        tp_group: torch.distributed.ProcessGroup | None = None,  # what AllReduce sums over
+        overrides: dict[int, Callable] | None = None,  # node index -> kernel step (cuda)
+    ) -> None:
+        self.tp_group = tp_group
         slot: dict[str, int] = {}
         for i in graph.inputs:
             slot[i.value.name] = len(slot)
@@ -57,14 +65,15 @@ class Executor:
         self.param_slots = [(slot[i.value.name], params[i.value.name]) for i in graph.params]
         self.input_slots = [slot[i.value.name] for i in graph.runtime_inputs]
         self.input_names = [i.value.name for i in graph.runtime_inputs]
+        overrides = overrides or {}
         self.plan = [
             (
-                REFERENCE[type(n.op)],
+                overrides.get(i) or REFERENCE[type(n.op)],
                 n.op,
                 [None if x is None else slot[x] for x in n.inputs],
                 [slot[v.name] for v in n.outputs],
             )
-            for n in graph.nodes
+            for i, n in enumerate(graph.nodes)
         ]
         self.output_slot = slot[graph.outputs[0]]
 
@@ -77,12 +86,17 @@ class Executor:
         for s, name in zip(self.input_slots, self.input_names, strict=True):
             env[s] = getattr(batch, name)
         ctx = RefContext(
-            sizes={"T": batch.num_tokens, "B": batch.num_seqs},
+            sizes={
+                "T": batch.num_tokens,
+                "B": batch.num_seqs,
+                "max_context_len": batch.max_context_len,
+            },
             kv_caches=kv_caches,
             slot_mapping=batch.slot_mapping,
             query_start=batch.query_start,
             context_lens=batch.context_lens,
             block_tables=batch.block_tables,
+            tp_group=self.tp_group,
         )
         for fn, op, ins, outs in self.plan:
             result = fn(op, ctx, *(None if i is None else env[i] for i in ins))

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from compiler.artifact import Artifact
+from ir.graph import Graph
 from runtime.batch import build_batch
 from runtime.config import EngineConfig
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
@@ -15,12 +16,29 @@ from runtime.scheduler import ScheduledChunk
 log = logging.getLogger(__name__)
 
 
+def runner_device(artifact: Artifact, config: EngineConfig) -> torch.device:
+    """config.device, else "cuda" for a cuda-target artifact, else "cpu"."""
+    target = artifact.manifest.get("target", "cpu")
+    return torch.device(config.device or ("cuda" if target == "cuda" else "cpu"))
+
+
 class ModelRunner:
+    tp_group = None  # the process group of the graph's AllReduce nodes (runtime/distributed.py)
+
+    def __new__(cls, artifact: Artifact, config: EngineConfig):
+        # a sharded artifact runs one process per rank, this one as rank 0
+        if cls is ModelRunner and artifact.manifest.get("tensor_parallel_size", 1) > 1:
+            from runtime.distributed import TensorParallelRunner
+
+            cls = TensorParallelRunner
+        return super().__new__(cls)
+
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
-        self.device = torch.device(config.device)
+        self.device = runner_device(artifact, config)
+        self.artifact = artifact
         self.block_size = artifact.manifest["block_size"]
         params = {k: v.to(self.device) for k, v in artifact.params.items()}
-        self.executor = Executor(artifact.graph, params)
+        self.executor = self._executor(artifact.graph, params)
         self.spec = kv_cache_spec(artifact.graph)
         self.num_blocks = config.num_kv_blocks or self._blocks_for(config)
         self.kv_caches = allocate_kv_cache(self.spec, self.num_blocks, self.block_size, self.device)
@@ -35,6 +53,15 @@ class ModelRunner:
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+    def _executor(self, graph: Graph, params: dict[str, torch.Tensor]) -> Executor:
+        if self.device.type != "cuda":
+            return Executor(graph, params, self.tp_group)
+        from runtime.cubin import kernel_node_fn, load_cubin_ops
+
+        self.cubin_ops = load_cubin_ops(self.artifact, self.device)
+        overrides = {i: kernel_node_fn(graph.nodes[i], op) for i, op in self.cubin_ops.items()}
+        return Executor(graph, params, self.tp_group, overrides=overrides)
 
     def _blocks_for(self, config: EngineConfig) -> int:
         budget = config.kv_cache_bytes

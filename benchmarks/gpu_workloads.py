@@ -1,0 +1,200 @@
+"""W1 (offline throughput, Qwen3-0.6B shape) and W3 (single-request latency, Llama-3.1-8B shape)
+on the GPU, with transformers measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import save, table
+from benchmarks.models import in_memory_artifact, random_model
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.sampling_params import SamplingParams
+
+
+def timed_engine(engine: Engine) -> dict:
+    """Wrap the runner so every step records host (launch) time and total time."""
+    stats = {"host": [], "step": [], "tokens": []}
+    execute = engine.runner.execute
+
+    def wrapped(chunks):
+        start = time.perf_counter()
+        logits = execute(chunks)
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        stats["host"].append(host)
+        stats["step"].append(time.perf_counter() - start)
+        stats["tokens"].append(sum(c.num_tokens for c in chunks))
+        return logits
+
+    engine.runner.execute = wrapped
+    return stats
+
+
+def run_all(engine: Engine, prompts, out_lens) -> tuple[float, int]:
+    for i, (p, n) in enumerate(zip(prompts, out_lens, strict=True)):
+        engine.add_request(
+            f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        )
+    produced, start = 0, time.perf_counter()
+    while engine.has_unfinished():
+        produced += sum(len(o.token_ids) for u in engine.step() for o in u.outputs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, produced
+
+
+def hf_generate_batch(model, prompts, max_new: int) -> dict:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new, do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
+    model.config._attn_implementation = "sdpa"
+    model.generate_batch(
+        [p[:16] for p in prompts[:4]],
+        generation_config=GenerationConfig(max_new_tokens=4, do_sample=False),
+    )
+    start = time.perf_counter()
+    outs = model.generate_batch(prompts, generation_config=config)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in outs.values())
+    return {
+        "system": f"hf generate_batch ({len(prompts)} req, {max_new} out)",
+        "seconds": round(elapsed, 2),
+        "output_tokens": tokens,
+        "tok_s": round(tokens / elapsed, 1),
+    }
+
+
+def w1(args) -> dict:
+    rng = random.Random(0)
+    model = random_model("qwen3-0.6b")
+    vocab = model.config.vocab_size
+    lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(args.requests)]
+    prompts = [[rng.randrange(vocab) for _ in range(i)] for i, _ in lens]
+    out_lens = [o for _, o in lens]
+    rows = []
+    if args.peer_requests:
+        sub = prompts[: args.peer_requests]
+        rows.append(
+            hf_generate_batch(model, sub, round(statistics.mean(out_lens[: args.peer_requests])))
+        )
+    artifact = in_memory_artifact(model, "qwen3-0.6b", args.workdir)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    engine = Engine(
+        artifact,
+        EngineConfig(
+            max_num_seqs=256, max_num_batched_tokens=args.budget, gpu_memory_utilization=0.85
+        ),
+    )
+    run_all(engine, [p[:50] for p in prompts[:8]], [16] * 8)  # warm-up
+    stats = timed_engine(engine)
+    seconds, produced = run_all(engine, prompts, out_lens)
+    decode = [
+        (h, s)
+        for h, s, t in zip(stats["host"], stats["step"], stats["tokens"], strict=True)
+        if t <= 256
+    ]
+    rows.insert(
+        0,
+        {
+            "system": f"kiln ({args.requests} req)",
+            "seconds": round(seconds, 2),
+            "output_tokens": produced,
+            "tok_s": round(produced / seconds, 1),
+        },
+    )
+    host = {
+        "steps": len(stats["step"]),
+        "median_step_ms": round(statistics.median(stats["step"]) * 1e3, 2),
+        "median_host_ms_decode": round(statistics.median(h for h, _ in decode) * 1e3, 2)
+        if decode
+        else None,
+        "median_step_ms_decode": round(statistics.median(s for _, s in decode) * 1e3, 2)
+        if decode
+        else None,
+    }
+    print(table(rows, ["system", "seconds", "output_tokens", "tok_s"]))
+    print("steps:", host)
+    return {
+        "workload": "W1",
+        "rows": rows,
+        "steps": host,
+        "kv_cache_tokens": engine.runner.num_tokens,
+    }
+
+
+def w3(args) -> dict:
+    model = random_model("llama-3.1-8b")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1024,), generator=g).tolist()
+    artifact = in_memory_artifact(model, "llama-3.1-8b", args.workdir)
+    hf = hf_latency(model, prompt, 32)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    engine = Engine(artifact, EngineConfig(max_num_batched_tokens=2048, num_kv_blocks=4096))
+    run_all(engine, [prompt[:64]], [8])  # warm-up
+    stats = timed_engine(engine)
+    run_all(engine, [prompt], [256])
+    ttft = stats["step"][0]
+    tpot = statistics.median(stats["step"][1:])
+    row = {
+        "system": "kiln",
+        "ttft_ms": round(ttft * 1e3, 2),
+        "tpot_ms": round(tpot * 1e3, 3),
+        "host_ms_per_step": round(statistics.median(stats["host"][1:]) * 1e3, 3),
+        "vs_floor_3.8ms": f"{3.8e-3 / tpot:.1%}",
+    }
+    print(table([row, hf], list(row)))
+    return {"workload": "W3", "rows": [row, hf]}
+
+
+def hf_latency(model, prompt, n: int) -> dict:
+    model.config._attn_implementation = "sdpa"
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        torch.cuda.synchronize()
+    per = (time.perf_counter() - start) / n
+    return {
+        "system": f"hf generate ({n} tokens, TTFT included)",
+        "ttft_ms": "",
+        "tpot_ms": round(per * 1e3, 3),
+        "host_ms_per_step": "",
+        "vs_floor_3.8ms": f"{3.8e-3 / per:.1%}",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("workload", choices=["w1", "w3"])
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--peer-requests", type=int, default=32, help="transformers runs this many")
+    p.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
+    p.add_argument("--workdir", default="/tmp/kiln-bench")
+    args = p.parse_args()
+    record = w1(args) if args.workload == "w1" else w3(args)
+    print(f"wrote {save(args.workload, record)}")
+
+
+if __name__ == "__main__":
+    main()

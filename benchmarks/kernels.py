@@ -1,0 +1,174 @@
+"""`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1, K3, K4).
+
+Prints achieved bandwidth or FLOP/s and the fraction of the H200 ceiling, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import save, table
+from ir import ops
+from ir.reference import REFERENCE, RefContext, rms_norm
+from ir.types import TensorType
+
+COPY_BW = 4.25e12  # bytes/s, device-to-device copy (read + write) measured on the H200
+BF16_FLOPS = 786e12  # dense bf16 matmul measured on the H200
+
+
+def gpu_time(fn, repeats: int = 20) -> float:
+    """Median seconds per call, by CUDA events, after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def numba_op(op, types, tensors, sizes, block_size=16):
+    import codegen.cuda  # noqa: F401
+    from codegen.cuda.launch import allocate_scratch, launch
+    from codegen.registry import BuildConstants, build_kernels
+
+    kernels = build_kernels(op, types, BuildConstants(block_size=block_size))
+    env = {**allocate_scratch(kernels, sizes, "cuda"), **tensors}
+    return lambda: launch(kernels, sizes, env)
+
+
+def k3(rows: int = 8192, hidden: int = 4096) -> list[dict]:
+    x, r = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in "xr")
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    out, total = torch.empty_like(x), torch.empty_like(x)
+    t = TensorType((rows, hidden), "bfloat16")
+    op = ops.AddRMSNorm(1e-6)
+    variants = {
+        "numba add_rmsnorm": numba_op(
+            op,
+            (t, t, TensorType((hidden,), "bfloat16")),
+            {"in0": x, "in1": r, "in2": w, "out0": out, "out1": total},
+            {"T": rows},
+        ),
+        "torch reference": lambda: rms_norm(x + r, w, 1e-6),
+    }
+    moved = 4 * x.nbytes  # read x and r, write the norm and the sum
+    return [_bw_row("K3 add+rmsnorm", name, gpu_time(fn), moved) for name, fn in variants.items()]
+
+
+def _paged(seqs: int, new: int, cached: int, heads=32, kv_heads=8, dim=128, block=16):
+    """Caches with `cached` tokens per sequence plus room for `new`, and the batch fields."""
+    ctx = cached + new
+    per_seq = math.ceil(ctx / block)
+    blocks = torch.randperm(seqs * per_seq, device="cuda", dtype=torch.int32)
+    tables = blocks.view(seqs, per_seq)
+    shape = (seqs * per_seq, block, kv_heads, dim)
+    k_cache, v_cache = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    pos = torch.arange(cached, ctx, device="cuda")
+    slots = (tables[:, pos // block].long() * block + (pos % block)).reshape(-1)
+    q = torch.randn(1, seqs * new, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (
+        torch.randn(1, seqs * new, kv_heads, dim, device="cuda", dtype=torch.bfloat16) for _ in "kv"
+    )
+    fields = {
+        "slot_mapping": slots,
+        "query_start": torch.arange(0, seqs * new + 1, new, device="cuda", dtype=torch.int32),
+        "context_lens": torch.full((seqs,), ctx, device="cuda", dtype=torch.int32),
+        "block_tables": tables,
+    }
+    op = ops.PagedAttention(0, heads, kv_heads, dim, dim**-0.5, layout="bthd")
+    return op, q, k, v, k_cache, v_cache, fields
+
+
+def _attention_variants(seqs, new, cached):
+    op, q, k, v, kc, vc, fields = _paged(seqs, new, cached)
+    tokens, ctx = seqs * new, cached + new
+    out = torch.empty_like(q)
+    types = tuple(TensorType(tuple(t.shape), "bfloat16") for t in (q, k, v))
+    sizes = {"T": tokens, "B": seqs, "max_context_len": ctx}
+    tensors = {"in0": q, "in1": k, "in2": v, "out0": out, "k_cache": kc, "v_cache": vc, **fields}
+    ref_ctx = RefContext(sizes, ((kc, vc),), **fields)
+    # a dense, pre-gathered copy of each sequence's context: what a non-paged library reads
+    dense_k = kc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    dense_v = vc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    qs = q[0].view(seqs, new, *q.shape[2:]).transpose(1, 2)
+    mask = (
+        torch.arange(ctx, device="cuda")[None, :]
+        <= torch.arange(cached, ctx, device="cuda")[:, None]
+    )
+
+    def sdpa_dense():
+        return F.scaled_dot_product_attention(qs, dense_k, dense_v, attn_mask=mask, enable_gqa=True)
+
+    def sdpa_gather():
+        keys = kc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
+        values = vc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
+        return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+
+    return {
+        "numba paged_attention": numba_op(op, types, tensors, sizes),
+        "torch reference": lambda: REFERENCE[ops.PagedAttention](op, ref_ctx, q, k, v),
+        "torch sdpa, gather + attend": sdpa_gather,
+        "torch sdpa, pre-gathered dense": sdpa_dense,
+    }, (seqs, ctx, new)
+
+
+def k1(seqs: int = 64, ctx: int = 4096) -> list[dict]:
+    variants, _ = _attention_variants(seqs, 1, ctx - 1)
+    kv_bytes = 2 * seqs * ctx * 8 * 128 * 2
+    return [_bw_row("K1 paged decode", n, gpu_time(fn, 10), kv_bytes) for n, fn in variants.items()]
+
+
+def k4(seqs: int = 8, new: int = 2048, cached: int = 2048) -> list[dict]:
+    variants, _ = _attention_variants(seqs, new, cached)
+    variants.pop("torch reference")  # a per-sequence python loop: minutes at this size
+    keys_seen = new * cached + new * (new + 1) / 2  # causal over the cache and the new tokens
+    flops = 4 * seqs * 32 * 128 * keys_seen  # q.k and p.v, 2 flops per multiply-add
+    rows = []
+    for name, fn in variants.items():
+        seconds = gpu_time(fn, 5)
+        rows.append(
+            {
+                "kernel": "K4 paged prefill",
+                "variant": name,
+                "ms": round(seconds * 1e3, 3),
+                "achieved": f"{flops / seconds / 1e12:.1f} TFLOP/s",
+                "of_ceiling": f"{flops / seconds / BF16_FLOPS:.1%}",
+            }
+        )
+    return rows
+
+
+def _bw_row(kernel: str, variant: str, seconds: float, nbytes: int) -> dict:
+    return {
+        "kernel": kernel,
+        "variant": variant,
+        "ms": round(seconds * 1e3, 3),
+        "achieved": f"{nbytes / seconds / 1e9:.0f} GB/s",
+        "of_ceiling": f"{nbytes / seconds / COPY_BW:.1%}",
+    }
+
+
+BENCHES = {"k1": k1, "k3": k3, "k4": k4}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="kiln bench kernels", description=__doc__)
+    p.add_argument("--only", nargs="*", choices=sorted(BENCHES), default=sorted(BENCHES))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kiln bench kernels needs an NVIDIA GPU")
+    rows = [row for name in args.only for row in BENCHES[name]()]
+    print(table(rows, ["kernel", "variant", "ms", "achieved", "of_ceiling"]))
+    print(f"wrote {save('kernels', {'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Random-weight instances of the real configs BENCH.md names (speed needs no real weights)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+CONFIGS = {
+    "qwen3-0.6b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+}
+
+
+def random_model(name: str, device: str = "cuda", dtype=torch.bfloat16, **overrides):
+    """The named config (optionally with fewer layers etc.), random weights, eval mode."""
+    config = AutoConfig.for_model(**{**CONFIGS[name], **overrides})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def save_source(model, path) -> str:
+    """Save as a local HF directory (config.json + safetensors), the compiler's input."""
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def in_memory_artifact(model, name: str, workdir, target: str = "cuda", **options):
+    """Compile `model` without writing its weights: only the kernels go to `workdir` (the
+    runtime loads cubins from files). Saves minutes of disk I/O for the 16 GB 8B shape."""
+    from pathlib import Path
+
+    from compiler.artifact import Artifact
+    from compiler.compile import CompileOptions, build
+    from compiler.frontend.loader import LoadedModel
+
+    workdir = Path(workdir)
+    built = build(
+        LoadedModel(model, None, f"random:{name}", "-"), CompileOptions(target=target, **options)
+    )
+    for rel, data in built.files.items():
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_bytes(data)
+    return Artifact(workdir, built.manifest, built.graph, built.weights)

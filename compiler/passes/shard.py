@@ -1,0 +1,303 @@
+"""Tensor-parallel sharding (Megatron-style): one graph for every rank, weights per rank.
+
+Runs after the pipeline (merged projections, folded params): (graph, params, tp) ->
+(graph, [params of rank 0, ..., rank tp-1]), pure. Linears are recognized by what they
+connect to, never by weight names:
+
+- column-parallel: a Linear over a replicated input whose output only feeds Slices of its
+  last dim (merged q/k/v, merged gate/up). Each slice is a segment split evenly over the
+  ranks: rank r's weight (and bias) is the concat of the r-th part of every segment, and
+  the slice offsets shrink to match.
+- split values then flow through Reshapes that split their leading split dim (heads),
+  RMSNorm over an unsplit last dim (q/k norms), PagedAttention (num_heads and
+  num_kv_heads divided) and elementwise ops over equally split operands (SiluMul).
+- row-parallel: a Linear over a split input (o_proj, down): its weight's columns are
+  split, and a new AllReduce sums the partial outputs. A bias there is refused (it would
+  be added tp times).
+- replicated: everything over replicated values. The embedding and the LM head (a Linear
+  whose output only reaches graph outputs through reshapes/casts) are kept whole on every
+  rank: no logits all-gather, and the LM head runs on the last tokens only.
+
+Anything else is refused with ShardError: heads or KV heads not divisible by tp, other
+uses of a split value, a Linear that fits none of the patterns, a cut weight shared with
+another node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ir import ops
+from ir.builder import GraphBuilder
+from ir.graph import Graph, Input, Node, Value
+from ir.ops import Op
+from ir.types import TensorType, normalize_dim
+from ir.verify import verify
+
+ELEMENTWISE = (ops.SiluMul, ops.FusedElementwise, ops.Unary, ops.Binary, ops.BinaryScalar, ops.Cast)
+VIEWS = (ops.Reshape, ops.Cast)  # what may sit between the LM head and the graph output
+
+
+class ShardError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Rank r holds the r-th of tp equal contiguous chunks of `axis`."""
+
+    axis: int
+
+
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """A column-parallel output: rank r holds the r-th chunk of every [start, end) segment."""
+
+    bounds: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """How a weight is divided: each [start, end) segment of `dim` split evenly over ranks."""
+
+    dim: int
+    bounds: tuple[tuple[int, int], ...]
+
+    def part(self, t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+        pieces = [
+            t.narrow(self.dim, s + rank * (e - s) // tp, (e - s) // tp) for s, e in self.bounds
+        ]
+        return torch.cat(pieces, self.dim).contiguous()
+
+    def shape(self, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+        out = list(shape)
+        out[self.dim] = sum((e - s) // tp for s, e in self.bounds)
+        return tuple(out)
+
+
+Layout = Split | Segments
+
+
+class _Planner:
+    """Walks the graph once, deciding each node's per-rank op and each weight's cut."""
+
+    def __init__(self, graph: Graph, tp: int) -> None:
+        self.graph, self.tp = graph, tp
+        self.users = graph.users()
+        self.params = {i.value.name for i in graph.params}
+        self.layouts: dict[str, Layout] = {}
+        self.cuts: dict[str, Cut] = {}
+        self.new_ops: dict[int, Op] = {}  # node id -> its per-rank op, where that differs
+        self.row_parallel: set[int] = set()  # node ids of Linears followed by an AllReduce
+
+    def run(self) -> None:
+        for node in self.graph.nodes:
+            layouts = [self.layouts.get(n) if n else None for n in node.inputs]
+            if any(layouts):
+                self._split_node(node, layouts)
+            elif isinstance(node.op, ops.Linear):
+                self._replicated_linear(node)
+        for name in self.graph.outputs:
+            if name in self.layouts:
+                raise ShardError(f"graph output %{name} would be split over the ranks")
+
+    def fail(self, node: Node, why: str) -> ShardError:
+        outs = ", ".join(f"%{v.name}" for v in node.outputs)
+        return ShardError(f"cannot shard {type(node.op).__name__} -> {outs}: {why}")
+
+    def type_of(self, name: str) -> TensorType:
+        return self.graph.type_of(name)
+
+    def _replicated_linear(self, node: Node) -> None:
+        _, w, *bias = node.inputs
+        slices = self.users.get(node.outputs[0].name, [])
+        last = self.type_of(node.outputs[0].name).rank - 1
+        if slices and all(_is_slice(u, last) for u in slices):
+            self._column_parallel(node, w, bias[0] if bias else None, slices)
+        elif not self._reaches_outputs_only(node.outputs[0].name):
+            raise self.fail(
+                node,
+                "not a column-parallel projection (only sliced), a "
+                "row-parallel one (split input) or the LM head",
+            )
+
+    def _reaches_outputs_only(self, name: str) -> bool:
+        users = self.users.get(name, [])
+        if name in self.graph.outputs:
+            return not users
+        return bool(users) and all(
+            isinstance(u.op, VIEWS) and self._reaches_outputs_only(u.outputs[0].name) for u in users
+        )
+
+    def _column_parallel(self, node: Node, w: str, bias: str | None, slices: list[Node]) -> None:
+        width = self.type_of(node.outputs[0].name).shape[-1]
+        bounds = tuple(sorted({_bounds(u.op, width) for u in slices}))
+        if [s for s, _ in bounds] != [0, *(e for _, e in bounds[:-1])] or bounds[-1][1] != width:
+            raise self.fail(node, f"its slices {bounds} do not tile its {width} outputs")
+        for s, e in bounds:
+            if (e - s) % self.tp:
+                raise self.fail(node, f"segment [{s}, {e}) is not divisible by {self.tp} ranks")
+        for p in (w, bias):
+            if p is not None:
+                self._cut(node, p, Cut(0, bounds))
+        self.layouts[node.outputs[0].name] = Segments(bounds)
+
+    def _cut(self, node: Node, param: str, cut: Cut) -> None:
+        if param not in self.params or len(self.users[param]) != 1:
+            raise self.fail(node, f"%{param} is not a weight used by this node alone")
+        self.cuts[param] = cut
+
+    def _split_node(self, node: Node, layouts: list[Layout | None]) -> None:
+        rule = SPLIT_RULES.get(type(node.op))
+        if rule is None:
+            raise self.fail(node, "this op cannot take a tensor-parallel split operand")
+        result = rule(self, node, layouts)
+        if result is not None:
+            self.layouts[node.outputs[0].name] = result
+
+
+def _is_slice(node: Node, last: int) -> bool:
+    op = node.op
+    return isinstance(op, ops.Slice) and normalize_dim(op.dim, last + 1) == last and op.step == 1
+
+
+def _bounds(op: ops.Slice, width: int) -> tuple[int, int]:
+    start, end, _ = slice(op.start, op.end).indices(width)
+    return start, end
+
+
+def _slice(pl: _Planner, node: Node, layouts) -> Layout:
+    (seg,) = layouts
+    if not isinstance(seg, Segments):
+        raise pl.fail(node, "slicing a split value")
+    bounds = seg.bounds
+    i = bounds.index(_bounds(node.op, pl.type_of(node.inputs[0]).shape[-1]))
+    start = sum(e - s for s, e in bounds[:i]) // pl.tp
+    end = start + (bounds[i][1] - bounds[i][0]) // pl.tp
+    pl.new_ops[id(node)] = replace(node.op, start=start, end=end)
+    return Split(pl.type_of(node.outputs[0].name).rank - 1)
+
+
+def _reshape(pl: _Planner, node: Node, layouts) -> Layout:
+    (split,) = layouts
+    src, dst = pl.type_of(node.inputs[0]).shape, pl.type_of(node.outputs[0].name).shape
+    a = _axis(pl, node, split)
+    if src[:a] != dst[:a] or len(dst) <= a or not isinstance(dst[a], int):
+        raise pl.fail(node, f"the reshape {src} -> {dst} moves the split dimension {a}")
+    if dst[a] % pl.tp:
+        raise pl.fail(node, f"dimension {a} of {dst} is not divisible by {pl.tp} ranks")
+    pl.new_ops[id(node)] = replace(node.op, shape=(*dst[:a], dst[a] // pl.tp, *dst[a + 1 :]))
+    return Split(a)
+
+
+def _rmsnorm(pl: _Planner, node: Node, layouts) -> Layout:
+    split = layouts[0]
+    a = _axis(pl, node, split)
+    if a == pl.type_of(node.inputs[0]).rank - 1 or layouts[1] is not None:
+        raise pl.fail(node, "normalizing over the split dimension")
+    return split
+
+
+def _attention(pl: _Planner, node: Node, layouts) -> Layout:
+    op = node.op
+    head_axis = 1 if op.layout == "bhtd" else 2
+    if layouts[:3] != [Split(head_axis)] * 3 or any(layouts[3:]):
+        raise pl.fail(node, "q, k and v must all be split over heads, cos/sin replicated")
+    pl.new_ops[id(node)] = replace(
+        op, num_heads=op.num_heads // pl.tp, num_kv_heads=op.num_kv_heads // pl.tp
+    )
+    return Split(2)  # the output is [1, T, H, D] in both layouts
+
+
+def _elementwise(pl: _Planner, node: Node, layouts) -> Layout:
+    shapes = {pl.type_of(n).shape for n in node.inputs}
+    if len(set(layouts)) != 1 or len(shapes) != 1:
+        raise pl.fail(node, "mixing split and replicated operands")
+    _axis(pl, node, layouts[0])
+    return layouts[0]
+
+
+def _row_parallel(pl: _Planner, node: Node, layouts) -> None:
+    x, w, *bias = node.inputs
+    if layouts[0] != Split(pl.type_of(x).rank - 1) or any(layouts[1:]):
+        raise pl.fail(node, "its input is not split over its last dimension")
+    if bias and bias[0] is not None:
+        raise pl.fail(node, "a row-parallel Linear with a bias")
+    pl._cut(node, w, Cut(1, ((0, pl.type_of(w).shape[1]),)))
+    pl.row_parallel.add(id(node))
+
+
+def _axis(pl: _Planner, node: Node, layout: Layout | None) -> int:
+    if not isinstance(layout, Split):
+        raise pl.fail(node, "a column-parallel output must be sliced first")
+    return layout.axis
+
+
+SPLIT_RULES = {
+    ops.Slice: _slice,
+    ops.Reshape: _reshape,
+    ops.RMSNorm: _rmsnorm,
+    ops.PagedAttention: _attention,
+    ops.Linear: _row_parallel,
+    **{t: _elementwise for t in ELEMENTWISE},
+}
+
+
+def shard(
+    graph: Graph, params: dict[str, torch.Tensor], tp: int
+) -> tuple[Graph, list[dict[str, torch.Tensor]]]:
+    """The per-rank graph (identical on every rank) and each rank's weights."""
+    if tp < 1:
+        raise ShardError(f"tensor_parallel_size must be at least 1, got {tp}")
+    _check_heads(graph, tp)
+    planner = _Planner(graph, tp)
+    planner.run()
+    sharded = verify(_rebuild(planner), after="shard")
+    weights = [
+        {
+            p.value.name: _rank_part(params[p.value.name], planner.cuts.get(p.value.name), r, tp)
+            for p in sharded.params
+        }
+        for r in range(tp)
+    ]
+    return sharded, weights
+
+
+def _check_heads(graph: Graph, tp: int) -> None:
+    for node in graph.nodes:
+        op = node.op
+        if isinstance(op, ops.PagedAttention):
+            for field in ("num_heads", "num_kv_heads"):
+                if getattr(op, field) % tp:
+                    raise ShardError(
+                        f"attention layer {op.layer}: {field}={getattr(op, field)} is not "
+                        f"divisible by tensor_parallel_size={tp}"
+                    )
+
+
+def _rank_part(t: torch.Tensor, cut: Cut | None, rank: int, tp: int) -> torch.Tensor:
+    return t if cut is None else cut.part(t, rank, tp)
+
+
+def _rebuild(pl: _Planner) -> Graph:
+    graph = pl.graph
+    inputs = tuple(_cut_input(i, pl.cuts.get(i.value.name), pl.tp) for i in graph.inputs)
+    b = GraphBuilder(inputs, taken={v.name for n in graph.nodes for v in n.outputs})
+    for node in graph.nodes:
+        op = pl.new_ops.get(id(node), node.op)
+        names = tuple(v.name for v in node.outputs)
+        if id(node) in pl.row_parallel:
+            partial = b.add1(op, *node.inputs, name=b.fresh(f"{names[0]}_partial"))
+            b.add1(ops.AllReduce(), partial, name=names[0])
+        else:
+            b.add(op, *node.inputs, names=names)  # types re-inferred from the cut weights
+    return b.build(graph.outputs)
+
+
+def _cut_input(inp: Input, cut: Cut | None, tp: int) -> Input:
+    if cut is None:
+        return inp
+    t = inp.value.type
+    return Input(Value(inp.value.name, t.with_shape(cut.shape(t.shape, tp))), inp.kind)

@@ -1,0 +1,122 @@
+"""Launch an artifact's precompiled cubins: no Numba compilation at serving time.
+
+The kernel builders are still consulted for launch geometry (grids, scratch shapes); their
+Numba dispatchers are created but never compiled, and each kernel's name (a hash of every
+constant it was built from) must equal the name compiled into the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from codegen.aot import array_abi_values
+from codegen.plan import kernel_plan
+from codegen.registry import BuildConstants, OpKernels, Param, Sizes
+from compiler.artifact import Artifact, ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+def check_arch(artifact: Artifact, device: torch.device) -> None:
+    kernels = artifact.manifest.get("kernels")
+    if not kernels:
+        raise ArtifactError(
+            f"{artifact.path} was compiled for target {artifact.manifest.get('target')!r}, "
+            "which has no GPU kernels; recompile with --target cuda"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    here = f"sm_{major}{minor}"
+    if kernels["arch"] != here:
+        raise ArtifactError(
+            f"{artifact.path} holds kernels for {kernels['arch']} but this GPU is {here}; "
+            f"recompile with: kiln compile ... --target cuda --arch {here}"
+        )
+
+
+class CubinOp:
+    """The kernels of one node, loaded from cubin, launched on torch's current stream."""
+
+    def __init__(self, kernels: OpKernels, functions: dict) -> None:
+        self.kernels = kernels
+        self.functions = [functions[k.name] for k in kernels.kernels]
+
+    def __call__(self, sizes: Sizes, tensors: Mapping[str, torch.Tensor]) -> None:
+        from cuda.core import LaunchConfig, Stream, launch
+
+        stream = Stream.from_handle(torch.cuda.current_stream().cuda_stream)
+        for kernel, fn in zip(self.kernels.kernels, self.functions, strict=True):
+            if kernel.when is not None and not kernel.when(sizes):
+                continue
+            args: list[int] = []
+            for p in kernel.params:
+                args += abi_values(tensors[p.name], p)
+            config = LaunchConfig(grid=kernel.grid(sizes), block=kernel.block)
+            launch(stream, config, fn, *np.array(args, dtype=np.int64))
+
+
+def abi_values(t: torch.Tensor, param: Param) -> tuple[int, ...]:
+    if t.dim() > param.ndim:  # leading dimensions merged: [1, T, H, D] -> [T, H, D]
+        t = t.reshape(-1, *t.shape[t.dim() - param.ndim + 1 :]) if param.ndim > 1 else t.reshape(-1)
+    return array_abi_values(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.element_size())
+
+
+def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinOp]:
+    """Node index -> its loaded kernels; raises ArtifactError when the artifact is stale."""
+    from cuda.core import Device, ObjectCode
+
+    check_arch(artifact, device)
+    Device(device.index or 0).set_current()
+    section = artifact.manifest["kernels"]
+    plan = kernel_plan(artifact.graph, BuildConstants(block_size=artifact.manifest["block_size"]))
+    expected = {int(i): names for i, names in section["nodes"].items()}
+    if {i: [k.name for k in ks.kernels] for i, ks in plan.items()} != expected:
+        raise ArtifactError(
+            f"{artifact.path}: its kernels do not match this version of kiln's code generator; "
+            "recompile the artifact"
+        )
+    functions = {}
+    for name, meta in section["kernels"].items():
+        cubin = (artifact.path / "kernels" / f"{name}.cubin").read_bytes()
+        functions[name] = ObjectCode.from_cubin(cubin).get_kernel(meta["symbol"])
+    log.info("loaded %d precompiled kernels for %s", len(functions), section["arch"])
+    return {i: CubinOp(kernels, functions) for i, kernels in plan.items()}
+
+
+def kernel_node_fn(node, run: CubinOp):
+    """An executor step (same signature as a reference op) that launches `run` for `node`."""
+    from ir.ops import PagedAttention
+    from ir.reference import TORCH_DTYPES, concrete_shape
+
+    params = [p for k in run.kernels.kernels for p in k.params]
+    contiguous = {p.name for p in params if p.layout == "C"}
+    wanted = {p.name for p in params}
+    layer = node.op.layer if isinstance(node.op, PagedAttention) else None
+    outs = [(v.type, TORCH_DTYPES[v.type.dtype]) for v in node.outputs]
+
+    def fn(op, ctx, *args):
+        device = next(a.device for a in args if a is not None)
+        tensors = {}
+        for i, a in enumerate(args):
+            name = f"in{i}"
+            tensors[name] = a.contiguous() if name in contiguous else a
+        results = [
+            torch.empty(concrete_shape(t, ctx.sizes), dtype=d, device=device) for t, d in outs
+        ]
+        tensors.update((f"out{i}", r) for i, r in enumerate(results))
+        if layer is not None:
+            tensors["k_cache"], tensors["v_cache"] = ctx.kv_caches[layer]
+        for name in ("slot_mapping", "query_start", "context_lens", "block_tables"):
+            if name in wanted:
+                tensors[name] = getattr(ctx, name)
+        for s in run.kernels.scratch:
+            tensors[s.name] = torch.empty(
+                s.shape(ctx.sizes), dtype=TORCH_DTYPES[s.dtype], device=device
+            )
+        run(ctx.sizes, tensors)
+        return tuple(results) if len(results) > 1 else results[0]
+
+    return fn

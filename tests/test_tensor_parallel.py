@@ -1,0 +1,298 @@
+"""Tensor parallelism on the CPU (gloo, 2 ranks): the shard pass, per-rank artifacts, TP=2
+greedy tokens equal TP=1, and a dead worker fails the engine fast without leaking processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_model
+
+import kiln
+from compiler.artifact import ArtifactError, load_artifact
+from compiler.frontend import trace_model
+from compiler.passes.shard import ShardError, shard
+from compiler.pipeline import run_pipeline
+from ir import ops
+from ir.builder import GraphBuilder
+from ir.graph import Graph, Input, Node, Value
+from ir.reference import RefContext, run_op
+from ir.types import TensorType
+from runtime.batch import BatchInputs, build_batch
+from runtime.config import EngineConfig
+from runtime.distributed import TensorParallelError, TensorParallelRunner, pack_batch, unpack_batch
+from runtime.engine import Engine
+from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
+
+FAMILIES = ("llama", "qwen3", "qwen2")  # GQA + llama3 rope; q/k norms; q/k/v biases
+# fp32, the same products summed in another order across ranks: rounding-level differences
+LOGITS_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    out = {}
+    for family in FAMILIES:
+        src = tmp_path_factory.mktemp(f"{family}_src")
+        tiny_model(family).save_pretrained(src, safe_serialization=True)
+        art = tmp_path_factory.mktemp(f"{family}_art")
+        out[family] = (
+            kiln.compile(str(src), art / "tp1"),
+            kiln.compile(str(src), art / "tp2", tensor_parallel_size=2),
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def optimized() -> dict[str, tuple[Graph, dict[str, torch.Tensor]]]:
+    return {f: run_pipeline(*trace_model(tiny_model(f))) for f in ("llama", "qwen2")}
+
+
+def greedy(n: int) -> kiln.SamplingParams:
+    return kiln.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(160) for _ in range(n)] for n in (1, 9, 23, 41, 64)]
+
+
+def assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} left behind"
+
+
+def worker_pids(llm) -> list[int]:
+    return [p.pid for p in llm.engine.runner.workers.procs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_greedy_tokens_equal_tp1(artifacts, family):
+    tp1, tp2 = artifacts[family]
+    ref = kiln.LLM(tp1, num_kv_blocks=64, max_num_batched_tokens=48)
+    expected = [o.token_ids for o in ref.generate(prompts(), greedy(32), use_tqdm=False)]
+    # 48-token steps: prefills are chunked and mixed with decodes
+    llm = kiln.LLM(tp2, num_kv_blocks=64, max_num_batched_tokens=48)
+    pids = worker_pids(llm)
+    try:
+        assert isinstance(llm.engine.runner, TensorParallelRunner) and len(pids) == 1
+        env = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        assert b"NCCL_NVLS_ENABLE=0" in env and b"TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in env
+        outs = llm.generate(prompts(), greedy(32), use_tqdm=False)
+        assert [o.token_ids for o in outs] == expected
+        assert all(len(t) == 32 for t in expected)
+    finally:
+        llm.engine.runner.close()
+    assert_gone(pids)
+
+
+@pytest.mark.parametrize("when", ["between steps", "during a step"])
+def test_dead_worker_makes_generate_raise_promptly(artifacts, when):
+    llm = kiln.LLM(artifacts["llama"][1], num_kv_blocks=64)
+    pids = worker_pids(llm)
+    try:
+        llm.generate([[1, 2, 3]], greedy(2), use_tqdm=False)
+        delay = 0.0 if when == "between steps" else 0.5  # into a 400-token generation
+        kill = threading.Timer(delay, os.kill, (pids[0], signal.SIGKILL))
+        kill.start()
+        if when == "between steps":
+            kill.join()
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"rank 1|step failed"):
+            llm.generate(prompts(), greedy(400), use_tqdm=False)
+        assert time.monotonic() - start < 30
+        with pytest.raises(TensorParallelError):  # and it stays dead
+            llm.engine.step()
+    finally:
+        llm.engine.runner.close()
+    assert_gone(pids)
+
+
+def test_worker_that_cannot_start_fails_the_engine(artifacts, tmp_path):
+    broken = tmp_path / "broken"
+    broken.symlink_to(artifacts["llama"][1], target_is_directory=True)
+    artifact = load_artifact(broken)
+    broken.unlink()  # rank 1 finds no artifact: it must not hang rank 0
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"rank 1 .* exited with code 1"):
+        Engine(artifact, EngineConfig(num_kv_blocks=8))
+    assert time.monotonic() - start < 30
+    assert not dist.is_initialized()  # rank 0 left its half-made group
+
+
+def reassemble(parts: list[torch.Tensor], original: torch.Tensor, bounds) -> torch.Tensor:
+    """Undo the cut: per segment, the ranks' pieces in rank order."""
+    dim = next(d for d in range(original.dim()) if parts[0].shape[d] != original.shape[d])
+    tp, pieces, offset = len(parts), [], 0
+    for start, end in bounds or [(0, original.shape[dim])]:
+        width = (end - start) // tp
+        pieces += [p.narrow(dim, offset, width) for p in parts]
+        offset += width
+    return torch.cat(pieces, dim)
+
+
+def column_bounds(graph: Graph, weight: str):
+    """Segments of the Linear using `weight`, from the Slices of its output."""
+    users = graph.users()
+    (linear,) = users[weight]
+    return sorted({(s.op.start, s.op.end) for s in users[linear.outputs[0].name]})
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shard_splits_weights_and_heads(optimized, family):
+    graph, params = optimized[family]
+    sharded, ranks = shard(graph, params, 2)
+    counts = sharded.op_counts()
+    assert counts["AllReduce"] == 2 * counts["PagedAttention"]  # after o_proj and down
+    assert counts["Linear"] == graph.op_counts()["Linear"]
+    for node in (n for n in sharded.nodes if isinstance(n.op, ops.PagedAttention)):
+        assert (node.op.num_heads, node.op.num_kv_heads) == (2, 1)
+    split = 0
+    for name, original in params.items():
+        if name not in ranks[0]:
+            continue
+        parts = [r[name] for r in ranks]
+        if parts[0].shape == original.shape:  # replicated: embeddings, norms, LM head
+            assert all(p is original for p in parts)
+            continue
+        split += 1
+        if parts[0].shape[0] != original.shape[0]:  # column-parallel weight or bias
+            bounds = column_bounds(graph, name if original.dim() == 2 else weight_of(graph, name))
+        else:  # row-parallel: input columns
+            bounds = None
+        assert torch.equal(reassemble(parts, original, bounds), original)
+    biases = 2 if family == "qwen2" else 0
+    assert split == 4 * 2 + biases  # per layer: qkv, o, gate_up, down (+ the qkv bias)
+
+
+def weight_of(graph: Graph, bias: str) -> str:
+    (linear,) = graph.users()[bias]
+    return linear.inputs[1]
+
+
+def lockstep(graph: Graph, rank_params, batch, caches) -> list[torch.Tensor]:
+    """Every rank's copy of the graph run side by side; AllReduce sums the ranks' operands."""
+    inputs = {i.value.name: getattr(batch, i.value.name) for i in graph.runtime_inputs}
+    envs = [{**inputs, **p} for p in rank_params]
+    ctxs = [context(batch, c) for c in caches]
+    for node in graph.nodes:
+        args = [[env[n] if n else None for n in node.inputs] for env in envs]
+        if isinstance(node.op, ops.AllReduce):
+            results = [(sum(a[0] for a in args),)] * len(envs)
+        else:
+            results = [run_op(node.op, ctx, *a) for ctx, a in zip(ctxs, args)]
+        for env, res in zip(envs, results):
+            env.update((v.name, r) for v, r in zip(node.outputs, res))
+    return [env[graph.outputs[0]] for env in envs]
+
+
+def context(batch, caches) -> RefContext:
+    return RefContext(
+        {"T": batch.num_tokens, "B": batch.num_seqs},
+        caches,
+        batch.slot_mapping,
+        batch.query_start,
+        batch.context_lens,
+        batch.block_tables,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sharded_ranks_compute_the_unsharded_logits(optimized, family):
+    graph, params = optimized[family]
+    sharded, ranks = shard(graph, params, 2)
+    full = Executor(graph, params)
+    full_cache = allocate_kv_cache(kv_cache_spec(graph), 4, 16)
+    rank_caches = [allocate_kv_cache(kv_cache_spec(sharded), 4, 16) for _ in ranks]
+    rng = random.Random(1)
+    seqs = [[rng.randrange(160) for _ in range(n)] for n in (7, 13)]
+    steps = [  # a prefill of both sequences, then a decode of both over the cache
+        [(seqs[0], 0, [2]), (seqs[1], 0, [0])],
+        [([5], 7, [2]), ([11], 13, [0])],
+    ]
+    for chunks in steps:
+        batch = build_batch(chunks, 16)
+        expected = full.forward(batch, full_cache)
+        for logits in lockstep(sharded, ranks, batch, rank_caches):
+            torch.testing.assert_close(logits, expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_shard_refuses_what_it_cannot_split(optimized):
+    graph, params = optimized["llama"]  # 4 heads, 2 KV heads
+    with pytest.raises(ShardError, match="num_heads=4 is not divisible by tensor_parallel_size=3"):
+        shard(graph, params, 3)
+    with pytest.raises(ShardError, match="num_kv_heads=2 is not divisible"):
+        shard(graph, params, 4)
+    o_proj = next(
+        n for n in graph.nodes if isinstance(n.op, ops.Linear) and n.inputs[2:] == (None,)
+    )
+    bias = Input(
+        Value("o_bias", TensorType((o_proj.outputs[0].type.shape[-1],), "float32")), "param"
+    )
+    with_bias = Graph(
+        (*graph.inputs, bias),
+        tuple(
+            Node(n.op, (*n.inputs[:2], "o_bias"), n.outputs) if n is o_proj else n
+            for n in graph.nodes
+        ),
+        graph.outputs,
+    )
+    with pytest.raises(ShardError, match="row-parallel Linear with a bias"):
+        shard(with_bias, {**params, "o_bias": torch.zeros(48)}, 2)
+
+
+def linear_then(op) -> Graph:
+    b = GraphBuilder()
+    x = b.input("x", TensorType((1, "T", 8), "float32"))
+    y = b.add1(ops.Linear(), x, b.input("w", TensorType((4, 8), "float32"), kind="param"))
+    return b.build((b.add1(op, y),))
+
+
+def test_shard_refuses_unrecognized_linears():
+    w = {"w": torch.zeros(4, 8)}
+    with pytest.raises(ShardError, match="not a column-parallel projection"):
+        shard(linear_then(ops.Unary("silu")), w, 2)
+    with pytest.raises(ShardError, match="graph output %slice would be split"):
+        shard(linear_then(ops.Slice(-1, 0, 4)), w, 2)
+
+
+def test_artifact_holds_weights_per_rank(artifacts, optimized):
+    tp1, tp2 = artifacts["llama"]
+    assert "tensor_parallel_size" not in load_artifact(tp1).manifest
+    assert (tp1 / "weights" / "shard-00000.safetensors").is_file()
+    with pytest.raises(ArtifactError, match="no rank 1"):
+        load_artifact(tp1, rank=1)
+    ranks = [load_artifact(tp2, rank=r) for r in range(2)]
+    assert ranks[0].manifest["tensor_parallel_size"] == 2
+    assert ranks[0].manifest["architecture"]["num_heads"] == 4  # of the whole model
+    _, expected = shard(*optimized["llama"], 2)
+    for art, want in zip(ranks, expected):
+        assert art.params.keys() == want.keys()
+        assert all(torch.equal(art.params[k], want[k]) for k in want)
+    with pytest.raises(ArtifactError, match="no rank 2"):
+        load_artifact(tp2, rank=2)
+
+
+def test_batch_survives_packing():
+    rng = random.Random(3)
+    chunks = [
+        ([rng.randrange(160) for _ in range(n)], start, rng.sample(range(50), k))
+        for n, start, k in ((5, 0, 1), (1, 37, 3), (12, 16, 2))
+    ]
+    batch = build_batch(chunks, 16, sample=[True, True, False])
+    header, payload = pack_batch(1, batch)
+    back = unpack_batch(header.tolist(), payload)
+    for f in fields(BatchInputs):  # every field, so one added later cannot be left behind
+        want, got = getattr(batch, f.name), getattr(back, f.name)
+        if isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and torch.equal(got, want), f.name
+        else:
+            assert got == want, f.name
