@@ -40,7 +40,7 @@ def numba_op(op, types, tensors, sizes, block_size=16):
     from codegen.registry import BuildConstants, build_kernels
 
     kernels = build_kernels(op, types, BuildConstants(block_size=block_size))
-    env = {**allocate_scratch(kernels, sizes, "cuda"), **tensors}
+    env = {**allocate_scratch(kernels.scratch, sizes, "cuda"), **tensors}
     return lambda: launch(kernels, sizes, env)
 
 

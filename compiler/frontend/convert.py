@@ -205,3 +205,11 @@ def _attention(cx, node, q, k, v, layer, scale, sliding_window, softcap):
         softcap=softcap if softcap > 0 else None,
     )
     return cx.add(op, cx.value(q), cx.value(k), cx.value(v))
+
+
+@converter(aten.expand.default)
+def _expand(cx, node, x, shape, *unused):
+    # rotary tables expand a batch dimension that is 1 in the flat-batch convention
+    if tuple(x.meta["val"].shape) != tuple(node.meta["val"].shape):
+        raise UnsupportedOpError(f"expand {tuple(x.meta['val'].shape)} -> {shape} broadcasts")
+    return cx.value(x)
