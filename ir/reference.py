@@ -253,7 +253,7 @@ def attend_decodes(op, q, k_cache, v_cache, ctx: RefContext, seqs: list[int]) ->
     scores = torch.einsum("skgd,slkd->skgl", qg, keys) * op.scale
     if op.softcap:
         scores = torch.tanh(scores / op.softcap) * op.softcap
-    k_pos = torch.arange(width)[None, :]
+    k_pos = torch.arange(width, device=q.device)[None, :]
     allowed = k_pos < lens[:, None]
     if op.sliding_window:
         allowed &= (lens[:, None] - 1) - k_pos < op.sliding_window
@@ -273,8 +273,8 @@ def attend(op, q, k_cache, v_cache, ctx: RefContext, b: int) -> torch.Tensor:
     scores = torch.einsum("nhd,lhd->hnl", q.float(), keys) * op.scale
     if op.softcap:
         scores = torch.tanh(scores / op.softcap) * op.softcap
-    q_pos = torch.arange(length - n, length)[:, None]
-    k_pos = torch.arange(length)[None, :]
+    q_pos = torch.arange(length - n, length, device=q.device)[:, None]
+    k_pos = torch.arange(length, device=q.device)[None, :]
     allowed = k_pos <= q_pos
     if op.sliding_window:
         allowed &= q_pos - k_pos < op.sliding_window

@@ -213,3 +213,11 @@ def _expand(cx, node, x, shape, *unused):
     if tuple(x.meta["val"].shape) != tuple(node.meta["val"].shape):
         raise UnsupportedOpError(f"expand {tuple(x.meta['val'].shape)} -> {shape} broadcasts")
     return cx.value(x)
+
+
+@converter(aten.matmul.default)
+def _matmul(cx, node, a, b):
+    # rotary tables as an outer product inv_freq[..., :, None] @ positions[..., None, :]
+    if a.meta["val"].shape[-1] != 1 or b.meta["val"].shape[-2] != 1:
+        raise UnsupportedOpError("matmul other than an outer product (use nn.Linear)")
+    return cx.add(ops.Binary("mul"), cx.value(a), cx.value(b))
