@@ -85,7 +85,19 @@ class Executor:
             env[s] = t
         for s, name in zip(self.input_slots, self.input_names, strict=True):
             env[s] = getattr(batch, name)
-        ctx = RefContext(
+        ctx = self.context(batch, kv_caches)
+        for fn, op, ins, outs in self.plan:
+            result = fn(op, ctx, *(None if i is None else env[i] for i in ins))
+            if len(outs) == 1:
+                env[outs[0]] = result
+            else:
+                for s, r in zip(outs, result, strict=True):
+                    env[s] = r
+        return env[self.output_slot]
+
+    def context(self, batch: BatchInputs, kv_caches) -> RefContext:
+        """What the ops see of this step: sizes, batch fields, caches, the TP group."""
+        return RefContext(
             sizes={
                 "T": batch.num_tokens,
                 "B": batch.num_seqs,
@@ -98,11 +110,3 @@ class Executor:
             block_tables=batch.block_tables,
             tp_group=self.tp_group,
         )
-        for fn, op, ins, outs in self.plan:
-            result = fn(op, ctx, *(None if i is None else env[i] for i in ins))
-            if len(outs) == 1:
-                env[outs[0]] = result
-            else:
-                for s, r in zip(outs, result, strict=True):
-                    env[s] = r
-        return env[self.output_slot]

@@ -37,8 +37,8 @@ class ModelRunner:
         self.device = runner_device(artifact, config)
         self.artifact = artifact
         self.block_size = artifact.manifest["block_size"]
-        params = {k: v.to(self.device) for k, v in artifact.params.items()}
-        self.executor = self._executor(artifact.graph, params)
+        self.params = {k: v.to(self.device) for k, v in artifact.params.items()}
+        self.executor = self._executor(artifact.graph, self.params)
         self.spec = kv_cache_spec(artifact.graph)
         self.num_blocks = config.num_kv_blocks or self._blocks_for(config)
         self.kv_caches = allocate_kv_cache(self.spec, self.num_blocks, self.block_size, self.device)

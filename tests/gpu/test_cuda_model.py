@@ -101,3 +101,72 @@ def test_generation_on_gpu_matches_reference_greedy(tmp_path):
     agree = sum(a == b for a, b in zip(together, alone))
     print(f"batched == alone for {agree}/{len(prompts)} requests")
     assert agree == len(prompts)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_kernel_node_matches_torch_ops_in_engine_batches(dtype, tmp_path):
+    """Each kernel-backed node, fed the torch-op executor's inputs, gives its outputs: over the
+    batches the scheduler really makes (chunked prefills over cached context, decodes)."""
+    import kiln
+    from benchmarks.models import in_memory_artifact, random_model
+    from ir.reference import run_op
+    from runtime.batch import build_batch
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+    from runtime.executor import allocate_kv_cache, kv_cache_spec
+
+    model = random_model(
+        "qwen3-0.6b", "cuda", getattr(torch, dtype), initializer_range=0.1, num_hidden_layers=2
+    )
+    artifact = in_memory_artifact(model, "qwen3-2l", tmp_path)
+    engine = Engine(artifact, EngineConfig(num_kv_blocks=512, max_num_batched_tokens=256))
+    runner, graph = engine.runner, artifact.graph
+    kernel_steps = {i: fn for i, (fn, *_rest) in enumerate(runner.executor.plan)}
+    covered = set(runner.cubin_ops)
+    ref_caches = allocate_kv_cache(kv_cache_spec(graph), 512, runner.block_size, "cuda")
+    worst: dict[int, float] = {}
+
+    def compare(chunks):
+        batch = build_batch(
+            [
+                (c.seq.token_slice(c.start, c.start + c.num_tokens), c.start, c.seq.block_table)
+                for c in chunks
+            ],
+            runner.block_size,
+            sample=[c.sample for c in chunks],
+            device="cuda",
+        )
+        ctx_k = runner.executor.context(batch, runner.kv_caches)
+        ctx_r = runner.executor.context(batch, ref_caches)
+        env = {
+            **runner.params,
+            **{n: getattr(batch, n) for n in ("token_ids", "positions", "logits_indices")},
+        }
+        for i, node in enumerate(graph.nodes):
+            args = [env[n] if n else None for n in node.inputs]
+            want = run_op(node.op, ctx_r, *args)
+            if i in covered:
+                got = kernel_steps[i](node.op, ctx_k, *args)
+                got = got if isinstance(got, tuple) else (got,)
+                for g, w in zip(got, want):
+                    err = (
+                        (g.float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6)
+                    ).item()
+                    worst[i] = max(worst.get(i, 0.0), err)
+            env.update((v.name, w) for v, w in zip(node.outputs, want))
+        return env[graph.outputs[0]]
+
+    runner.execute = compare
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 77, 300, 1, 129)]
+    kiln_params = kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, kiln_params)
+    while engine.has_unfinished():
+        engine.step()
+    tolerance = 1e-4 if dtype == "float32" else 2e-2  # relative to the output's largest value
+    bad = {i: (type(graph.nodes[i].op).__name__, e) for i, e in worst.items() if e > tolerance}
+    print(
+        f"{dtype}: worst relative error per kernel node: {max(worst.values()):.2e}; over tolerance: {bad}"
+    )
+    assert not bad
