@@ -167,6 +167,7 @@ def test_every_kernel_node_matches_torch_ops_in_engine_batches(dtype, tmp_path):
     tolerance = 1e-4 if dtype == "float32" else 2e-2  # relative to the output's largest value
     bad = {i: (type(graph.nodes[i].op).__name__, e) for i, e in worst.items() if e > tolerance}
     print(
-        f"{dtype}: worst relative error per kernel node: {max(worst.values()):.2e}; over tolerance: {bad}"
+        f"{dtype}: worst relative error of a kernel node {max(worst.values()):.2e}; "
+        f"over tolerance: {bad}"
     )
     assert not bad
