@@ -43,12 +43,21 @@ CONFIGS = {
 }
 
 
-def random_model(name: str, device: str = "cuda", dtype=torch.bfloat16, **overrides):
-    """The named config (optionally with fewer layers etc.), random weights, eval mode."""
+def random_model(
+    name: str, device: str = "cuda", dtype=torch.bfloat16, logit_scale: float = 1.0, **overrides
+):
+    """The named config (optionally with fewer layers etc.), random weights, eval mode.
+
+    logit_scale multiplies the embedding and LM head: the first norm undoes it on the way in,
+    so only the logits sharpen (clear argmaxes for parity tests; the body stays smooth).
+    """
     config = AutoConfig.for_model(**{**CONFIGS[name], **overrides})
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for weight in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            weight.mul_(logit_scale)
     return model.eval()
 
 
