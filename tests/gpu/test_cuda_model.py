@@ -60,16 +60,22 @@ def test_logits_and_argmax_match_transformers(name, overrides, tmp_path):
     model.config._attn_implementation = "sdpa"
     with torch.no_grad():
         theirs = model(ids.cuda()).logits.reshape(PROMPTS * POSITIONS, -1).float()
+        exact = model.float()(ids.cuda()).logits.reshape(PROMPTS * POSITIONS, -1)
     scale = theirs.std().item()
     err = (ours - theirs).abs()
+    top = exact.argmax(-1)
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    ours_exact = (ours.argmax(-1) == top).float().mean().item()
+    theirs_exact = (theirs.argmax(-1) == top).float().mean().item()
     print(
-        f"{name}: logit std {scale:.3f}, mean |err| {err.mean():.4f}, "
-        f"max |err| {err.max():.3f}, argmax agreement {agree:.4f}"
+        f"{name}: logit std {scale:.3f}, mean |err| {err.mean():.4f}, max |err| {err.max():.3f}; "
+        f"argmax: kiln bf16 vs hf bf16 {agree:.4f}, vs hf fp32: kiln {ours_exact:.4f}, "
+        f"hf bf16 {theirs_exact:.4f}"
     )
     # bf16 storage: both sides round activations to 8 mantissa bits at different points
     assert err.mean().item() < 0.03 * scale
-    assert agree >= 0.99
+    # as close to the float32 truth as transformers' own bf16 run is
+    assert ours_exact >= theirs_exact - 0.01
 
 
 def test_generation_on_gpu_matches_reference_greedy(tmp_path):
@@ -80,7 +86,9 @@ def test_generation_on_gpu_matches_reference_greedy(tmp_path):
     from runtime.engine import Engine
     from runtime.outputs import merge_update
 
-    model = random_model("qwen3-0.6b", initializer_range=0.1, num_hidden_layers=4)
+    # float32: bf16 GEMMs of different batch sizes round differently (as in every engine);
+    # in float32 that noise is far below the gaps between the logits
+    model = random_model("qwen3-0.6b", "cuda", torch.float32, logit_scale=10.0, num_hidden_layers=4)
     artifact = in_memory_artifact(model, "qwen3-small", tmp_path)
     engine = Engine(artifact, EngineConfig(num_kv_blocks=512, max_num_batched_tokens=256))
     g = torch.Generator().manual_seed(1)
