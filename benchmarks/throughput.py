@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -25,22 +26,15 @@ def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def kiln_run(llm: LLM, batch: list[list[int]], out_len: int) -> dict:
+def kiln_run(llm: LLM, batch: list[list[int]], out_len: int) -> float:
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
     outs = llm.generate(batch, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outs)
-    return {
-        "seconds": round(elapsed, 3),
-        "output_tokens": tokens,
-        "tok_s": round(tokens / elapsed, 1),
-    }
+    assert all(len(o.token_ids) == out_len for o in outs)
+    return out_len * len(batch)
 
 
-def hf_run(model, batch: list[list[int]], out_len: int) -> dict:
+def hf_run(model, batch: list[list[int]], out_len: int) -> float:
     ids = torch.tensor(batch)
-    start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
             ids,
@@ -50,12 +44,23 @@ def hf_run(model, batch: list[list[int]], out_len: int) -> dict:
             do_sample=False,
             pad_token_id=0,
         )
-    elapsed = time.perf_counter() - start
-    tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+
+def measure(system: str, run, batch, out_len: int, repeats: int) -> dict:
+    """Warm-up on the same shapes, then the median (min-max) of `repeats` runs."""
+    run(batch, 4)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run(batch, out_len)
+        rates.append(tokens / (time.perf_counter() - start))
     return {
-        "seconds": round(elapsed, 3),
+        "system": system,
+        "streams": len(batch),
         "output_tokens": tokens,
-        "tok_s": round(tokens / elapsed, 1),
+        "tok_s": round(statistics.median(rates), 1),
+        "min-max": f"{min(rates):.1f}-{max(rates):.1f}",
     }
 
 
@@ -66,6 +71,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -73,34 +79,29 @@ def main() -> None:
         kiln_compile(args.source, args.artifact)
     llm = LLM(args.artifact)
     vocab = llm.engine.vocab_size
-    single, many = (
-        prompts(1, args.input_len, vocab),
-        prompts(args.concurrency, args.input_len, vocab, 1),
-    )
-    kiln_run(llm, prompts(2, 16, vocab, 9), 8)  # warm-up
-    rows = [
-        {"system": "kiln", "streams": 1, **kiln_run(llm, single, args.output_len)},
-        {"system": "kiln", "streams": args.concurrency, **kiln_run(llm, many, args.output_len)},
-    ]
+    single = prompts(1, args.input_len, vocab)
+    many = prompts(args.concurrency, args.input_len, vocab, 1)
+
+    def kiln(batch, n):
+        return kiln_run(llm, batch, n)
+
+    rows = [measure("kiln", kiln, b, args.output_len, args.repeats) for b in (single, many)]
     if not args.no_peer:
         model = load_model(args.source, torch.float32).model
         model.config._attn_implementation = "sdpa"
-        hf_run(model, prompts(1, 16, vocab, 9), 8)  # warm-up
-        rows.append(
-            {"system": "hf generate", "streams": 1, **hf_run(model, single, args.output_len)}
-        )
-        rows.append(
-            {
-                "system": "hf generate",
-                "streams": args.concurrency,
-                **hf_run(model, many, args.output_len),
-            }
-        )
+
+        def hf(batch, n):
+            return hf_run(model, batch, n)
+
+        rows += [
+            measure("hf generate", hf, b, args.output_len, args.repeats) for b in (single, many)
+        ]
     scaling = rows[1]["tok_s"] / rows[0]["tok_s"]
-    print(table(rows, ["system", "streams", "seconds", "output_tokens", "tok_s"]))
+    print(table(rows, ["system", "streams", "output_tokens", "tok_s", "min-max"]))
     print(f"kiln {args.concurrency}-stream / 1-stream aggregate: {scaling:.2f}x")
     if not args.no_peer:
         print(f"kiln / hf single stream: {rows[0]['tok_s'] / rows[2]['tok_s']:.2f}x")
+        print(f"kiln / hf {args.concurrency} streams: {rows[1]['tok_s'] / rows[3]['tok_s']:.2f}x")
     path = save(
         "throughput-c1", {"workload": vars(args) | {"artifact": str(args.artifact)}, "rows": rows}
     )

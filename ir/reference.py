@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,7 @@ class RefContext:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     tp_group: dist.ProcessGroup | None = None
+    memo: dict = field(default_factory=dict, compare=False)  # per-step values shared by layers
 
 
 def reference(op_type: type) -> Callable:
@@ -215,17 +217,46 @@ def _paged_attention(op, ctx, q, k, v, cos=None, sin=None):
         q, k = rope(q, c, s).to(q.dtype), rope(k, c, s).to(k.dtype)
     k_cache, v_cache = ctx.kv_caches[op.layer]
     write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+    plan = ctx.memo.get(("attention", op.sliding_window))
+    if plan is None:
+        plan = ctx.memo[("attention", op.sliding_window)] = plan_attention(
+            ctx, op, k_cache.shape[1]
+        )
     out = torch.empty_like(q)
-    counts = (ctx.query_start[1:] - ctx.query_start[:-1]).tolist()
-    decodes = [b for b, n in enumerate(counts) if n == 1]
-    if decodes:  # one batched call for every single-token query
-        rows = ctx.query_start[decodes].long()
-        out[rows] = attend_decodes(op, q[rows], k_cache, v_cache, ctx, decodes)
-    for b, n in enumerate(counts):
-        if n > 1:
-            start = int(ctx.query_start[b])
-            out[start : start + n] = attend(op, q[start : start + n], k_cache, v_cache, ctx, b)
+    if plan.rows is not None:  # one batched call for every single-token query
+        out[plan.rows] = attend_decodes(op, q[plan.rows], k_cache, v_cache, plan)
+    for b, start, n in plan.prefills:
+        out[start : start + n] = attend(op, q[start : start + n], k_cache, v_cache, ctx, b)
     return out[None]
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionPlan:
+    """How one step's sequences are attended (the same for every layer of the step)."""
+
+    rows: torch.Tensor | None  # [S] token rows of the single-token queries
+    slots: torch.Tensor | None  # [S, L] cache slot of each of their context positions
+    allowed: torch.Tensor | None  # [S, L] valid positions; None when all are
+    prefills: list[tuple[int, int, int]]  # (sequence, first token row, tokens) of the others
+
+
+def plan_attention(ctx: RefContext, op, block_size: int) -> AttentionPlan:
+    starts = ctx.query_start.tolist()
+    counts = [e - s for s, e in itertools.pairwise(starts)]
+    decodes = [b for b, n in enumerate(counts) if n == 1]
+    prefills = [(b, starts[b], n) for b, n in enumerate(counts) if n > 1]
+    if not decodes:
+        return AttentionPlan(None, None, None, prefills)
+    lens = ctx.context_lens[decodes].long()
+    width = int(lens.max())
+    pos = torch.arange(width, device=lens.device)
+    tables = ctx.block_tables[decodes][:, : math.ceil(width / block_size)].long()
+    slots = tables[:, pos // block_size] * block_size + pos % block_size
+    allowed = pos[None, :] < lens[:, None]
+    if op.sliding_window:
+        allowed &= (lens[:, None] - 1) - pos[None, :] < op.sliding_window
+    rows = ctx.query_start[decodes].long()
+    return AttentionPlan(rows, slots, None if bool(allowed.all()) else allowed, prefills)
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
@@ -241,45 +272,50 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return cache[blocks].flatten(0, 1)[:length]
 
 
-def attend_decodes(op, q, k_cache, v_cache, ctx: RefContext, seqs: list[int]) -> torch.Tensor:
+def attend_decodes(op, q, k_cache, v_cache, plan: AttentionPlan) -> torch.Tensor:
     """Attention of one new token per sequence q [S, H, D] over each one's cached context."""
-    lens = ctx.context_lens[seqs].long()
-    width = int(lens.max())
-    blocks = ctx.block_tables[seqs][:, : math.ceil(width / k_cache.shape[1])].long()
-    keys = k_cache[blocks].flatten(1, 2)[:, :width].float()  # [S, L, KVH, D]
-    values = v_cache[blocks].flatten(1, 2)[:, :width].float()
-    s, kvh = q.shape[0], op.num_kv_heads
-    qg = q.float().view(s, kvh, op.num_heads // kvh, op.head_dim)  # [S, KVH, G, D]
-    scores = torch.einsum("skgd,slkd->skgl", qg, keys) * op.scale
-    if op.softcap:
-        scores = torch.tanh(scores / op.softcap) * op.softcap
-    k_pos = torch.arange(width, device=q.device)[None, :]
-    allowed = k_pos < lens[:, None]
-    if op.sliding_window:
-        allowed &= (lens[:, None] - 1) - k_pos < op.sliding_window
-    probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
-    values = values.masked_fill(~allowed[:, :, None, None], 0.0)  # padding slots may hold NaN
-    out = torch.einsum("skgl,slkd->skgd", probs, values)
-    return out.reshape(s, op.num_heads, op.head_dim).to(q.dtype)
+    kvh, dim = k_cache.shape[2:]
+    keys = k_cache.view(-1, kvh, dim)[plan.slots]  # [S, L, KVH, D]
+    values = v_cache.view(-1, kvh, dim)[plan.slots]
+    mask = None
+    if plan.allowed is not None:  # padding slots of shorter contexts may hold anything
+        values = values.masked_fill(~plan.allowed[:, :, None, None], 0.0)
+        mask = plan.allowed[:, None, None]
+    out = attention_core(op, q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), mask)
+    return out[:, :, 0].to(q.dtype)
 
 
 def attend(op, q, k_cache, v_cache, ctx: RefContext, b: int) -> torch.Tensor:
     """Causal attention of one sequence's new tokens q [n, H, D] over its cached context."""
     n, length = q.shape[0], int(ctx.context_lens[b])
-    keys = gather_context(k_cache, ctx.block_tables[b], length).float()
-    values = gather_context(v_cache, ctx.block_tables[b], length).float()
-    group = op.num_heads // op.num_kv_heads
-    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-    scores = torch.einsum("nhd,lhd->hnl", q.float(), keys) * op.scale
-    if op.softcap:
-        scores = torch.tanh(scores / op.softcap) * op.softcap
+    keys = gather_context(k_cache, ctx.block_tables[b], length)  # [L, KVH, D]
+    values = gather_context(v_cache, ctx.block_tables[b], length)
     q_pos = torch.arange(length - n, length, device=q.device)[:, None]
     k_pos = torch.arange(length, device=q.device)[None, :]
     allowed = k_pos <= q_pos
     if op.sliding_window:
         allowed &= q_pos - k_pos < op.sliding_window
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return torch.einsum("hnl,lhd->nhd", probs, values).to(q.dtype)
+    out = attention_core(
+        op, q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), allowed
+    )
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def attention_core(op, q, k, v, allowed) -> torch.Tensor:
+    """softmax(q k^T * scale (soft-capped), masked) v in float32; q [..., H, n, D], k/v
+    [..., KVH, L, D], `allowed` broadcastable to [..., H, n, L]."""
+    q, k, v = q.float(), k.float(), v.float()
+    if not op.softcap:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=op.scale, enable_gqa=True
+        )
+    group = op.num_heads // op.num_kv_heads
+    k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    scores = q @ k.transpose(-1, -2) * op.scale
+    scores = torch.tanh(scores / op.softcap) * op.softcap
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v
 
 
 def evaluate(graph, inputs: dict[str, torch.Tensor], ctx: RefContext) -> list[torch.Tensor]:
