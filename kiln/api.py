@@ -32,6 +32,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Release the engine (tensor-parallel worker processes); the LLM is unusable after."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def default_params(self, **overrides) -> SamplingParams:
         """SamplingParams with the model's generation-config defaults, then `overrides`."""
         names = {f.name for f in fields(SamplingParams)}

@@ -100,6 +100,7 @@ class AsyncEngine:
         finally:
             self._stopping.set()
             self._abort_all()
+            self.engine.close()
 
     def _run_commands(self, block: bool) -> bool:
         """Apply queued adds/aborts; False once asked to stop."""

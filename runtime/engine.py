@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from compiler.artifact import Artifact
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.model_runner import ModelRunner
+from runtime.model_runner import make_runner
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampler import SampledToken, SamplingState, make_generator, sample
 from runtime.sampling_params import SamplingParams
@@ -46,7 +46,7 @@ class Engine:
         )
         self.vocab_size = artifact.manifest["vocab_size"]
         self.eos_token_ids = tuple(artifact.manifest["eos_token_ids"])
-        self.runner = ModelRunner(artifact, config)
+        self.runner = make_runner(artifact, config)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=self.runner.num_blocks,
@@ -109,6 +109,12 @@ class Engine:
         if self.tokenizer is None:
             return None
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+
+    def close(self) -> None:
+        """Abort what is in flight and release the runner (TP worker processes)."""
+        for request_id in list(self.requests):
+            self.abort(request_id)
+        self.runner.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -22,16 +22,17 @@ def runner_device(artifact: Artifact, config: EngineConfig) -> torch.device:
     return torch.device(config.device or ("cuda" if target == "cuda" else "cpu"))
 
 
+def make_runner(artifact: Artifact, config: EngineConfig) -> ModelRunner:
+    """The runner an artifact needs: a sharded one runs one process per rank, this one rank 0."""
+    if artifact.manifest.get("tensor_parallel_size", 1) > 1:
+        from runtime.distributed import TensorParallelRunner
+
+        return TensorParallelRunner(artifact, config)
+    return ModelRunner(artifact, config)
+
+
 class ModelRunner:
     tp_group = None  # the process group of the graph's AllReduce nodes (runtime/distributed.py)
-
-    def __new__(cls, artifact: Artifact, config: EngineConfig):
-        # a sharded artifact runs one process per rank, this one as rank 0
-        if cls is ModelRunner and artifact.manifest.get("tensor_parallel_size", 1) > 1:
-            from runtime.distributed import TensorParallelRunner
-
-            cls = TensorParallelRunner
-        return super().__new__(cls)
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
         self.device = runner_device(artifact, config)
@@ -49,6 +50,9 @@ class ModelRunner:
             self.num_tokens,
             self.num_tokens * self.spec.bytes_per_token / 2**20,
         )
+
+    def close(self) -> None:
+        """Release what the runner holds beyond memory (worker processes, for tensor parallel)."""
 
     @property
     def num_tokens(self) -> int:
