@@ -153,7 +153,7 @@ def _bench(args) -> None:
     kernels.main(args.rest)
 
 
-def _run(args) -> None:
+def _run(args) -> int:
     import asyncio
 
     from runtime.async_engine import AsyncEngine
@@ -168,7 +168,8 @@ def _run(args) -> None:
         engine.max_concurrency,
     )
     app = create_app(engine, ServerConfig(served_model_name=name, api_key=args.api_key))
-    asyncio.run(serve(app, args.host, args.port, args.shutdown_timeout, engine))
+    healthy = asyncio.run(serve(app, args.host, args.port, args.shutdown_timeout, engine))
+    return 0 if healthy else 1
 
 
 if __name__ == "__main__":

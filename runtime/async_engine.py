@@ -124,10 +124,13 @@ class AsyncEngine:
                 self._deliver(request_id, e)
 
     def _abort_all(self) -> None:
+        """In-flight requests end: with finish_reason "abort" on a shutdown, with
+        EngineDeadError (a 503, not a normal-looking empty completion) when the loop died."""
+        crashed = self._error is not None
         for request_id in list(self.engine.requests):
             final = self.engine.abort(request_id)
-            if final is not None:
+            if final is not None and not crashed:
                 self._deliver(request_id, final)
-        dead = EngineDeadError("the engine stopped")
+        dead = EngineDeadError("the engine died" if crashed else "the engine stopped")
         for request_id in list(self._streams):
             self._deliver(request_id, dead)

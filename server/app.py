@@ -23,6 +23,8 @@ from server.protocol import GenerateRequest, ModelInfo, ProtocolError
 from server.responses import Meta, Piece, Pieces
 
 logger = logging.getLogger(__name__)
+ENGINE_POLL_S = 0.5  # how often serve() checks that the engine loop is alive
+DEAD_ENGINE_GRACE_S = 2.0  # /health says 503 this long before a dead engine's server exits
 
 Update = tuple[int, RequestOutput]  # (prompt index, engine update)
 
@@ -280,8 +282,12 @@ async def _stream(
 
 async def serve(
     app: web.Application, host: str, port: int, shutdown_timeout: float, engine: Any
-) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: refuse new work, let the engine finish, close."""
+) -> bool:
+    """Serve until SIGTERM/SIGINT, then drain: refuse new work, let the engine finish, close.
+
+    Returns False when the engine died instead: /health answered 503 for a grace period,
+    then the server stopped (the CLI exits non-zero, for a supervisor to restart it).
+    """
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # request; the short shutdown_timeout applies after the engine has drained
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
@@ -294,12 +300,19 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            while not stop.is_set() and engine.is_alive:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), ENGINE_POLL_S)
+            if not stop.is_set():
+                logger.error("the engine died; stopping in %.0f s", DEAD_ENGINE_GRACE_S)
+                await asyncio.sleep(DEAD_ENGINE_GRACE_S)
+                return False
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         logger.info("shutting down: in-flight requests get up to %.1f s", shutdown_timeout)
         app[STATE].draining = True
         await engine.shutdown(shutdown_timeout)
+        return True
     finally:
         await runner.cleanup()
