@@ -1,7 +1,9 @@
 """Offline throughput: Kiln vs transformers on the same machine, same model, same run.
 
-C1 (CPU, default): the SmolLM2 artifact, 128 in / 128 out, single stream and 16 concurrent,
-with transformers `generate` (single stream, and a static batch of 16) as the peer.
+--target cpu (C1, default): the SmolLM2 artifact, 128 in / 128 out, single stream and 16
+concurrent, with transformers `generate` (one stream, and a static batch of 16) as the peer.
+--target cuda (W1): Qwen3-0.6B shape, 256 requests of 100-1024 in / out, with transformers
+`generate_batch` on the first --peer-requests of them.
 """
 
 from __future__ import annotations
@@ -71,10 +73,22 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--requests", type=int, default=256, help="cuda (W1): requests")
+    p.add_argument(
+        "--peer-requests", type=int, default=16, help="cuda: transformers runs this many"
+    )
+    p.add_argument("--budget", type=int, default=8192, help="cuda: max_num_batched_tokens")
+    p.add_argument("--workdir", default="/tmp/kiln-bench", help="cuda: where kernels are built")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.target == "cuda":
+        from benchmarks.gpu import w1
+
+        print(f"wrote {save('w1', w1(args))}")
+        return
     if not (args.artifact / "manifest.json").exists():
         kiln_compile(args.source, args.artifact)
     llm = LLM(args.artifact)

@@ -1,9 +1,9 @@
-"""W1 (offline throughput, Qwen3-0.6B shape) and W3 (single-request latency, Llama-3.1-8B shape)
-on the GPU, with transformers measured in the same run."""
+"""GPU workloads W1 (offline throughput, Qwen3-0.6B shape) and W3 (single-request latency,
+Llama-3.1-8B shape), with transformers measured in the same run. Entry points:
+`benchmarks/throughput.py --target cuda` and `benchmarks/latency.py`."""
 
 from __future__ import annotations
 
-import argparse
 import gc
 import random
 import statistics
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from benchmarks.common import save, table
+from benchmarks.common import table
 from benchmarks.models import in_memory_artifact, random_model
 from runtime.config import EngineConfig
 from runtime.engine import Engine
@@ -182,19 +182,3 @@ def hf_latency(model, prompt, n: int) -> dict:
         "host_ms_per_step": "",
         "vs_floor_3.8ms": f"{3.8e-3 / per:.1%}",
     }
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("workload", choices=["w1", "w3"])
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--peer-requests", type=int, default=32, help="transformers runs this many")
-    p.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
-    p.add_argument("--workdir", default="/tmp/kiln-bench")
-    args = p.parse_args()
-    record = w1(args) if args.workload == "w1" else w3(args)
-    print(f"wrote {save(args.workload, record)}")
-
-
-if __name__ == "__main__":
-    main()
