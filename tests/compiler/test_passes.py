@@ -12,6 +12,7 @@ from compiler.passes.dce import eliminate_dead_code
 from compiler.passes.fold_constants import fold_constants
 from compiler.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from compiler.passes.fuse_elementwise import fuse_elementwise
+from compiler.passes.fuse_rope_attention import fuse_rope_attention
 from compiler.passes.merge_projections import merge_projections
 from compiler.passes.raise_rmsnorm import raise_rmsnorm
 from compiler.passes.raise_rope import raise_rope
@@ -194,3 +195,37 @@ def test_fuse_elementwise_builds_expression_tree(dtype):
     fused = e.add1(ops.FusedElementwise(("tanh", sub), dtype), x, y)
     expected = e.build((fused, e.add1(ops.Unary("exp"), x)))
     check(fuse_elementwise, before, expected, atol=0)  # explicit casts: bit-exact
+
+
+def attention_context(tokens=5):
+    """One sequence of `tokens` new tokens, block size 4, empty caches."""
+    caches = ((torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8)),)
+    return RefContext(
+        {"T": tokens},
+        caches,
+        torch.arange(tokens),
+        torch.tensor([0, tokens], dtype=torch.int32),
+        torch.tensor([tokens], dtype=torch.int32),
+        torch.tensor([[0, 1, 2, 3]], dtype=torch.int32),
+    )
+
+
+def test_fuse_rope_attention():
+    attn = ops.PagedAttention(0, 4, 2, 8, 8**-0.5)
+    b = GraphBuilder()
+    xq, xk, xv = (b.input(n, f32(1, "T", h, 8)) for n, h in (("q", 4), ("k", 2), ("v", 2)))
+    cos, sin = b.input("cos", f32(1, "T", 8)), b.input("sin", f32(1, "T", 8))
+    c4, s4 = (b.add1(ops.Reshape((1, 1, "T", 8)), t) for t in (cos, sin))
+    q, k, v = (b.add1(ops.Transpose(1, 2), t) for t in (xq, xk, xv))
+    q, k = (b.add1(ops.Rope(), t, c4, s4) for t in (q, k))
+    before = b.build((b.add1(attn, q, k, v),))
+    e = GraphBuilder()
+    names = [e.input(i.value.name, i.value.type) for i in before.inputs]
+    fused = ops.PagedAttention(0, 4, 2, 8, 8**-0.5, layout="bthd", rope=True)
+    expected = e.build((e.add1(fused, *names),))
+    after = eliminate_dead_code(verify(fuse_rope_attention(verify(before))))
+    assert print_graph(after, numbered=True) == print_graph(expected, numbered=True)
+    inputs = random_inputs(before)
+    (a,) = evaluate(before, inputs, attention_context())
+    (b_,) = evaluate(after, inputs, attention_context())
+    torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)

@@ -1,0 +1,90 @@
+"""Artifacts: what is written, and loading refuses anything tampered with or out of place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import tiny_model
+
+import kiln
+from compiler.artifact import ArtifactError, load_artifact
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    tiny_model("qwen2").save_pretrained(src, safe_serialization=True)
+    dump = tmp_path_factory.mktemp("ir")
+    path = kiln.compile(str(src), tmp_path_factory.mktemp("a") / "art", dump_ir=dump)
+    return path, dump
+
+
+def test_layout_manifest_and_ir_dumps(artifact):
+    path, dump = artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
+    assert manifest["architecture"]["model_type"] == "qwen2" and manifest["dtype"] == "float32"
+    assert not (path / "tokenizer").exists()  # a model without one compiles to token ids only
+    dumps = sorted(p.name for p in dump.iterdir())
+    assert dumps[0] == "00_trace.ir" and dumps[-1].endswith("fold_constants.ir")
+    assert "RMSNorm" in (dump / dumps[-1]).read_text()
+    assert load_artifact(path).graph.op_counts() == manifest["op_counts"]["after"]
+
+
+def tampered(artifact, tmp_path, edit):
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact[0], copy)
+    edit(copy)
+    return copy
+
+
+def test_corrupted_weights_are_refused(artifact, tmp_path):
+    def flip(path):
+        shard = next((path / "weights").iterdir())
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1
+        shard.write_bytes(bytes(data))
+
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_artifact(tampered(artifact, tmp_path, flip))
+
+
+def test_manifest_paths_outside_the_artifact_are_refused(artifact, tmp_path):
+    def escape(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["files"]["../../etc/passwd"] = "0" * 64
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ArtifactError, match="outside"):
+        load_artifact(tampered(artifact, tmp_path, escape))
+
+
+def test_missing_or_foreign_directories_are_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="not a Kiln artifact"):
+        load_artifact(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ArtifactError, match="recompile"):
+        load_artifact(tmp_path)
+
+
+def test_cuda_artifacts_for_another_arch_are_refused(monkeypatch, tmp_path):
+    import torch
+
+    from compiler.artifact import Artifact
+    from runtime.cubin import check_arch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    built_for_hopper = Artifact(
+        tmp_path, {"target": "cuda", "kernels": {"arch": "sm_90"}}, None, {}
+    )
+    with pytest.raises(ArtifactError, match=r"sm_90 but this GPU is sm_80.*--arch sm_80"):
+        check_arch(built_for_hopper, torch.device("cuda"))
+    cpu_only = Artifact(tmp_path, {"target": "cpu"}, None, {})
+    with pytest.raises(ArtifactError, match="--target cuda"):
+        check_arch(cpu_only, torch.device("cuda"))
