@@ -17,6 +17,8 @@ from codegen.aot import array_abi_values
 from codegen.plan import kernel_plan
 from codegen.registry import BuildConstants, OpKernels, Param, Sizes
 from compiler.artifact import Artifact, ArtifactError
+from ir.ops import PagedAttention
+from ir.reference import TORCH_DTYPES, concrete_shape
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +90,6 @@ def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinO
 
 def kernel_node_fn(node, run: CubinOp):
     """An executor step (same signature as a reference op) that launches `run` for `node`."""
-    from ir.ops import PagedAttention
-    from ir.reference import TORCH_DTYPES, concrete_shape
-
     params = [p for k in run.kernels.kernels for p in k.params]
     contiguous = {p.name for p in params if p.layout == "C"}
     wanted = {p.name for p in params}
