@@ -183,3 +183,15 @@ async def stream_then_abort(engine, prompt, expected):
             pass
     await engine.shutdown(timeout=1)
     assert not engine.is_alive
+
+
+def test_sampling_defaults_come_from_the_generation_config(artifact):
+    from dataclasses import replace
+
+    llm = kiln.LLM(artifact, num_kv_blocks=16)
+    llm.engine.artifact = replace(
+        llm.engine.artifact, generation_config={"temperature": 0.6, "top_k": 20}
+    )
+    params = llm.default_params(max_tokens=3)
+    assert (params.temperature, params.top_k, params.max_tokens) == (0.6, 20, 3)
+    assert kiln.SamplingParams().temperature == 1.0  # no generation config: vLLM's defaults
