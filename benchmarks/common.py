@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -52,18 +51,6 @@ def _smi(field: str) -> str:
         return out.stdout.strip()
     except OSError:
         return "unknown"
-
-
-def timed(fn, repeats: int) -> dict:
-    """Median, min and max wall time of `repeats` runs of fn() (after the caller's warm-up)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
 def save(name: str, record: dict) -> Path:

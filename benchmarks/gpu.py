@@ -13,6 +13,7 @@ import torch
 
 from benchmarks.common import table
 from benchmarks.models import in_memory_artifact, random_model
+from benchmarks.throughput import hf_run
 from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.sampling_params import SamplingParams
@@ -160,20 +161,11 @@ def w3(args) -> dict:
 
 def hf_latency(model, prompt, n: int) -> dict:
     model.config._attn_implementation = "sdpa"
-    ids = torch.tensor([prompt], device="cuda")
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        torch.cuda.synchronize()
+    hf_run(model, [prompt], 4, "cuda")  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    hf_run(model, [prompt], n, "cuda")
+    torch.cuda.synchronize()
     per = (time.perf_counter() - start) / n
     return {
         "system": f"hf generate ({n} tokens, TTFT included)",

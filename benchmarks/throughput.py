@@ -35,8 +35,9 @@ def kiln_run(llm: LLM, batch: list[list[int]], out_len: int) -> float:
     return out_len * len(batch)
 
 
-def hf_run(model, batch: list[list[int]], out_len: int) -> float:
-    ids = torch.tensor(batch)
+def hf_run(model, batch: list[list[int]], out_len: int, device: str = "cpu") -> float:
+    """transformers `generate` of exactly out_len greedy tokens per prompt; tokens made."""
+    ids = torch.tensor(batch, device=device)
     with torch.inference_mode():
         out = model.generate(
             ids,

@@ -14,7 +14,7 @@ from runtime.model_runner import make_runner
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampler import SampledToken, SamplingState, make_generator, sample
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from runtime.scheduler import Scheduler, SchedulerConfig
 from runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Engine:
         self.scheduler.update(
             plan, {c.seq.seq_id: t.token_id for c, t in zip(sampling, tokens, strict=True)}
         )
-        return self._outputs(plan, sampling, tokens)
+        return self._outputs(sampling, tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now (its blocks free at once); returns its final update."""
@@ -148,7 +148,7 @@ class Engine:
     def _state(self, seq: Sequence) -> SamplingState:
         return self.requests[seq.request_id].states[seq.index]
 
-    def _outputs(self, plan: SchedulerOutput, sampling, tokens: list[SampledToken]):
+    def _outputs(self, sampling, tokens: list[SampledToken]):
         updates: dict[str, list[CompletionOutput]] = {}
         for chunk, token in zip(sampling, tokens, strict=True):
             seq = chunk.seq
@@ -177,7 +177,7 @@ class Engine:
             request.prompt,
             request.prompt_token_ids,
             outs,
-            finished=request.finished or all(o.finish_reason == "abort" for o in outs),
+            finished=request.finished,
             num_cached_tokens=request.seqs[0].num_cached_tokens,
         )
 
