@@ -15,7 +15,7 @@ from typing import Any
 
 from ir.types import Dim, TensorType
 
-Sizes = Mapping[str, int]  # "T", "B" and, for attention, "max_context_len"
+Sizes = Mapping[str, int]  # "T", "B" and, for attention, "max_context_len", "max_query_len"
 Grid = Callable[[Sizes], tuple[int, ...]]
 
 BATCH_FIELDS = ("slot_mapping", "query_start", "context_lens", "block_tables")

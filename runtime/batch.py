@@ -19,6 +19,7 @@ class BatchInputs:
     block_tables: torch.Tensor  # [B, max_blocks] int32: each sequence's blocks, in order
     logits_indices: torch.Tensor  # [B] int64: index in T of each sequence's last token
     max_context_len: int = 0  # max(context_lens), known on the host (kernel launch geometry)
+    max_query_len: int = 0  # most new tokens of one sequence: 1 for a decode-only batch
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +63,7 @@ def build_batch(
         context_lens=tensor(lens, torch.int32),
         block_tables=tensor(tables, torch.int32),
         max_context_len=max(lens),
+        max_query_len=max(len(t) for t, _, _ in chunks),
         logits_indices=tensor(
             [end - 1 for end, keep in zip(starts[1:], sample, strict=True) if keep], torch.int64
         ),

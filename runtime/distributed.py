@@ -196,12 +196,12 @@ class Workers:
             dist.destroy_process_group()
 
 
-HEADER_LEN = 6  # command, tokens, chunks, block-table width, sampled sequences, max context
+HEADER_LEN = 7  # command, tokens, chunks, table width, sampled seqs, max context, max query
 
 
 def _fields(header: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """BatchInputs' tensors in packing order: name, shape, dtype."""
-    _, tokens, chunks, width, sampled, _ = header
+    _, tokens, chunks, width, sampled = header[:5]
     i32, i64 = torch.int32, torch.int64
     return [
         ("token_ids", (tokens,), i64),
@@ -219,7 +219,8 @@ def pack_batch(command: int, batch: BatchInputs | None) -> tuple[torch.Tensor, t
     if batch is None:
         return torch.tensor([command] + [0] * (HEADER_LEN - 1)), None
     chunks, width = batch.block_tables.shape
-    header = [command, batch.num_tokens, chunks, width, batch.num_seqs, batch.max_context_len]
+    header = [command, batch.num_tokens, chunks, width, batch.num_seqs]
+    header += [batch.max_context_len, batch.max_query_len]
     payload = torch.cat([getattr(batch, n).flatten().long() for n, _, _ in _fields(header)])
     return torch.tensor(header), payload
 
@@ -230,7 +231,7 @@ def unpack_batch(header: list[int], payload: torch.Tensor) -> BatchInputs:
     tensors = {
         n: p.view(shape).to(dtype) for (n, shape, dtype), p in zip(specs, parts, strict=True)
     }
-    return BatchInputs(**tensors, max_context_len=header[-1])
+    return BatchInputs(**tensors, max_context_len=header[-2], max_query_len=header[-1])
 
 
 def _rank_device(device: torch.device, rank: int) -> torch.device:

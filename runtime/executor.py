@@ -102,6 +102,7 @@ class Executor:
                 "T": batch.num_tokens,
                 "B": batch.num_seqs,
                 "max_context_len": batch.max_context_len,
+                "max_query_len": batch.max_query_len,
             },
             kv_caches=kv_caches,
             slot_mapping=batch.slot_mapping,

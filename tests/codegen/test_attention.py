@@ -106,7 +106,12 @@ def check_attention(
         cache.flatten(0, 1)[unwritten] = float("nan")
 
     out = poisoned((1, tokens, case.heads, case.head_dim), dtype, device)
-    sizes = {"T": tokens, "B": seqs, "max_context_len": int(batch.context_lens.max())}
+    sizes = {
+        "T": tokens,
+        "B": seqs,
+        "max_context_len": batch.max_context_len,
+        "max_query_len": batch.max_query_len,
+    }
     kernels = run_kernels(
         op,
         inputs,
