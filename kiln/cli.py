@@ -76,6 +76,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV-cache size")
     p.add_argument("--device", help="cpu or cuda[:N] (default: the artifact's target)")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="run every step eagerly: no CUDA graphs"
+    )
 
 
 def _engine_config(args):
@@ -88,6 +91,7 @@ def _engine_config(args):
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_bytes=int(args.kv_cache_gib * 2**30),
         device=args.device,
+        cuda_graphs=not args.enforce_eager,
     )
 
 

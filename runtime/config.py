@@ -18,6 +18,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (False: every step eager)
 
     def __post_init__(self) -> None:
         checks = {

@@ -63,6 +63,9 @@ class CubinOp:
 def abi_values(t: torch.Tensor, param: Param) -> tuple[int, ...]:
     if t.dim() > param.ndim:  # leading dimensions merged: [1, T, H, D] -> [T, H, D]
         t = t.reshape(-1, *t.shape[t.dim() - param.ndim + 1 :]) if param.ndim > 1 else t.reshape(-1)
+    wide = TORCH_DTYPES[param.dtype]
+    if wide.itemsize != t.element_size():  # read as wider words: [.., D] bf16 -> [.., D / 4] int64
+        t = t.view(wide)
     return array_abi_values(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.element_size())
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from compiler.artifact import Artifact
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.model_runner import make_runner
+from runtime.model_runner import make_runner, max_model_len
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampler import SampledToken, SamplingState, make_generator, sample
 from runtime.sampling_params import SamplingParams
@@ -40,10 +40,7 @@ class Engine:
         config = config or EngineConfig()
         self.artifact = artifact
         self.tokenizer = artifact.load_tokenizer()
-        self.max_model_len = min(
-            config.max_model_len or artifact.manifest["max_model_len"],
-            artifact.manifest["max_model_len"],
-        )
+        self.max_model_len = max_model_len(artifact, config)
         self.vocab_size = artifact.manifest["vocab_size"]
         self.eos_token_ids = tuple(artifact.manifest["eos_token_ids"])
         self.runner = make_runner(artifact, config)

@@ -10,6 +10,7 @@ from compiler.artifact import Artifact
 from ir.graph import Graph
 from runtime.batch import build_batch
 from runtime.config import EngineConfig
+from runtime.cuda_graphs import DecodeGraphs
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 from runtime.scheduler import ScheduledChunk
 
@@ -20,6 +21,12 @@ def runner_device(artifact: Artifact, config: EngineConfig) -> torch.device:
     """config.device, else "cuda" for a cuda-target artifact, else "cpu"."""
     target = artifact.manifest.get("target", "cpu")
     return torch.device(config.device or ("cuda" if target == "cuda" else "cpu"))
+
+
+def max_model_len(artifact: Artifact, config: EngineConfig) -> int:
+    """The configured limit, never more than the artifact was compiled for."""
+    compiled = artifact.manifest["max_model_len"]
+    return min(config.max_model_len or compiled, compiled)
 
 
 def make_runner(artifact: Artifact, config: EngineConfig) -> ModelRunner:
@@ -42,7 +49,10 @@ class ModelRunner:
         self.executor = self._executor(artifact.graph, self.params)
         self.spec = kv_cache_spec(artifact.graph)
         self.num_blocks = config.num_kv_blocks or self._blocks_for(config)
-        self.kv_caches = allocate_kv_cache(self.spec, self.num_blocks, self.block_size, self.device)
+        graphs = config.cuda_graphs and self.device.type == "cuda" and self.tp_group is None
+        # one more block than the scheduler hands out: CUDA-graph padding writes its KV there
+        allocated = self.num_blocks + (1 if graphs else 0)
+        self.kv_caches = allocate_kv_cache(self.spec, allocated, self.block_size, self.device)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
             self.num_blocks,
@@ -50,6 +60,18 @@ class ModelRunner:
             self.num_tokens,
             self.num_tokens * self.spec.bytes_per_token / 2**20,
         )
+        self.graphs = None
+        if graphs:
+            self.graphs = DecodeGraphs(
+                self.executor,
+                self.kv_caches,
+                self.block_size,
+                config.max_num_seqs,
+                max_model_len(artifact, config),
+                pad_block=self.num_blocks,
+                device=self.device,
+            )
+            self.graphs.capture()
 
     def close(self) -> None:
         """Release what the runner holds beyond memory (worker processes, for tensor parallel)."""
@@ -76,6 +98,8 @@ class ModelRunner:
 
     def execute(self, chunks: tuple[ScheduledChunk, ...]) -> torch.Tensor:
         """Logits [number of sampling chunks, vocab], in chunk order."""
+        if self.graphs is not None and self.graphs.fits(chunks):
+            return self.graphs.run(chunks)
         batch = build_batch(
             [
                 (c.seq.token_slice(c.start, c.start + c.num_tokens), c.start, c.seq.block_table)

@@ -1,0 +1,148 @@
+"""CUDA graphs of decode steps: one per batch-size bucket, captured once, replayed every step.
+
+A decode step (every sequence computes one token) is replayed from the graph of the smallest
+bucket that holds it. Its inputs are written into pinned host buffers and copied into the
+graph's static device buffers; the rows past the real sequences are padding: one token at
+position 0 whose KV goes to a block no sequence owns (`pad_block`), so padding never touches
+a real sequence's cache. Attention is captured for the longest allowed context: the kernels
+skip the context partitions a shorter sequence does not reach.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from runtime.batch import BatchInputs
+from runtime.executor import Executor
+from runtime.scheduler import ScheduledChunk
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    return (*(b for b in BUCKETS if b < max_num_seqs), max_num_seqs)
+
+
+def is_decode(chunks: Sequence[ScheduledChunk]) -> bool:
+    return all(c.num_tokens == 1 and c.sample for c in chunks)
+
+
+def write_decode_inputs(
+    chunks: Sequence[ScheduledChunk],
+    size: int,
+    block_size: int,
+    pad_block: int,
+    rows64: np.ndarray,  # [3, n]: token ids, positions, KV slots
+    flat32: np.ndarray,  # [n + n * width]: context lengths, then the block tables row by row
+) -> None:
+    """Write a decode step's inputs for a graph of `size` sequences, padding past the chunks."""
+    n = rows64.shape[1]
+    tokens, positions, slots = rows64
+    lens, tables = flat32[:n], flat32[n:].reshape(n, -1)
+    for i, c in enumerate(chunks):
+        table, pos = c.seq.block_table, c.start
+        tokens[i] = c.seq.token_slice(pos, pos + 1)[0]
+        positions[i] = pos
+        slots[i] = table[pos // block_size] * block_size + pos % block_size
+        lens[i] = pos + 1
+        tables[i, : len(table)] = table
+    pad = slice(len(chunks), size)
+    tokens[pad], positions[pad], slots[pad] = 0, 0, pad_block * block_size
+    lens[pad], tables[pad, 0] = 1, pad_block
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        executor: Executor,
+        kv_caches,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        pad_block: int,
+        device: torch.device,
+    ) -> None:
+        self.executor, self.kv_caches = executor, kv_caches
+        self.block_size, self.max_model_len, self.pad_block = block_size, max_model_len, pad_block
+        n, self.width = max_num_seqs, -(-max_model_len // block_size)
+        self.buckets = bucket_sizes(n)
+        # token_ids, positions, slot_mapping as rows of one int64 buffer; context_lens, then
+        # the block tables, in one int32 buffer: two copies per step
+        self.host64 = torch.zeros((3, n), dtype=torch.int64).pin_memory()
+        self.host32 = torch.zeros(n * (1 + self.width), dtype=torch.int32).pin_memory()
+        self.dev64 = torch.zeros((3, n), dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(n * (1 + self.width), dtype=torch.int32, device=device)
+        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
+        self.copied = torch.cuda.Event()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def batch(self, size: int) -> BatchInputs:
+        """The static inputs of the graph for `size` sequences (views of the device buffers)."""
+        n = self.dev64.shape[1]
+        tables = self.dev32[n:].view(n, self.width)
+        return BatchInputs(
+            token_ids=self.dev64[0, :size],
+            positions=self.dev64[1, :size],
+            slot_mapping=self.dev64[2, :size],
+            query_start=self.query_start[: size + 1],
+            context_lens=self.dev32[:size],
+            block_tables=tables[:size],
+            logits_indices=self.logits_indices[:size],
+            max_context_len=self.max_model_len,
+            max_query_len=1,
+        )
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first, all sharing one memory pool."""
+        start = time.perf_counter()
+        largest = self.buckets[-1]
+        self._fill((), largest)
+        self._upload(largest)
+        self.executor.forward(self.batch(largest), self.kv_caches)  # warm-up: cuBLAS handles
+        torch.cuda.synchronize()
+        pool = None
+        for size in reversed(self.buckets):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.executor.forward(self.batch(size), self.kv_caches)
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info(
+            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+            len(self.graphs),
+            ", ".join(map(str, self.buckets)),
+            time.perf_counter() - start,
+        )
+
+    def fits(self, chunks: Sequence[ScheduledChunk]) -> bool:
+        return len(chunks) <= self.buckets[-1] and is_decode(chunks)
+
+    def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """Logits [len(chunks), vocab]: valid until the next replay."""
+        size = next(b for b in self.buckets if b >= len(chunks))
+        self.copied.synchronize()  # the last step's copies have read the host buffers
+        self._fill(chunks, size)
+        self._upload(size)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[: len(chunks)]
+
+    def _fill(self, chunks: Sequence[ScheduledChunk], size: int) -> None:
+        write_decode_inputs(chunks, size, self.block_size, self.pad_block, self.np64, self.np32)
+
+    def _upload(self, size: int) -> None:
+        n = self.dev64.shape[1]
+        self.dev64.copy_(self.host64, non_blocking=True)
+        used = n + size * self.width  # the context lengths, then `size` block-table rows
+        self.dev32[:used].copy_(self.host32[:used], non_blocking=True)
+        self.copied.record()
