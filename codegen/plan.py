@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 
 import codegen.cuda  # noqa: F401  (registers every CUDA kernel builder)
 from codegen.registry import KERNEL_BUILDERS, BuildConstants, OpKernels, build_kernels
@@ -24,3 +26,13 @@ def kernel_plan(graph: Graph, consts: BuildConstants, target: str = "cuda") -> d
         except (NotImplementedError, ValueError) as e:
             log.info("node %d (%s) stays a torch op: %s", i, type(node.op).__name__, e)
     return plan
+
+
+def codegen_digest() -> str:
+    """Hash of the code generator's source: kernels another version built must be rebuilt
+    (kernel names hash the constants a kernel is built from, not its code)."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from codegen.aot import compile_kernel
-from codegen.plan import kernel_plan
+from codegen.plan import codegen_digest, kernel_plan
 from codegen.registry import BuildConstants
 from ir.graph import Graph
 
@@ -30,6 +30,7 @@ def compile_graph_kernels(
     first = next(iter(metadata.values()), {})
     section = {
         "arch": arch,
+        "codegen": codegen_digest(),
         "ptx_isa": first.get("ptx_isa"),
         "toolkit": first.get("toolkit"),
         "nvjitlink": first.get("nvjitlink"),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from codegen.aot import array_abi_values
-from codegen.plan import kernel_plan
+from codegen.plan import codegen_digest, kernel_plan
 from codegen.registry import BuildConstants, OpKernels, Param, Sizes
 from compiler.artifact import Artifact, ArtifactError
 from ir.ops import PagedAttention
@@ -36,6 +36,11 @@ def check_arch(artifact: Artifact, device: torch.device) -> None:
         raise ArtifactError(
             f"{artifact.path} holds kernels for {kernels['arch']} but this GPU is {here}; "
             f"recompile with: kiln compile ... --target cuda --arch {here}"
+        )
+    if kernels.get("codegen") != codegen_digest():
+        raise ArtifactError(
+            f"{artifact.path}: its kernels were built by another version of kiln's code "
+            "generator; recompile the artifact"
         )
 
 

@@ -1,4 +1,5 @@
-"""Embedding: one block per token copies its row of the table."""
+"""Embedding: blocks of (token, column tile) copy the token's row of the table, one element per
+thread, so that even one token spreads its row over many blocks."""
 
 import math
 
@@ -9,6 +10,7 @@ from codegen.registry import (
     Kernel,
     OpKernels,
     Param,
+    cdiv,
     concrete,
     kernel_for,
     kernel_name,
@@ -21,14 +23,13 @@ from ir.types import TensorType
 def build_embedding(op: Embedding, inputs: tuple[TensorType, ...], consts: BuildConstants):
     weight, ids = inputs
     hidden = weight.shape[1]
-    nt = pow2_threads(hidden, hi=128)
+    nt = pow2_threads(hidden, hi=256)
 
     @cuda.jit
     def embedding(out, weight, ids):
-        t = cuda.blockIdx.x
-        row = ids[t]
-        for i in range(cuda.threadIdx.x, hidden, nt):
-            out[t, i] = weight[row, i]  # a copy: storage bits move unchanged, bf16 too
+        t, i = cuda.blockIdx.x, cuda.blockIdx.y * nt + cuda.threadIdx.x
+        if i < hidden:
+            out[t, i] = weight[ids[t], i]  # a copy: storage bits move unchanged, bf16 too
 
     params = (
         Param("out0", weight.dtype, 2),
@@ -36,5 +37,5 @@ def build_embedding(op: Embedding, inputs: tuple[TensorType, ...], consts: Build
         Param("in1", ids.dtype, 1),
     )
     name = kernel_name("embedding", hidden, weight.dtype, ids.dtype)
-    grid = lambda s: (math.prod(concrete(ids.shape, s)),)  # noqa: E731
+    grid = lambda s: (math.prod(concrete(ids.shape, s)), cdiv(hidden, nt))  # noqa: E731
     return OpKernels((Kernel(name, embedding, params, (nt,), grid),))

@@ -1,8 +1,9 @@
 """Attention prologue: rope on q/k (optional) and the write of new k/v into the paged cache.
 
-One block per token. Negative slots (padding) write nothing. Rope rounds each product and
-the sum to the operands' dtype, as the reference's torch ops do, so the cache matches the
-reference bit for bit.
+One block per (token, head of q, k or v), so that a single token still spreads over many
+blocks (each thread loads a few elements, not a long serial loop). Negative slots (padding)
+write nothing. Rope rounds each product and the sum to the operands' dtype, as the
+reference's torch ops do, so the cache matches the reference bit for bit.
 """
 
 from codegen.cuda.blockops import pow2_threads
@@ -34,33 +35,28 @@ def build_kv_write(
 ) -> Kernel:
     """The prologue kernel; with rope it also writes rotated q to the scratch "q_rot"."""
     heads, kv_heads, dim, bs = op.num_heads, op.num_kv_heads, op.head_dim, block_size
-    nt = pow2_threads(max(heads, kv_heads) * dim, hi=256)
+    nt = pow2_threads(dim, hi=128)
     store_q, load_k, store_k = STORE[q.dtype], LOAD[k.dtype], STORE[k.dtype]
     store_cache = STORE[q.dtype]  # the cache holds the model's activation dtype
 
-    @cuda.jit(device=True)
-    def write_v(v_cache, v, t, blk, off):
-        for e in range(cuda.threadIdx.x, kv_heads * dim, nt):
-            h, d = e // dim, e % dim
-            v_cache[blk, off, h, d] = store_cache(load_k(v[t, h, d]))
-
     @cuda.jit
     def kv_cache_write(k_cache, v_cache, k, v, slot_mapping):
-        t = cuda.blockIdx.x
+        t, j = cuda.blockIdx.x, cuda.blockIdx.y  # j: head j of k, or head j - kv_heads of v
         slot = int64(slot_mapping[t])
         if slot >= 0:
-            blk, off = slot // bs, slot % bs
-            for e in range(cuda.threadIdx.x, kv_heads * dim, nt):
-                h, d = e // dim, e % dim
-                k_cache[blk, off, h, d] = store_cache(load_k(k[t, h, d]))
-            write_v(v_cache, v, t, blk, off)
+            blk, off, h = slot // bs, slot % bs, j % kv_heads
+            for d in range(cuda.threadIdx.x, dim, nt):
+                if j < kv_heads:
+                    k_cache[blk, off, h, d] = store_cache(load_k(k[t, h, d]))
+                else:
+                    v_cache[blk, off, h, d] = store_cache(load_k(v[t, h, d]))
 
     cache = (Param("k_cache", q.dtype, 4), Param("v_cache", q.dtype, 4))
     kv = (Param("in1", k.dtype, 3), Param("in2", k.dtype, 3))
     slots = Param("slot_mapping", "int64", 1)
-    grid = lambda s: (s["T"],)  # noqa: E731
     if cos is None:
         name = kernel_name("kv_cache_write", kv_heads, dim, bs, q.dtype, k.dtype)
+        grid = lambda s: (s["T"], 2 * kv_heads)  # noqa: E731
         return Kernel(name, kv_cache_write, (*cache, *kv, slots), (nt,), grid)
 
     rotate_q = _rotator(q.dtype, cos.dtype, dim // 2)
@@ -68,20 +64,23 @@ def build_kv_write(
 
     @cuda.jit
     def rope_kv_cache_write(q_rot, k_cache, v_cache, q, k, v, cos, sin, slot_mapping):
-        t = cuda.blockIdx.x
-        for e in range(cuda.threadIdx.x, heads * dim, nt):
-            h, d = e // dim, e % dim
-            q_rot[t, h, d] = store_q(rotate_q(q, t, h, d, cos, sin))
+        t, j = cuda.blockIdx.x, cuda.blockIdx.y  # j: head of q, then of k, then of v
+        if j < heads:
+            for d in range(cuda.threadIdx.x, dim, nt):
+                q_rot[t, j, d] = store_q(rotate_q(q, t, j, d, cos, sin))
+            return
         slot = int64(slot_mapping[t])
         if slot >= 0:
-            blk, off = slot // bs, slot % bs
-            for e in range(cuda.threadIdx.x, kv_heads * dim, nt):
-                h, d = e // dim, e % dim
-                rotated = load_k(store_k(rotate_k(k, t, h, d, cos, sin)))
-                k_cache[blk, off, h, d] = store_cache(rotated)
-            write_v(v_cache, v, t, blk, off)
+            blk, off, h = slot // bs, slot % bs, (j - heads) % kv_heads
+            for d in range(cuda.threadIdx.x, dim, nt):
+                if j < heads + kv_heads:
+                    rotated = load_k(store_k(rotate_k(k, t, h, d, cos, sin)))
+                    k_cache[blk, off, h, d] = store_cache(rotated)
+                else:
+                    v_cache[blk, off, h, d] = store_cache(load_k(v[t, h, d]))
 
     params = (Param("q_rot", q.dtype, 3), *cache, Param("in0", q.dtype, 3), *kv)
     params += (Param("in3", cos.dtype, 2), Param("in4", cos.dtype, 2), slots)
     name = kernel_name("rope_kv_cache_write", heads, kv_heads, dim, bs, q.dtype, k.dtype, cos.dtype)
+    grid = lambda s: (s["T"], heads + 2 * kv_heads)  # noqa: E731
     return Kernel(name, rope_kv_cache_write, params, (nt,), grid)

@@ -31,17 +31,20 @@ def _normalizer(hidden: int, eps: float, x_dtype: str, w_dtype: str, out_dtype: 
 
     @cuda.jit(device=True)
     def write_normalized(out, w, row, vals, buf):
+        """vals: this thread's elements of the row, zero past the end."""
         tid = cuda.threadIdx.x
+        ws = cuda.local.array(ept, float32)
         sumsq = float32(0.0)
         for j in range(ept):
-            if tid + j * nt < hidden:
-                sumsq += vals[j] * vals[j]
+            i = tid + j * nt
+            ws[j] = load_w(w[i]) if i < hidden else float32(0.0)  # in flight during the sum
+            sumsq += vals[j] * vals[j]
         rstd = float32(1.0) / math.sqrt(block_sum(buf, sumsq) * inv_hidden + eps32)
         for j in range(ept):
             i = tid + j * nt
             if i < hidden:
                 y = load_x(store_x(vals[j] * rstd))  # the reference rounds to x's dtype first
-                out[row, i] = store_out(load_w(w[i]) * y)
+                out[row, i] = store_out(ws[j] * y)
 
     return write_normalized, nt, ept
 
@@ -79,17 +82,24 @@ def build_add_rmsnorm(op: AddRMSNorm, inputs: tuple[TensorType, ...], consts: Bu
     load_x, load_r = LOAD[x.dtype], LOAD[res.dtype]
     load_s, store_s = LOAD[s_dtype], STORE[s_dtype]
 
-    # Each thread reads res[row, i] before it writes s_out[row, i], so s_out may alias res.
+    # Every load is issued before the first store (loads overlap instead of waiting on each
+    # other); each thread reads res[row, i] before it writes s_out[row, i], so s_out may
+    # alias res.
     @cuda.jit
     def add_rmsnorm(out, s_out, x, res, w):
         row, tid = cuda.blockIdx.x, cuda.threadIdx.x
         buf = cuda.shared.array(nt, float32)
+        xs = cuda.local.array(ept, float32)
         vals = cuda.local.array(ept, float32)
         for j in range(ept):
             i = tid + j * nt
-            vals[j] = float32(0.0)
+            xs[j], vals[j] = float32(0.0), float32(0.0)
             if i < hidden:
-                s = store_s(load_x(x[row, i]) + load_r(res[row, i]))
+                xs[j], vals[j] = load_x(x[row, i]), load_r(res[row, i])
+        for j in range(ept):
+            i = tid + j * nt
+            if i < hidden:
+                s = store_s(xs[j] + vals[j])
                 s_out[row, i] = s
                 vals[j] = load_s(s)
         write_normalized(out, w, row, vals, buf)

@@ -48,4 +48,5 @@ def test_attention_needs_bthd_layout():
 def test_embedding_grid_covers_every_token():
     table, ids = TensorType((50, 24), "bfloat16"), TensorType((1, "T"), "int64")
     (kernel,) = build_kernels(Embedding(), (table, ids)).kernels
-    assert kernel.grid({"T": 13}) == (13,)
+    tokens, tiles = kernel.grid({"T": 13})
+    assert tokens == 13 and tiles * kernel.block[0] >= 24 > (tiles - 1) * kernel.block[0]

@@ -85,6 +85,11 @@ def test_cuda_artifacts_for_another_arch_are_refused(monkeypatch, tmp_path):
     )
     with pytest.raises(ArtifactError, match=r"sm_90 but this GPU is sm_80.*--arch sm_80"):
         check_arch(built_for_hopper, torch.device("cuda"))
+    older = Artifact(
+        tmp_path, {"target": "cuda", "kernels": {"arch": "sm_80", "codegen": "0" * 16}}, None, {}
+    )
+    with pytest.raises(ArtifactError, match="another version of kiln's code generator"):
+        check_arch(older, torch.device("cuda"))
     cpu_only = Artifact(tmp_path, {"target": "cpu"}, None, {})
     with pytest.raises(ArtifactError, match="--target cuda"):
         check_arch(cpu_only, torch.device("cuda"))
