@@ -1,27 +1,36 @@
-"""PagedAttention, layout "bthd": KV-cache write, then split-K paged attention.
+"""PagedAttention, layout "bthd": KV-cache write, then attention.
 
+Decode batches (one new token per sequence) run the split-K kernel and its reduce; batches
+with several new tokens in a sequence run the tiled prefill kernel (prefill_attention.py).
 Launches, in order:
 1. the prologue (kv_write.py): rope on q/k when op.rope, new k/v into the cache.
-2. attention, one block per (token, kv head, context partition), serving every q head of
-   that kv head (GQA), so each key and value is read once per group: the token finds its
-   sequence in query_start, then attends causally (and within the sliding window) over its
-   cached context, read in tiles straight from block_tables (no gathered copy); online
-   softmax in fp32. With one partition it writes the output; with several it writes
-   partial (acc, max, sum) to scratch.
-3. reduce, only with several partitions: merges the partials of each (token, head).
+2. attention, one block per (token, kv head, context partition) serving every q head of that
+   kv head (GQA), so each key and value row is read once per group. The token finds its
+   sequence in query_start and attends causally (and within the sliding window) over its
+   cached context, straight from block_tables. Each warp owns 32-key chunks of the partition
+   (warp w takes chunks w, w + WARPS, ...) with its own online softmax in fp32 and needs no
+   block barrier until the warps merge at the end. Caches are read as wide words (4 bf16 or
+   fp16, 2 fp32 per int64) so that every load moves 8 bytes. With one partition the block
+   writes the output; with several it writes partial (acc, max, sum) to scratch.
+   A partition past the token's position or before its window holds no key: its block
+   returns at once and writes nothing.
+3. reduce, only with several partitions: merges the non-empty partials of each (token, head).
+4. or instead of 2-3, prefill attention, when a sequence has several new tokens.
 A partition is `BuildConstants.attn_partition` context tokens; sizes["max_context_len"] (the
 longest context in the batch, or the longest allowed when capturing a CUDA graph) sets how
 many there are. The cache has q's dtype.
 """
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from codegen.cuda.blockops import pow2_threads
-from codegen.cuda.dtypes import LOAD, STORE
+from codegen.cuda.dtypes import LOAD, STORAGE, STORE, _f32_from_bits
 from codegen.cuda.kv_write import build_kv_write
-from codegen.numba_shim import cuda, float32, int32, int64
+from codegen.cuda.prefill_attention import build_prefill_attention
+from codegen.numba_shim import CUDASIM, cuda, float32, int32, int64
 from codegen.registry import (
     BuildConstants,
     Kernel,
@@ -37,7 +46,46 @@ from ir.ops import PagedAttention
 from ir.types import TensorType
 
 NEG_INF = np.float32(-np.inf)
-TILE_FLOATS = 8192  # keys staged per tile: 32 KiB, under the 48 KiB static shared-memory limit
+# Lanes per warp and warps per block. The simulator runs a Python thread per CUDA thread, so
+# it gets narrower "warps" (the code takes any power of two); tests may set the device's.
+WARP, WARPS = (4, 2) if CUDASIM else (32, 4)
+Q_FLOATS = 32  # q values a lane keeps in registers; more lanes share a key when q is larger
+LOAD_WORDS = 16  # cache words a lane loads before using any: loads in flight hide latency
+# NVVM unrolls a loop fully only below some size; past it the word buffers move from registers
+# to local memory. A batch of loads is sized so that its use stays under this many operations.
+UNROLLED_OPS = 384
+UNPACK_OPS = {"bfloat16": 2, "float16": 6, "float32": 2}  # integer ops to unpack an element
+SHARED_BYTES = 48 * 1024  # static shared memory limit per block
+WORDS = {16: ((4, "int64"), (2, "int32")), 32: ((2, "int64"),)}  # element bits -> word options
+
+
+# Warp primitives. The simulator has neither shuffles nor warp barriers; every warp of a
+# block runs the same sequence of them (chunks past the partition are masked, not skipped),
+# so a block barrier stands in for the warp barrier and shared memory for the shuffle.
+if CUDASIM:
+
+    @cuda.jit(device=True)
+    def warp_sync():
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def shfl_xor(buf, x, mask):
+        tid = cuda.threadIdx.x
+        buf[tid] = x
+        cuda.syncthreads()
+        y = buf[tid ^ mask]
+        cuda.syncthreads()  # read before the next exchange overwrites buf
+        return y
+
+else:
+
+    @cuda.jit(device=True)
+    def warp_sync():
+        cuda.syncwarp()
+
+    @cuda.jit(device=True)
+    def shfl_xor(buf, x, mask):
+        return cuda.shfl_xor_sync(0xFFFFFFFF, x, mask)
 
 
 @cuda.jit(device=True)
@@ -53,140 +101,402 @@ def find_sequence(query_start, t):
     return lo
 
 
+@cuda.jit(device=True)
+def query_position(query_start, context_lens, t):
+    """(sequence, position of token t in it); the token attends to positions <= its own."""
+    b = find_sequence(query_start, t)
+    return b, int64(context_lens[b]) - (int64(query_start[b + 1]) - t)
+
+
+@cuda.jit(device=True)
+def f16_bits_to_f32(h):
+    """float16 bit pattern (0..0xFFFF) -> float32, exactly (subnormals kept: no fastmath)."""
+    bits = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)  # exponent still biased by 15, not 127
+    if h & 0x7C00 == 0x7C00:  # inf or nan
+        return _f32_from_bits(bits | 0x7F800000)
+    return _f32_from_bits(bits) * np.float32(2.0**112)
+
+
+def _unpacker(dtype: str, per_word: int):
+    """Device function: element e (a constant) of a cache word, as float32."""
+    if per_word == 1:
+        load = LOAD[dtype]
+
+        @cuda.jit(device=True)
+        def element(w, e):
+            return load(w)
+
+        return element
+    if dtype == "bfloat16":
+
+        @cuda.jit(device=True)
+        def bf16_at(w, e):  # its 16 bits moved to the top of a float32's
+            w = int64(w)
+            return _f32_from_bits(((w << 16) if e == 0 else (w >> (16 * e - 16))) & 0xFFFF0000)
+
+        return bf16_at
+    if dtype == "float16":
+
+        @cuda.jit(device=True)
+        def f16_at(w, e):
+            return f16_bits_to_f32((int64(w) >> (16 * e)) & 0xFFFF)
+
+        return f16_at
+
+    @cuda.jit(device=True)
+    def f32_at(w, e):
+        return _f32_from_bits((int64(w) >> (32 * e)) & 0xFFFFFFFF)
+
+    return f32_at
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """How a block splits the work; every field is a compile-time constant of the kernel."""
+
+    word: str  # dtype the caches are read as
+    per_word: int  # elements per word
+    words: int  # words per head row
+    lanes: int  # lanes that share one key in the score pass (a power of two)
+    lane_words: int  # words of a key row each of those lanes reads: j, j + lanes, ...
+    score_steps: int  # key steps (WARP // lanes keys each) loaded before they are used
+    value_words: int  # words of a value row each lane owns: lane, lane + WARP, ...
+    value_keys: int  # value rows loaded before they are used
+
+
+def geometry(dtype: str, group: int, dim: int) -> Geometry:
+    bits = 32 if dtype == "float32" else 16
+    per_word, word = next(((n, w) for n, w in WORDS[bits] if dim % n == 0), (1, dtype))
+    words, word_bytes = dim // per_word, per_word * bits // 8
+    # enough lanes that their loads of a key fill 32-byte sectors and q fits in registers
+    want = max(32 // word_bytes, cdiv(group * dim, Q_FLOATS))
+    lanes = min(WARP, _pow2_floor(words), 1 << (want - 1).bit_length())
+    lane_words, value_words = cdiv(words, lanes), cdiv(words, WARP)
+    ops = per_word * (group + (UNPACK_OPS[dtype] if per_word > 1 else 1))  # per word used
+
+    def batch(key_words: int) -> int:  # keys whose words a lane loads before using them
+        return _pow2_floor(min(LOAD_WORDS // key_words, UNROLLED_OPS // (key_words * ops)))
+
+    steps, value_keys = min(lanes, batch(lane_words)), min(WARP, batch(value_words))
+    return Geometry(word, per_word, words, lanes, lane_words, steps, value_words, value_keys)
+
+
+def _check_shared(group: int, dim: int) -> None:
+    # scores, per-warp and block (m, l), the merged acc, the shuffle buffer and the slots
+    floats = WARPS * group * WARP + 2 * (WARPS + 1) * group + group * dim + 2 * WARPS * WARP
+    if 4 * floats > SHARED_BYTES:
+        raise ValueError(
+            f"paged attention: {group} q heads per kv head of dim {dim} need {4 * floats} "
+            f"bytes of shared memory, over {SHARED_BYTES}"
+        )
+
+
+@cuda.jit(device=True)
+def _reduced(s, xchg, part):
+    return 0
+
+
+def _reduce_step(heads: int, mask: int, rest):
+    """Device function: one shuffle step of _key_reduce, then the `rest` of them."""
+    if heads == 1:  # one head left: the lanes add it up, all of them
+
+        @cuda.jit(device=True)
+        def add(s, xchg, part):
+            s[0] += shfl_xor(xchg, s[0], mask)
+            return rest(s, xchg, part)
+
+        return add
+    half = heads // 2
+
+    @cuda.jit(device=True)
+    def trade(s, xchg, part):
+        upper = part & mask != 0  # keeps the upper half of the heads, sends the lower
+        for j in range(half):
+            send = s[j] if upper else s[j + half]
+            keep = s[j + half] if upper else s[j]
+            s[j] = keep + shfl_xor(xchg, send, mask)
+        return (half if upper else 0) + rest(s, xchg, part)
+
+    return trade
+
+
+def _key_reduce(padded: int, lanes: int):
+    """Device function: add up the partial dot products of a key's lanes, head by head.
+
+    A reduce-scatter: at each step a lane trades half of its heads with its partner, so
+    `padded` heads over `lanes` lanes take about `padded` shuffles, not padded * log2(lanes).
+    It returns `first`: the lane then holds s[j] = the sum for head first + j, j < held.
+    Each step is its own function so that every loop has a constant trip count (unrolled).
+    """
+    steps, heads, mask = [], padded, lanes // 2
+    while mask > 0:
+        steps.append((heads, mask))
+        heads, mask = max(1, heads // 2), mask // 2
+    reduce = _reduced
+    for heads, mask in reversed(steps):
+        reduce = _reduce_step(heads, mask, reduce)
+    return reduce
+
+
+def _score_pass(op: PagedAttention, dtype: str, geo: Geometry, bs: int):
+    group, words, per_word = op.num_heads // op.num_kv_heads, geo.words, geo.per_word
+    lanes, lane_words, steps = geo.lanes, geo.lane_words, geo.score_steps
+    keys_per_step, word_type = WARP // lanes, STORAGE[geo.word]
+    padded = 1 << (group - 1).bit_length()  # s holds heads past the group as zeros
+    unpack, key_reduce = _unpacker(dtype, per_word), _key_reduce(padded, lanes)
+    held, copies = max(1, padded // lanes), max(1, lanes // padded)  # lanes with equal sums
+    scale, softcap = np.float32(op.scale), np.float32(op.softcap or 0.0)
+
+    @cuda.jit(device=True)
+    def score_pass(s_sh, xchg, qr, k_cache, slot_sh, kvh, warp, lane):
+        """Scores of the warp's chunk, every head of the group, into s_sh[warp]."""
+        key, part = lane // lanes, lane % lanes
+        kbuf = cuda.local.array((steps, lane_words), word_type)
+        s = cuda.local.array(padded, float32)
+        for step0 in range(0, lanes, steps):
+            for st in range(steps):
+                slot = slot_sh[warp, (step0 + st) * keys_per_step + key]
+                for i in range(lane_words):
+                    if i * lanes + part < words:
+                        kbuf[st, i] = k_cache[slot // bs, slot % bs, kvh, i * lanes + part]
+            for st in range(steps):
+                for g in range(padded):
+                    s[g] = float32(0.0)
+                for i in range(lane_words):
+                    if i * lanes + part < words:
+                        for e in range(per_word):
+                            kf = unpack(kbuf[st, i], e)
+                            for g in range(group):
+                                s[g] += qr[g, i * per_word + e] * kf
+                first = key_reduce(s, xchg, part)
+                for j in range(held):
+                    if part % copies == 0 and first + j < group:
+                        x = s[j] * scale
+                        if softcap > 0:
+                            x = math.tanh(x / softcap) * softcap
+                        s_sh[warp, first + j, (step0 + st) * keys_per_step + key] = x
+
+    return score_pass
+
+
+def _softmax_pass(group: int):
+    @cuda.jit(device=True)
+    def softmax_pass(s_sh, xchg, m, lsum, alpha, valid, warp, lane):
+        """Lane j takes key j: running max, rescale alpha, probabilities back into s_sh."""
+        for g in range(group):
+            s = s_sh[warp, g, lane] if valid else NEG_INF
+            top, mask = s, WARP // 2
+            while mask > 0:
+                top = max(top, shfl_xor(xchg, top, mask))
+                mask //= 2
+            m_new = max(m[g], top)
+            m_use = m_new if m_new != NEG_INF else float32(0.0)  # no key yet: exp(-inf) not nan
+            alpha[g] = math.exp(m[g] - m_use)
+            p = math.exp(s - m_use)
+            lsum[g] = lsum[g] * alpha[g] + p  # this lane's share; the warp's is summed at the end
+            m[g] = m_new
+            s_sh[warp, g, lane] = p
+
+    return softmax_pass
+
+
+def _value_pass(dtype: str, group: int, geo: Geometry, bs: int):
+    words, per_word, value_words, value_keys = (
+        geo.words,
+        geo.per_word,
+        geo.value_words,
+        geo.value_keys,
+    )
+    acc_floats = value_words * per_word
+    word_type, unpack = STORAGE[geo.word], _unpacker(dtype, per_word)
+
+    @cuda.jit(device=True)
+    def value_pass(acc, alpha, v_cache, s_sh, slot_sh, kvh, warp, lane):
+        """acc = acc * alpha + p @ v over the chunk; lane l owns words l, l + WARP, ... of v."""
+        for c in range(acc_floats):
+            for g in range(group):
+                acc[g, c] *= alpha[g]
+        vbuf = cuda.local.array((value_keys, value_words), word_type)
+        p = cuda.local.array(group, float32)
+        for j0 in range(0, WARP, value_keys):
+            for j in range(value_keys):
+                slot = slot_sh[warp, j0 + j]
+                for i in range(value_words):
+                    if i * WARP + lane < words:
+                        vbuf[j, i] = v_cache[slot // bs, slot % bs, kvh, i * WARP + lane]
+            for j in range(value_keys):
+                for g in range(group):
+                    p[g] = s_sh[warp, g, j0 + j]
+                for i in range(value_words):
+                    if i * WARP + lane < words:
+                        for e in range(per_word):
+                            vf = unpack(vbuf[j, i], e)
+                            for g in range(group):
+                                acc[g, i * per_word + e] += p[g] * vf
+
+    return value_pass
+
+
+def _merge(dtype: str, group: int, dim: int, geo: Geometry):
+    words, per_word, store = geo.words, geo.per_word, STORE[dtype]
+    acc_floats, nt = geo.value_words * per_word, WARP * WARPS
+
+    @cuda.jit(device=True)
+    def merge(out, part_acc, part_ml, acc, m, lsum, alpha, sh, t, h0, p, warp, lane):
+        """Merge the warps' (m, l, acc); write the output, or the partials of partition p."""
+        xchg, m_sh, l_sh, acc_sh = sh  # row WARPS of m_sh, l_sh: the block's (m, l)
+        tid = cuda.threadIdx.x
+        for g in range(group):
+            x, mask = lsum[g], WARP // 2
+            while mask > 0:
+                x += shfl_xor(xchg, x, mask)
+                mask //= 2
+            if lane == 0:
+                m_sh[warp, g], l_sh[warp, g] = m[g], x
+        cuda.syncthreads()  # every warp's (m, l) written before the block's are taken
+        for g in range(group):
+            top = m_sh[0, g]
+            for w in range(1, WARPS):
+                top = max(top, m_sh[w, g])
+            alpha[g] = math.exp(m[g] - top)  # finite top: the partition holds a key
+        if tid < group:
+            top, total = NEG_INF, float32(0.0)
+            for w in range(WARPS):
+                top = max(top, m_sh[w, tid])
+            for w in range(WARPS):
+                total += l_sh[w, tid] * math.exp(m_sh[w, tid] - top)
+            m_sh[WARPS, tid], l_sh[WARPS, tid] = top, total
+        # the warps add their rescaled acc in turn; a lane owns the same dims in every warp
+        for turn in range(WARPS):
+            if warp == turn:
+                for c in range(acc_floats):
+                    word = c // per_word * WARP + lane
+                    if word < words:
+                        for g in range(group):
+                            a = acc[g, c] * alpha[g]
+                            d = word * per_word + c % per_word
+                            acc_sh[g, d] = a + acc_sh[g, d] if turn > 0 else a
+            cuda.syncthreads()  # this warp's sums in acc_sh before the next warp adds to them
+        for e in range(tid, group * dim, nt):
+            g, d = e // dim, e % dim
+            if cuda.gridDim.z == 1:
+                out[t, h0 + g, d] = store(acc_sh[g, d] / l_sh[WARPS, g])
+            else:
+                part_acc[t, h0 + g, p, d] = acc_sh[g, d]
+        if cuda.gridDim.z > 1 and tid < group:
+            part_ml[t, h0 + tid, p, 0] = m_sh[WARPS, tid]
+            part_ml[t, h0 + tid, p, 1] = l_sh[WARPS, tid]
+
+    return merge
+
+
 def _attention(op: PagedAttention, dtype: str, block_size: int, partition: int) -> Kernel:
-    heads, kv_heads, dim = op.num_heads, op.num_kv_heads, op.head_dim
-    group = heads // kv_heads  # q heads that share one kv head, served by one block
-    nt = pow2_threads(dim, hi=128)
-    k_row = dim + 1  # padded so that the rows of the key tile start in different banks
-    tile = min(nt, partition, TILE_FLOATS // k_row)
-    dpt = cdiv(dim, nt)  # output dims per thread, for each head of the group
-    bs, window = block_size, op.sliding_window or 0
-    scale = np.float32(op.scale)
-    softcap = np.float32(op.softcap or 0.0)
-    load, store = LOAD[dtype], STORE[dtype]
+    group, dim = op.num_heads // op.num_kv_heads, op.head_dim
+    _check_shared(group, dim)
+    geo = geometry(dtype, group, dim)
+    lanes, q_words, per_word = geo.lanes, geo.lane_words, geo.per_word
+    acc_floats, q_floats = geo.value_words * per_word, q_words * per_word
+    chunk = nt = WARP * WARPS
+    ml_rows = WARPS + 1  # each warp's (m, l), then the block's
+    bs, window, load = block_size, op.sliding_window or 0, LOAD[dtype]
+    score_pass, softmax_pass = _score_pass(op, dtype, geo, bs), _softmax_pass(group)
+    value_pass, merge = _value_pass(dtype, group, geo, bs), _merge(dtype, group, dim, geo)
+
+    @cuda.jit(device=True)
+    def load_q(qr, q, t, h0, part):
+        """The q elements this lane's key words meet, as float32 (0 past the head)."""
+        for g in range(group):
+            for i in range(q_words):
+                for e in range(per_word):
+                    d = (i * lanes + part) * per_word + e
+                    qr[g, i * per_word + e] = load(q[t, h0 + g, d]) if d < dim else float32(0.0)
 
     @cuda.jit
     def paged_attention(
         out, part_acc, part_ml, q, k_cache, v_cache, query_start, context_lens, block_tables
     ):
         t, kvh, p = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
-        tid, h0 = cuda.threadIdx.x, cuda.blockIdx.y * group
-        q_sh = cuda.shared.array((group, dim), float32)
-        k_sh = cuda.shared.array((tile, k_row), float32)
-        s_sh = cuda.shared.array((group, tile), float32)  # scores, then probabilities
-        blk_sh = cuda.shared.array(tile, int32)
-        off_sh = cuda.shared.array(tile, int32)
-        # per head of the group: running max, sum of exp(score - max), this tile's rescale
-        m_sh = cuda.shared.array(group, float32)
-        sum_sh = cuda.shared.array(group, float32)
-        alpha_sh = cuda.shared.array(group, float32)
-        b = find_sequence(query_start, t)
-        q_pos = int64(context_lens[b]) - (int64(query_start[b + 1]) - t)
+        b, q_pos = query_position(query_start, context_lens, t)
         lo, hi = int64(p) * partition, min(int64(p + 1) * partition, q_pos + 1)
         if window > 0:
             lo = max(lo, q_pos - window + 1)
-        for e in range(tid, group * dim, nt):
-            q_sh[e // dim, e % dim] = load(q[t, h0 + e // dim, e % dim])
-        if tid < group:
-            m_sh[tid], sum_sh[tid] = NEG_INF, float32(0.0)
-        acc = cuda.local.array((group, dpt), float32)
+        if lo >= hi:
+            return  # past the token, or before its window: the reduce skips this partition
+        warp, lane = cuda.threadIdx.x // WARP, cuda.threadIdx.x % WARP
+        xchg = cuda.shared.array(nt, float32)
+        slot_sh = cuda.shared.array((WARPS, WARP), int32)
+        s_sh = cuda.shared.array((WARPS, group, WARP), float32)  # scores, then probabilities
+        m_sh = cuda.shared.array((ml_rows, group), float32)
+        l_sh = cuda.shared.array((ml_rows, group), float32)
+        acc_sh = cuda.shared.array((group, dim), float32)
+        qr = cuda.local.array((group, q_floats), float32)
+        load_q(qr, q, t, kvh * group, lane % lanes)
+        m, lsum = cuda.local.array(group, float32), cuda.local.array(group, float32)
+        alpha = cuda.local.array(group, float32)
+        acc = cuda.local.array((group, acc_floats), float32)
         for g in range(group):
-            for c in range(dpt):
+            m[g], lsum[g] = NEG_INF, float32(0.0)
+            for c in range(acc_floats):
                 acc[g, c] = float32(0.0)
-        cuda.syncthreads()  # q and the softmax state initialized
-        for start in range(lo, hi, tile):
-            n = min(tile, hi - start)
-            if tid < n:
-                pos = start + tid
-                blk_sh[tid] = block_tables[b, pos // bs]
-                off_sh[tid] = pos % bs
-            cuda.syncthreads()  # slots known before the keys are fetched
-            for e in range(tid, n * dim, nt):
-                j, d = e // dim, e % dim
-                k_sh[j, d] = load(k_cache[blk_sh[j], off_sh[j], kvh, d])
-            cuda.syncthreads()  # keys staged before the scores read them
-            for e in range(tid, group * n, nt):
-                g, j = e // n, e % n
-                s = float32(0.0)
-                for d in range(dim):
-                    s += q_sh[g, d] * k_sh[j, d]
-                s *= scale
-                if softcap > 0:
-                    s = math.tanh(s / softcap) * softcap
-                s_sh[g, j] = s
-            cuda.syncthreads()  # scores written before their maxima are taken
-            if tid < group:
-                m_new = m_sh[tid]
-                for j in range(n):
-                    m_new = max(m_new, s_sh[tid, j])
-                alpha_sh[tid] = math.exp(m_sh[tid] - m_new)
-                m_sh[tid] = m_new
-            cuda.syncthreads()  # maxima known before the probabilities use them
-            for e in range(tid, group * n, nt):
-                g, j = e // n, e % n
-                s_sh[g, j] = math.exp(s_sh[g, j] - m_sh[g])
-            cuda.syncthreads()  # probabilities written before the sums and the value pass
-            if tid < group:
-                total = float32(0.0)
-                for j in range(n):
-                    total += s_sh[tid, j]
-                sum_sh[tid] = sum_sh[tid] * alpha_sh[tid] + total
-            for c in range(dpt):
-                d = tid + c * nt
-                if d < dim:
-                    for g in range(group):
-                        acc[g, c] *= alpha_sh[g]
-                    for j in range(n):
-                        v = load(v_cache[blk_sh[j], off_sh[j], kvh, d])  # read once per group
-                        for g in range(group):
-                            acc[g, c] += s_sh[g, j] * v
-            cuda.syncthreads()  # this tile consumed before the next one overwrites it
-        for c in range(dpt):
-            d = tid + c * nt
-            if d < dim:
-                for g in range(group):
-                    if cuda.gridDim.z == 1:
-                        out[t, h0 + g, d] = store(acc[g, c] / sum_sh[g])
-                    else:
-                        part_acc[t, h0 + g, p, d] = acc[g, c]
-        if tid < group and cuda.gridDim.z > 1:
-            part_ml[t, h0 + tid, p, 0] = m_sh[tid]
-            part_ml[t, h0 + tid, p, 1] = sum_sh[tid]
+        for r in range((hi - lo + chunk - 1) // chunk):
+            pos = lo + (r * WARPS + warp) * WARP + lane
+            valid = pos < hi
+            if not valid:
+                pos = lo  # masked keys read a row surely written, and get probability 0
+            slot_sh[warp, lane] = block_tables[b, pos // bs] * bs + pos % bs
+            warp_sync()  # slots known before the rows are read
+            score_pass(s_sh, xchg, qr, k_cache, slot_sh, kvh, warp, lane)
+            warp_sync()  # scores written before each lane takes its key's
+            softmax_pass(s_sh, xchg, m, lsum, alpha, valid, warp, lane)
+            warp_sync()  # probabilities written before the value pass reads them
+            value_pass(acc, alpha, v_cache, s_sh, slot_sh, kvh, warp, lane)
+            warp_sync()  # chunk consumed before the next one overwrites the slots
+        sh = (xchg, m_sh, l_sh, acc_sh)
+        merge(out, part_acc, part_ml, acc, m, lsum, alpha, sh, t, kvh * group, p, warp, lane)
 
+    cache = geo.word
     params = (
         Param("out0", dtype, 3),
         Param("part_acc", "float32", 4),
         Param("part_ml", "float32", 4),
         Param("q_rot" if op.rope else "in0", dtype, 3),
-        Param("k_cache", dtype, 4),
-        Param("v_cache", dtype, 4),
+        Param("k_cache", cache, 4),
+        Param("v_cache", cache, 4),
         Param("query_start", "int32", 1),
         Param("context_lens", "int32", 1),
         Param("block_tables", "int32", 2),
     )
-    key = (heads, kv_heads, dim, op.scale, window, op.softcap, bs, partition, dtype)
-    grid = lambda s: (s["T"], kv_heads, cdiv(s["max_context_len"], partition))  # noqa: E731
+    key = (op.num_heads, op.num_kv_heads, dim, op.scale, window, op.softcap, bs, partition)
+    key += (dtype, geo, WARP, WARPS)
+    grid = lambda s: (s["T"], op.num_kv_heads, cdiv(s["max_context_len"], partition))  # noqa: E731
     return Kernel(kernel_name("paged_attention", *key), paged_attention, params, (nt,), grid)
 
 
 def _reduce(op: PagedAttention, dtype: str, partition: int) -> Kernel:
-    heads, dim = op.num_heads, op.head_dim
+    heads, dim, window = op.num_heads, op.head_dim, op.sliding_window or 0
     nt = pow2_threads(dim, hi=128)
     store = STORE[dtype]
 
     @cuda.jit
-    def attention_reduce(out, part_acc, part_ml):
+    def attention_reduce(out, part_acc, part_ml, query_start, context_lens):
         t, h = cuda.blockIdx.x, cuda.blockIdx.y
-        parts = part_ml.shape[2]
+        _, q_pos = query_position(query_start, context_lens, t)
+        # the partitions the attention kernel wrote: from the window's start to the token's
+        first = max(q_pos - window + 1, 0) // partition if window > 0 else 0
+        last = q_pos // partition
         m = NEG_INF
-        for p in range(parts):
+        for p in range(first, last + 1):
             m = max(m, part_ml[t, h, p, 0])
         total = float32(0.0)
-        for p in range(parts):
+        for p in range(first, last + 1):
             total += part_ml[t, h, p, 1] * math.exp(part_ml[t, h, p, 0] - m)
         for d in range(cuda.threadIdx.x, dim, nt):
             a = float32(0.0)
-            for p in range(parts):
+            for p in range(first, last + 1):
                 a += part_acc[t, h, p, d] * math.exp(part_ml[t, h, p, 0] - m)
             out[t, h, d] = store(a / total)
 
@@ -194,14 +504,15 @@ def _reduce(op: PagedAttention, dtype: str, partition: int) -> Kernel:
         Param("out0", dtype, 3),
         Param("part_acc", "float32", 4),
         Param("part_ml", "float32", 4),
+        Param("query_start", "int32", 1),
+        Param("context_lens", "int32", 1),
     )
     return Kernel(
-        kernel_name("attention_reduce", heads, dim, dtype),
+        kernel_name("attention_reduce", heads, dim, dtype, window, partition),
         attention_reduce,
         params,
         (nt,),
         grid=lambda s: (s["T"], heads),
-        when=lambda s: cdiv(s["max_context_len"], partition) > 1,
     )
 
 
@@ -216,8 +527,11 @@ def build_paged_attention(
     partition = consts.attn_partition
     heads, dim = op.num_heads, op.head_dim
 
+    def decode(s: Sizes) -> bool:  # one new token per sequence: the split-K kernel
+        return s["max_query_len"] == 1
+
     def parts(s: Sizes) -> int:
-        return cdiv(s["max_context_len"], partition)
+        return cdiv(s["max_context_len"], partition) if decode(s) else 0
 
     scratch = (
         Scratch("part_acc", "float32", lambda s: (s["T"], heads, parts(s), dim)),
@@ -227,7 +541,8 @@ def build_paged_attention(
         scratch += (Scratch("q_rot", q.dtype, lambda s: (s["T"], heads, dim)),)
     kernels = (
         build_kv_write(op, q, k, cos, consts.block_size),
-        _attention(op, q.dtype, consts.block_size, partition),
-        _reduce(op, q.dtype, partition),
+        replace(_attention(op, q.dtype, consts.block_size, partition), when=decode),
+        replace(_reduce(op, q.dtype, partition), when=lambda s: parts(s) > 1),
+        build_prefill_attention(op, q.dtype, consts.block_size),  # several new tokens
     )
     return OpKernels(kernels, scratch)

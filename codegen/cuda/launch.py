@@ -12,14 +12,21 @@ from ir.reference import TORCH_DTYPES
 
 
 def as_kernel_arg(t: torch.Tensor, param: Param):
-    """The array the kernel sees: rank merged down to param.ndim, bf16 as int16 bits."""
+    """The array the kernel sees: rank merged down to param.ndim, bf16 as int16 bits.
+
+    A tensor whose elements are narrower than param.dtype's is read as words of it (a bf16
+    cache as int64: 4 elements a load), as runtime/cubin.py's abi_values does.
+    """
     if t.dim() > param.ndim:  # merge leading dims: [1, T, H, D] -> [T, H, D] for ndim 3
         t = t.reshape(-1, *t.shape[t.dim() - param.ndim + 1 :]) if param.ndim > 1 else t.reshape(-1)
     if param.layout == "C" and not t.is_contiguous():
         raise ValueError(f"kernel argument {param.name} must be contiguous")
     if not t.is_cuda:  # host arrays travel as one block (layout "A" params are inputs only)
         t = t.contiguous()
-    if t.dtype != TORCH_DTYPES[param.dtype]:
+    wanted = TORCH_DTYPES[param.dtype]
+    if wanted.itemsize != t.element_size():  # [.., D] bf16 -> [.., D / 4] int64
+        t = t.view(wanted)
+    elif t.dtype != wanted:
         raise TypeError(f"kernel argument {param.name}: {t.dtype}, expected {param.dtype}")
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)

@@ -55,10 +55,46 @@ def test_every_family_compiles_to_ptx_and_cubin(compiled_families):
         assert r["block"][0] >= 32
 
 
-def test_attention_is_three_kernels(compiled_families):
+def test_attention_is_four_kernels(compiled_families):
     names = [r["name"].split("_")[:-1] for r in compiled_families if r["op"] == "PagedAttention"]
     assert names.count(["paged", "attention"]) == 2 and names.count(["attention", "reduce"]) == 2
+    assert names.count(["prefill", "attention"]) == 2
     assert ["rope", "kv", "cache", "write"] in names and ["kv", "cache", "write"] in names
+
+
+LOCAL_DEPOT_SCRIPT = """
+import sys
+import codegen.cuda
+from codegen.aot import compile_ptx
+from codegen.registry import build_kernels
+from ir.ops import PagedAttention
+from ir.types import TensorType
+heads, kv_heads, dim, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+op = PagedAttention(0, heads, kv_heads, dim, dim**-0.5, layout="bthd")
+types = [TensorType((1, "T", h, dim), dtype) for h in (heads, kv_heads, kv_heads)]
+print("__local_depot" in compile_ptx(build_kernels(op, types).kernels[1]))
+"""
+
+
+@pytest.mark.parametrize(
+    "shape", ["32 8 128 bfloat16", "32 8 128 float16", "32 8 128 float32", "64 8 128 bfloat16"]
+)
+def test_decode_attention_keeps_its_arrays_in_registers(shape):
+    # the decode benchmark's shapes (and a group of 8): a loop NVVM did not unroll would leave
+    # q, the cache words or the accumulators in local memory, a "__local_depot" in the PTX
+    if reason := toolchain_missing():
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", LOCAL_DEPOT_SCRIPT, *shape.split()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.strip() == "False"
 
 
 @gpu_test

@@ -20,6 +20,7 @@ from kernel_harness import (
     typed,
 )
 
+from codegen.cuda import attention
 from codegen.registry import BATCH_FIELDS, BuildConstants, OpKernels, build_kernels
 from ir.ops import PagedAttention
 from ir.reference import TORCH_DTYPES, RefContext, run_op
@@ -74,8 +75,21 @@ def rope_tables(positions: torch.Tensor, dim: int, dtype: str) -> tuple[torch.Te
 
 
 def check_attention(
-    case: Case, dtype: str, rope: bool, window=None, softcap=None, partition=512, device="cpu"
+    case: Case,
+    dtype: str,
+    rope: bool,
+    window=None,
+    softcap=None,
+    partition=512,
+    device="cpu",
+    max_context_len=None,
+    prefill=False,
 ):
+    """max_context_len: the launch's (a CUDA graph's is the longest allowed), if not the batch's.
+
+    The op runs the split-K kernel on every token (decode kernels serve any token), or with
+    `prefill`, the tiled prefill kernel: max_query_len picks between them.
+    """
     batch, num_blocks = make_batch(case, device)
     tokens, seqs = batch.num_tokens, batch.num_seqs
     op = PagedAttention(
@@ -109,9 +123,13 @@ def check_attention(
     sizes = {
         "T": tokens,
         "B": seqs,
-        "max_context_len": batch.max_context_len,
-        "max_query_len": batch.max_query_len,
+        "max_context_len": max_context_len or batch.max_context_len,
+        "max_query_len": max(batch.max_query_len, 2) if prefill else 1,
     }
+    # partials of partitions that hold no key stay NaN: the reduce must not read them
+    parts = math.ceil(sizes["max_context_len"] / partition)
+    part_acc = poisoned((tokens, case.heads, parts, case.head_dim), "float32", device)
+    part_ml = poisoned((tokens, case.heads, parts, 2), "float32", device)
     kernels = run_kernels(
         op,
         inputs,
@@ -121,6 +139,8 @@ def check_attention(
         BuildConstants(block_size=case.block_size, attn_partition=partition),
         k_cache=k_cache,
         v_cache=v_cache,
+        part_acc=part_acc,
+        part_ml=part_ml,
         **fields,
     )
     assert_matches(k_cache, ref_cache[0], equal_nan=True)
@@ -140,6 +160,17 @@ def test_rope_attention_split_k(dtype):
     assert kernels.kernels[2].when(sizes)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_rope_attention_prefill_kernel(dtype):
+    kernels, sizes = check_attention(SMALL, dtype, rope=True, partition=4, prefill=True)
+    assert [k.when(sizes) for k in kernels.kernels[1:]] == [False, False, True]
+
+
+def test_prefill_kernel_window_softcap_mha():
+    case = Case(3, 3, 8, 4, chunks=((9, 0), (5, 6), (1, 11)))
+    check_attention(case, "bfloat16", rope=False, window=4, softcap=2.0, prefill=True)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_attention_one_partition(dtype):
     kernels, sizes = check_attention(SMALL, dtype, rope=False)
@@ -151,14 +182,59 @@ def test_sliding_window_and_softcap():
 
 
 def test_multi_head_attention_and_several_tiles():
-    # a 40-token context crosses several tiles of keys (tiles are one key per thread)
+    # a 40-token context takes several rounds of key chunks over the warps
     case = Case(2, 2, 16, 8, chunks=((1, 39), (2, 0)))
     check_attention(case, "bfloat16", rope=False)
 
 
 def test_head_dim_over_max_threads():
-    # head_dim 256 over 128 threads: each thread owns two output dims
+    # head_dim 256: a lane owns several words of each value row
     check_attention(Case(2, 1, 256, 4, chunks=((1, 5),)), "float32", rope=True)
+
+
+def test_decode_with_mostly_empty_partitions():
+    # a CUDA graph launches for the longest allowed context: most partitions of these short
+    # sequences hold no key (and with the window, some lie before it); their blocks write
+    # nothing and the reduce must skip their NaN partials. 3 q heads per kv head (GQA).
+    case = Case(6, 2, 8, 4, chunks=((1, 40), (1, 2), (1, 17)))
+    kernels, sizes = check_attention(case, "bfloat16", rope=False, partition=8, max_context_len=96)
+    assert kernels.kernels[1].grid(sizes)[2] == 12
+    check_attention(case, "float32", rope=True, window=11, partition=8, max_context_len=96)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "word"),
+    [
+        ("bfloat16", 12, "int64"),  # 4 elements a word
+        ("float16", 12, "int64"),
+        ("bfloat16", 6, "int32"),  # 2 a word
+        ("float16", 10, "int32"),
+        ("bfloat16", 5, "bfloat16"),  # the element itself
+        ("float16", 7, "float16"),
+        ("float32", 6, "int64"),
+        ("float32", 5, "float32"),
+    ],
+)
+def test_cache_word_width_follows_head_dim(dtype, head_dim, word):
+    case = Case(4, 2, head_dim, 4, chunks=((1, 13), (3, 2)))
+    kernels, _ = check_attention(case, dtype, rope=False, partition=8)
+    caches = [p.dtype for p in kernels.kernels[1].params if p.name in ("k_cache", "v_cache")]
+    assert caches == [word, word]
+
+
+def test_gqa_group_of_4_dim_128_device_geometry(monkeypatch):
+    # the decode benchmark's head shape with the device's 32-lane warps (two, not four, per
+    # block: the simulator is slow), in one block of 37 keys: warp 1 has 5
+    monkeypatch.setattr(attention, "WARP", 32)
+    monkeypatch.setattr(attention, "WARPS", 2)
+    check_attention(Case(4, 1, 128, 16, chunks=((1, 36),)), "bfloat16", rope=False)
+
+
+def test_f16_bits_to_f32_every_pattern():
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
+    expected = bits.to(torch.int16).view(torch.float16).float()
+    actual = torch.tensor([attention.f16_bits_to_f32(int(b) & 0xFFFF) for b in bits])
+    assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
 
 
 def test_padding_slots_write_nothing():
