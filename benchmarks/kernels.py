@@ -92,7 +92,7 @@ def _attention_variants(seqs, new, cached):
     tokens, ctx = seqs * new, cached + new
     out = torch.empty_like(q)
     types = tuple(TensorType(tuple(t.shape), "bfloat16") for t in (q, k, v))
-    sizes = {"T": tokens, "B": seqs, "max_context_len": ctx, "max_query_len": new}
+    sizes = {"T": tokens, "B": seqs, "seqs": seqs, "max_context_len": ctx, "max_query_len": new}
     tensors = {"in0": q, "in1": k, "in2": v, "out0": out, "k_cache": kc, "v_cache": vc, **fields}
     ref_ctx = RefContext(sizes, ((kc, vc),), **fields)
     # a dense, pre-gathered copy of each sequence's context: what a non-paged library reads

@@ -15,7 +15,9 @@ from typing import Any
 
 from ir.types import Dim, TensorType
 
-Sizes = Mapping[str, int]  # "T", "B" and, for attention, "max_context_len", "max_query_len"
+# "T" (tokens), "B" (sampled sequences: logits rows) and, for attention, "seqs" (sequences),
+# "max_context_len" and "max_query_len"
+Sizes = Mapping[str, int]
 Grid = Callable[[Sizes], tuple[int, ...]]
 
 BATCH_FIELDS = ("slot_mapping", "query_start", "context_lens", "block_tables")

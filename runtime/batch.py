@@ -27,6 +27,11 @@ class BatchInputs:
 
     @property
     def num_seqs(self) -> int:
+        return self.query_start.shape[0] - 1
+
+    @property
+    def num_sampled(self) -> int:
+        """Sequences whose logits are wanted: B, the rows of the logits."""
         return self.logits_indices.shape[0]
 
 

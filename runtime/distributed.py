@@ -219,7 +219,7 @@ def pack_batch(command: int, batch: BatchInputs | None) -> tuple[torch.Tensor, t
     if batch is None:
         return torch.tensor([command] + [0] * (HEADER_LEN - 1)), None
     chunks, width = batch.block_tables.shape
-    header = [command, batch.num_tokens, chunks, width, batch.num_seqs]
+    header = [command, batch.num_tokens, chunks, width, batch.num_sampled]
     header += [batch.max_context_len, batch.max_query_len]
     payload = torch.cat([getattr(batch, n).flatten().long() for n, _, _ in _fields(header)])
     return torch.tensor(header), payload

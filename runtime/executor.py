@@ -100,7 +100,8 @@ class Executor:
         return RefContext(
             sizes={
                 "T": batch.num_tokens,
-                "B": batch.num_seqs,
+                "B": batch.num_sampled,
+                "seqs": batch.num_seqs,
                 "max_context_len": batch.max_context_len,
                 "max_query_len": batch.max_query_len,
             },

@@ -196,7 +196,7 @@ def lockstep(graph: Graph, rank_params, batch, caches) -> list[torch.Tensor]:
 
 def context(batch, caches) -> RefContext:
     return RefContext(
-        {"T": batch.num_tokens, "B": batch.num_seqs},
+        {"T": batch.num_tokens, "B": batch.num_sampled},
         caches,
         batch.slot_mapping,
         batch.query_start,

@@ -266,6 +266,6 @@ def build_prefill_attention(op: PagedAttention, dtype: str, block_size: int) -> 
         prefill_attention,
         params,
         (THREADS,),
-        grid=lambda s: (s["B"], cdiv(s["max_query_len"], qt), kv_heads),
+        grid=lambda s: (s["seqs"], cdiv(s["max_query_len"], qt), kv_heads),
         when=lambda s: s["max_query_len"] > 1,
     )

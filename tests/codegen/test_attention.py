@@ -123,6 +123,7 @@ def check_attention(
     sizes = {
         "T": tokens,
         "B": seqs,
+        "seqs": seqs,
         "max_context_len": max_context_len or batch.max_context_len,
         "max_query_len": max(batch.max_query_len, 2) if prefill else 1,
     }

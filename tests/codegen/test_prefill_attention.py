@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from kernel_harness import FLOATS, assert_matches, gpu_test, launch_kernels, poisoned, rand
@@ -35,6 +36,9 @@ def attention_op(case: Case, window=None, softcap=None) -> PagedAttention:
 def check_prefill(case: Case, dtype: str, window=None, softcap=None, device="cpu") -> None:
     op = attention_op(case, window, softcap)
     batch, num_blocks = make_batch(case, device)
+    # logits of the first sequence only (the others are partial prefill chunks): the grid
+    # must still cover every sequence, not the B sampled ones
+    batch = replace(batch, logits_indices=batch.logits_indices[:1])
     tokens = batch.num_tokens
     q = rand(1, tokens, case.heads, case.head_dim, dtype=dtype, device=device)
     k, v = (rand(1, tokens, case.kv_heads, case.head_dim, dtype=dtype, device=device) for _ in "kv")
@@ -46,7 +50,8 @@ def check_prefill(case: Case, dtype: str, window=None, softcap=None, device="cpu
     ref_cache = (k_cache.cpu().nan_to_num(0.0), v_cache.cpu().nan_to_num(0.0))
     sizes = {
         "T": tokens,
-        "B": batch.num_seqs,
+        "B": batch.num_sampled,
+        "seqs": batch.num_seqs,
         "max_context_len": batch.max_context_len,
         "max_query_len": batch.max_query_len,
     }
@@ -87,7 +92,7 @@ def test_head_dim_256():
 
 def test_runs_only_with_several_new_tokens():
     kernel = build_prefill_attention(attention_op(MIXED), "float32", MIXED.block_size)
-    sizes = {"T": 3, "B": 3, "max_context_len": 9, "max_query_len": 1}
+    sizes = {"T": 3, "B": 3, "seqs": 3, "max_context_len": 9, "max_query_len": 1}
     assert not kernel.when(sizes)
     assert kernel.grid({**sizes, "max_query_len": 33}) == (3, 2, MIXED.kv_heads)
 
