@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import save, table
+from codegen.registry import BuildConstants
 from ir import ops
 from ir.reference import REFERENCE, RefContext, rms_norm
 from ir.types import TensorType
 
 COPY_BW = 4.25e12  # bytes/s, device-to-device copy (read + write) measured on the H200
 BF16_FLOPS = 786e12  # dense bf16 matmul measured on the H200
+DEFAULTS = BuildConstants()
 
 
 def gpu_time(fn, repeats: int = 20) -> float:
@@ -34,12 +36,12 @@ def gpu_time(fn, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def numba_op(op, types, tensors, sizes, block_size=16):
+def numba_op(op, types, tensors, sizes, consts=DEFAULTS):
     import codegen.cuda  # noqa: F401
     from codegen.cuda.launch import allocate_scratch, launch
-    from codegen.registry import BuildConstants, build_kernels
+    from codegen.registry import build_kernels
 
-    kernels = build_kernels(op, types, BuildConstants(block_size=block_size))
+    kernels = build_kernels(op, types, consts)
     env = {**allocate_scratch(kernels.scratch, sizes, "cuda"), **tensors}
     return lambda: launch(kernels, sizes, env)
 
@@ -87,7 +89,8 @@ def _paged(seqs: int, new: int, cached: int, heads=32, kv_heads=8, dim=128, bloc
     return op, q, k, v, k_cache, v_cache, fields
 
 
-def _attention_variants(seqs, new, cached):
+def _attention_variants(seqs, new, cached, targets=(DEFAULTS.attn_blocks,)):
+    """Every variant on the same inputs; the split-K kernel once per target block count."""
     op, q, k, v, kc, vc, fields = _paged(seqs, new, cached)
     tokens, ctx = seqs * new, cached + new
     out = torch.empty_like(q)
@@ -112,8 +115,14 @@ def _attention_variants(seqs, new, cached):
         values = vc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
         return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
 
+    def name(target: int) -> str:
+        return f"numba split-K, {target} blocks" if new == 1 else "numba prefill_attention"
+
+    numba = {
+        name(n): numba_op(op, types, tensors, sizes, BuildConstants(attn_blocks=n)) for n in targets
+    }
     return {
-        "numba paged_attention": numba_op(op, types, tensors, sizes),
+        **numba,
         "torch reference": lambda: REFERENCE[ops.PagedAttention](op, ref_ctx, q, k, v),
         "torch sdpa, gather + attend": sdpa_gather,
         "torch sdpa, pre-gathered dense": sdpa_dense,
@@ -121,7 +130,7 @@ def _attention_variants(seqs, new, cached):
 
 
 def k1(seqs: int = 64, ctx: int = 4096) -> list[dict]:
-    variants, _ = _attention_variants(seqs, 1, ctx - 1)
+    variants, _ = _attention_variants(seqs, 1, ctx - 1, targets=(512, 2048, 8192))
     kv_bytes = 2 * seqs * ctx * 8 * 128 * 2
     return [_bw_row("K1 paged decode", n, gpu_time(fn, 10), kv_bytes) for n, fn in variants.items()]
 

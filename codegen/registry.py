@@ -75,7 +75,9 @@ class BuildConstants:
     """Compile-time constants that do not live on the op."""
 
     block_size: int = 16  # tokens per KV-cache block
-    attn_partition: int = 512  # context tokens per split-K partition of attention
+    # blocks a decode attention launch aims for: a few tokens' contexts are split (split-K)
+    # until T x kv heads x splits reaches it, many tokens' are not split at all
+    attn_blocks: int = 2048
 
 
 Builder = Callable[[Any, tuple[TensorType, ...], BuildConstants], OpKernels]

@@ -4,24 +4,25 @@ Decode batches (one new token per sequence) run the split-K kernel and its reduc
 with several new tokens in a sequence run the tiled prefill kernel (prefill_attention.py).
 Launches, in order:
 1. the prologue (kv_write.py): rope on q/k when op.rope, new k/v into the cache.
-2. attention, one block per (token, kv head, context partition) serving every q head of that
-   kv head (GQA), so each key and value row is read once per group. The token finds its
-   sequence in query_start and attends causally (and within the sliding window) over its
-   cached context, straight from block_tables. Each warp owns 32-key chunks of the partition
-   (warp w takes chunks w, w + WARPS, ...) with its own online softmax in fp32 and needs no
-   block barrier until the warps merge at the end. Caches are read as wide words (4 bf16 or
-   fp16, 2 fp32 per int64) so that every load moves 8 bytes. With one partition the block
-   writes the output; with several it writes partial (acc, max, sum) to scratch.
-   A partition past the token's position or before its window holds no key: its block
-   returns at once and writes nothing.
-3. reduce, only with several partitions: merges the non-empty partials of each (token, head).
+2. attention, one block per (token, kv head, split of the token's context) serving every q
+   head of that kv head (GQA), so each key and value row is read once per group. The token
+   finds its sequence in query_start and attends causally (and within the sliding window)
+   over its cached context, straight from block_tables. Each warp owns 32-key chunks of the
+   split (warp w takes chunks w, w + WARPS, ...) with its own online softmax in fp32 and
+   needs no block barrier until the warps merge at the end. Caches are read as wide words
+   (4 bf16 or fp16, 2 fp32 per int64) so that every load moves 8 bytes. With one split the
+   block writes the output; with several it writes partial (acc, max, sum) to scratch.
+3. reduce, only with several splits: merges the non-empty partials of each (token, head).
 4. or instead of 2-3, prefill attention, when a sequence has several new tokens.
-A partition is `BuildConstants.attn_partition` context tokens; sizes["max_context_len"] (the
-longest context in the batch, or the longest allowed when capturing a CUDA graph) sets how
-many there are. The cache has q's dtype.
+The number of splits (grid z) comes from the launch's sizes (`decode_splits`): a lone
+sequence spreads its context over many blocks, a large batch needs none. Each token cuts its
+own visible context into that many whole chunks, so a CUDA graph captured once per batch
+size serves every context length; splits past a short context return at once. The cache
+has q's dtype.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -394,7 +395,29 @@ def _merge(dtype: str, group: int, dim: int, geo: Geometry):
     return merge
 
 
-def _attention(op: PagedAttention, dtype: str, block_size: int, partition: int) -> Kernel:
+def decode_splits(s: Sizes, kv_heads: int, target_blocks: int, chunk: int) -> int:
+    """Splits of each token's context in a decode launch (grid z): enough blocks to fill the
+    GPU, none shorter than a chunk of keys; 0 when the prefill kernel runs instead."""
+    if s["max_query_len"] != 1:
+        return 0
+    most = cdiv(s["max_context_len"], chunk)
+    return max(1, min(most, cdiv(target_blocks, s["T"] * kv_heads)))
+
+
+@cuda.jit(device=True)
+def split_range(q_pos, window, splits, p, chunk):
+    """Keys [lo, hi) of split p of the token at q_pos: its visible keys cut into `splits`
+    runs of whole chunks; lo >= hi when the split is empty (a short context)."""
+    start = max(q_pos - window + 1, 0) if window > 0 else int64(0)
+    per = (q_pos + 1 - start + splits - 1) // splits
+    span = (per + chunk - 1) // chunk * chunk
+    lo = start + int64(p) * span
+    return lo, min(lo + span, q_pos + 1)
+
+
+def _attention(
+    op: PagedAttention, dtype: str, block_size: int, splits: Callable[[Sizes], int]
+) -> Kernel:
     group, dim = op.num_heads // op.num_kv_heads, op.head_dim
     _check_shared(group, dim)
     geo = geometry(dtype, group, dim)
@@ -421,11 +444,9 @@ def _attention(op: PagedAttention, dtype: str, block_size: int, partition: int) 
     ):
         t, kvh, p = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         b, q_pos = query_position(query_start, context_lens, t)
-        lo, hi = int64(p) * partition, min(int64(p + 1) * partition, q_pos + 1)
-        if window > 0:
-            lo = max(lo, q_pos - window + 1)
+        lo, hi = split_range(q_pos, window, cuda.gridDim.z, p, chunk)
         if lo >= hi:
-            return  # past the token, or before its window: the reduce skips this partition
+            return  # a short context has fewer splits: the reduce skips this one
         warp, lane = cuda.threadIdx.x // WARP, cuda.threadIdx.x % WARP
         xchg = cuda.shared.array(nt, float32)
         slot_sh = cuda.shared.array((WARPS, WARP), int32)
@@ -470,14 +491,14 @@ def _attention(op: PagedAttention, dtype: str, block_size: int, partition: int) 
         Param("context_lens", "int32", 1),
         Param("block_tables", "int32", 2),
     )
-    key = (op.num_heads, op.num_kv_heads, dim, op.scale, window, op.softcap, bs, partition)
+    key = (op.num_heads, op.num_kv_heads, dim, op.scale, window, op.softcap, bs)
     key += (dtype, geo, WARP, WARPS)
-    grid = lambda s: (s["T"], op.num_kv_heads, cdiv(s["max_context_len"], partition))  # noqa: E731
+    grid = lambda s: (s["T"], op.num_kv_heads, splits(s))  # noqa: E731
     return Kernel(kernel_name("paged_attention", *key), paged_attention, params, (nt,), grid)
 
 
-def _reduce(op: PagedAttention, dtype: str, partition: int) -> Kernel:
-    heads, dim, window = op.num_heads, op.head_dim, op.sliding_window or 0
+def _reduce(op: PagedAttention, dtype: str) -> Kernel:
+    heads, dim, window, chunk = op.num_heads, op.head_dim, op.sliding_window or 0, WARP * WARPS
     nt = pow2_threads(dim, hi=128)
     store = STORE[dtype]
 
@@ -485,18 +506,21 @@ def _reduce(op: PagedAttention, dtype: str, partition: int) -> Kernel:
     def attention_reduce(out, part_acc, part_ml, query_start, context_lens):
         t, h = cuda.blockIdx.x, cuda.blockIdx.y
         _, q_pos = query_position(query_start, context_lens, t)
-        # the partitions the attention kernel wrote: from the window's start to the token's
-        first = max(q_pos - window + 1, 0) // partition if window > 0 else 0
-        last = q_pos // partition
+        # the splits the attention kernel wrote: the non-empty ones come first
+        parts = 0
+        for p in range(part_ml.shape[2]):
+            lo, hi = split_range(q_pos, window, part_ml.shape[2], p, chunk)
+            if lo < hi:
+                parts = p + 1
         m = NEG_INF
-        for p in range(first, last + 1):
+        for p in range(parts):
             m = max(m, part_ml[t, h, p, 0])
         total = float32(0.0)
-        for p in range(first, last + 1):
+        for p in range(parts):
             total += part_ml[t, h, p, 1] * math.exp(part_ml[t, h, p, 0] - m)
         for d in range(cuda.threadIdx.x, dim, nt):
             a = float32(0.0)
-            for p in range(first, last + 1):
+            for p in range(parts):
                 a += part_acc[t, h, p, d] * math.exp(part_ml[t, h, p, 0] - m)
             out[t, h, d] = store(a / total)
 
@@ -508,7 +532,7 @@ def _reduce(op: PagedAttention, dtype: str, partition: int) -> Kernel:
         Param("context_lens", "int32", 1),
     )
     return Kernel(
-        kernel_name("attention_reduce", heads, dim, dtype, window, partition),
+        kernel_name("attention_reduce", heads, dim, dtype, window, chunk),
         attention_reduce,
         params,
         (nt,),
@@ -524,14 +548,10 @@ def build_paged_attention(
         raise ValueError(f"PagedAttention kernels need layout 'bthd', got {op.layout!r}")
     q, k = inputs[0], inputs[1]
     cos = inputs[3] if op.rope else None
-    partition = consts.attn_partition
-    heads, dim = op.num_heads, op.head_dim
-
-    def decode(s: Sizes) -> bool:  # one new token per sequence: the split-K kernel
-        return s["max_query_len"] == 1
+    heads, dim, chunk = op.num_heads, op.head_dim, WARP * WARPS
 
     def parts(s: Sizes) -> int:
-        return cdiv(s["max_context_len"], partition) if decode(s) else 0
+        return decode_splits(s, op.num_kv_heads, consts.attn_blocks, chunk)
 
     scratch = (
         Scratch("part_acc", "float32", lambda s: (s["T"], heads, parts(s), dim)),
@@ -541,8 +561,8 @@ def build_paged_attention(
         scratch += (Scratch("q_rot", q.dtype, lambda s: (s["T"], heads, dim)),)
     kernels = (
         build_kv_write(op, q, k, cos, consts.block_size),
-        replace(_attention(op, q.dtype, consts.block_size, partition), when=decode),
-        replace(_reduce(op, q.dtype, partition), when=lambda s: parts(s) > 1),
+        replace(_attention(op, q.dtype, consts.block_size, parts), when=lambda s: parts(s) > 0),
+        replace(_reduce(op, q.dtype), when=lambda s: parts(s) > 1),
         build_prefill_attention(op, q.dtype, consts.block_size),  # several new tokens
     )
     return OpKernels(kernels, scratch)

@@ -21,6 +21,7 @@ from kernel_harness import (
 )
 
 from codegen.cuda import attention
+from codegen.cuda.attention import decode_splits
 from codegen.registry import BATCH_FIELDS, BuildConstants, OpKernels, build_kernels
 from ir.ops import PagedAttention
 from ir.reference import TORCH_DTYPES, RefContext, run_op
@@ -36,6 +37,7 @@ class Case:
     chunks: tuple[tuple[int, int], ...]  # per sequence: (new tokens, tokens already cached)
 
 
+MANY = 1 << 20  # split-K target blocks past any test's: every context split into chunks
 SMALL = Case(4, 2, 8, 4, chunks=((5, 0), (1, 11), (3, 6)))  # prefill, decode, chunked prefill
 
 
@@ -80,7 +82,7 @@ def check_attention(
     rope: bool,
     window=None,
     softcap=None,
-    partition=512,
+    blocks=BuildConstants().attn_blocks,
     device="cpu",
     max_context_len=None,
     prefill=False,
@@ -127,8 +129,8 @@ def check_attention(
         "max_context_len": max_context_len or batch.max_context_len,
         "max_query_len": max(batch.max_query_len, 2) if prefill else 1,
     }
-    # partials of partitions that hold no key stay NaN: the reduce must not read them
-    parts = math.ceil(sizes["max_context_len"] / partition)
+    # partials of splits that hold no key stay NaN: the reduce must not read them
+    parts = max(1, decode_splits(sizes, case.kv_heads, blocks, attention.WARP * attention.WARPS))
     part_acc = poisoned((tokens, case.heads, parts, case.head_dim), "float32", device)
     part_ml = poisoned((tokens, case.heads, parts, 2), "float32", device)
     kernels = run_kernels(
@@ -137,7 +139,7 @@ def check_attention(
         [out],
         sizes,
         tuple(typed(t, {1: "T"}) for t in inputs),
-        BuildConstants(block_size=case.block_size, attn_partition=partition),
+        BuildConstants(block_size=case.block_size, attn_blocks=blocks),
         k_cache=k_cache,
         v_cache=v_cache,
         part_acc=part_acc,
@@ -156,14 +158,14 @@ def batch_fields(batch: BatchInputs) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_rope_attention_split_k(dtype):
-    # partitions of 4 context tokens: up to 3 per token, merged by the reduce kernel
-    kernels, sizes = check_attention(SMALL, dtype, rope=True, partition=4)
+    # as many splits as chunks of the longest context: merged by the reduce kernel
+    kernels, sizes = check_attention(SMALL, dtype, rope=True, blocks=MANY)
     assert kernels.kernels[2].when(sizes)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_rope_attention_prefill_kernel(dtype):
-    kernels, sizes = check_attention(SMALL, dtype, rope=True, partition=4, prefill=True)
+    kernels, sizes = check_attention(SMALL, dtype, rope=True, prefill=True)
     assert [k.when(sizes) for k in kernels.kernels[1:]] == [False, False, True]
 
 
@@ -174,12 +176,12 @@ def test_prefill_kernel_window_softcap_mha():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_attention_one_partition(dtype):
-    kernels, sizes = check_attention(SMALL, dtype, rope=False)
+    kernels, sizes = check_attention(SMALL, dtype, rope=False, blocks=1)
     assert not kernels.kernels[2].when(sizes)  # the attention kernel writes the output itself
 
 
 def test_sliding_window_and_softcap():
-    check_attention(SMALL, "float16", rope=True, window=5, softcap=2.0, partition=8)
+    check_attention(SMALL, "float16", rope=True, window=5, softcap=2.0, blocks=MANY)
 
 
 def test_multi_head_attention_and_several_tiles():
@@ -194,13 +196,13 @@ def test_head_dim_over_max_threads():
 
 
 def test_decode_with_mostly_empty_partitions():
-    # a CUDA graph launches for the longest allowed context: most partitions of these short
-    # sequences hold no key (and with the window, some lie before it); their blocks write
-    # nothing and the reduce must skip their NaN partials. 3 q heads per kv head (GQA).
+    # a CUDA graph launches for the longest allowed context: the splits are sized for it, so
+    # these short sequences fill only their first few; the other blocks write nothing and
+    # the reduce must skip their NaN partials. 3 q heads per kv head (GQA).
     case = Case(6, 2, 8, 4, chunks=((1, 40), (1, 2), (1, 17)))
-    kernels, sizes = check_attention(case, "bfloat16", rope=False, partition=8, max_context_len=96)
-    assert kernels.kernels[1].grid(sizes)[2] == 12
-    check_attention(case, "float32", rope=True, window=11, partition=8, max_context_len=96)
+    kernels, sizes = check_attention(case, "bfloat16", rope=False, blocks=MANY, max_context_len=96)
+    assert kernels.kernels[1].grid(sizes)[2] == 96 // (attention.WARP * attention.WARPS)
+    check_attention(case, "float32", rope=True, window=11, blocks=MANY, max_context_len=96)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +220,7 @@ def test_decode_with_mostly_empty_partitions():
 )
 def test_cache_word_width_follows_head_dim(dtype, head_dim, word):
     case = Case(4, 2, head_dim, 4, chunks=((1, 13), (3, 2)))
-    kernels, _ = check_attention(case, dtype, rope=False, partition=8)
+    kernels, _ = check_attention(case, dtype, rope=False, blocks=MANY)
     caches = [p.dtype for p in kernels.kernels[1].params if p.name in ("k_cache", "v_cache")]
     assert caches == [word, word]
 
@@ -265,14 +267,14 @@ LARGE = Case(32, 8, 128, 16, chunks=((1, 4000), (1, 37), (300, 0), (77, 1500), (
 
 @gpu_test
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("partition", [512, 8192])
-def test_attention_gpu(dtype, partition):
-    check_attention(LARGE, dtype, rope=True, partition=partition, device="cuda")
+@pytest.mark.parametrize("blocks", [1, BuildConstants().attn_blocks, MANY])
+def test_attention_gpu(dtype, blocks):
+    check_attention(LARGE, dtype, rope=True, blocks=blocks, device="cuda")
 
 
 @gpu_test
 def test_attention_gpu_window_softcap_gqa():
     case = Case(16, 2, 64, 16, chunks=((1, 999), (129, 300), (1, 5)))
     check_attention(
-        case, "bfloat16", rope=False, window=256, softcap=50.0, partition=256, device="cuda"
+        case, "bfloat16", rope=False, window=256, softcap=50.0, blocks=MANY, device="cuda"
     )
