@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 from benchmarks.common import save, table
@@ -29,6 +30,7 @@ def kiln(*args: str) -> list[str]:
 def ready_seconds(artifact: Path, timeout: float) -> float:
     """Seconds until /health answers 200 (the server's log is printed afterwards)."""
     port = free_port()
+    print(f"kiln run started at {datetime.now().isoformat(timespec='milliseconds')}")
     start = time.perf_counter()
     proc = subprocess.Popen(
         kiln("run", str(artifact), "--port", str(port)),

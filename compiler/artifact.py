@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from ir.graph import Graph
 from ir.reference import TORCH_DTYPES
 from ir.serialize import graph_from_json, graph_to_json
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 4 << 30
@@ -152,10 +156,12 @@ def verify_files(path: Path, manifest: dict) -> None:
 def load_artifact(path: Path, verify_hashes: bool = True, rank: int = 0) -> Artifact:
     """The artifact with the weights of tensor-parallel `rank` (0 when it is not sharded)."""
     path = Path(path)
+    start = time.perf_counter()
     manifest = read_manifest(path)
     weights = _weights_dir(path, manifest, rank)
     if verify_hashes:
         verify_files(path, manifest)
+        log.info("%s: sha256 of every file checked in %.1f s", path, time.perf_counter() - start)
     try:
         graph = graph_from_json((path / "graph.json").read_text())
     except (ValueError, KeyError, TypeError) as e:
@@ -165,6 +171,7 @@ def load_artifact(path: Path, verify_hashes: bool = True, rank: int = 0) -> Arti
         if shard.rpartition("/")[0] == weights and shard.endswith(".safetensors"):
             params.update(load_file(path / shard))
     _check_params(graph, params)
+    log.info("%s: graph and weights loaded in %.1f s", path, time.perf_counter() - start)
     gen = json.loads((path / "generation_config.json").read_text())
     return Artifact(path, manifest, graph, params, gen if isinstance(gen, dict) else {})
 

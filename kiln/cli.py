@@ -114,6 +114,7 @@ def _load_engine(args):
     from compiler.artifact import load_artifact
     from runtime.engine import Engine
 
+    log.info("loading %s", args.artifact)
     return Engine(load_artifact(args.artifact), _engine_config(args))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -45,7 +46,9 @@ class ModelRunner:
         self.device = runner_device(artifact, config)
         self.artifact = artifact
         self.block_size = artifact.manifest["block_size"]
+        start = time.perf_counter()
         self.params = {k: v.to(self.device) for k, v in artifact.params.items()}
+        log.info("weights on %s in %.1f s", self.device, time.perf_counter() - start)
         self.executor = self._executor(artifact.graph, self.params)
         self.spec = kv_cache_spec(artifact.graph)
         self.num_blocks = config.num_kv_blocks or self._blocks_for(config)
