@@ -10,7 +10,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compiler.artifact import load_artifact
-from compiler.compile import CompileOptions, compile_model
 from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.outputs import RequestOutput, merge_update
@@ -21,6 +20,10 @@ Prompt = str | list[int]
 
 def compile(source: str, out: str | Path, **options) -> Path:
     """Compile `source` (HF directory, .gguf file or builtin:NAME) into an artifact at `out`."""
+    # imported here: the compiler pulls in transformers' model classes, which serving and
+    # offline generation never need (seconds of `kiln run` start-up)
+    from compiler.compile import CompileOptions, compile_model
+
     return compile_model(source, Path(out), CompileOptions(**options))
 
 
