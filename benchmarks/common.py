@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -15,7 +16,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def environment() -> dict:
     env = {
-        "commit": _git("rev-parse", "--short", "HEAD"),
+        # a copy of the tree without its history (a remote GPU machine) names it in KILN_COMMIT
+        "commit": os.environ.get("KILN_COMMIT") or _git("rev-parse", "--short", "HEAD"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
