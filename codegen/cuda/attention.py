@@ -28,9 +28,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from codegen.cuda.blockops import pow2_threads
-from codegen.cuda.dtypes import LOAD, STORAGE, STORE, _f32_from_bits
+from codegen.cuda.dtypes import LOAD, STORAGE, STORE
 from codegen.cuda.kv_write import build_kv_write
 from codegen.cuda.prefill_attention import build_prefill_attention
+from codegen.cuda.warp import key_reduce, shfl_xor, warp_sync
+from codegen.cuda.words import UNPACK_OPS, unpacker, word_for
 from codegen.numba_shim import CUDASIM, cuda, float32, int32, int64
 from codegen.registry import (
     BuildConstants,
@@ -55,38 +57,7 @@ LOAD_WORDS = 16  # cache words a lane loads before using any: loads in flight hi
 # NVVM unrolls a loop fully only below some size; past it the word buffers move from registers
 # to local memory. A batch of loads is sized so that its use stays under this many operations.
 UNROLLED_OPS = 384
-UNPACK_OPS = {"bfloat16": 2, "float16": 6, "float32": 2}  # integer ops to unpack an element
 SHARED_BYTES = 48 * 1024  # static shared memory limit per block
-WORDS = {16: ((4, "int64"), (2, "int32")), 32: ((2, "int64"),)}  # element bits -> word options
-
-
-# Warp primitives. The simulator has neither shuffles nor warp barriers; every warp of a
-# block runs the same sequence of them (chunks past the partition are masked, not skipped),
-# so a block barrier stands in for the warp barrier and shared memory for the shuffle.
-if CUDASIM:
-
-    @cuda.jit(device=True)
-    def warp_sync():
-        cuda.syncthreads()
-
-    @cuda.jit(device=True)
-    def shfl_xor(buf, x, mask):
-        tid = cuda.threadIdx.x
-        buf[tid] = x
-        cuda.syncthreads()
-        y = buf[tid ^ mask]
-        cuda.syncthreads()  # read before the next exchange overwrites buf
-        return y
-
-else:
-
-    @cuda.jit(device=True)
-    def warp_sync():
-        cuda.syncwarp()
-
-    @cuda.jit(device=True)
-    def shfl_xor(buf, x, mask):
-        return cuda.shfl_xor_sync(0xFFFFFFFF, x, mask)
 
 
 @cuda.jit(device=True)
@@ -109,48 +80,6 @@ def query_position(query_start, context_lens, t):
     return b, int64(context_lens[b]) - (int64(query_start[b + 1]) - t)
 
 
-@cuda.jit(device=True)
-def f16_bits_to_f32(h):
-    """float16 bit pattern (0..0xFFFF) -> float32, exactly (subnormals kept: no fastmath)."""
-    bits = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)  # exponent still biased by 15, not 127
-    if h & 0x7C00 == 0x7C00:  # inf or nan
-        return _f32_from_bits(bits | 0x7F800000)
-    return _f32_from_bits(bits) * np.float32(2.0**112)
-
-
-def _unpacker(dtype: str, per_word: int):
-    """Device function: element e (a constant) of a cache word, as float32."""
-    if per_word == 1:
-        load = LOAD[dtype]
-
-        @cuda.jit(device=True)
-        def element(w, e):
-            return load(w)
-
-        return element
-    if dtype == "bfloat16":
-
-        @cuda.jit(device=True)
-        def bf16_at(w, e):  # its 16 bits moved to the top of a float32's
-            w = int64(w)
-            return _f32_from_bits(((w << 16) if e == 0 else (w >> (16 * e - 16))) & 0xFFFF0000)
-
-        return bf16_at
-    if dtype == "float16":
-
-        @cuda.jit(device=True)
-        def f16_at(w, e):
-            return f16_bits_to_f32((int64(w) >> (16 * e)) & 0xFFFF)
-
-        return f16_at
-
-    @cuda.jit(device=True)
-    def f32_at(w, e):
-        return _f32_from_bits((int64(w) >> (32 * e)) & 0xFFFFFFFF)
-
-    return f32_at
-
-
 def _pow2_floor(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
@@ -170,9 +99,8 @@ class Geometry:
 
 
 def geometry(dtype: str, group: int, dim: int) -> Geometry:
-    bits = 32 if dtype == "float32" else 16
-    per_word, word = next(((n, w) for n, w in WORDS[bits] if dim % n == 0), (1, dtype))
-    words, word_bytes = dim // per_word, per_word * bits // 8
+    per_word, word = word_for(dtype, dim)
+    words, word_bytes = dim // per_word, per_word * (4 if dtype == "float32" else 2)
     # enough lanes that their loads of a key fill 32-byte sectors and q fits in registers
     want = max(32 // word_bytes, cdiv(group * dim, Q_FLOATS))
     lanes = min(WARP, _pow2_floor(words), 1 << (want - 1).bit_length())
@@ -196,59 +124,12 @@ def _check_shared(group: int, dim: int) -> None:
         )
 
 
-@cuda.jit(device=True)
-def _reduced(s, xchg, part):
-    return 0
-
-
-def _reduce_step(heads: int, mask: int, rest):
-    """Device function: one shuffle step of _key_reduce, then the `rest` of them."""
-    if heads == 1:  # one head left: the lanes add it up, all of them
-
-        @cuda.jit(device=True)
-        def add(s, xchg, part):
-            s[0] += shfl_xor(xchg, s[0], mask)
-            return rest(s, xchg, part)
-
-        return add
-    half = heads // 2
-
-    @cuda.jit(device=True)
-    def trade(s, xchg, part):
-        upper = part & mask != 0  # keeps the upper half of the heads, sends the lower
-        for j in range(half):
-            send = s[j] if upper else s[j + half]
-            keep = s[j + half] if upper else s[j]
-            s[j] = keep + shfl_xor(xchg, send, mask)
-        return (half if upper else 0) + rest(s, xchg, part)
-
-    return trade
-
-
-def _key_reduce(padded: int, lanes: int):
-    """Device function: add up the partial dot products of a key's lanes, head by head.
-
-    A reduce-scatter: at each step a lane trades half of its heads with its partner, so
-    `padded` heads over `lanes` lanes take about `padded` shuffles, not padded * log2(lanes).
-    It returns `first`: the lane then holds s[j] = the sum for head first + j, j < held.
-    Each step is its own function so that every loop has a constant trip count (unrolled).
-    """
-    steps, heads, mask = [], padded, lanes // 2
-    while mask > 0:
-        steps.append((heads, mask))
-        heads, mask = max(1, heads // 2), mask // 2
-    reduce = _reduced
-    for heads, mask in reversed(steps):
-        reduce = _reduce_step(heads, mask, reduce)
-    return reduce
-
-
 def _score_pass(op: PagedAttention, dtype: str, geo: Geometry, bs: int):
     group, words, per_word = op.num_heads // op.num_kv_heads, geo.words, geo.per_word
     lanes, lane_words, steps = geo.lanes, geo.lane_words, geo.score_steps
     keys_per_step, word_type = WARP // lanes, STORAGE[geo.word]
     padded = 1 << (group - 1).bit_length()  # s holds heads past the group as zeros
-    unpack, key_reduce = _unpacker(dtype, per_word), _key_reduce(padded, lanes)
+    unpack, reduce_keys = unpacker(dtype, per_word), key_reduce(padded, lanes)
     held, copies = max(1, padded // lanes), max(1, lanes // padded)  # lanes with equal sums
     scale, softcap = np.float32(op.scale), np.float32(op.softcap or 0.0)
 
@@ -273,7 +154,7 @@ def _score_pass(op: PagedAttention, dtype: str, geo: Geometry, bs: int):
                             kf = unpack(kbuf[st, i], e)
                             for g in range(group):
                                 s[g] += qr[g, i * per_word + e] * kf
-                first = key_reduce(s, xchg, part)
+                first = reduce_keys(s, xchg, part)
                 for j in range(held):
                     if part % copies == 0 and first + j < group:
                         x = s[j] * scale
@@ -313,7 +194,7 @@ def _value_pass(dtype: str, group: int, geo: Geometry, bs: int):
         geo.value_keys,
     )
     acc_floats = value_words * per_word
-    word_type, unpack = STORAGE[geo.word], _unpacker(dtype, per_word)
+    word_type, unpack = STORAGE[geo.word], unpacker(dtype, per_word)
 
     @cuda.jit(device=True)
     def value_pass(acc, alpha, v_cache, s_sh, slot_sh, kvh, warp, lane):

@@ -22,6 +22,7 @@ from kernel_harness import (
 
 from codegen.cuda import attention
 from codegen.cuda.attention import decode_splits
+from codegen.cuda.words import f16_bits_to_f32
 from codegen.registry import BATCH_FIELDS, BuildConstants, OpKernels, build_kernels
 from ir.ops import PagedAttention
 from ir.reference import TORCH_DTYPES, RefContext, run_op
@@ -37,6 +38,7 @@ class Case:
     chunks: tuple[tuple[int, int], ...]  # per sequence: (new tokens, tokens already cached)
 
 
+DEFAULT_BLOCKS = BuildConstants().attn_blocks
 MANY = 1 << 20  # split-K target blocks past any test's: every context split into chunks
 SMALL = Case(4, 2, 8, 4, chunks=((5, 0), (1, 11), (3, 6)))  # prefill, decode, chunked prefill
 
@@ -82,7 +84,7 @@ def check_attention(
     rope: bool,
     window=None,
     softcap=None,
-    blocks=BuildConstants().attn_blocks,
+    blocks=DEFAULT_BLOCKS,
     device="cpu",
     max_context_len=None,
     prefill=False,
@@ -236,7 +238,7 @@ def test_gqa_group_of_4_dim_128_device_geometry(monkeypatch):
 def test_f16_bits_to_f32_every_pattern():
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
     expected = bits.to(torch.int16).view(torch.float16).float()
-    actual = torch.tensor([attention.f16_bits_to_f32(int(b) & 0xFFFF) for b in bits])
+    actual = torch.tensor([f16_bits_to_f32(int(b) & 0xFFFF) for b in bits])
     assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
 
 
@@ -267,7 +269,7 @@ LARGE = Case(32, 8, 128, 16, chunks=((1, 4000), (1, 37), (300, 0), (77, 1500), (
 
 @gpu_test
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("blocks", [1, BuildConstants().attn_blocks, MANY])
+@pytest.mark.parametrize("blocks", [1, DEFAULT_BLOCKS, MANY])
 def test_attention_gpu(dtype, blocks):
     check_attention(LARGE, dtype, rope=True, blocks=blocks, device="cuda")
 
