@@ -52,7 +52,8 @@ def build_kv_write(
                     v_cache[blk, off, h, d] = store_cache(load_k(v[t, h, d]))
 
     cache = (Param("k_cache", q.dtype, 4), Param("v_cache", q.dtype, 4))
-    kv = (Param("in1", k.dtype, 3), Param("in2", k.dtype, 3))
+    # q, k and v may be strided views (slices of one merged projection): read in place
+    kv = (Param("in1", k.dtype, 3, "A"), Param("in2", k.dtype, 3, "A"))
     slots = Param("slot_mapping", "int64", 1)
     if cos is None:
         name = kernel_name("kv_cache_write", kv_heads, dim, bs, q.dtype, k.dtype)
@@ -79,7 +80,7 @@ def build_kv_write(
                 else:
                     v_cache[blk, off, h, d] = store_cache(load_k(v[t, h, d]))
 
-    params = (Param("q_rot", q.dtype, 3), *cache, Param("in0", q.dtype, 3), *kv)
+    params = (Param("q_rot", q.dtype, 3), *cache, Param("in0", q.dtype, 3, "A"), *kv)
     params += (Param("in3", cos.dtype, 2), Param("in4", cos.dtype, 2), slots)
     name = kernel_name("rope_kv_cache_write", heads, kv_heads, dim, bs, q.dtype, k.dtype, cos.dtype)
     grid = lambda s: (s["T"], heads + 2 * kv_heads)  # noqa: E731

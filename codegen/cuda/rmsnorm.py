@@ -66,7 +66,8 @@ def build_rmsnorm(op: RMSNorm, inputs: tuple[TensorType, ...], consts: BuildCons
             vals[j] = load_x(x[row, i]) if i < hidden else float32(0.0)
         write_normalized(out, w, row, vals, buf)
 
-    params = (Param("out0", out_dtype, 2), Param("in0", x.dtype, 2), Param("in1", w.dtype, 1))
+    # x may be a strided view (per-head norms of a slice of a merged projection)
+    params = (Param("out0", out_dtype, 2), Param("in0", x.dtype, 2, "A"), Param("in1", w.dtype, 1))
     name = kernel_name("rmsnorm", hidden, op.eps, x.dtype, w.dtype)
     return OpKernels((Kernel(name, rmsnorm, params, (nt,), lambda s: (num_rows(x, s),)),))
 

@@ -1,4 +1,7 @@
-"""SiluMul: silu(gate) * up, one thread per output element."""
+"""SiluMul: silu(gate) * up, one thread per output element of [rows, width].
+
+gate and up may be strided views (the two halves of a merged gate/up projection): they are
+read in place, not copied first."""
 
 import math
 
@@ -10,9 +13,9 @@ from codegen.registry import (
     OpKernels,
     Param,
     cdiv,
-    concrete,
     kernel_for,
     kernel_name,
+    num_rows,
 )
 from ir.ops import SiluMul
 from ir.types import TensorType, promote
@@ -29,16 +32,22 @@ def build_silu_mul(op: SiluMul, inputs: tuple[TensorType, ...], consts: BuildCon
     load_g, store_g = LOAD[gate.dtype], STORE[gate.dtype]
     load_u, store_out = LOAD[up.dtype], STORE[out_dtype]
 
+    width = gate.shape[-1]
+
     @cuda.jit
     def silu_mul(out, gate, up):
-        i = cuda.grid(1)
-        if i < out.shape[0]:
-            g = load_g(gate[i])
+        row, i = cuda.blockIdx.x, cuda.blockIdx.y * THREADS + cuda.threadIdx.x
+        if i < width:
+            g = load_g(gate[row, i])
             # torch rounds silu(gate) to gate's dtype before the product
             act = load_g(store_g(g / (float32(1.0) + math.exp(-g))))
-            out[i] = store_out(act * load_u(up[i]))
+            out[row, i] = store_out(act * load_u(up[row, i]))
 
-    params = (Param("out0", out_dtype, 1), Param("in0", gate.dtype, 1), Param("in1", up.dtype, 1))
-    name = kernel_name("silu_mul", gate.dtype, up.dtype)
-    grid = lambda s: (cdiv(math.prod(concrete(gate.shape, s)), THREADS),)  # noqa: E731
+    params = (
+        Param("out0", out_dtype, 2),
+        Param("in0", gate.dtype, 2, "A"),
+        Param("in1", up.dtype, 2, "A"),
+    )
+    name = kernel_name("silu_mul", width, gate.dtype, up.dtype)
+    grid = lambda s: (num_rows(gate, s), cdiv(width, THREADS))  # noqa: E731
     return OpKernels((Kernel(name, silu_mul, params, (THREADS,), grid),))

@@ -19,11 +19,19 @@ def check_embedding(vocab, hidden, tokens, dtype, ids_dtype, device="cpu"):
     assert torch.equal(out.cpu(), expected)  # a copy: bit for bit
 
 
-def check_silu_mul(shape, gate_dtype, up_dtype, device="cpu"):
-    gate, up = (
-        rand(*shape, dtype=gate_dtype, device=device) * 4,
-        rand(*shape, dtype=up_dtype, device=device),
-    )
+def check_silu_mul(shape, gate_dtype, up_dtype, device="cpu", merged=False):
+    """merged: gate and up are the two halves of one tensor (strided views, read in place on
+    a GPU; the simulator takes host arrays only whole, so it gets copies)."""
+    if merged:
+        both = rand(*shape[:-1], 2 * shape[-1], dtype=gate_dtype, device=device)
+        both[..., : shape[-1]] *= 4  # gate values over silu's curved range
+        gate, up = both[..., : shape[-1]], both[..., shape[-1] :]
+        assert not gate.is_contiguous() and not up.is_contiguous()
+    else:
+        gate, up = (
+            rand(*shape, dtype=gate_dtype, device=device) * 4,
+            rand(*shape, dtype=up_dtype, device=device),
+        )
     out = poisoned(shape, promote(gate_dtype, up_dtype), device)
     op = SiluMul()
     run_kernels(
@@ -74,4 +82,5 @@ def test_small_kernels_gpu(dtype):
         vocab=32003, hidden=1031, tokens=517, dtype=dtype, ids_dtype=torch.int64, device="cuda"
     )
     check_silu_mul((1, 517, 3001), dtype, dtype, device="cuda")
+    check_silu_mul((1, 517, 3001), dtype, dtype, device="cuda", merged=True)
     check_gather(tokens=517, width=32003, seqs=61, dtype=dtype, device="cuda")
