@@ -20,7 +20,7 @@ from kernel_harness import (
     typed,
 )
 
-from codegen.cuda import attention
+from codegen.cuda import attention, decode_passes
 from codegen.cuda.attention import decode_splits
 from codegen.cuda.words import f16_bits_to_f32
 from codegen.registry import BATCH_FIELDS, BuildConstants, OpKernels, build_kernels
@@ -230,8 +230,9 @@ def test_cache_word_width_follows_head_dim(dtype, head_dim, word):
 def test_gqa_group_of_4_dim_128_device_geometry(monkeypatch):
     # the decode benchmark's head shape with the device's 32-lane warps (two, not four, per
     # block: the simulator is slow), in one block of 37 keys: warp 1 has 5
-    monkeypatch.setattr(attention, "WARP", 32)
-    monkeypatch.setattr(attention, "WARPS", 2)
+    for module in (attention, decode_passes):  # the kernel's module and its passes'
+        monkeypatch.setattr(module, "WARP", 32)
+        monkeypatch.setattr(module, "WARPS", 2)
     check_attention(Case(4, 1, 128, 16, chunks=((1, 36),)), "bfloat16", rope=False)
 
 
