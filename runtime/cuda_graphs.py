@@ -4,8 +4,8 @@ A decode step (every sequence computes one token) is replayed from the graph of 
 bucket that holds it. Its inputs are written into pinned host buffers and copied into the
 graph's static device buffers; the rows past the real sequences are padding: one token at
 position 0 whose KV goes to a block no sequence owns (`pad_block`), so padding never touches
-a real sequence's cache. Attention is captured for the longest allowed context: the kernels
-skip the context partitions a shorter sequence does not reach.
+a real sequence's cache. Attention is captured for the longest allowed context: each token
+splits its own context over the graph's blocks, and splits past a short context return at once.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def build_merge(dtype: str, group: int, dim: int, geo: Geometry):
 
     @cuda.jit(device=True)
     def merge(out, part_acc, part_ml, acc, m, lsum, alpha, sh, t, h0, p, warp, lane):
-        """Merge the warps' (m, l, acc); write the output, or the partials of partition p."""
+        """Merge the warps' (m, l, acc); write the output, or the partials of split p."""
         xchg, m_sh, l_sh, acc_sh = sh  # row WARPS of m_sh, l_sh: the block's (m, l)
         tid = cuda.threadIdx.x
         for g in range(group):
@@ -192,7 +192,7 @@ def build_merge(dtype: str, group: int, dim: int, geo: Geometry):
             top = m_sh[0, g]
             for w in range(1, WARPS):
                 top = max(top, m_sh[w, g])
-            alpha[g] = math.exp(m[g] - top)  # finite top: the partition holds a key
+            alpha[g] = math.exp(m[g] - top)  # finite top: the split holds a key
         if tid < group:
             top, total = NEG_INF, float32(0.0)
             for w in range(WARPS):

@@ -177,7 +177,7 @@ def test_prefill_kernel_window_softcap_mha():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_attention_one_partition(dtype):
+def test_attention_one_split(dtype):
     kernels, sizes = check_attention(SMALL, dtype, rope=False, blocks=1)
     assert not kernels.kernels[2].when(sizes)  # the attention kernel writes the output itself
 
@@ -197,7 +197,7 @@ def test_head_dim_over_max_threads():
     check_attention(Case(2, 1, 256, 4, chunks=((1, 5),)), "float32", rope=True)
 
 
-def test_decode_with_mostly_empty_partitions():
+def test_decode_with_mostly_empty_splits():
     # a CUDA graph launches for the longest allowed context: the splits are sized for it, so
     # these short sequences fill only their first few; the other blocks write nothing and
     # the reduce must skip their NaN partials. 3 q heads per kv head (GQA).

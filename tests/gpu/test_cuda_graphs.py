@@ -20,7 +20,7 @@ def test_graph_replay_equals_eager_steps(tmp_path):
     from runtime.engine import Engine
     from runtime.outputs import merge_update
 
-    # float32: the graphs split attention over more partitions (captured for the longest
+    # float32: the graphs split attention into other context splits (captured for the longest
     # context), which only reorders float32 sums: far below the gaps between the logits
     model = random_model("qwen3-0.6b", "cuda", torch.float32, logit_scale=10.0, num_hidden_layers=4)
     artifact = in_memory_artifact(model, "qwen3-small", tmp_path)
