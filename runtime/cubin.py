@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from codegen.aot import array_abi_values
+from codegen.cuda.launch import param_view
 from codegen.plan import codegen_digest, kernel_plan
 from codegen.registry import BuildConstants, OpKernels, Param, Sizes
 from compiler.artifact import Artifact, ArtifactError
@@ -23,7 +24,8 @@ from ir.reference import TORCH_DTYPES, concrete_shape
 log = logging.getLogger(__name__)
 
 
-def check_arch(artifact: Artifact, device: torch.device) -> None:
+def check_kernels(artifact: Artifact, device: torch.device) -> None:
+    """The artifact holds cubins for this GPU's arch, built by this code generator."""
     kernels = artifact.manifest.get("kernels")
     if not kernels:
         raise ArtifactError(
@@ -66,11 +68,7 @@ class CubinOp:
 
 
 def abi_values(t: torch.Tensor, param: Param) -> tuple[int, ...]:
-    if t.dim() > param.ndim:  # leading dimensions merged: [1, T, H, D] -> [T, H, D]
-        t = t.reshape(-1, *t.shape[t.dim() - param.ndim + 1 :]) if param.ndim > 1 else t.reshape(-1)
-    wide = TORCH_DTYPES[param.dtype]
-    if wide.itemsize != t.element_size():  # read as wider words: [.., D] bf16 -> [.., D / 4] int64
-        t = t.view(wide)
+    t = param_view(t, param)
     return array_abi_values(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.element_size())
 
 
@@ -78,7 +76,7 @@ def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinO
     """Node index -> its loaded kernels; raises ArtifactError when the artifact is stale."""
     from cuda.core import Device, ObjectCode
 
-    check_arch(artifact, device)
+    check_kernels(artifact, device)
     Device(device.index or 0).set_current()
     section = artifact.manifest["kernels"]
     plan = kernel_plan(artifact.graph, BuildConstants(block_size=artifact.manifest["block_size"]))

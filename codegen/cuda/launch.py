@@ -11,22 +11,24 @@ from codegen.registry import OpKernels, Param, Scratch, Sizes
 from ir.reference import TORCH_DTYPES
 
 
-def as_kernel_arg(t: torch.Tensor, param: Param):
-    """The array the kernel sees: rank merged down to param.ndim, bf16 as int16 bits.
-
-    A tensor whose elements are narrower than param.dtype's is read as words of it (a bf16
-    cache as int64: 4 elements a load), as runtime/cubin.py's abi_values does.
-    """
+def param_view(t: torch.Tensor, param: Param) -> torch.Tensor:
+    """t as `param` sees it, with no copy: leading dimensions merged down to param.ndim, and
+    elements narrower than param.dtype's read as words of it (a bf16 cache as int64: 4 a load).
+    The numba launch below and the cubin launcher (runtime/cubin.py) both bind through it."""
     if t.dim() > param.ndim:  # merge leading dims: [1, T, H, D] -> [T, H, D] for ndim 3
         t = t.reshape(-1, *t.shape[t.dim() - param.ndim + 1 :]) if param.ndim > 1 else t.reshape(-1)
+    wanted = TORCH_DTYPES[param.dtype]
+    return t.view(wanted) if wanted.itemsize != t.element_size() else t
+
+
+def as_kernel_arg(t: torch.Tensor, param: Param):
+    """The array the kernel sees: param_view(t), bf16 as int16 bits."""
+    t = param_view(t, param)
     if param.layout == "C" and not t.is_contiguous():
         raise ValueError(f"kernel argument {param.name} must be contiguous")
     if not t.is_cuda:  # host arrays travel as one block (layout "A" params are inputs only)
         t = t.contiguous()
-    wanted = TORCH_DTYPES[param.dtype]
-    if wanted.itemsize != t.element_size():  # [.., D] bf16 -> [.., D / 4] int64
-        t = t.view(wanted)
-    elif t.dtype != wanted:
+    if t.dtype != TORCH_DTYPES[param.dtype]:
         raise TypeError(f"kernel argument {param.name}: {t.dtype}, expected {param.dtype}")
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)

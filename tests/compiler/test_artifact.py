@@ -77,19 +77,19 @@ def test_cuda_artifacts_for_another_arch_are_refused(monkeypatch, tmp_path):
     import torch
 
     from compiler.artifact import Artifact
-    from runtime.cubin import check_arch
+    from runtime.cubin import check_kernels
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     built_for_hopper = Artifact(
         tmp_path, {"target": "cuda", "kernels": {"arch": "sm_90"}}, None, {}
     )
     with pytest.raises(ArtifactError, match=r"sm_90 but this GPU is sm_80.*--arch sm_80"):
-        check_arch(built_for_hopper, torch.device("cuda"))
+        check_kernels(built_for_hopper, torch.device("cuda"))
     older = Artifact(
         tmp_path, {"target": "cuda", "kernels": {"arch": "sm_80", "codegen": "0" * 16}}, None, {}
     )
     with pytest.raises(ArtifactError, match="another version of kiln's code generator"):
-        check_arch(older, torch.device("cuda"))
+        check_kernels(older, torch.device("cuda"))
     cpu_only = Artifact(tmp_path, {"target": "cpu"}, None, {})
     with pytest.raises(ArtifactError, match="--target cuda"):
-        check_arch(cpu_only, torch.device("cuda"))
+        check_kernels(cpu_only, torch.device("cuda"))
