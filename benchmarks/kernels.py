@@ -89,8 +89,8 @@ def _paged(seqs: int, new: int, cached: int, heads=32, kv_heads=8, dim=128, bloc
     return op, q, k, v, k_cache, v_cache, fields
 
 
-def _attention_variants(seqs, new, cached, targets=(DEFAULTS.attn_blocks,)):
-    """Every variant on the same inputs; the split-K kernel once per target block count."""
+def _attention_variants(seqs, new, cached, consts=(DEFAULTS,)):
+    """Every variant on the same inputs; the split-K kernel once per set of constants."""
     op, q, k, v, kc, vc, fields = _paged(seqs, new, cached)
     tokens, ctx = seqs * new, cached + new
     out = torch.empty_like(q)
@@ -115,12 +115,12 @@ def _attention_variants(seqs, new, cached, targets=(DEFAULTS.attn_blocks,)):
         values = vc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
         return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
 
-    def name(target: int) -> str:
-        return f"numba split-K, {target} blocks" if new == 1 else "numba prefill_attention"
+    def name(c: BuildConstants) -> str:
+        if new > 1:
+            return "numba prefill_attention"
+        return f"numba split-K, {c.attn_blocks} blocks, {c.attn_load_words} words a load run"
 
-    numba = {
-        name(n): numba_op(op, types, tensors, sizes, BuildConstants(attn_blocks=n)) for n in targets
-    }
+    numba = {name(c): numba_op(op, types, tensors, sizes, c) for c in consts}
     return {
         **numba,
         "torch reference": lambda: REFERENCE[ops.PagedAttention](op, ref_ctx, q, k, v),
@@ -130,7 +130,12 @@ def _attention_variants(seqs, new, cached, targets=(DEFAULTS.attn_blocks,)):
 
 
 def k1(seqs: int = 64, ctx: int = 4096) -> list[dict]:
-    variants, _ = _attention_variants(seqs, 1, ctx - 1, targets=(512, 2048, 8192))
+    consts = [
+        BuildConstants(attn_blocks=blocks, attn_load_words=words)
+        for blocks in (2048, 8192)
+        for words in (4, 8, 16)
+    ]
+    variants, _ = _attention_variants(seqs, 1, ctx - 1, consts)
     kv_bytes = 2 * seqs * ctx * 8 * 128 * 2
     return [_bw_row("K1 paged decode", n, gpu_time(fn, 10), kv_bytes) for n, fn in variants.items()]
 

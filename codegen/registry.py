@@ -78,6 +78,9 @@ class BuildConstants:
     # blocks a decode attention launch aims for: a few tokens' contexts are split (split-K)
     # until T x kv heads x splits reaches it, many tokens' are not split at all
     attn_blocks: int = 2048
+    # words of key rows (as many of value rows) a lane of decode attention loads before it
+    # uses any: more loads in flight, against more registers (fewer blocks per SM)
+    attn_load_words: int = 8
 
 
 Builder = Callable[[Any, tuple[TensorType, ...], BuildConstants], OpKernels]

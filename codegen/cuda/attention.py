@@ -8,8 +8,10 @@ Launches, in order:
    head of that kv head (GQA), so each key and value row is read once per group. The token
    finds its sequence in query_start and attends causally (and within the sliding window)
    over its cached context, straight from block_tables. Each warp owns 32-key chunks of the
-   split (warp w takes chunks w, w + WARPS, ...) with its own online softmax in fp32 and
-   needs no block barrier until the warps merge at the end. Caches are read as wide words
+   split (warp w takes chunks w, w + WARPS, ...), loads the key and value rows of a run of
+   keys (BuildConstants.attn_load_words) before it uses any, keeps its own online softmax
+   in fp32 (decode_passes.py), and needs no block barrier until the warps merge at the end.
+   The next chunk's slots are read while this one is. Caches are read as wide words
    (4 bf16 or fp16, 2 fp32 per int64) so that every load moves 8 bytes. With one split the
    block writes the output; with several it writes partial (acc, max, sum) to scratch.
 3. reduce, only with several splits: merges the non-empty partials of each (token, head).
@@ -30,17 +32,15 @@ from codegen.cuda.decode_passes import (
     NEG_INF,
     WARP,
     WARPS,
+    build_load_run,
     build_merge,
-    build_score_pass,
-    build_softmax_pass,
-    build_value_pass,
+    build_run_step,
     check_shared,
     geometry,
 )
-from codegen.cuda.dtypes import LOAD, STORE
+from codegen.cuda.dtypes import LOAD, STORAGE, STORE
 from codegen.cuda.kv_write import build_kv_write
 from codegen.cuda.prefill_attention import build_prefill_attention
-from codegen.cuda.warp import warp_sync
 from codegen.numba_shim import cuda, float32, int32, int64
 from codegen.registry import (
     BuildConstants,
@@ -98,27 +98,34 @@ def split_range(q_pos, window, splits, p, chunk):
 
 
 def _attention(
-    op: PagedAttention, dtype: str, block_size: int, splits: Callable[[Sizes], int]
+    op: PagedAttention, dtype: str, consts: BuildConstants, splits: Callable[[Sizes], int]
 ) -> Kernel:
     group, dim = op.num_heads // op.num_kv_heads, op.head_dim
     check_shared(group, dim)
-    geo = geometry(dtype, group, dim)
-    lanes, q_words, per_word = geo.lanes, geo.lane_words, geo.per_word
-    acc_floats, q_floats = geo.value_words * per_word, q_words * per_word
+    geo = geometry(dtype, group, dim, consts.attn_load_words)
+    per_word, row_floats, run = geo.per_word, geo.row_floats, geo.run
+    held, copies, word_type = geo.held, geo.copies, STORAGE[geo.word]
+    row_words, padded = geo.row_words, geo.padded
     chunk = nt = WARP * WARPS
     ml_rows = WARPS + 1  # each warp's (m, l), then the block's
-    bs, window, load = block_size, op.sliding_window or 0, LOAD[dtype]
-    score_pass, softmax_pass = build_score_pass(op, dtype, geo, bs), build_softmax_pass(group)
-    value_pass, merge = build_value_pass(dtype, group, geo, bs), build_merge(dtype, group, dim, geo)
+    bs, window, load = consts.block_size, op.sliding_window or 0, LOAD[dtype]
+    scale = float32(op.scale)
+    load_run, run_step = build_load_run(geo, bs), build_run_step(op, dtype, geo)
+    merge = build_merge(dtype, group, dim, geo)
 
     @cuda.jit(device=True)
-    def load_q(qr, q, t, h0, part):
-        """The q elements this lane's key words meet, as float32 (0 past the head)."""
+    def load_q(qr, q, t, h0, lane):
+        """The scaled q elements of this lane's words, as float32 (0 past the head)."""
         for g in range(group):
-            for i in range(q_words):
-                for e in range(per_word):
-                    d = (i * lanes + part) * per_word + e
-                    qr[g, i * per_word + e] = load(q[t, h0 + g, d]) if d < dim else float32(0.0)
+            for c in range(row_floats):
+                d = (c // per_word * WARP + lane) * per_word + c % per_word
+                qr[g, c] = load(q[t, h0 + g, d]) * scale if d < dim else float32(0.0)
+
+    @cuda.jit(device=True)
+    def slot_of(block_tables, b, pos, lo, hi):
+        if pos >= hi:
+            pos = lo  # masked keys read a row surely written, and get probability 0
+        return int32(block_tables[b, pos // bs] * bs + pos % bs)
 
     @cuda.jit
     def paged_attention(
@@ -130,34 +137,42 @@ def _attention(
         if lo >= hi:
             return  # a short context has fewer splits: the reduce skips this one
         warp, lane = cuda.threadIdx.x // WARP, cuda.threadIdx.x % WARP
-        xchg = cuda.shared.array(nt, float32)
-        slot_sh = cuda.shared.array((WARPS, WARP), int32)
-        s_sh = cuda.shared.array((WARPS, group, WARP), float32)  # scores, then probabilities
+        xchg = cuda.shared.array(nt, float32)  # the simulator's shuffles
+        slots = cuda.shared.array(nt, int32)
         m_sh = cuda.shared.array((ml_rows, group), float32)
         l_sh = cuda.shared.array((ml_rows, group), float32)
         acc_sh = cuda.shared.array((group, dim), float32)
-        qr = cuda.local.array((group, q_floats), float32)
-        load_q(qr, q, t, kvh * group, lane % lanes)
-        m, lsum = cuda.local.array(group, float32), cuda.local.array(group, float32)
-        alpha = cuda.local.array(group, float32)
-        acc = cuda.local.array((group, acc_floats), float32)
+        qr = cuda.local.array((group, row_floats), float32)
+        load_q(qr, q, t, kvh * group, lane)
+        acc = cuda.local.array((group, row_floats), float32)
+        m, alpha = cuda.local.array(group, float32), cuda.local.array(group, float32)
         for g in range(group):
-            m[g], lsum[g] = NEG_INF, float32(0.0)
-            for c in range(acc_floats):
+            m[g] = NEG_INF
+            for c in range(row_floats):
                 acc[g, c] = float32(0.0)
-        for r in range((hi - lo + chunk - 1) // chunk):
-            pos = lo + (r * WARPS + warp) * WARP + lane
-            valid = pos < hi
-            if not valid:
-                pos = lo  # masked keys read a row surely written, and get probability 0
-            slot_sh[warp, lane] = block_tables[b, pos // bs] * bs + pos % bs
-            warp_sync()  # slots known before the rows are read
-            score_pass(s_sh, xchg, qr, k_cache, slot_sh, kvh, warp, lane)
-            warp_sync()  # scores written before each lane takes its key's
-            softmax_pass(s_sh, xchg, m, lsum, alpha, valid, warp, lane)
-            warp_sync()  # probabilities written before the value pass reads them
-            value_pass(acc, alpha, v_cache, s_sh, slot_sh, kvh, warp, lane)
-            warp_sync()  # chunk consumed before the next one overwrites the slots
+        m_own, l_own = cuda.local.array(held, float32), cuda.local.array(held, float32)
+        for j in range(held):
+            m_own[j], l_own[j] = NEG_INF, float32(0.0)
+        state = (qr, acc, m, alpha, m_own, l_own)
+        kbuf = cuda.local.array((run, row_words), word_type)
+        vbuf = cuda.local.array((run, row_words), word_type)
+        # warp w takes the 32-key chunks w, w + WARPS, ...; lane j holds key j's slot
+        key0 = lo + warp * WARP
+        slot = slot_of(block_tables, b, key0 + lane, lo, hi)
+        for _ in range((hi - lo + chunk - 1) // chunk):
+            here, after = slot, key0 + chunk
+            slot = slot_of(block_tables, b, after + lane, lo, hi)  # ahead of its use
+            for first in range(0, WARP, run):
+                load_run(kbuf, vbuf, k_cache, v_cache, slots, here, first, kvh, lane)
+                run_step(state, kbuf, vbuf, key0 + first, hi, xchg, lane)
+            key0 = after
+        # the lane's share of each head's sum: its own (key, head) scores, once per copy
+        lsum, head0 = cuda.local.array(group, float32), (lane // copies) * held % padded
+        for g in range(group):
+            lsum[g] = float32(0.0)
+            for j in range(held):
+                if lane % copies == 0 and head0 + j == g:
+                    lsum[g] += l_own[j]
         sh = (xchg, m_sh, l_sh, acc_sh)
         merge(out, part_acc, part_ml, acc, m, lsum, alpha, sh, t, kvh * group, p, warp, lane)
 
@@ -243,7 +258,7 @@ def build_paged_attention(
         scratch += (Scratch("q_rot", q.dtype, lambda s: (s["T"], heads, dim)),)
     kernels = (
         build_kv_write(op, q, k, cos, consts.block_size),
-        replace(_attention(op, q.dtype, consts.block_size, parts), when=lambda s: parts(s) > 0),
+        replace(_attention(op, q.dtype, consts, parts), when=lambda s: parts(s) > 0),
         replace(_reduce(op, q.dtype), when=lambda s: parts(s) > 1),
         build_prefill_attention(op, q.dtype, consts.block_size),  # several new tokens
     )

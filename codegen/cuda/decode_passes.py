@@ -1,7 +1,13 @@
-"""The passes of the split-K decode attention kernel (attention.py), each a device function
-specialized on the shapes: how a block splits the work (Geometry), the score pass (q.k over
-cache words, reduced across the lanes of a key), the online-softmax pass, the value pass, and
-the merge of the warps' partial results.
+"""The steps of the split-K decode attention kernel (attention.py), each a device function
+specialized on the shapes: how a warp splits the work (Geometry), loading a run of key and
+value rows, one batch of keys (scores, online softmax, values), and the merge of the warps'
+partial results.
+
+A lane owns words lane, lane + WARP, ... of every head row, for keys and values alike, so
+each load of a row is one coalesced access by the whole warp. The partial dot products of a
+batch of keys (every head of the group) are added up across the lanes by a reduce-scatter,
+which leaves lane l with the score of one (key, head); the softmax runs on those, and the
+probabilities reach every lane by shuffles for the value update.
 """
 
 import math
@@ -9,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codegen.cuda.dtypes import STORAGE, STORE
-from codegen.cuda.warp import key_reduce, shfl_xor
-from codegen.cuda.words import UNPACK_OPS, unpacker, word_for
+from codegen.cuda.dtypes import STORE
+from codegen.cuda.warp import key_reduce, shfl_idx, shfl_xor
+from codegen.cuda.words import unpacker, word_for
 from codegen.numba_shim import CUDASIM, cuda, float32
 from codegen.registry import cdiv
 from ir.ops import PagedAttention
@@ -20,11 +26,6 @@ NEG_INF = np.float32(-np.inf)
 # Lanes per warp and warps per block. The simulator runs a Python thread per CUDA thread, so
 # it gets narrower "warps" (the code takes any power of two); tests may set the device's.
 WARP, WARPS = (4, 2) if CUDASIM else (32, 4)
-Q_FLOATS = 32  # q values a lane keeps in registers; more lanes share a key when q is larger
-LOAD_WORDS = 16  # cache words a lane loads before using any: loads in flight hide latency
-# NVVM unrolls a loop fully only below some size; past it the word buffers move from registers
-# to local memory. A batch of loads is sized so that its use stays under this many operations.
-UNROLLED_OPS = 384
 SHARED_BYTES = 48 * 1024  # static shared memory limit per block
 
 
@@ -34,37 +35,51 @@ def _pow2_floor(n: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Geometry:
-    """How a block splits the work; every field is a compile-time constant of the kernel."""
+    """How a warp splits the work; every field is a compile-time constant of the kernel."""
 
     word: str  # dtype the caches are read as
     per_word: int  # elements per word
     words: int  # words per head row
-    lanes: int  # lanes that share one key in the score pass (a power of two)
-    lane_words: int  # words of a key row each of those lanes reads: j, j + lanes, ...
-    score_steps: int  # key steps (WARP // lanes keys each) loaded before they are used
-    value_words: int  # words of a value row each lane owns: lane, lane + WARP, ...
-    value_keys: int  # value rows loaded before they are used
+    row_words: int  # words of a row each lane owns: lane, lane + WARP, ...
+    run: int  # keys whose rows are loaded together (a divisor of WARP)
+    batch: int  # keys whose scores are reduced together (a divisor of run)
+    padded: int  # the group of q heads rounded up to a power of two
+
+    @property
+    def row_floats(self) -> int:
+        return self.row_words * self.per_word
+
+    @property
+    def sums(self) -> int:
+        """Partial sums a lane reduces per batch: one per (key, padded head)."""
+        return self.batch * self.padded
+
+    @property
+    def held(self) -> int:
+        """Scores a lane holds after the reduce: heads first, first + 1, ... of one key."""
+        return max(1, self.sums // WARP)
+
+    @property
+    def copies(self) -> int:
+        """Neighbouring lanes that hold the same scores after the reduce."""
+        return max(1, WARP // self.sums)
 
 
-def geometry(dtype: str, group: int, dim: int) -> Geometry:
+def geometry(dtype: str, group: int, dim: int, run_words: int) -> Geometry:
+    """run_words: words of key rows a lane loads before it uses any (as many of value rows);
+    the loads of a run are all in flight at once, keys and values together."""
     per_word, word = word_for(dtype, dim)
-    words, word_bytes = dim // per_word, per_word * (4 if dtype == "float32" else 2)
-    # enough lanes that their loads of a key fill 32-byte sectors and q fits in registers
-    want = max(32 // word_bytes, cdiv(group * dim, Q_FLOATS))
-    lanes = min(WARP, _pow2_floor(words), 1 << (want - 1).bit_length())
-    lane_words, value_words = cdiv(words, lanes), cdiv(words, WARP)
-    ops = per_word * (group + (UNPACK_OPS[dtype] if per_word > 1 else 1))  # per word used
-
-    def batch(key_words: int) -> int:  # keys whose words a lane loads before using them
-        return _pow2_floor(min(LOAD_WORDS // key_words, UNROLLED_OPS // (key_words * ops)))
-
-    steps, value_keys = min(lanes, batch(lane_words)), min(WARP, batch(value_words))
-    return Geometry(word, per_word, words, lanes, lane_words, steps, value_words, value_keys)
+    words = dim // per_word
+    row_words = cdiv(words, WARP)
+    run = min(WARP, _pow2_floor(run_words // row_words))
+    padded = 1 << (group - 1).bit_length()
+    batch = max(1, min(run, WARP // padded))
+    return Geometry(word, per_word, words, row_words, run, batch, padded)
 
 
 def check_shared(group: int, dim: int) -> None:
-    # scores, per-warp and block (m, l), the merged acc, the shuffle buffer and the slots
-    floats = WARPS * group * WARP + 2 * (WARPS + 1) * group + group * dim + 2 * WARPS * WARP
+    # per-warp and block (m, l), the merged acc, and the simulator's shuffle buffers
+    floats = 2 * (WARPS + 1) * group + group * dim + 2 * WARPS * WARP
     if 4 * floats > SHARED_BYTES:
         raise ValueError(
             f"paged attention: {group} q heads per kv head of dim {dim} need {4 * floats} "
@@ -72,108 +87,118 @@ def check_shared(group: int, dim: int) -> None:
         )
 
 
-def build_score_pass(op: PagedAttention, dtype: str, geo: Geometry, bs: int):
-    group, words, per_word = op.num_heads // op.num_kv_heads, geo.words, geo.per_word
-    lanes, lane_words, steps = geo.lanes, geo.lane_words, geo.score_steps
-    keys_per_step, word_type = WARP // lanes, STORAGE[geo.word]
-    padded = 1 << (group - 1).bit_length()  # s holds heads past the group as zeros
-    unpack, reduce_keys = unpacker(dtype, per_word), key_reduce(padded, lanes)
-    held, copies = max(1, padded // lanes), max(1, lanes // padded)  # lanes with equal sums
-    scale, softcap = np.float32(op.scale), np.float32(op.softcap or 0.0)
+def build_load_run(geo: Geometry, bs: int):
+    run, row_words, words = geo.run, geo.row_words, geo.words
 
     @cuda.jit(device=True)
-    def score_pass(s_sh, xchg, qr, k_cache, slot_sh, kvh, warp, lane):
-        """Scores of the warp's chunk, every head of the group, into s_sh[warp]."""
-        key, part = lane // lanes, lane % lanes
-        kbuf = cuda.local.array((steps, lane_words), word_type)
-        s = cuda.local.array(padded, float32)
-        for step0 in range(0, lanes, steps):
-            for st in range(steps):
-                slot = slot_sh[warp, (step0 + st) * keys_per_step + key]
-                for i in range(lane_words):
-                    if i * lanes + part < words:
-                        kbuf[st, i] = k_cache[slot // bs, slot % bs, kvh, i * lanes + part]
-            for st in range(steps):
-                for g in range(padded):
-                    s[g] = float32(0.0)
-                for i in range(lane_words):
-                    if i * lanes + part < words:
-                        for e in range(per_word):
-                            kf = unpack(kbuf[st, i], e)
-                            for g in range(group):
-                                s[g] += qr[g, i * per_word + e] * kf
-                first = reduce_keys(s, xchg, part)
-                for j in range(held):
-                    if part % copies == 0 and first + j < group:
-                        x = s[j] * scale
-                        if softcap > 0:
-                            x = math.tanh(x / softcap) * softcap
-                        s_sh[warp, first + j, (step0 + st) * keys_per_step + key] = x
+    def load_run(kbuf, vbuf, k_cache, v_cache, slots, slot, first, kvh, lane):
+        """Key and value rows of keys first .. first + run of the lanes' 32-key chunk, whose
+        slots the lanes hold (lane j: key j's)."""
+        for k in range(run):
+            s = shfl_idx(slots, slot, first + k, lane)
+            page, off = s // bs, s % bs
+            for i in range(row_words):
+                if i * WARP + lane < words:
+                    kbuf[k, i] = k_cache[page, off, kvh, i * WARP + lane]
+                    vbuf[k, i] = v_cache[page, off, kvh, i * WARP + lane]
 
-    return score_pass
+    return load_run
 
 
-def build_softmax_pass(group: int):
+def build_batch_step(op: PagedAttention, dtype: str, geo: Geometry):
+    """Device function: scores, online softmax and value update of one batch of keys."""
+    group = op.num_heads // op.num_kv_heads
+    per_word, words, row_words, batch = geo.per_word, geo.words, geo.row_words, geo.batch
+    padded, held, copies = geo.padded, geo.held, geo.copies
+    unpack, reduce_sums = unpacker(dtype, per_word), key_reduce(geo.sums, WARP)
+    softcap = np.float32(op.softcap or 0.0)
+    first_mask = padded // held * copies  # lanes this far apart hold the same heads
+    sums = geo.sums
+
     @cuda.jit(device=True)
-    def softmax_pass(s_sh, xchg, m, lsum, alpha, valid, warp, lane):
-        """Lane j takes key j: running max, rescale alpha, probabilities back into s_sh."""
-        for g in range(group):
-            s = s_sh[warp, g, lane] if valid else NEG_INF
-            top, mask = s, WARP // 2
-            while mask > 0:
-                top = max(top, shfl_xor(xchg, top, mask))
-                mask //= 2
-            m_new = max(m[g], top)
-            m_use = m_new if m_new != NEG_INF else float32(0.0)  # no key yet: exp(-inf) not nan
+    def batch_step(state, kbuf, vbuf, k0, key0, hi, xchg, lane):
+        """Keys key0 .. key0 + batch (their rows at kbuf[k0 ...], vbuf[k0 ...]); positions at
+        or past hi are masked. state: (qr, acc, m, alpha, m_own, l_own)."""
+        qr, acc, m, alpha, m_own, l_own = state
+        s = cuda.local.array(sums, float32)
+        for j in range(sums):
+            s[j] = float32(0.0)
+        for k in range(batch):
+            for i in range(row_words):
+                if i * WARP + lane < words:
+                    for e in range(per_word):
+                        kf = unpack(kbuf[k0 + k, i], e)
+                        for g in range(group):
+                            s[k * padded + g] += qr[g, i * per_word + e] * kf
+        first = reduce_sums(s, xchg, lane)  # s[j]: the score of (key, head first + j)
+        valid = key0 + first // padded < hi
+        top = cuda.local.array(held, float32)
+        for j in range(held):
+            x = s[j]
+            if softcap > 0:
+                x = math.tanh(x / softcap) * softcap
+            if not valid or (first + j) % padded >= group:
+                x = NEG_INF
+            s[j] = top[j] = x
+            mask = first_mask
+            while mask < WARP:  # the batch's max of each head: over the lanes of its keys
+                top[j] = max(top[j], shfl_xor(xchg, top[j], mask))
+                mask *= 2
+        for g in range(group):  # every lane: every head's new max, from the lanes of key 0
+            m_new = max(m[g], shfl_idx(xchg, top[g % held], g // held * copies, lane))
+            m_use = m_new if m_new != NEG_INF else float32(0.0)  # no key yet: not nan
             alpha[g] = math.exp(m[g] - m_use)
-            p = math.exp(s - m_use)
-            lsum[g] = lsum[g] * alpha[g] + p  # this lane's share; the warp's is summed at the end
             m[g] = m_new
-            s_sh[warp, g, lane] = p
-
-    return softmax_pass
-
-
-def build_value_pass(dtype: str, group: int, geo: Geometry, bs: int):
-    words, per_word, value_words, value_keys = (
-        geo.words,
-        geo.per_word,
-        geo.value_words,
-        geo.value_keys,
-    )
-    acc_floats = value_words * per_word
-    word_type, unpack = STORAGE[geo.word], unpacker(dtype, per_word)
-
-    @cuda.jit(device=True)
-    def value_pass(acc, alpha, v_cache, s_sh, slot_sh, kvh, warp, lane):
-        """acc = acc * alpha + p @ v over the chunk; lane l owns words l, l + WARP, ... of v."""
-        for c in range(acc_floats):
-            for g in range(group):
+            for c in range(row_words * per_word):
                 acc[g, c] *= alpha[g]
-        vbuf = cuda.local.array((value_keys, value_words), word_type)
+        for j in range(held):  # the lane's own (key, head) scores become probabilities
+            m_new = max(m_own[j], top[j])
+            m_use = m_new if m_new != NEG_INF else float32(0.0)
+            s[j] = math.exp(s[j] - m_use)
+            l_own[j] = l_own[j] * math.exp(m_own[j] - m_use) + s[j]
+            m_own[j] = m_new
         p = cuda.local.array(group, float32)
-        for j0 in range(0, WARP, value_keys):
-            for j in range(value_keys):
-                slot = slot_sh[warp, j0 + j]
-                for i in range(value_words):
-                    if i * WARP + lane < words:
-                        vbuf[j, i] = v_cache[slot // bs, slot % bs, kvh, i * WARP + lane]
-            for j in range(value_keys):
-                for g in range(group):
-                    p[g] = s_sh[warp, g, j0 + j]
-                for i in range(value_words):
-                    if i * WARP + lane < words:
-                        for e in range(per_word):
-                            vf = unpack(vbuf[j, i], e)
-                            for g in range(group):
-                                acc[g, i * per_word + e] += p[g] * vf
+        for k in range(batch):
+            for g in range(group):
+                idx = k * padded + g
+                p[g] = shfl_idx(xchg, s[idx % held], idx // held * copies, lane)
+            for i in range(row_words):
+                if i * WARP + lane < words:
+                    for e in range(per_word):
+                        vf = unpack(vbuf[k0 + k, i], e)
+                        for g in range(group):
+                            acc[g, i * per_word + e] += p[g] * vf
 
-    return value_pass
+    return batch_step
+
+
+@cuda.jit(device=True)
+def _no_batch(state, kbuf, vbuf, key0, hi, xchg, lane):
+    return
+
+
+def _then(step, k0: int, rest):
+    @cuda.jit(device=True)
+    def then(state, kbuf, vbuf, key0, hi, xchg, lane):
+        step(state, kbuf, vbuf, k0, key0 + k0, hi, xchg, lane)
+        rest(state, kbuf, vbuf, key0, hi, xchg, lane)
+
+    return then
+
+
+def build_run_step(op: PagedAttention, dtype: str, geo: Geometry):
+    """Device function: every batch of a run of keys, in turn. Each batch is its own call
+    with its offset a constant, so the row buffers are indexed by constants only (a loop
+    over the batches that the compiler leaves rolled would move them to local memory)."""
+    step, run_step = build_batch_step(op, dtype, geo), _no_batch
+    for k0 in reversed(range(0, geo.run, geo.batch)):
+        run_step = _then(step, k0, run_step)
+    return run_step
 
 
 def build_merge(dtype: str, group: int, dim: int, geo: Geometry):
     words, per_word, store = geo.words, geo.per_word, STORE[dtype]
-    acc_floats, nt = geo.value_words * per_word, WARP * WARPS
+    acc_floats, nt = geo.row_floats, WARP * WARPS
 
     @cuda.jit(device=True)
     def merge(out, part_acc, part_ml, acc, m, lsum, alpha, sh, t, h0, p, warp, lane):

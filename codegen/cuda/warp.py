@@ -23,6 +23,16 @@ if CUDASIM:
         cuda.syncthreads()  # read before the next exchange overwrites buf
         return y
 
+    @cuda.jit(device=True)
+    def shfl_idx(buf, x, src, lane):
+        """x of lane `src` of the calling lane's warp."""
+        tid = cuda.threadIdx.x
+        buf[tid] = x
+        cuda.syncthreads()
+        y = buf[tid - lane + src]
+        cuda.syncthreads()
+        return y
+
 else:
 
     @cuda.jit(device=True)
@@ -32,6 +42,10 @@ else:
     @cuda.jit(device=True)
     def shfl_xor(buf, x, mask):
         return cuda.shfl_xor_sync(0xFFFFFFFF, x, mask)
+
+    @cuda.jit(device=True)
+    def shfl_idx(buf, x, src, lane):
+        return cuda.shfl_sync(0xFFFFFFFF, x, src)
 
 
 @cuda.jit(device=True)

@@ -236,6 +236,13 @@ def test_gqa_group_of_4_dim_128_device_geometry(monkeypatch):
     check_attention(Case(4, 1, 128, 16, chunks=((1, 36),)), "bfloat16", rope=False)
 
 
+def test_group_wider_than_a_warp():
+    # 8 q heads per kv head over the simulator's 4-lane warps: a lane holds the scores of
+    # two heads after the reduce
+    assert decode_passes.geometry("bfloat16", 8, 8, 8).held == 2
+    check_attention(Case(8, 1, 8, 4, chunks=((1, 13), (2, 5))), "bfloat16", rope=False)
+
+
 def test_f16_bits_to_f32_every_pattern():
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32)
     expected = bits.to(torch.int16).view(torch.float16).float()
