@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 
-from codegen.cuda.blockops import pow2_threads
+from codegen.cuda.blockops import block_max, block_sum, pow2_threads
 from codegen.cuda.decode_passes import (
     NEG_INF,
     WARP,
@@ -77,12 +77,15 @@ def query_position(query_start, context_lens, t):
     return b, int64(context_lens[b]) - (int64(query_start[b + 1]) - t)
 
 
+MAX_SPLITS = 1024  # splits of one token's context: the reduce weighs them in shared memory
+
+
 def decode_splits(s: Sizes, kv_heads: int, target_blocks: int, chunk: int) -> int:
     """Splits of each token's context in a decode launch (grid z): enough blocks to fill the
     GPU, none shorter than a chunk of keys; 0 when the prefill kernel runs instead."""
     if s["max_query_len"] != 1:
         return 0
-    most = cdiv(s["max_context_len"], chunk)
+    most = min(MAX_SPLITS, cdiv(s["max_context_len"], chunk))
     return max(1, min(most, cdiv(target_blocks, s["T"] * kv_heads)))
 
 
@@ -106,7 +109,7 @@ def _attention(
     per_word, row_floats, run = geo.per_word, geo.row_floats, geo.run
     held, copies, word_type = geo.held, geo.copies, STORAGE[geo.word]
     row_words, padded = geo.row_words, geo.padded
-    chunk = nt = WARP * WARPS
+    nt = WARP * WARPS
     ml_rows = WARPS + 1  # each warp's (m, l), then the block's
     bs, window, load = consts.block_size, op.sliding_window or 0, LOAD[dtype]
     scale = float32(op.scale)
@@ -133,7 +136,7 @@ def _attention(
     ):
         t, kvh, p = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         b, q_pos = query_position(query_start, context_lens, t)
-        lo, hi = split_range(q_pos, window, cuda.gridDim.z, p, chunk)
+        lo, hi = split_range(q_pos, window, cuda.gridDim.z, p, WARP)
         if lo >= hi:
             return  # a short context has fewer splits: the reduce skips this one
         warp, lane = cuda.threadIdx.x // WARP, cuda.threadIdx.x % WARP
@@ -156,14 +159,18 @@ def _attention(
         state = (qr, acc, m, alpha, m_own, l_own)
         kbuf = cuda.local.array((run, row_words), word_type)
         vbuf = cuda.local.array((run, row_words), word_type)
-        # warp w takes the 32-key chunks w, w + WARPS, ...; lane j holds key j's slot
+        for k in range(run):  # rows a warp past the split's end never loads are zeros
+            for i in range(row_words):
+                kbuf[k, i], vbuf[k, i] = 0, 0
+        # warp w takes the chunks w, w + WARPS, ... of WARP keys; lane j holds key j's slot
         key0 = lo + warp * WARP
         slot = slot_of(block_tables, b, key0 + lane, lo, hi)
-        for _ in range((hi - lo + chunk - 1) // chunk):
-            here, after = slot, key0 + chunk
+        for _ in range((hi - lo + nt - 1) // nt):  # the same trip count in every warp
+            here, after = slot, key0 + nt
             slot = slot_of(block_tables, b, after + lane, lo, hi)  # ahead of its use
             for first in range(0, WARP, run):
-                load_run(kbuf, vbuf, k_cache, v_cache, slots, here, first, kvh, lane)
+                live = key0 + first < hi  # a warp past the split's end loads nothing
+                load_run(kbuf, vbuf, k_cache, v_cache, slots, here, first, kvh, lane, live)
                 run_step(state, kbuf, vbuf, key0 + first, hi, xchg, lane)
             key0 = after
         # the lane's share of each head's sum: its own (key, head) scores, once per copy
@@ -195,31 +202,40 @@ def _attention(
 
 
 def _reduce(op: PagedAttention, dtype: str) -> Kernel:
-    heads, dim, window, chunk = op.num_heads, op.head_dim, op.sliding_window or 0, WARP * WARPS
+    heads, dim, window = op.num_heads, op.head_dim, op.sliding_window or 0
     nt = pow2_threads(dim, hi=128)
     store = STORE[dtype]
 
     @cuda.jit
     def attention_reduce(out, part_acc, part_ml, query_start, context_lens):
-        t, h = cuda.blockIdx.x, cuda.blockIdx.y
+        """Thread j weighs splits j, j + nt, ... (in parallel, not one loop of dependent
+        loads); thread d adds up dim d over the splits, four loads in flight."""
+        t, h, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+        splits = part_ml.shape[2]
         _, q_pos = query_position(query_start, context_lens, t)
-        # the splits the attention kernel wrote: the non-empty ones come first
-        parts = 0
-        for p in range(part_ml.shape[2]):
-            lo, hi = split_range(q_pos, window, part_ml.shape[2], p, chunk)
+        weight = cuda.shared.array(MAX_SPLITS, float32)
+        buf = cuda.shared.array(nt, float32)
+        m_p, l_p = NEG_INF, float32(0.0)
+        for p in range(tid, splits, nt):  # the splits the attention kernel wrote
+            lo, hi = split_range(q_pos, window, splits, p, WARP)
             if lo < hi:
-                parts = p + 1
-        m = NEG_INF
-        for p in range(parts):
-            m = max(m, part_ml[t, h, p, 0])
-        total = float32(0.0)
-        for p in range(parts):
-            total += part_ml[t, h, p, 1] * math.exp(part_ml[t, h, p, 0] - m)
-        for d in range(cuda.threadIdx.x, dim, nt):
-            a = float32(0.0)
-            for p in range(parts):
-                a += part_acc[t, h, p, d] * math.exp(part_ml[t, h, p, 0] - m)
-            out[t, h, d] = store(a / total)
+                m, m_new = part_ml[t, h, p, 0], max(m_p, part_ml[t, h, p, 0])
+                l_p = l_p * math.exp(m_p - m_new) + part_ml[t, h, p, 1] * math.exp(m - m_new)
+                m_p = m_new
+        top = block_max(buf, m_p)
+        for p in range(tid, splits, nt):
+            lo, hi = split_range(q_pos, window, splits, p, WARP)
+            weight[p] = math.exp(part_ml[t, h, p, 0] - top) if lo < hi else float32(0.0)
+        total = block_sum(buf, l_p * math.exp(m_p - top) if m_p != NEG_INF else float32(0.0))
+        for d in range(tid, dim, nt):
+            a = cuda.local.array(4, float32)
+            for j in range(4):
+                a[j] = float32(0.0)
+            for p0 in range(0, splits, 4):
+                for j in range(4):
+                    if p0 + j < splits and weight[p0 + j] > 0:
+                        a[j] += part_acc[t, h, p0 + j, d] * weight[p0 + j]
+            out[t, h, d] = store((a[0] + a[1] + a[2] + a[3]) / total)
 
     params = (
         Param("out0", dtype, 3),
@@ -229,7 +245,7 @@ def _reduce(op: PagedAttention, dtype: str) -> Kernel:
         Param("context_lens", "int32", 1),
     )
     return Kernel(
-        kernel_name("attention_reduce", heads, dim, dtype, window, chunk),
+        kernel_name("attention_reduce", heads, dim, dtype, window, WARP),
         attention_reduce,
         params,
         (nt,),
@@ -245,10 +261,10 @@ def build_paged_attention(
         raise ValueError(f"PagedAttention kernels need layout 'bthd', got {op.layout!r}")
     q, k = inputs[0], inputs[1]
     cos = inputs[3] if op.rope else None
-    heads, dim, chunk = op.num_heads, op.head_dim, WARP * WARPS
+    heads, dim = op.num_heads, op.head_dim
 
     def parts(s: Sizes) -> int:
-        return decode_splits(s, op.num_kv_heads, consts.attn_blocks, chunk)
+        return decode_splits(s, op.num_kv_heads, consts.attn_blocks, WARP)
 
     scratch = (
         Scratch("part_acc", "float32", lambda s: (s["T"], heads, parts(s), dim)),

@@ -17,18 +17,35 @@ def pow2_threads(work: int, hi: int = 256) -> int:
     return max(MIN_THREADS, min(hi, 1 << max(0, work - 1).bit_length()))
 
 
+def _block_reduce(combine):
+    @cuda.jit(device=True)
+    def reduce(buf, value):
+        """`combine` of `value` over the block; buf: a shared array of blockDim.x (a power
+        of two)."""
+        tid = cuda.threadIdx.x
+        buf[tid] = value
+        cuda.syncthreads()
+        stride = buf.shape[0] // 2
+        while stride > 0:
+            if tid < stride:
+                buf[tid] = combine(buf[tid], buf[tid + stride])
+            cuda.syncthreads()  # this level's results written before the next level reads
+            stride //= 2
+        result = buf[0]
+        cuda.syncthreads()  # every thread has read the result before buf is reused
+        return result
+
+    return reduce
+
+
 @cuda.jit(device=True)
-def block_sum(buf, value):
-    """Sum of `value` over the block; buf is a shared array of blockDim.x (a power of two)."""
-    tid = cuda.threadIdx.x
-    buf[tid] = value
-    cuda.syncthreads()
-    stride = buf.shape[0] // 2
-    while stride > 0:
-        if tid < stride:
-            buf[tid] += buf[tid + stride]
-        cuda.syncthreads()  # this level's sums written before the next level reads them
-        stride //= 2
-    total = buf[0]
-    cuda.syncthreads()  # every thread has read the total before buf is reused
-    return total
+def _add(a, b):
+    return a + b
+
+
+@cuda.jit(device=True)
+def _max(a, b):
+    return max(a, b)
+
+
+block_sum, block_max = _block_reduce(_add), _block_reduce(_max)

@@ -91,14 +91,15 @@ def build_load_run(geo: Geometry, bs: int):
     run, row_words, words = geo.run, geo.row_words, geo.words
 
     @cuda.jit(device=True)
-    def load_run(kbuf, vbuf, k_cache, v_cache, slots, slot, first, kvh, lane):
+    def load_run(kbuf, vbuf, k_cache, v_cache, slots, slot, first, kvh, lane, live):
         """Key and value rows of keys first .. first + run of the lanes' 32-key chunk, whose
-        slots the lanes hold (lane j: key j's)."""
+        slots the lanes hold (lane j: key j's); only when `live` (the same in the whole
+        warp; every lane shuffles either way, as the simulator needs)."""
         for k in range(run):
             s = shfl_idx(slots, slot, first + k, lane)
             page, off = s // bs, s % bs
             for i in range(row_words):
-                if i * WARP + lane < words:
+                if live and i * WARP + lane < words:
                     kbuf[k, i] = k_cache[page, off, kvh, i * WARP + lane]
                     vbuf[k, i] = v_cache[page, off, kvh, i * WARP + lane]
 

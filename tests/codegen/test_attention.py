@@ -132,7 +132,7 @@ def check_attention(
         "max_query_len": max(batch.max_query_len, 2) if prefill else 1,
     }
     # partials of splits that hold no key stay NaN: the reduce must not read them
-    parts = max(1, decode_splits(sizes, case.kv_heads, blocks, attention.WARP * attention.WARPS))
+    parts = max(1, decode_splits(sizes, case.kv_heads, blocks, attention.WARP))
     part_acc = poisoned((tokens, case.heads, parts, case.head_dim), "float32", device)
     part_ml = poisoned((tokens, case.heads, parts, 2), "float32", device)
     kernels = run_kernels(
@@ -203,7 +203,7 @@ def test_decode_with_mostly_empty_splits():
     # the reduce must skip their NaN partials. 3 q heads per kv head (GQA).
     case = Case(6, 2, 8, 4, chunks=((1, 40), (1, 2), (1, 17)))
     kernels, sizes = check_attention(case, "bfloat16", rope=False, blocks=MANY, max_context_len=96)
-    assert kernels.kernels[1].grid(sizes)[2] == 96 // (attention.WARP * attention.WARPS)
+    assert kernels.kernels[1].grid(sizes)[2] == 96 // attention.WARP
     check_attention(case, "float32", rope=True, window=11, blocks=MANY, max_context_len=96)
 
 
