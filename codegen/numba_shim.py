@@ -16,6 +16,7 @@ boolean = types.boolean
 int16 = types.int16
 int32 = types.int32
 int64 = types.int64
+uint64 = types.uint64
 float16 = types.float16
 float32 = types.float32
 
@@ -30,4 +31,5 @@ __all__ = [
     "int64",
     "libdevice",
     "types",
+    "uint64",
 ]

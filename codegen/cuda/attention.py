@@ -113,7 +113,8 @@ def _attention(
     ml_rows = WARPS + 1  # each warp's (m, l), then the block's
     bs, window, load = consts.block_size, op.sliding_window or 0, LOAD[dtype]
     scale = float32(op.scale)
-    load_run, run_step = build_load_run(geo, bs), build_run_step(op, dtype, geo)
+    load_run = build_load_run(geo, op.num_kv_heads)
+    run_step = build_run_step(op, dtype, geo)
     merge = build_merge(dtype, group, dim, geo)
 
     @cuda.jit(device=True)
@@ -134,7 +135,7 @@ def _attention(
     def paged_attention(
         out, part_acc, part_ml, q, k_cache, v_cache, query_start, context_lens, block_tables
     ):
-        t, kvh, p = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        kvh, t, p = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         b, q_pos = query_position(query_start, context_lens, t)
         lo, hi = split_range(q_pos, window, cuda.gridDim.z, p, WARP)
         if lo >= hi:
@@ -189,15 +190,16 @@ def _attention(
         Param("part_acc", "float32", 4),
         Param("part_ml", "float32", 4),
         Param("q_rot" if op.rope else "in0", dtype, 3),
-        Param("k_cache", cache, 4),
-        Param("v_cache", cache, 4),
+        Param("k_cache", cache, 1),
+        Param("v_cache", cache, 1),
         Param("query_start", "int32", 1),
         Param("context_lens", "int32", 1),
         Param("block_tables", "int32", 2),
     )
     key = (op.num_heads, op.num_kv_heads, dim, op.scale, window, op.softcap, bs)
     key += (dtype, geo, WARP, WARPS)
-    grid = lambda s: (s["T"], op.num_kv_heads, splits(s))  # noqa: E731
+    # the kv heads of a token run side by side: together they read whole cache rows
+    grid = lambda s: (op.num_kv_heads, s["T"], splits(s))  # noqa: E731
     return Kernel(kernel_name("paged_attention", *key), paged_attention, params, (nt,), grid)
 
 

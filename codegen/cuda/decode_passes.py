@@ -18,7 +18,7 @@ import numpy as np
 from codegen.cuda.dtypes import STORE
 from codegen.cuda.warp import key_reduce, shfl_idx, shfl_xor
 from codegen.cuda.words import unpacker, word_for
-from codegen.numba_shim import CUDASIM, cuda, float32
+from codegen.numba_shim import CUDASIM, cuda, float32, uint64
 from codegen.registry import cdiv
 from ir.ops import PagedAttention
 
@@ -87,21 +87,22 @@ def check_shared(group: int, dim: int) -> None:
         )
 
 
-def build_load_run(geo: Geometry, bs: int):
+def build_load_run(geo: Geometry, kv_heads: int):
     run, row_words, words = geo.run, geo.row_words, geo.words
 
     @cuda.jit(device=True)
     def load_run(kbuf, vbuf, k_cache, v_cache, slots, slot, first, kvh, lane, live):
         """Key and value rows of keys first .. first + run of the lanes' 32-key chunk, whose
         slots the lanes hold (lane j: key j's); only when `live` (the same in the whole
-        warp; every lane shuffles either way, as the simulator needs)."""
+        warp; every lane shuffles either way, as the simulator needs). The caches are flat
+        arrays of words, indexed unsigned: one multiply-add per row, no negative-index fixup."""
         for k in range(run):
             s = shfl_idx(slots, slot, first + k, lane)
-            page, off = s // bs, s % bs
+            row = (uint64(s) * uint64(kv_heads) + uint64(kvh)) * uint64(words) + uint64(lane)
             for i in range(row_words):
                 if live and i * WARP + lane < words:
-                    kbuf[k, i] = k_cache[page, off, kvh, i * WARP + lane]
-                    vbuf[k, i] = v_cache[page, off, kvh, i * WARP + lane]
+                    kbuf[k, i] = k_cache[row + uint64(i * WARP)]
+                    vbuf[k, i] = v_cache[row + uint64(i * WARP)]
 
     return load_run
 

@@ -23,7 +23,7 @@ from ir.types import TensorType, promote
 
 def _normalizer(hidden: int, eps: float, x_dtype: str, w_dtype: str, out_dtype: str):
     """Device function writing one normalized row from the fp32 values a thread holds."""
-    nt = pow2_threads(cdiv(hidden, 4))
+    nt = pow2_threads(cdiv(hidden, 4), hi=1024)  # short per-thread chains: 4+ elements each
     ept = cdiv(hidden, nt)  # elements per thread
     inv_hidden, eps32 = np.float32(1.0 / hidden), np.float32(eps)
     load_x, store_x = LOAD[x_dtype], STORE[x_dtype]
