@@ -78,6 +78,7 @@ def query_position(query_start, context_lens, t):
 
 
 MAX_SPLITS = 1024  # splits of one token's context: the reduce weighs them in shared memory
+UNROLL = 8  # partials of a dim the reduce loads before adding any
 
 
 def decode_splits(s: Sizes, kv_heads: int, target_blocks: int, chunk: int) -> int:
@@ -90,12 +91,18 @@ def decode_splits(s: Sizes, kv_heads: int, target_blocks: int, chunk: int) -> in
 
 
 @cuda.jit(device=True)
-def split_range(q_pos, window, splits, p, chunk):
-    """Keys [lo, hi) of split p of the token at q_pos: its visible keys cut into `splits`
-    runs of whole chunks; lo >= hi when the split is empty (a short context)."""
+def split_span(q_pos, window, splits, chunk):
+    """(first visible key, keys per split) of the token at q_pos: its visible keys cut into
+    `splits` runs of whole chunks."""
     start = max(q_pos - window + 1, 0) if window > 0 else int64(0)
     per = (q_pos + 1 - start + splits - 1) // splits
-    span = (per + chunk - 1) // chunk * chunk
+    return start, (per + chunk - 1) // chunk * chunk
+
+
+@cuda.jit(device=True)
+def split_range(q_pos, window, splits, p, chunk):
+    """Keys [lo, hi) of split p; lo >= hi when the split is empty (a short context)."""
+    start, span = split_span(q_pos, window, splits, chunk)
     lo = start + int64(p) * span
     return lo, min(lo + span, q_pos + 1)
 
@@ -211,33 +218,34 @@ def _reduce(op: PagedAttention, dtype: str) -> Kernel:
     @cuda.jit
     def attention_reduce(out, part_acc, part_ml, query_start, context_lens):
         """Thread j weighs splits j, j + nt, ... (in parallel, not one loop of dependent
-        loads); thread d adds up dim d over the splits, four loads in flight."""
+        loads); thread d adds up dim d over the splits, UNROLL loads in flight."""
         t, h, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
-        splits = part_ml.shape[2]
         _, q_pos = query_position(query_start, context_lens, t)
+        start, span = split_span(q_pos, window, part_ml.shape[2], WARP)
+        parts = (q_pos + 1 - start + span - 1) // span  # the non-empty splits come first
         weight = cuda.shared.array(MAX_SPLITS, float32)
         buf = cuda.shared.array(nt, float32)
         m_p, l_p = NEG_INF, float32(0.0)
-        for p in range(tid, splits, nt):  # the splits the attention kernel wrote
-            lo, hi = split_range(q_pos, window, splits, p, WARP)
-            if lo < hi:
-                m, m_new = part_ml[t, h, p, 0], max(m_p, part_ml[t, h, p, 0])
-                l_p = l_p * math.exp(m_p - m_new) + part_ml[t, h, p, 1] * math.exp(m - m_new)
-                m_p = m_new
+        for p in range(tid, parts, nt):
+            m, m_new = part_ml[t, h, p, 0], max(m_p, part_ml[t, h, p, 0])
+            l_p = l_p * math.exp(m_p - m_new) + part_ml[t, h, p, 1] * math.exp(m - m_new)
+            m_p = m_new
         top = block_max(buf, m_p)
-        for p in range(tid, splits, nt):
-            lo, hi = split_range(q_pos, window, splits, p, WARP)
-            weight[p] = math.exp(part_ml[t, h, p, 0] - top) if lo < hi else float32(0.0)
+        for p in range(tid, parts, nt):
+            weight[p] = math.exp(part_ml[t, h, p, 0] - top)
         total = block_sum(buf, l_p * math.exp(m_p - top) if m_p != NEG_INF else float32(0.0))
         for d in range(tid, dim, nt):
-            a = cuda.local.array(4, float32)
-            for j in range(4):
+            a = cuda.local.array(UNROLL, float32)
+            for j in range(UNROLL):
                 a[j] = float32(0.0)
-            for p0 in range(0, splits, 4):
-                for j in range(4):
-                    if p0 + j < splits and weight[p0 + j] > 0:
-                        a[j] += part_acc[t, h, p0 + j, d] * weight[p0 + j]
-            out[t, h, d] = store((a[0] + a[1] + a[2] + a[3]) / total)
+            for p0 in range(0, parts, UNROLL):
+                for j in range(UNROLL):  # no branch: past the end, the last split, weight 0
+                    w = weight[p0 + j] if p0 + j < parts else float32(0.0)
+                    a[j] += part_acc[t, h, min(p0 + j, parts - 1), d] * w
+            acc = float32(0.0)
+            for j in range(UNROLL):
+                acc += a[j]
+            out[t, h, d] = store(acc / total)
 
     params = (
         Param("out0", dtype, 3),
