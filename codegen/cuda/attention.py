@@ -7,11 +7,11 @@ Launches, in order:
 2. attention, one block per (token, kv head, split of the token's context) serving every q
    head of that kv head (GQA), so each key and value row is read once per group. The token
    finds its sequence in query_start and attends causally (and within the sliding window)
-   over its cached context, straight from block_tables. Each warp owns 32-key chunks of the
-   split (warp w takes chunks w, w + WARPS, ...), loads the key and value rows of a run of
-   keys (BuildConstants.attn_load_words) before it uses any, keeps its own online softmax
-   in fp32 (decode_passes.py), and needs no block barrier until the warps merge at the end.
-   The next chunk's slots are read while this one is. Caches are read as wide words
+   over its cached context, straight from block_tables. The split is read in runs of keys
+   (BuildConstants.attn_load_words), warp w taking runs w, w + WARPS, ...; a warp loads the
+   key and value rows of a run before it uses any, keeps its own online softmax in fp32
+   (decode_passes.py), and needs no block barrier until the warps merge at the end. The
+   next round's slots are read while this one is. Caches are read as wide words
    (4 bf16 or fp16, 2 fp32 per int64) so that every load moves 8 bytes. With one split the
    block writes the output; with several it writes partial (acc, max, sum) to scratch.
 3. reduce, only with several splits: merges the non-empty partials of each (token, head).
@@ -133,6 +133,11 @@ def _attention(
                 qr[g, c] = load(q[t, h0 + g, d]) * scale if d < dim else float32(0.0)
 
     @cuda.jit(device=True)
+    def lane_key(base, warp, lane):
+        """Position of key `lane` of the warp's runs in the round that starts at base."""
+        return base + (lane // run * WARPS + warp) * run + lane % run
+
+    @cuda.jit(device=True)
     def slot_of(block_tables, b, pos, lo, hi):
         if pos >= hi:
             pos = lo  # masked keys read a row surely written, and get probability 0
@@ -170,17 +175,20 @@ def _attention(
         for k in range(run):  # rows a warp past the split's end never loads are zeros
             for i in range(row_words):
                 kbuf[k, i], vbuf[k, i] = 0, 0
-        # warp w takes the chunks w, w + WARPS, ... of WARP keys; lane j holds key j's slot
-        key0 = lo + warp * WARP
-        slot = slot_of(block_tables, b, key0 + lane, lo, hi)
+        # A round covers nt keys in runs of `run`: warp w takes runs w, w + WARPS, ..., so a
+        # short split still has every warp loading. Lane j holds the slot of key j of the
+        # warp's runs in the round.
+        base = lo
+        slot = slot_of(block_tables, b, lane_key(base, warp, lane), lo, hi)
         for _ in range((hi - lo + nt - 1) // nt):  # the same trip count in every warp
-            here, after = slot, key0 + nt
-            slot = slot_of(block_tables, b, after + lane, lo, hi)  # ahead of its use
+            here, after = slot, base + nt
+            slot = slot_of(block_tables, b, lane_key(after, warp, lane), lo, hi)  # ahead
             for first in range(0, WARP, run):
-                live = key0 + first < hi  # a warp past the split's end loads nothing
+                key0 = base + (first // run * WARPS + warp) * run
+                live = key0 < hi  # a run past the split's end loads nothing
                 load_run(kbuf, vbuf, k_cache, v_cache, slots, here, first, kvh, lane, live)
-                run_step(state, kbuf, vbuf, key0 + first, hi, xchg, lane)
-            key0 = after
+                run_step(state, kbuf, vbuf, key0, hi, xchg, lane)
+            base = after
         # the lane's share of each head's sum: its own (key, head) scores, once per copy
         lsum, head0 = cuda.local.array(group, float32), (lane // copies) * held % padded
         for g in range(group):
