@@ -1,6 +1,8 @@
 """`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1, K3, K4).
 
-Prints achieved bandwidth or FLOP/s and the fraction of the H200 ceiling, writes JSON.
+Each variant's GPU time comes from replaying its calls captured in a CUDA graph, so no
+variant is charged its host launch cost. Prints achieved bandwidth or FLOP/s and the
+fraction of the H200 ceiling, writes JSON.
 """
 
 from __future__ import annotations
