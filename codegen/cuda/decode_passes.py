@@ -92,9 +92,9 @@ def build_load_run(geo: Geometry, kv_heads: int):
 
     @cuda.jit(device=True)
     def load_run(kbuf, vbuf, k_cache, v_cache, slots, slot, first, kvh, lane, live):
-        """Key and value rows of keys first .. first + run of the lanes' 32-key chunk, whose
-        slots the lanes hold (lane j: key j's); only when `live` (the same in the whole
-        warp; every lane shuffles either way, as the simulator needs). The caches are flat
+        """Key and value rows of the run whose slots lanes first .. first + run hold (each
+        lane holds one key's slot); only when `live` (the same in the whole warp; every
+        lane shuffles either way, as the simulator needs). The caches are flat
         arrays of words, indexed unsigned: one multiply-add per row, no negative-index fixup."""
         for k in range(run):
             s = shfl_idx(slots, slot, first + k, lane)
