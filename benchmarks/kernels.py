@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,24 @@ BF16_FLOPS = 786e12  # dense bf16 matmul measured on the H200
 DEFAULTS = BuildConstants()
 
 
-def _event_time(fn, repeats: int) -> float:
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Seconds per call over the repeats: median, min and max; how they were taken."""
+
+    median: float
+    low: float
+    high: float
+    method: str  # "graph" (GPU time of replays) or "eager" (host launch time included)
+
+    def fields(self) -> dict:
+        return {
+            "timing": self.method,
+            "ms": round(self.median * 1e3, 3),
+            "ms_min_max": f"{self.low * 1e3:.3f}-{self.high * 1e3:.3f}",
+        }
+
+
+def _event_times(fn, repeats: int, per: int, method: str) -> Timing:
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -32,18 +50,19 @@ def _event_time(fn, repeats: int) -> float:
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+        times.append(start.elapsed_time(end) / 1e3 / per)
+    times.sort()
+    return Timing(times[len(times) // 2], times[0], times[-1], method)
 
 
-def gpu_time(fn, repeats: int = 20, launches: int = 5, graph: bool = True) -> tuple[float, str]:
-    """(median seconds per call, how it was timed). With `graph`, the GPU time of `launches`
-    calls captured in a CUDA graph and replayed, so that no variant is charged its host
-    launch cost (a numba dispatch from Python costs more than the kernel it launches); a
-    variant that syncs with the host (the torch reference) is timed eagerly instead."""
+def gpu_time(fn, repeats: int = 20, launches: int = 5, graph: bool = True) -> Timing:
+    """Seconds per call. With `graph`, the GPU time of `launches` calls captured in a CUDA
+    graph and replayed, so that no variant is charged its host launch cost (a numba dispatch
+    from Python costs more than the kernel it launches); a variant that syncs with the host
+    (the torch reference) is timed eagerly instead."""
     if not graph:
         fn(), fn()
-        return _event_time(fn, repeats), "eager"
+        return _event_times(fn, repeats, 1, "eager")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -53,7 +72,7 @@ def gpu_time(fn, repeats: int = 20, launches: int = 5, graph: bool = True) -> tu
     with torch.cuda.graph(replay):
         for _ in range(launches):
             fn()
-    return _event_time(replay.replay, repeats) / launches, "graph"
+    return _event_times(replay.replay, repeats, launches, "graph")
 
 
 def numba_op(op, types, tensors, sizes, consts=DEFAULTS):
@@ -82,7 +101,7 @@ def k3(rows: int = 8192, hidden: int = 4096) -> list[dict]:
         "torch reference": lambda: rms_norm(x + r, w, 1e-6),
     }
     moved = 4 * x.nbytes  # read x and r, write the norm and the sum
-    return [_bw_row("K3 add+rmsnorm", name, *gpu_time(fn), moved) for name, fn in variants.items()]
+    return [_bw_row("K3 add+rmsnorm", name, gpu_time(fn), moved) for name, fn in variants.items()]
 
 
 def _paged(seqs: int, new: int, cached: int, heads=32, kv_heads=8, dim=128, block=16):
@@ -157,7 +176,7 @@ def k1(seqs: int = 64, ctx: int = 4096) -> list[dict]:
     variants, _ = _attention_variants(seqs, 1, ctx - 1, consts)
     kv_bytes = 2 * seqs * ctx * 8 * 128 * 2
     return [
-        _bw_row("K1 paged decode", n, *gpu_time(fn, 10, graph=n != "torch reference"), kv_bytes)
+        _bw_row("K1 paged decode", n, gpu_time(fn, 10, graph=n != "torch reference"), kv_bytes)
         for n, fn in variants.items()
     ]
 
@@ -169,13 +188,13 @@ def k4(seqs: int = 8, new: int = 2048, cached: int = 2048) -> list[dict]:
     flops = 4 * seqs * 32 * 128 * keys_seen  # q.k and p.v, 2 flops per multiply-add
     rows = []
     for name, fn in variants.items():
-        seconds, timing = gpu_time(fn, 5, launches=1)
+        timing = gpu_time(fn, 5, launches=1)
+        seconds = timing.median
         rows.append(
             {
                 "kernel": "K4 paged prefill",
                 "variant": name,
-                "timing": timing,
-                "ms": round(seconds * 1e3, 3),
+                **timing.fields(),
                 "achieved": f"{flops / seconds / 1e12:.1f} TFLOP/s",
                 "of_ceiling": f"{flops / seconds / BF16_FLOPS:.1%}",
             }
@@ -183,12 +202,12 @@ def k4(seqs: int = 8, new: int = 2048, cached: int = 2048) -> list[dict]:
     return rows
 
 
-def _bw_row(kernel: str, variant: str, seconds: float, timing: str, nbytes: int) -> dict:
+def _bw_row(kernel: str, variant: str, timing: Timing, nbytes: int) -> dict:
+    seconds = timing.median
     return {
         "kernel": kernel,
         "variant": variant,
-        "timing": timing,
-        "ms": round(seconds * 1e3, 3),
+        **timing.fields(),
         "achieved": f"{nbytes / seconds / 1e9:.0f} GB/s",
         "of_ceiling": f"{nbytes / seconds / COPY_BW:.1%}",
     }
@@ -204,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kiln bench kernels needs an NVIDIA GPU")
     rows = [row for name in args.only for row in BENCHES[name]()]
-    print(table(rows, ["kernel", "variant", "timing", "ms", "achieved", "of_ceiling"]))
+    columns = ["kernel", "variant", "timing", "ms", "ms_min_max", "achieved", "of_ceiling"]
+    print(table(rows, columns))
     print(f"wrote {save('kernels', {'rows': rows})}")
 
 
