@@ -1,4 +1,5 @@
-"""`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1, K3, K4).
+"""`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1, K3, K4;
+K1m: K1 at W1's mixed context lengths).
 
 Each variant's GPU time comes from replaying its calls captured in a CUDA graph, so no
 variant is charged its host launch cost. Prints achieved bandwidth or FLOP/s and the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +183,54 @@ def k1(seqs: int = 64, ctx: int = 4096) -> list[dict]:
     ]
 
 
+def _mixed_decode(ctxs: list[int], heads: int, kv_heads: int, dim=128, block=16, device="cuda"):
+    """One new token per sequence over contexts of the given lengths (the new token's k/v
+    included), blocks shuffled over the pool; returns the inputs bound by kernel name."""
+    per = [-(-c // block) for c in ctxs]
+    pool = torch.randperm(sum(per), dtype=torch.int32).tolist()
+    tables, width = [], max(per)
+    for n in per:
+        tables.append(pool[:n] + [0] * (width - n))
+        pool = pool[n:]
+    table = torch.tensor(tables, dtype=torch.int32, device=device)
+    shape = (sum(per), block, kv_heads, dim)
+    k_cache, v_cache = (torch.randn(shape, dtype=torch.bfloat16, device=device) for _ in "kv")
+    pos = torch.tensor(ctxs, device=device) - 1
+    rows = torch.arange(len(ctxs), device=device)
+    seqs = len(ctxs)
+    return {
+        "in0": torch.randn(1, seqs, heads, dim, dtype=torch.bfloat16, device=device),
+        "in1": torch.randn(1, seqs, kv_heads, dim, dtype=torch.bfloat16, device=device),
+        "in2": torch.randn(1, seqs, kv_heads, dim, dtype=torch.bfloat16, device=device),
+        "out0": torch.empty(1, seqs, heads, dim, dtype=torch.bfloat16, device=device),
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "slot_mapping": table[rows, pos // block].long() * block + pos % block,
+        "query_start": torch.arange(seqs + 1, dtype=torch.int32, device=device),
+        "context_lens": torch.tensor(ctxs, dtype=torch.int32, device=device),
+        "block_tables": table,
+    }
+
+
+def k1m(seqs: int = 256, shortest: int = 100, longest: int = 2048) -> list[dict]:
+    """K1 on W1's decode steps: Qwen3-0.6B's heads (16 q / 8 kv), a batch of contexts of
+    mixed lengths, launched for the longest allowed (a decode CUDA graph's sizes), with and
+    without a cap on the keys one block walks."""
+    rng = random.Random(0)
+    ctxs = [rng.randint(shortest, longest) for _ in range(seqs)]
+    tensors = _mixed_decode(ctxs, 16, 8)
+    op = ops.PagedAttention(0, 16, 8, 128, 128**-0.5, layout="bthd")
+    types = tuple(TensorType(tuple(tensors[n].shape), "bfloat16") for n in ("in0", "in1", "in2"))
+    sizes = {"T": seqs, "B": seqs, "seqs": seqs, "max_context_len": longest, "max_query_len": 1}
+    kv_bytes = sum(ctxs) * 8 * 128 * 2 * 2
+    rows = []
+    for span in (0, 1024, 512, 256):
+        fn = numba_op(op, types, tensors, sizes, BuildConstants(attn_max_span=span))
+        variant = f"numba split-K, span cap {span or 'none'}"
+        rows.append(_bw_row("K1m mixed contexts", variant, gpu_time(fn, 10), kv_bytes))
+    return rows
+
+
 def k4(seqs: int = 8, new: int = 2048, cached: int = 2048) -> list[dict]:
     variants, _ = _attention_variants(seqs, new, cached)
     variants.pop("torch reference")  # a per-sequence python loop: minutes at this size
@@ -213,7 +263,7 @@ def _bw_row(kernel: str, variant: str, timing: Timing, nbytes: int) -> dict:
     }
 
 
-BENCHES = {"k1": k1, "k3": k3, "k4": k4}
+BENCHES = {"k1": k1, "k1m": k1m, "k3": k3, "k4": k4}
 
 
 def main(argv: list[str] | None = None) -> None:

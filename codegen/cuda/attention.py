@@ -81,13 +81,18 @@ MAX_SPLITS = 1024  # splits of one token's context: the reduce weighs them in sh
 UNROLL = 8  # partials of a dim the reduce loads before adding any
 
 
-def decode_splits(s: Sizes, kv_heads: int, target_blocks: int, chunk: int) -> int:
+def decode_splits(s: Sizes, kv_heads: int, consts: BuildConstants, chunk: int) -> int:
     """Splits of each token's context in a decode launch (grid z): enough blocks to fill the
-    GPU, none shorter than a chunk of keys; 0 when the prefill kernel runs instead."""
+    GPU (consts.attn_blocks), none walking more than consts.attn_max_span keys of the longest
+    context when that is set, none shorter than a chunk of keys; 0 when the prefill kernel
+    runs instead."""
     if s["max_query_len"] != 1:
         return 0
     most = min(MAX_SPLITS, cdiv(s["max_context_len"], chunk))
-    return max(1, min(most, cdiv(target_blocks, s["T"] * kv_heads)))
+    want = cdiv(consts.attn_blocks, s["T"] * kv_heads)
+    if consts.attn_max_span:
+        want = max(want, cdiv(s["max_context_len"], consts.attn_max_span))
+    return max(1, min(most, want))
 
 
 @cuda.jit(device=True)
@@ -282,7 +287,7 @@ def build_paged_attention(
     heads, dim = op.num_heads, op.head_dim
 
     def parts(s: Sizes) -> int:
-        return decode_splits(s, op.num_kv_heads, consts.attn_blocks, WARP)
+        return decode_splits(s, op.num_kv_heads, consts, WARP)
 
     scratch = (
         Scratch("part_acc", "float32", lambda s: (s["T"], heads, parts(s), dim)),
