@@ -177,7 +177,7 @@ def _attention(
         state = (qr, acc, m, alpha, m_own, l_own)
         kbuf = cuda.local.array((run, row_words), word_type)
         vbuf = cuda.local.array((run, row_words), word_type)
-        for k in range(run):  # rows a warp past the split's end never loads are zeros
+        for k in range(run):  # rows of runs past the split's end are never loaded: zeros
             for i in range(row_words):
                 kbuf[k, i], vbuf[k, i] = 0, 0
         # A round covers nt keys in runs of `run`: warp w takes runs w, w + WARPS, ..., so a
