@@ -39,6 +39,14 @@ class Param:
     layout: str = "C"
 
 
+# where each token's sequence, its context and its cache blocks are: what attention reads
+SEQUENCE_PARAMS = (
+    Param("query_start", "int32", 1),
+    Param("context_lens", "int32", 1),
+    Param("block_tables", "int32", 2),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Kernel:
     """One launch: fn[grid(sizes), block](*params); skipped when `when(sizes)` is false.

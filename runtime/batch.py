@@ -81,9 +81,9 @@ def _to_device(wide: tuple[list[int], ...], narrow: tuple[list[int], ...], devic
     bound for a GPU, so the copy is asynchronous): two copies a step, not seven."""
     out = []
     for fields, dtype in ((wide, torch.int64), (narrow, torch.int32)):
-        host = torch.tensor([x for f in fields for x in f], dtype=dtype)
-        if device.type == "cuda":
-            host = host.pin_memory()  # torch's caching host allocator: reused once copied
+        values = [x for f in fields for x in f]
+        # pinned from torch's caching host allocator (a block is reused once its copy is done)
+        host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
         packed = host.to(device, non_blocking=True)
         out.append(packed.split([len(f) for f in fields]))
     return out

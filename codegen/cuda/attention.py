@@ -43,6 +43,7 @@ from codegen.cuda.kv_write import build_kv_write
 from codegen.cuda.prefill_attention import build_prefill_attention
 from codegen.numba_shim import cuda, float32, int32, int64
 from codegen.registry import (
+    SEQUENCE_PARAMS,
     BuildConstants,
     Kernel,
     OpKernels,
@@ -212,9 +213,7 @@ def _attention(
         Param("q_rot" if op.rope else "in0", dtype, 3),
         Param("k_cache", cache, 1),
         Param("v_cache", cache, 1),
-        Param("query_start", "int32", 1),
-        Param("context_lens", "int32", 1),
-        Param("block_tables", "int32", 2),
+        *SEQUENCE_PARAMS,
     )
     key = (op.num_heads, op.num_kv_heads, dim, op.scale, window, op.softcap, bs)
     key += (dtype, geo, WARP, WARPS)

@@ -22,7 +22,7 @@ import numpy as np
 
 from codegen.cuda.dtypes import LOAD, STORE
 from codegen.numba_shim import cuda, float32, int64
-from codegen.registry import Kernel, Param, cdiv, kernel_name
+from codegen.registry import SEQUENCE_PARAMS, Kernel, Param, cdiv, kernel_name
 from ir.ops import PagedAttention
 
 NEG_INF = np.float32(-np.inf)
@@ -256,9 +256,7 @@ def build_prefill_attention(op: PagedAttention, dtype: str, block_size: int) -> 
         Param("q_rot" if op.rope else "in0", dtype, 3),
         Param("k_cache", dtype, 4),
         Param("v_cache", dtype, 4),
-        Param("query_start", "int32", 1),
-        Param("context_lens", "int32", 1),
-        Param("block_tables", "int32", 2),
+        *SEQUENCE_PARAMS,
     )
     key = (heads, kv_heads, dim, op.scale, window, op.softcap, bs, dtype, THREADS, tiles)
     return Kernel(
