@@ -125,6 +125,10 @@ def w1(args) -> dict:
         "median_step_ms_decode": round(statistics.median(s for _, s in decode) * 1e3, 2)
         if decode
         else None,
+        # wall time inside the runner (launch + GPU), all steps and decode steps; the rest of
+        # `seconds` is the engine's own host work (scheduling, sampling, outputs)
+        "execute_s": round(sum(stats["step"]), 2),
+        "execute_s_decode": round(sum(s for _, s in decode), 2),
     }
     print(table(rows, ["system", "seconds", "output_tokens", "tok_s"]))
     print("steps:", host)

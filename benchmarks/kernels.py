@@ -158,7 +158,8 @@ def _attention_variants(seqs, new, cached, consts=(DEFAULTS,)):
 
     def name(c: BuildConstants) -> str:
         if new > 1:
-            return "numba prefill_attention"
+            cores = "tensor cores (mma)" if c.prefill_tensor_cores else "CUDA cores"
+            return f"numba prefill attention, {cores}"
         return f"numba split-K, {c.attn_blocks} blocks, {c.attn_load_words} words a load run"
 
     numba = {name(c): numba_op(op, types, tensors, sizes, c) for c in consts}
@@ -232,7 +233,8 @@ def k1m(seqs: int = 256, shortest: int = 100, longest: int = 2048) -> list[dict]
 
 
 def k4(seqs: int = 8, new: int = 2048, cached: int = 2048) -> list[dict]:
-    variants, _ = _attention_variants(seqs, new, cached)
+    consts = [DEFAULTS, BuildConstants(prefill_tensor_cores=False)]
+    variants, _ = _attention_variants(seqs, new, cached, consts)
     variants.pop("torch reference")  # a per-sequence python loop: minutes at this size
     keys_seen = new * cached + new * (new + 1) / 2  # causal over the cache and the new tokens
     flops = 4 * seqs * 32 * 128 * keys_seen  # q.k and p.v, 2 flops per multiply-add

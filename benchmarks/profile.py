@@ -1,7 +1,8 @@
-"""Where a step's GPU time goes: torch.profiler over decode steps of a random model.
+"""Where a step's GPU time goes: torch.profiler over the steps of a random model.
 
 Prints the CUDA kernels by total time (ours by name, cuBLAS and torch ops by theirs), for
-`--batch` sequences of `--context` tokens each.
+`--batch` sequences of `--context` tokens each: of the decode step with the most sequences,
+or with `--prefill` of the first step that prefills (`--budget` tokens at most).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--graphs", action="store_true", help="profile CUDA-graph replays")
+    p.add_argument("--prefill", action="store_true", help="profile a prefill step instead")
+    p.add_argument("--budget", type=int, help="max_num_batched_tokens (default: a context)")
     p.add_argument("--workdir", default="/tmp/kiln-profile")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)  # kernel coverage: nodes that stay torch ops
@@ -43,7 +46,7 @@ def main() -> None:
         EngineConfig(
             max_num_seqs=args.batch,
             max_model_len=args.context + args.steps + 16,
-            max_num_batched_tokens=max(2048, args.context),
+            max_num_batched_tokens=args.budget or max(2048, args.context),
             num_kv_blocks=blocks,
             cuda_graphs=args.graphs,
         ),
@@ -51,25 +54,27 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(args.context)] for _ in range(args.batch)]
     run_all(engine, [p[:32] for p in prompts], [4] * args.batch)  # warm-up
-    decodes = []
+    profiles = []  # (sequences, tokens, profile) of the steps of the wanted kind
     execute = engine.runner.execute
 
     def profiled(chunks):
-        if not all(c.num_tokens == 1 for c in chunks):
+        decode = all(c.num_tokens == 1 for c in chunks)
+        if decode == args.prefill or (args.prefill and profiles):
             return execute(chunks)
         torch.cuda.synchronize()  # nothing of the last step's sampling in the window
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             logits = execute(chunks)
             torch.cuda.synchronize()
-        decodes.append(prof)
+        profiles.append((len(chunks), sum(c.num_tokens for c in chunks), prof))
         return logits
 
     engine.runner.execute = profiled
     run_all(engine, prompts, [args.steps] * args.batch)
-    prof = decodes[-1]
+    seqs, tokens, prof = max(profiles, key=lambda p: p[0])  # the fullest step
+    kind = "prefill" if args.prefill else "decode"
     print(
-        f"{args.model} ({args.layers or 'all'} layers), batch {args.batch}, "
-        f"context {args.context}: one decode step, {'graph' if args.graphs else 'eager'}"
+        f"{args.model} ({args.layers or 'all'} layers), context {args.context}: one {kind} "
+        f"step of {seqs} sequences, {tokens} tokens, {'graph' if args.graphs else 'eager'}"
     )
     table = prof.key_averages().table(
         sort_by="cuda_time_total", row_limit=60, max_name_column_width=90

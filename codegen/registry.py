@@ -93,6 +93,9 @@ class BuildConstants:
     # words of key rows (as many of value rows) a lane of decode attention loads before it
     # uses any: more loads in flight, against more registers (fewer blocks per SM)
     attn_load_words: int = 8
+    # prefill attention on tensor cores (mma) where the dtype and head size allow it; False
+    # keeps the CUDA-core kernel (a baseline for the benchmarks)
+    prefill_tensor_cores: bool = True
 
 
 Builder = Callable[[Any, tuple[TensorType, ...], BuildConstants], OpKernels]

@@ -1,7 +1,8 @@
 """PagedAttention, layout "bthd": KV-cache write, then attention.
 
 Decode batches (one new token per sequence) run the split-K kernel and its reduce; batches
-with several new tokens in a sequence run the tiled prefill kernel (prefill_attention.py).
+with several new tokens in a sequence run a prefill kernel: on tensor cores for bf16 and fp16
+(prefill_mma.py), else the tiled CUDA-core one (prefill_attention.py).
 Launches, in order:
 1. the prologue (kv_write.py): rope on q/k when op.rope, new k/v into the cache.
 2. attention, one block per (token, kv head, split of the token's context) serving every q
@@ -41,6 +42,7 @@ from codegen.cuda.decode_passes import (
 from codegen.cuda.dtypes import LOAD, STORAGE, STORE
 from codegen.cuda.kv_write import build_kv_write
 from codegen.cuda.prefill_attention import build_prefill_attention
+from codegen.cuda.prefill_mma import build_prefill_attention_mma, supports
 from codegen.numba_shim import cuda, float32, int32, int64
 from codegen.registry import (
     SEQUENCE_PARAMS,
@@ -298,6 +300,13 @@ def build_paged_attention(
         build_kv_write(op, q, k, cos, consts.block_size),
         replace(_attention(op, q.dtype, consts, parts), when=lambda s: parts(s) > 0),
         replace(_reduce(op, q.dtype), when=lambda s: parts(s) > 1),
-        build_prefill_attention(op, q.dtype, consts.block_size),  # several new tokens
+        _prefill(op, q.dtype, consts),  # several new tokens
     )
     return OpKernels(kernels, scratch)
+
+
+def _prefill(op: PagedAttention, dtype: str, consts: BuildConstants) -> Kernel:
+    """Tensor cores where the dtype and head size allow it, CUDA cores otherwise."""
+    if consts.prefill_tensor_cores and supports(op, dtype):
+        return build_prefill_attention_mma(op, dtype, consts.block_size)
+    return build_prefill_attention(op, dtype, consts.block_size)

@@ -33,7 +33,9 @@ def attention_op(case: Case, window=None, softcap=None) -> PagedAttention:
     )
 
 
-def check_prefill(case: Case, dtype: str, window=None, softcap=None, device="cpu") -> None:
+def check_prefill(
+    case: Case, dtype: str, window=None, softcap=None, device="cpu", build=build_prefill_attention
+) -> None:
     op = attention_op(case, window, softcap)
     batch, num_blocks = make_batch(case, device)
     # logits of the first sequence only (the others are partial prefill chunks): the grid
@@ -58,7 +60,7 @@ def check_prefill(case: Case, dtype: str, window=None, softcap=None, device="cpu
     ctx = RefContext(sizes, (ref_cache,), *(t.cpu() for t in fields.values()))
     (expected,) = run_op(op, ctx, q.cpu(), k.cpu(), v.cpu())
 
-    kernel = build_prefill_attention(op, dtype, case.block_size)
+    kernel = build(op, dtype, case.block_size)
     assert kernel.when(sizes)
     out = poisoned((1, tokens, case.heads, case.head_dim), dtype, device)
     tensors = {"out0": out, "in0": q, "k_cache": k_cache, "v_cache": v_cache, **fields}
