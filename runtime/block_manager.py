@@ -91,18 +91,30 @@ class BlockManager:
         On a sequence's first allocation, `hit` (from `lookup`, just before) is taken over:
         num_computed_tokens becomes hit.num_tokens and num_new_tokens count from there.
         Returns False, changing nothing, when the pool cannot supply the blocks.
+
+        Later calls only add blocks and register the blocks the new tokens fill; so, for
+        tokens that fit in the seq's last block without filling it, a call is a no-op.
         """
-        first = seq not in self._seq_hashes
-        hit = hit if first and hit is not None else PrefixHit((), 0)
-        start = hit.num_tokens if first else seq.num_computed_tokens
-        end = start + num_new_tokens
-        held = len(seq.block_table) + len(hit.blocks)
-        num_needed = max(-(-end // self.block_size) - held, 0)
+        hashes = self._seq_hashes.get(seq)
+        if hashes is None:
+            return self._allocate_first(seq, num_new_tokens, hit or PrefixHit((), 0))
+        end = seq.num_computed_tokens + num_new_tokens
+        num_needed = -(-end // self.block_size) - len(seq.block_table)
+        if num_needed > 0:
+            if num_needed > len(self._free) + len(self._evictable):
+                return False
+            seq.block_table.extend(self._take() for _ in range(num_needed))
+        if self.enable_prefix_caching and end // self.block_size > len(hashes):
+            self._register_full_blocks(seq, end)
+        return True
+
+    def _allocate_first(self, seq: Sequence, num_new_tokens: int, hit: PrefixHit) -> bool:
+        end = hit.num_tokens + num_new_tokens
+        num_needed = max(-(-end // self.block_size) - len(hit.blocks), 0)
         revived = sum(1 for b in hit.blocks if self._ref[b] == 0)  # leave the evictable pool
         if num_needed > len(self._free) + len(self._evictable) - revived:
             return False
-        if first:
-            self._start(seq, hit)
+        self._start(seq, hit)
         seq.block_table.extend(self._take() for _ in range(num_needed))
         self._register_full_blocks(seq, end)
         return True

@@ -123,12 +123,12 @@ class Engine:
             return []
         logits = self.runner.execute(plan.chunks)
         self.num_computed_tokens += plan.num_batched_tokens
-        sampling = [c for c in plan.chunks if c.sample]
-        tokens = sample(logits, [self._state(c.seq) for c in sampling])
+        seqs = [c.seq for c in plan.chunks if c.sample]
+        tokens = sample(logits, [self.requests[s.request_id].states[s.index] for s in seqs])
         self.scheduler.update(
-            plan, {c.seq.seq_id: t.token_id for c, t in zip(sampling, tokens, strict=True)}
+            plan, {s.seq_id: t.token_id for s, t in zip(seqs, tokens, strict=True)}
         )
-        return self._outputs(sampling, tokens)
+        return self._outputs(seqs, tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now (its blocks free at once); returns its final update."""
@@ -140,42 +140,51 @@ class Engine:
             CompletionOutput(i, text=self._take_text(request, i), finish_reason="abort")
             for i in range(len(request.seqs))
         ]
-        return self._request_output(request, outs)
+        return self._request_output(request, outs, request.finished)
 
-    def _state(self, seq: Sequence) -> SamplingState:
-        return self.requests[seq.request_id].states[seq.index]
-
-    def _outputs(self, sampling, tokens: list[SampledToken]):
-        updates: dict[str, list[CompletionOutput]] = {}
-        for chunk, token in zip(sampling, tokens, strict=True):
-            seq = chunk.seq
+    def _outputs(self, seqs: list[Sequence], tokens: list[SampledToken]) -> list[RequestOutput]:
+        """One update per request, its sequences' deltas in batch order; ended requests go."""
+        updates: dict[str, RequestOutput] = {}
+        for seq, token in zip(seqs, tokens, strict=True):
             request = self.requests[seq.request_id]
-            self._check_stop(request, seq, token.token_id)
-            out = CompletionOutput(
-                seq.index,
-                text=self._take_text(request, seq.index),
-                token_ids=[token.token_id],
-                logprobs=[self._decoded(token.logprobs)] if token.logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=request.stop_reasons[seq.index],
-            )
-            updates.setdefault(seq.request_id, []).append(out)
-        results = []
-        for request_id, outs in updates.items():
-            request = self.requests[request_id]
-            results.append(self._request_output(request, outs))
-            if request.finished:
-                del self.requests[request_id]
-        return results
+            out = self._completion(request, seq, token)
+            # Only a sequence that just ended can end its request: the scan over the
+            # request's sequences runs only then.
+            finished = seq.is_finished and request.finished
+            update = updates.get(seq.request_id)
+            if update is None:
+                updates[seq.request_id] = self._request_output(request, [out], finished)
+            else:
+                update.outputs.append(out)
+                update.finished = finished
+            if finished:
+                del self.requests[seq.request_id]
+        return list(updates.values())
 
-    def _request_output(self, request: _Request, outs: list[CompletionOutput]) -> RequestOutput:
+    def _completion(
+        self, request: _Request, seq: Sequence, token: SampledToken
+    ) -> CompletionOutput:
+        """The seq's delta for its new token, after checking whether that token ends it."""
+        self._check_stop(request, seq, token.token_id)
+        return CompletionOutput(
+            seq.index,
+            self._take_text(request, seq.index),
+            [token.token_id],
+            None if token.logprobs is None else [self._decoded(token.logprobs)],
+            seq.finish_reason,
+            request.stop_reasons[seq.index],
+        )
+
+    def _request_output(
+        self, request: _Request, outs: list[CompletionOutput], finished: bool
+    ) -> RequestOutput:
         return RequestOutput(
             request.request_id,
             request.prompt,
             request.prompt_token_ids,
             outs,
-            finished=request.finished,
-            num_cached_tokens=request.seqs[0].num_cached_tokens,
+            finished,
+            request.seqs[0].num_cached_tokens,
         )
 
     def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:
@@ -188,7 +197,8 @@ class Engine:
             reason, why = "stop", token
         elif stop_string is not None:
             reason, why = "stop", stop_string
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        # No max_model_len check: add() admits only prompt + max_tokens <= max_model_len.
+        elif seq.num_output_tokens >= params.max_tokens:
             reason = "length"
         if reason is not None:
             request.stop_reasons[seq.index] = why

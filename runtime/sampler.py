@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,9 +20,24 @@ class SamplingState:
     output_token_ids: list[int]  # appended to by the engine; only read here
     eos_token_ids: tuple[int, ...]  # banned while the output is shorter than min_tokens
     generator: torch.Generator | None  # None: draw from torch's default generator
+    # greedy with nothing to adjust or report: the token is the argmax of the raw logits
+    plain_greedy: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.plain_greedy = (
+            p.greedy
+            and not p.logit_bias
+            and p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0
+            and p.min_tokens == 0
+            and p.logprobs is None
+        )
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass builds ~3x slower, and there is one per sampled token.
+@dataclass(slots=True)
 class SampledToken:
     token_id: int
     # the sampled token and the top `params.logprobs` tokens; None when logprobs were not asked
@@ -38,6 +53,8 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledToken]:
     """Pick one token per row of `logits` [B, V] and report the requested logprobs."""
+    if all(s.plain_greedy for s in states):  # e.g. an offline greedy batch: skip the row work
+        return [SampledToken(t, None) for t in logits.argmax(dim=-1).tolist()]
     raw = logits.float()
     processed = apply_penalties(raw, states)
     token_ids = processed.argmax(dim=-1)

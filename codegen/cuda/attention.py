@@ -61,25 +61,14 @@ from ir.types import TensorType
 
 
 @cuda.jit(device=True)
-def find_sequence(query_start, t):
-    """The sequence b with query_start[b] <= t < query_start[b + 1] (binary search)."""
-    lo, hi = 0, query_start.shape[0] - 2
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if query_start[mid] <= t:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def decode_position(context_lens, t):
+    """Position of token t of a decode launch: every sequence has one new token, so token t
+    is sequence t's (no search of query_start), the last position of its context."""
+    return int64(context_lens[t]) - 1
 
 
-@cuda.jit(device=True)
-def query_position(query_start, context_lens, t):
-    """(sequence, position of token t in it); the token attends to positions <= its own."""
-    b = find_sequence(query_start, t)
-    return b, int64(context_lens[b]) - (int64(query_start[b + 1]) - t)
-
-
+# decode launches need no query_start: one token per sequence makes it 0, 1, ..., T
+DECODE_PARAMS = SEQUENCE_PARAMS[1:]  # context_lens, block_tables
 MAX_SPLITS = 1024  # splits of one token's context: the reduce weighs them in shared memory
 UNROLL = 8  # partials of a dim the reduce loads before adding any
 
@@ -152,11 +141,9 @@ def _attention(
         return int32(block_tables[b, pos // bs] * bs + pos % bs)
 
     @cuda.jit
-    def paged_attention(
-        out, part_acc, part_ml, q, k_cache, v_cache, query_start, context_lens, block_tables
-    ):
+    def paged_attention(out, part_acc, part_ml, q, k_cache, v_cache, context_lens, block_tables):
         kvh, t, p = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
-        b, q_pos = query_position(query_start, context_lens, t)
+        b, q_pos = t, decode_position(context_lens, t)
         lo, hi = split_range(q_pos, window, cuda.gridDim.z, p, WARP)
         if lo >= hi:
             return  # a short context has fewer splits: the reduce skips this one
@@ -215,7 +202,7 @@ def _attention(
         Param("q_rot" if op.rope else "in0", dtype, 3),
         Param("k_cache", cache, 1),
         Param("v_cache", cache, 1),
-        *SEQUENCE_PARAMS,
+        *DECODE_PARAMS,
     )
     key = (op.num_heads, op.num_kv_heads, dim, op.scale, window, op.softcap, bs)
     key += (dtype, geo, WARP, WARPS)
@@ -230,11 +217,11 @@ def _reduce(op: PagedAttention, dtype: str) -> Kernel:
     store = STORE[dtype]
 
     @cuda.jit
-    def attention_reduce(out, part_acc, part_ml, query_start, context_lens):
+    def attention_reduce(out, part_acc, part_ml, context_lens):
         """Thread j weighs splits j, j + nt, ... (in parallel, not one loop of dependent
         loads); thread d adds up dim d over the splits, UNROLL loads in flight."""
         t, h, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
-        _, q_pos = query_position(query_start, context_lens, t)
+        q_pos = decode_position(context_lens, t)
         start, span = split_span(q_pos, window, part_ml.shape[2], WARP)
         parts = (q_pos + 1 - start + span - 1) // span  # the non-empty splits come first
         weight = cuda.shared.array(MAX_SPLITS, float32)
@@ -265,8 +252,7 @@ def _reduce(op: PagedAttention, dtype: str) -> Kernel:
         Param("out0", dtype, 3),
         Param("part_acc", "float32", 4),
         Param("part_ml", "float32", 4),
-        Param("query_start", "int32", 1),
-        Param("context_lens", "int32", 1),
+        DECODE_PARAMS[0],
     )
     return Kernel(
         kernel_name("attention_reduce", heads, dim, dtype, window, WARP),

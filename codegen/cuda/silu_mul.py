@@ -1,12 +1,19 @@
-"""SiluMul: silu(gate) * up, one thread per output element of [rows, width].
+"""SiluMul: silu(gate) * up over [rows, width].
+
+A block covers THREADS x COLUMNS columns of one row; thread i takes columns i, i + THREADS,
+... (a warp's loads are contiguous) and loads every gate and up element of them before it
+computes and stores any, so that 2 x COLUMNS loads are in flight at once. One row still
+spreads over width / COLUMNS threads.
 
 gate and up may be strided views (the two halves of a merged gate/up projection): they are
 read in place, not copied first."""
 
 import math
 
+import numpy as np
+
 from codegen.cuda.dtypes import LOAD, STORE
-from codegen.numba_shim import cuda, float32
+from codegen.numba_shim import CUDASIM, cuda, float32, types
 from codegen.registry import (
     BuildConstants,
     Kernel,
@@ -20,7 +27,10 @@ from codegen.registry import (
 from ir.ops import SiluMul
 from ir.types import TensorType, promote
 
-THREADS = 256
+uint32 = types.uint32
+
+THREADS = 8 if CUDASIM else 128
+COLUMNS = 4  # a thread's elements
 
 
 @kernel_for(SiluMul)
@@ -33,21 +43,32 @@ def build_silu_mul(op: SiluMul, inputs: tuple[TensorType, ...], consts: BuildCon
     load_u, store_out = LOAD[up.dtype], STORE[out_dtype]
 
     width = gate.shape[-1]
+    nt, per = THREADS, COLUMNS
+    U_NT, U_SPAN, U_WIDTH = (np.uint32(n) for n in (nt, nt * per, width))
 
     @cuda.jit
     def silu_mul(out, gate, up):
-        row, i = cuda.blockIdx.x, cuda.blockIdx.y * THREADS + cuda.threadIdx.x
-        if i < width:
-            g = load_g(gate[row, i])
-            # torch rounds silu(gate) to gate's dtype before the product
-            act = load_g(store_g(g / (float32(1.0) + math.exp(-g))))
-            out[row, i] = store_out(act * load_u(up[row, i]))
+        row = uint32(cuda.blockIdx.x)
+        col = uint32(cuda.blockIdx.y) * U_SPAN + uint32(cuda.threadIdx.x)
+        gs = cuda.local.array(per, float32)
+        us = cuda.local.array(per, float32)
+        for j in range(per):  # every load first
+            i = col + uint32(j) * U_NT
+            if i < U_WIDTH:
+                gs[j], us[j] = load_g(gate[row, i]), load_u(up[row, i])
+        for j in range(per):
+            i = col + uint32(j) * U_NT
+            if i < U_WIDTH:
+                g = gs[j]
+                # torch rounds silu(gate) to gate's dtype before the product
+                act = load_g(store_g(g / (float32(1.0) + math.exp(-g))))
+                out[row, i] = store_out(act * us[j])
 
     params = (
         Param("out0", out_dtype, 2),
         Param("in0", gate.dtype, 2, "A"),
         Param("in1", up.dtype, 2, "A"),
     )
-    name = kernel_name("silu_mul", width, gate.dtype, up.dtype)
-    grid = lambda s: (num_rows(gate, s), cdiv(width, THREADS))  # noqa: E731
-    return OpKernels((Kernel(name, silu_mul, params, (THREADS,), grid),))
+    name = kernel_name("silu_mul", width, gate.dtype, up.dtype, nt, per)
+    grid = lambda s: (num_rows(gate, s), cdiv(width, nt * per))  # noqa: E731
+    return OpKernels((Kernel(name, silu_mul, params, (nt,), grid),))

@@ -41,6 +41,7 @@ class Case:
 DEFAULT_BLOCKS = BuildConstants().attn_blocks
 MANY = 1 << 20  # split-K target blocks past any test's: every context split into chunks
 SMALL = Case(4, 2, 8, 4, chunks=((5, 0), (1, 11), (3, 6)))  # prefill, decode, chunked prefill
+DECODE = Case(4, 2, 8, 4, chunks=((1, 4), (1, 11), (1, 8), (1, 0)))  # the last: a first token
 
 
 def make_batch(case: Case, device: str) -> tuple[BatchInputs, int]:
@@ -92,10 +93,11 @@ def check_attention(
 ):
     """max_context_len: the launch's (a CUDA graph's is the longest allowed), if not the batch's.
 
-    The op runs the split-K kernel on every token (decode kernels serve any token), or with
+    The op runs the split-K kernel (a decode batch: one new token per sequence), or with
     `prefill`, the tiled prefill kernel: max_query_len picks between them.
     """
     batch, num_blocks = make_batch(case, device)
+    assert prefill or batch.max_query_len == 1, "the decode kernels take one token a sequence"
     tokens, seqs = batch.num_tokens, batch.num_seqs
     op = PagedAttention(
         layer=0,
@@ -163,7 +165,7 @@ def batch_fields(batch: BatchInputs) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_rope_attention_split_k(dtype):
     # as many splits as chunks of the longest context: merged by the reduce kernel
-    kernels, sizes = check_attention(SMALL, dtype, rope=True, blocks=MANY)
+    kernels, sizes = check_attention(DECODE, dtype, rope=True, blocks=MANY)
     assert kernels.kernels[2].when(sizes)
 
 
@@ -180,12 +182,12 @@ def test_prefill_kernel_window_softcap_mha():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_attention_one_split(dtype):
-    kernels, sizes = check_attention(SMALL, dtype, rope=False, blocks=1)
+    kernels, sizes = check_attention(DECODE, dtype, rope=False, blocks=1)
     assert not kernels.kernels[2].when(sizes)  # the attention kernel writes the output itself
 
 
 def test_sliding_window_and_softcap():
-    check_attention(SMALL, "float16", rope=True, window=5, softcap=2.0, blocks=MANY)
+    check_attention(DECODE, "float16", rope=True, window=5, softcap=2.0, blocks=MANY)
 
 
 def test_span_cap_splits_the_longest_context():
@@ -198,7 +200,7 @@ def test_span_cap_splits_the_longest_context():
 
 def test_multi_head_attention_and_several_tiles():
     # a 40-token context takes several rounds of key chunks over the warps
-    case = Case(2, 2, 16, 8, chunks=((1, 39), (2, 0)))
+    case = Case(2, 2, 16, 8, chunks=((1, 39), (1, 1)))
     check_attention(case, "bfloat16", rope=False)
 
 
@@ -231,7 +233,7 @@ def test_decode_with_mostly_empty_splits():
     ],
 )
 def test_cache_word_width_follows_head_dim(dtype, head_dim, word):
-    case = Case(4, 2, head_dim, 4, chunks=((1, 13), (3, 2)))
+    case = Case(4, 2, head_dim, 4, chunks=((1, 13), (1, 4)))
     kernels, _ = check_attention(case, dtype, rope=False, blocks=MANY)
     caches = [p.dtype for p in kernels.kernels[1].params if p.name in ("k_cache", "v_cache")]
     assert caches == [word, word]
@@ -250,7 +252,7 @@ def test_group_wider_than_a_warp():
     # 8 q heads per kv head over the simulator's 4-lane warps: a lane holds the scores of
     # two heads after the reduce
     assert decode_passes.geometry("bfloat16", 8, 8, 8).held == 2
-    check_attention(Case(8, 1, 8, 4, chunks=((1, 13), (2, 5))), "bfloat16", rope=False)
+    check_attention(Case(8, 1, 8, 4, chunks=((1, 13), (1, 6))), "bfloat16", rope=False)
 
 
 def test_f16_bits_to_f32_every_pattern():
@@ -282,7 +284,7 @@ def test_padding_slots_write_nothing():
     assert torch.equal(k_cache.nan_to_num(), before.nan_to_num())
 
 
-LARGE = Case(32, 8, 128, 16, chunks=((1, 4000), (1, 37), (300, 0), (77, 1500), (1, 2049)))
+LARGE = Case(32, 8, 128, 16, chunks=((1, 4000), (1, 37), (1, 0), (1, 1500), (1, 2049), (1, 300)))
 
 
 @gpu_test
@@ -294,7 +296,7 @@ def test_attention_gpu(dtype, blocks):
 
 @gpu_test
 def test_attention_gpu_window_softcap_gqa():
-    case = Case(16, 2, 64, 16, chunks=((1, 999), (129, 300), (1, 5)))
+    case = Case(16, 2, 64, 16, chunks=((1, 999), (1, 300), (1, 5)))
     check_attention(
         case, "bfloat16", rope=False, window=256, softcap=50.0, blocks=MANY, device="cuda"
     )

@@ -8,10 +8,12 @@ from ir.reference import RefContext, run_op
 from ir.types import promote
 
 
-def check_rmsnorm(tokens, hidden, x_dtype, w_dtype, device="cpu"):
-    x = rand(1, tokens, hidden, dtype=x_dtype, device=device) * 3
+def check_rmsnorm(tokens, hidden, x_dtype, w_dtype, device="cpu", heads=None):
+    """heads: x is [1, tokens, heads, hidden], a norm of each head (q/k norm)."""
+    shape = (1, tokens, *((heads,) if heads else ()), hidden)
+    x = rand(*shape, dtype=x_dtype, device=device) * 3
     w = rand(hidden, dtype=w_dtype, device=device)
-    out = poisoned((1, tokens, hidden), promote(x_dtype, w_dtype), device)
+    out = poisoned(shape, promote(x_dtype, w_dtype), device)
     op = RMSNorm(eps=1e-5)
     run_kernels(op, [x, w], [out], {"T": tokens}, (typed(x, {1: "T"}), typed(w)))
     (expected,) = run_op(op, RefContext({"T": tokens}), x.cpu(), w.cpu())
@@ -32,7 +34,14 @@ def check_add_rmsnorm(shape, dtype, w_dtype, device="cpu"):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_rmsnorm(dtype):
-    check_rmsnorm(3, 40, dtype, dtype)
+    # rows of 40 take 16 threads (the simulator's), 4 rows a block: 9 rows, 3 blocks
+    check_rmsnorm(9, 40, dtype, dtype)
+
+
+def test_rmsnorm_rows_of_heads():
+    # q/k-norm shape: 7 tokens x 3 heads, 21 rows of 16 in blocks of 16 rows of 4 threads,
+    # the second block mostly past the last row
+    check_rmsnorm(7, 16, "bfloat16", "float32", heads=3)
 
 
 def test_rmsnorm_mixed_dtypes_and_long_rows():
@@ -56,3 +65,9 @@ def test_add_rmsnorm_rows_of_heads():
 def test_rmsnorm_gpu(dtype, hidden):
     check_rmsnorm(77, hidden, dtype, dtype, device="cuda")
     check_add_rmsnorm((1, 77, hidden), dtype, dtype, device="cuda")
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rmsnorm_rows_of_heads_gpu(dtype):
+    check_rmsnorm(517, 128, dtype, dtype, device="cuda", heads=15)  # 4 rows a block of 128

@@ -1,11 +1,22 @@
-"""Embedding, SiluMul and GatherLastTokens kernels against the reference."""
+"""Embedding, SiluMul, GatherLastTokens and the attention prologue (rope + KV-cache write)
+kernels against the reference."""
 
 import pytest
 import torch
-from kernel_harness import FLOATS, assert_matches, gpu_test, poisoned, rand, run_kernels, typed
+from kernel_harness import (
+    FLOATS,
+    assert_matches,
+    gpu_test,
+    launch_kernels,
+    poisoned,
+    rand,
+    run_kernels,
+    typed,
+)
 
-from ir.ops import Embedding, GatherLastTokens, SiluMul
-from ir.reference import RefContext, run_op
+from codegen.registry import BuildConstants, OpKernels, build_kernels
+from ir.ops import Embedding, GatherLastTokens, PagedAttention, SiluMul
+from ir.reference import RefContext, rope, run_op, write_kv
 from ir.types import promote
 
 
@@ -52,6 +63,71 @@ def check_gather(tokens, width, seqs, dtype, device="cpu"):
     assert torch.equal(out.cpu(), expected)
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def check_kv_write(
+    heads, kv_heads, dim, tokens, dtype, cs_dtype=None, k_dtype=None, block=4, device="cpu"
+):
+    """The prologue alone (rotated q, and k/v in the cache) against the reference, bit for bit;
+    no cos/sin dtype: no rope. A few tokens are padding (slot -1) and write nothing."""
+    k_dtype = k_dtype or dtype
+    q = rand(1, tokens, heads, dim, dtype=dtype, device=device)
+    k, v = (rand(1, tokens, kv_heads, dim, dtype=k_dtype, device=device) for _ in "kv")
+    num_blocks = tokens // block + 2
+    slots = torch.randperm(num_blocks * block, device=device)[:tokens]
+    slots[torch.randperm(tokens, device=device)[: (tokens + 2) // 4]] = -1
+    cache = poisoned((num_blocks, block, kv_heads, dim), dtype, device)
+    k_cache, v_cache, q_rot = cache.clone(), cache.clone(), poisoned(q.shape[1:], dtype, device)
+    inputs = [q, k, v]
+    if cs_dtype is not None:
+        inputs += [rand(1, tokens, dim, dtype=cs_dtype, device=device) for _ in "cs"]
+    op = PagedAttention(0, heads, kv_heads, dim, dim**-0.5, layout="bthd", rope=bool(inputs[3:]))
+    types = tuple(typed(t, {1: "T"}) for t in inputs)
+    prologue = build_kernels(op, types, BuildConstants(block_size=block)).kernels[0]
+    tensors = {f"in{i}": t for i, t in enumerate(inputs)}
+    tensors |= {"k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slots, "q_rot": q_rot}
+    launch_kernels(OpKernels((prologue,)), {"T": tokens}, tensors)
+
+    q, k, v = (t.cpu()[0] for t in inputs[:3])
+    if op.rope:
+        c, s = (t.cpu()[0][:, None, :] for t in inputs[3:])
+        q, k = rope(q, c, s).to(q.dtype), rope(k, c, s).to(k.dtype)
+        assert torch.equal(bits(q_rot), bits(q))
+    ref_k, ref_v = cache.cpu().clone(), cache.cpu().clone()
+    kept = slots.cpu() >= 0  # padding writes nothing
+    write_kv(ref_k, ref_v, k[kept], v[kept], slots.cpu()[kept])
+    assert torch.equal(bits(k_cache), bits(ref_k))
+    assert torch.equal(bits(v_cache), bits(ref_v))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_rope_kv_write(dtype, tokens):
+    # 6 q, 3 k and 3 v heads in groups of 4 rows: the second group of each tensor is cut
+    # short; 5 column pairs a row, 20 threads a token: blocks of 32 hold parts of 2 tokens
+    check_kv_write(6, 3, 10, tokens, dtype, cs_dtype=dtype)
+
+
+def test_rope_kv_write_float32_tables():
+    # bf16 q and k rotated in float32 (torch promotes): products and sum rounded in float32
+    check_kv_write(4, 2, 16, 5, "bfloat16", cs_dtype="float32")
+    check_kv_write(2, 1, 8, 3, "float16", cs_dtype="float32", k_dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_kv_write_without_rope(dtype, tokens):
+    check_kv_write(6, 3, 10, tokens, dtype)
+
+
+def test_kv_write_odd_head_dim_and_one_kv_head():
+    # dim 7: the last column has no partner; one k and one v row a token
+    check_kv_write(2, 1, 7, 6, "float32", block=2)
+    check_kv_write(2, 1, 7, 2, "float16", block=2)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_embedding(dtype):
     check_embedding(vocab=50, hidden=40, tokens=5, dtype=dtype, ids_dtype=torch.int64)
@@ -84,3 +160,7 @@ def test_small_kernels_gpu(dtype):
     check_silu_mul((1, 517, 3001), dtype, dtype, device="cuda")
     check_silu_mul((1, 517, 3001), dtype, dtype, device="cuda", merged=True)
     check_gather(tokens=517, width=32003, seqs=61, dtype=dtype, device="cuda")
+    for cs_dtype in (dtype, "float32"):  # float32: an fma in place of mul + add would show
+        check_kv_write(32, 8, 128, 517, dtype, cs_dtype=cs_dtype, block=16, device="cuda")
+    check_kv_write(16, 8, 128, 1, dtype, cs_dtype=dtype, block=16, device="cuda")
+    check_kv_write(16, 8, 128, 300, dtype, block=16, device="cuda")

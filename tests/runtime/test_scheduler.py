@@ -237,6 +237,21 @@ def test_shared_prefix_schedules_only_the_suffix(same_step):
     assert b.block_table[:4] == a.block_table[:4]
 
 
+def test_a_block_filled_by_a_decode_is_cached_in_that_step():
+    # Decodes that stay inside a block skip the block manager; the one that fills it must not.
+    sched = Scheduler(SchedulerConfig(num_blocks=64, block_size=4))
+    a = make_seq(0, 5, max_tokens=8)
+    sched.add(a)
+    for _ in range(3):
+        step(sched)
+    assert (a.num_tokens, a.num_computed_tokens) == (8, 7)
+    b = make_seq(1, [*a.token_ids, 999])
+    sched.add(b)
+    out = step(sched)  # a's decode fills its second block, then b looks it up
+    assert spans(out) == [(0, 7, 1, True), (1, 8, 1, True)]
+    assert b.num_cached_tokens == 8 and b.block_table[:2] == a.block_table[:2]
+
+
 class FakeModel:
     """Checks that every chunk sees exactly its own prefix's K/V through its block table."""
 
