@@ -215,8 +215,8 @@ def _mixed_decode(ctxs: list[int], heads: int, kv_heads: int, dim=128, block=16,
 
 def k1m(seqs: int = 256, shortest: int = 100, longest: int = 2048) -> list[dict]:
     """K1 on W1's decode steps: Qwen3-0.6B's heads (16 q / 8 kv), a batch of contexts of
-    mixed lengths, launched for the longest allowed (a decode CUDA graph's sizes), with and
-    without a cap on the keys one block walks."""
+    mixed lengths, launched for the longest allowed (a decode CUDA graph's sizes): one split
+    per sequence (2048 target blocks) or four (8192)."""
     rng = random.Random(0)
     ctxs = [rng.randint(shortest, longest) for _ in range(seqs)]
     tensors = _mixed_decode(ctxs, 16, 8)
@@ -225,9 +225,9 @@ def k1m(seqs: int = 256, shortest: int = 100, longest: int = 2048) -> list[dict]
     sizes = {"T": seqs, "B": seqs, "seqs": seqs, "max_context_len": longest, "max_query_len": 1}
     kv_bytes = sum(ctxs) * 8 * 128 * 2 * 2
     rows = []
-    for span in (0, 1024, 512, 256):
-        fn = numba_op(op, types, tensors, sizes, BuildConstants(attn_max_span=span))
-        variant = f"numba split-K, span cap {span or 'none'}"
+    for blocks in (2048, 8192):
+        fn = numba_op(op, types, tensors, sizes, BuildConstants(attn_blocks=blocks))
+        variant = f"numba split-K, {blocks} blocks"
         rows.append(_bw_row("K1m mixed contexts", variant, gpu_time(fn, 10), kv_bytes))
     return rows
 

@@ -9,6 +9,7 @@ if not hasattr(np, "row_stack"):
 from numba import cuda, types
 from numba.core import config as _config
 from numba.cuda import libdevice
+from numba.cuda.extending import intrinsic
 
 CUDASIM: bool = bool(_config.ENABLE_CUDASIM)
 
@@ -29,6 +30,7 @@ __all__ = [
     "int16",
     "int32",
     "int64",
+    "intrinsic",
     "libdevice",
     "types",
     "uint64",

@@ -86,10 +86,6 @@ class BuildConstants:
     # blocks a decode attention launch aims for: a few tokens' contexts are split (split-K)
     # until T x kv heads x splits reaches it, many tokens' are not split at all
     attn_blocks: int = 2048
-    # most keys of the longest context one decode attention block walks (0: no cap): with
-    # contexts of mixed lengths in a large batch, a cap splits the long ones, so they do not
-    # finish last while most of the GPU idles
-    attn_max_span: int = 0
     # words of key rows (as many of value rows) a lane of decode attention loads before it
     # uses any: more loads in flight, against more registers (fewer blocks per SM)
     attn_load_words: int = 8

@@ -75,15 +75,12 @@ UNROLL = 8  # partials of a dim the reduce loads before adding any
 
 def decode_splits(s: Sizes, kv_heads: int, consts: BuildConstants, chunk: int) -> int:
     """Splits of each token's context in a decode launch (grid z): enough blocks to fill the
-    GPU (consts.attn_blocks), none walking more than consts.attn_max_span keys of the longest
-    context when that is set, none shorter than a chunk of keys; 0 when the prefill kernel
+    GPU (consts.attn_blocks), none shorter than a chunk of keys; 0 when the prefill kernel
     runs instead."""
     if s["max_query_len"] != 1:
         return 0
     most = min(MAX_SPLITS, cdiv(s["max_context_len"], chunk))
     want = cdiv(consts.attn_blocks, s["T"] * kv_heads)
-    if consts.attn_max_span:
-        want = max(want, cdiv(s["max_context_len"], consts.attn_max_span))
     return max(1, min(most, want))
 
 
@@ -283,7 +280,7 @@ def build_paged_attention(
     if op.rope:
         scratch += (Scratch("q_rot", q.dtype, lambda s: (s["T"], heads, dim)),)
     kernels = (
-        build_kv_write(op, q, k, cos, consts.block_size),
+        build_kv_write(op, q, k, cos),
         replace(_attention(op, q.dtype, consts, parts), when=lambda s: parts(s) > 0),
         replace(_reduce(op, q.dtype), when=lambda s: parts(s) > 1),
         _prefill(op, q.dtype, consts),  # several new tokens

@@ -154,11 +154,10 @@ def _placer(per: int, q_rows: int, kv_heads: int, lanes: int, nt: int):
 
 
 def build_kv_write(
-    op: PagedAttention, q: TensorType, k: TensorType, cos: TensorType | None, block_size: int
+    op: PagedAttention, q: TensorType, k: TensorType, cos: TensorType | None
 ) -> Kernel:
-    """The prologue kernel; with rope it also writes rotated q to the scratch "q_rot".
-
-    block_size does not enter the code: the caches are indexed by slot."""
+    """The prologue kernel; with rope it also writes rotated q to the scratch "q_rot". The
+    caches are indexed by slot, so the block size does not enter the code."""
     heads, kv_heads, dim = op.num_heads, op.num_kv_heads, op.head_dim
     if cos is not None and dim % 2:
         raise ValueError(f"rope needs an even head_dim, got {dim}")

@@ -7,15 +7,16 @@ the even index):
   B (16 x 8, k x n):      b0 = k 2c, 2c + 1 of column g; b1 = k + 8.
   C, D (16 x 8, fp32):    c0, c1 = row g, columns 2c, 2c + 1; c2, c3 = row g + 8.
 On the GPU `mma` is one inline PTX instruction. The simulator has no tensor cores: there the
-lanes exchange their fragments through shared memory and each computes its four sums, so
-every thread of the block must make the same calls (as with warp.py's shuffles).
+lanes exchange their fragments through shared memory, each rebuilds the warp's A and B from
+them (numpy) and keeps its four sums of the product, so every thread of the block must make
+the same calls (as with warp.py's shuffles).
 """
 
+import numpy as np
 from llvmlite import ir
 
-from codegen.cuda.dtypes import bf16_to_f32, f32_to_bf16
-from codegen.cuda.words import f16_bits_to_f32
-from codegen.numba_shim import CUDASIM, cuda, int32, int64, libdevice, types
+from codegen.cuda.dtypes import f32_to_bf16
+from codegen.numba_shim import CUDASIM, cuda, int32, int64, intrinsic, libdevice, types
 
 MMA_DTYPES = {"bfloat16": "bf16", "float16": "f16"}
 WARP = 32
@@ -23,7 +24,6 @@ EXCHANGE = 6  # int32 slots per thread for the simulator's fragment exchange
 
 
 if CUDASIM:
-    import numpy as np
 
     @cuda.jit(device=True)
     def _f16_bits(x):  # numpy stands in for libdevice
@@ -59,25 +59,25 @@ def pair(lo, hi):
     return int32((int64(hi) << 16) | (int64(lo) & 0xFFFF))
 
 
-def _element(dtype: str):
+def _matrices(frags, dtype: str):
+    """The warp's A (16 x 16) and B (16 x 8) from its lanes' fragments [32, 6] (numpy)."""
+    words = frags.astype(np.int64) & 0xFFFFFFFF
+    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1).astype(np.uint16)  # [32, 6, 2]
     if dtype == "bfloat16":
-
-        @cuda.jit(device=True)
-        def bf16(word, half):
-            return bf16_to_f32((int64(word) >> (16 * half)) & 0xFFFF)
-
-        return bf16
-
-    @cuda.jit(device=True)
-    def f16(word, half):
-        return f16_bits_to_f32((int64(word) >> (16 * half)) & 0xFFFF)
-
-    return f16
+        values = (halves.astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = halves.view(np.float16).astype(np.float32)
+    a, b = np.zeros((16, 16), np.float32), np.zeros((16, 8), np.float32)
+    for lane in range(WARP):
+        g, c = lane // 4, 2 * (lane % 4)
+        v = values[lane]
+        a[g, c : c + 2], a[g + 8, c : c + 2] = v[0], v[1]
+        a[g, c + 8 : c + 10], a[g + 8, c + 8 : c + 10] = v[2], v[3]
+        b[c : c + 2, g], b[c + 8 : c + 10, g] = v[4], v[5]
+    return a, b
 
 
 def _simulated(dtype: str):
-    element = _element(dtype)
-
     @cuda.jit(device=True)
     def mma(xchg, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         tid = cuda.threadIdx.x
@@ -87,16 +87,11 @@ def _simulated(dtype: str):
         for i in range(EXCHANGE):
             xchg[tid, i] = mine[i]
         cuda.syncthreads()
-        g, c = lane // 4, lane % 4
-        out = [c0, c1, c2, c3]
-        for i in range(4):
-            row, col = g + 8 * (i // 2), 2 * c + i % 2
-            for k in range(16):
-                a = xchg[base + (row % 8) * 4 + (k % 8) // 2, row // 8 + 2 * (k // 8)]
-                b = xchg[base + col * 4 + (k % 8) // 2, 4 + k // 8]
-                out[i] += element(a, k % 2) * element(b, k % 2)
+        a, b = _matrices(xchg[base : base + WARP].copy(), dtype)
         cuda.syncthreads()  # read before the next exchange overwrites xchg
-        return out[0], out[1], out[2], out[3]
+        d = a @ b
+        g, c = lane // 4, 2 * (lane % 4)
+        return c0 + d[g, c], c1 + d[g, c + 1], c2 + d[g + 8, c], c3 + d[g + 8, c + 1]
 
     return mma
 
@@ -121,8 +116,6 @@ def _instruction(dtype: str):
             return context.make_tuple(builder, result, parts)
 
         return sig, codegen
-
-    from numba.cuda.extending import intrinsic
 
     typer.__name__ = f"mma_{kind}"
     instruction = intrinsic(typer)

@@ -4,10 +4,10 @@ values read straight from block_tables (no gathered copy).
 One block of 4 warps per (sequence, tile of new tokens, kv head). Its 64 rows are the
 (token, q head) pairs of the kv head's group, token-major, 16 rows a warp; rows past the
 tile's tokens pad. A warp holds its queries as mma A fragments in registers for the whole
-walk. Per tile of 64 keys the block stages the keys (rows of packed pairs: the B layout of
+walk. Per tile of KEYS keys the block stages the keys (rows of packed pairs: the B layout of
 Q @ K^T) and the values (transposed, pairs of keys per dim: the B layout of P @ V) in shared
-memory. Each warp then
-1. computes its 16 x 64 scores with mma (fp32),
+memory, in one of two buffers while the warps read the other (one barrier a tile). Each warp
+1. computes its 16 x KEYS scores with mma (fp32),
 2. masks, scales and soft-caps them and runs the online softmax on the fragments: a row's
    values lie in one quad of lanes, so its max takes two shuffles,
 3. packs the probabilities into A fragments in registers (a score tile's accumulator layout
@@ -35,12 +35,14 @@ K_PAD = 4  # int32 words after each staged key row: the 8 rows a B fragment read
 V_PAD = 4  # likewise after each staged dim of the values
 PAIRS = KEYS // 2
 PAIR_GROUPS = THREADS // (4 * PAIRS)  # threads that share a key pair's rows
+MAX_HEAD_DIM = 128  # 64 output accumulators a lane, and both tile buffers under 48 KiB
 
 
 def supports(op: PagedAttention, dtype: str) -> bool:
     """Whether this kernel serves op in dtype (the CUDA-core kernel covers the rest)."""
     group = op.num_heads // op.num_kv_heads
-    return dtype in MMA_DTYPES and op.head_dim % 16 == 0 and group <= ROWS
+    dim = op.head_dim
+    return dtype in MMA_DTYPES and dim % 16 == 0 and dim <= MAX_HEAD_DIM and group <= ROWS
 
 
 @cuda.jit(device=True)

@@ -89,7 +89,6 @@ def check_attention(
     device="cpu",
     max_context_len=None,
     prefill=False,
-    span=0,
 ):
     """max_context_len: the launch's (a CUDA graph's is the longest allowed), if not the batch's.
 
@@ -135,7 +134,7 @@ def check_attention(
         "max_query_len": max(batch.max_query_len, 2) if prefill else 1,
     }
     # partials of splits that hold no key stay NaN: the reduce must not read them
-    consts = BuildConstants(block_size=case.block_size, attn_blocks=blocks, attn_max_span=span)
+    consts = BuildConstants(block_size=case.block_size, attn_blocks=blocks)
     parts = max(1, decode_splits(sizes, case.kv_heads, consts, attention.WARP))
     part_acc = poisoned((tokens, case.heads, parts, case.head_dim), "float32", device)
     part_ml = poisoned((tokens, case.heads, parts, 2), "float32", device)
@@ -188,14 +187,6 @@ def test_attention_one_split(dtype):
 
 def test_sliding_window_and_softcap():
     check_attention(DECODE, "float16", rope=True, window=5, softcap=2.0, blocks=MANY)
-
-
-def test_span_cap_splits_the_longest_context():
-    # a big block target leaves one split; a 16-key span cap cuts the 40-key context in three
-    case = Case(4, 2, 8, 4, chunks=((1, 39), (1, 3), (1, 17)))
-    kernels, sizes = check_attention(case, "bfloat16", rope=False, blocks=1, span=16)
-    splits = min(3, -(-40 // attention.WARP))  # never a split shorter than a warp's keys
-    assert kernels.kernels[1].grid(sizes)[2] == splits and kernels.kernels[2].when(sizes)
 
 
 def test_multi_head_attention_and_several_tiles():

@@ -40,6 +40,7 @@ def test_serves_half_precision_with_whole_k_steps_only():
     assert supports(attention_op(MIXED), "bfloat16")
     assert not supports(attention_op(MIXED), "float32")  # the CUDA-core kernel's
     assert not supports(attention_op(Case(4, 2, 24, 4, chunks=())), "float16")
+    assert not supports(attention_op(Case(4, 2, 256, 4, chunks=())), "bfloat16")  # too big
     with pytest.raises(ValueError):
         build_prefill_attention_mma(attention_op(MIXED), "float32", 4)
 
@@ -95,5 +96,5 @@ def test_prefill_mma_gpu(dtype):
 
 @gpu_test
 def test_prefill_mma_gpu_window_softcap():
-    case = Case(16, 2, 256, 16, chunks=((129, 300), (1, 5), (400, 0)))
+    case = Case(16, 2, 128, 16, chunks=((129, 300), (1, 5), (400, 0)))
     check(case, "bfloat16", window=256, softcap=50.0, device="cuda")
