@@ -17,6 +17,7 @@ boolean = types.boolean
 int16 = types.int16
 int32 = types.int32
 int64 = types.int64
+uint32 = types.uint32
 uint64 = types.uint64
 float16 = types.float16
 float32 = types.float32
@@ -33,5 +34,6 @@ __all__ = [
     "intrinsic",
     "libdevice",
     "types",
+    "uint32",
     "uint64",
 ]

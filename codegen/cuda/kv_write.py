@@ -22,12 +22,10 @@ value was just rounded to is left out (it changes nothing).
 import numpy as np
 
 from codegen.cuda.dtypes import LOAD, STORE
-from codegen.numba_shim import CUDASIM, cuda, float32, int64, libdevice, types, uint64
+from codegen.numba_shim import CUDASIM, cuda, float32, int64, libdevice, uint32, uint64
 from codegen.registry import Kernel, Param, cdiv, kernel_name
 from ir.ops import PagedAttention
 from ir.types import TensorType, promote
-
-uint32 = types.uint32
 
 ROWS_PER_THREAD = 4
 THREADS = 32 if CUDASIM else 128

@@ -15,7 +15,7 @@ import numpy as np
 from codegen.cuda.blockops import pow2_threads
 from codegen.cuda.dtypes import LOAD, STORE
 from codegen.cuda.warp import shfl_xor
-from codegen.numba_shim import CUDASIM, cuda, float32, types
+from codegen.numba_shim import CUDASIM, cuda, float32, uint32
 from codegen.registry import (
     BuildConstants,
     Kernel,
@@ -28,8 +28,6 @@ from codegen.registry import (
 )
 from ir.ops import AddRMSNorm, RMSNorm
 from ir.types import TensorType, promote
-
-uint32 = types.uint32
 
 # threads a block of short rows fills; below SHUFFLE the sum goes through shuffles (the
 # simulator's are shared memory and block barriers: small, to run both paths on short rows)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from codegen.cuda.dtypes import LOAD, STORE
-from codegen.numba_shim import CUDASIM, cuda, float32, types
+from codegen.numba_shim import CUDASIM, cuda, float32, uint32
 from codegen.registry import (
     BuildConstants,
     Kernel,
@@ -26,8 +26,6 @@ from codegen.registry import (
 )
 from ir.ops import SiluMul
 from ir.types import TensorType, promote
-
-uint32 = types.uint32
 
 THREADS = 8 if CUDASIM else 128
 COLUMNS = 4  # a thread's elements
