@@ -78,6 +78,23 @@ def plan_tiles(head_dim: int, group: int) -> Tiles:
     return next((t for t in fitting if t.accumulators <= MAX_ACCUMULATORS), fitting[-1])
 
 
+def query_tile(qt: int, window: int):
+    """Device function: (t0, n, first, lo, hi) of query tile y of sequence b: its first token,
+    how many of its qt tokens there are (0: past the sequence's new tokens), the position of
+    t0, and the keys the tile sees, [lo, hi) (causal end, sliding-window start)."""
+
+    @cuda.jit(device=True)
+    def tile(query_start, context_lens, b, y):
+        t0 = int64(query_start[b]) + int64(y) * qt
+        end = int64(query_start[b + 1])
+        n = max(min(qt, end - t0), 0)
+        first = int64(context_lens[b]) - (end - t0)  # position of token t0
+        lo = max(first - window + 1, 0) if window > 0 else int64(0)
+        return t0, n, first, lo, first + n
+
+    return tile
+
+
 def build_prefill_attention(op: PagedAttention, dtype: str, block_size: int) -> Kernel:
     """Attention of sequences with several new tokens; runs when max_query_len > 1."""
     heads, kv_heads, dim = op.num_heads, op.num_kv_heads, op.head_dim
@@ -92,6 +109,7 @@ def build_prefill_attention(op: PagedAttention, dtype: str, block_size: int) -> 
     bs, window = block_size, op.sliding_window or 0
     scale, softcap = np.float32(op.scale), np.float32(op.softcap or 0.0)
     load, store = LOAD[dtype], STORE[dtype]
+    tile = query_tile(qt, window)
 
     @cuda.jit(device=True)
     def stage_queries(q_sh, q, t0, h0, n):
@@ -214,14 +232,9 @@ def build_prefill_attention(op: PagedAttention, dtype: str, block_size: int) -> 
     @cuda.jit
     def prefill_attention(out, q, k_cache, v_cache, query_start, context_lens, block_tables):
         b, kvh = cuda.blockIdx.x, cuda.blockIdx.z
-        t0 = int64(query_start[b]) + int64(cuda.blockIdx.y) * qt
-        end = int64(query_start[b + 1])
-        if t0 >= end:
+        t0, n, first, lo, hi = tile(query_start, context_lens, b, cuda.blockIdx.y)
+        if n == 0:
             return  # this sequence has fewer new tokens than the longest one
-        n = min(qt, end - t0)
-        first = int64(context_lens[b]) - (end - t0)  # position of token t0
-        lo = max(first - window + 1, 0) if window > 0 else 0
-        hi = first + n  # one past the last token's position: the causal end of the tile
         h0 = kvh * group
         q_sh = cuda.shared.array((rows, width), float32)
         kv_sh = cuda.shared.array((keys, width), float32)

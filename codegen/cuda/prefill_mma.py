@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from codegen.cuda.mma import EXCHANGE, MMA_DTYPES, mma_for, packer, pair
+from codegen.cuda.prefill_attention import query_tile
 from codegen.cuda.warp import shfl_xor
 from codegen.numba_shim import CUDASIM, cuda, float32, int16, int32, int64, uint64
 from codegen.registry import SEQUENCE_PARAMS, Kernel, Param, cdiv, kernel_name
@@ -70,6 +71,7 @@ def build_prefill_attention_mma(op: PagedAttention, dtype: str, block_size: int)
     bs, window = block_size, op.sliding_window or 0
     scale, softcap = np.float32(op.scale), np.float32(op.softcap or 0.0)
     mma, pack = mma_for(dtype), packer(dtype)
+    tile = query_tile(qt, window)
     xchg_shape = (THREADS, EXCHANGE) if CUDASIM else (1, EXCHANGE)
 
     k_size, v_size = KEYS * k_stride, dim * v_stride  # int32 words of a staged tile
@@ -122,14 +124,9 @@ def build_prefill_attention_mma(op: PagedAttention, dtype: str, block_size: int)
     @cuda.jit
     def prefill_attention_mma(out, q, k_cache, v_cache, query_start, context_lens, block_tables):
         b, kvh = cuda.blockIdx.x, cuda.blockIdx.z
-        t0 = int64(query_start[b]) + int64(cuda.blockIdx.y) * qt
-        end = int64(query_start[b + 1])
-        if t0 >= end:
+        t0, n, first, lo, hi = tile(query_start, context_lens, b, cuda.blockIdx.y)
+        if n == 0:
             return  # this sequence has fewer new tokens than the longest one
-        n = min(qt, end - t0)
-        first = int64(context_lens[b]) - (end - t0)  # position of token t0
-        lo = max(first - window + 1, 0) if window > 0 else 0
-        hi = first + n  # one past the last token's position: the causal end of the tile
         h0 = kvh * group
         tid = uint64(cuda.threadIdx.x)  # unsigned: shared indices need no wraparound checks
         warp, lane = tid // uint64(WARP), tid % uint64(WARP)

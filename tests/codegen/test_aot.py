@@ -31,18 +31,23 @@ def toolchain_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def compiled_families() -> list[dict]:
+def compile_without_simulator(*args: str) -> str:
+    """stdout of `python *args` in a process with the real CUDA target (the simulator has no
+    compiler); skips the test where the toolchain is not installed."""
     if reason := toolchain_missing():
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    script = HERE / "aot_families.py"
     done = subprocess.run(
-        [sys.executable, str(script), "sm_90"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout)
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def compiled_families() -> list[dict]:
+    return json.loads(compile_without_simulator(str(HERE / "aot_families.py"), "sm_90"))
 
 
 def test_every_family_compiles_to_ptx_and_cubin(compiled_families):
@@ -82,19 +87,7 @@ print("__local_depot" in compile_ptx(build_kernels(op, types).kernels[1]))
 def test_decode_attention_keeps_its_arrays_in_registers(shape):
     # the decode benchmark's shapes (and a group of 8): a loop NVVM did not unroll would leave
     # q, the cache words or the accumulators in local memory, a "__local_depot" in the PTX
-    if reason := toolchain_missing():
-        pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", LOCAL_DEPOT_SCRIPT, *shape.split()],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.strip() == "False"
+    assert compile_without_simulator("-c", LOCAL_DEPOT_SCRIPT, *shape.split()).strip() == "False"
 
 
 @gpu_test

@@ -6,14 +6,11 @@ chunks over cached context, a decode and lengths that are not multiples of the t
 """
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 from kernel_harness import FLOATS, assert_matches, gpu_test, launch_kernels, poisoned, rand
-from test_aot import ROOT, toolchain_missing
+from test_aot import compile_without_simulator
 from test_attention import Case, batch_fields, make_batch, make_cache
 
 from codegen.cuda.prefill_attention import SHARED_LIMIT, build_prefill_attention, plan_tiles
@@ -131,20 +128,8 @@ json.dump(records, sys.stdout)
 
 
 def test_compiles_ahead_of_time_for_sm_90():
-    if reason := toolchain_missing():
-        pytest.skip(reason)
     configs = [(32, 8, 128, None, None, "bfloat16"), (8, 1, 256, 4096, 30.0, "float16")]
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT, json.dumps(configs)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    for record in json.loads(done.stdout):
+    for record in json.loads(compile_without_simulator("-c", AOT_SCRIPT, json.dumps(configs))):
         assert record["cubin_magic"] == "7f454c46"  # an ELF image
         assert not record["local"]  # the register tiles stayed in registers
         assert 0 < record["shared"] <= SHARED_LIMIT

@@ -2,13 +2,10 @@
 (same harness as test_prefill_attention.py: NaN in unowned cache slots and in out0)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from kernel_harness import gpu_test
-from test_aot import ROOT, toolchain_missing
+from test_aot import compile_without_simulator
 from test_attention import Case
 from test_prefill_attention import LARGE, attention_op, check_prefill
 
@@ -68,20 +65,8 @@ json.dump(records, sys.stdout)
 
 
 def test_compiles_ahead_of_time_for_sm_90():
-    if reason := toolchain_missing():
-        pytest.skip(reason)
     configs = [(16, 8, 128, None, None, "bfloat16"), (32, 8, 128, 4096, 30.0, "float16")]
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT, json.dumps(configs)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    for record in json.loads(done.stdout):
+    for record in json.loads(compile_without_simulator("-c", AOT_SCRIPT, json.dumps(configs))):
         assert record["cubin_magic"] == "7f454c46"  # an ELF image
         assert record["mma"] == 64  # 4 key tiles x 8 k-steps (scores), 2 x 16 (values)
         assert not record["local"]
