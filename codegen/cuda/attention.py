@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 
-from codegen.cuda.blockops import block_max, block_sum, pow2_threads
+from codegen.cuda.blockops import pow2_threads
 from codegen.cuda.decode_passes import (
     NEG_INF,
     WARP,
@@ -43,6 +43,7 @@ from codegen.cuda.dtypes import LOAD, STORAGE, STORE
 from codegen.cuda.kv_write import build_kv_write
 from codegen.cuda.prefill_attention import build_prefill_attention
 from codegen.cuda.prefill_mma import build_prefill_attention_mma, supports
+from codegen.cuda.warp import shfl_xor
 from codegen.numba_shim import cuda, float32, int32, int64
 from codegen.registry import (
     SEQUENCE_PARAMS,
@@ -69,8 +70,9 @@ def decode_position(context_lens, t):
 
 # decode launches need no query_start: one token per sequence makes it 0, 1, ..., T
 DECODE_PARAMS = SEQUENCE_PARAMS[1:]  # context_lens, block_tables
-MAX_SPLITS = 1024  # splits of one token's context: the reduce weighs them in shared memory
-UNROLL = 8  # partials of a dim the reduce loads before adding any
+MAX_SPLITS = 1024  # splits of one token's context
+REDUCE_GROUPS = 4  # thread groups of the reduce, each over its own share of the splits
+REDUCE_LOADS = 8  # partials of a dim a reduce thread loads before adding any
 
 
 def decode_splits(s: Sizes, kv_heads: int, consts: BuildConstants, chunk: int) -> int:
@@ -210,40 +212,57 @@ def _attention(
 
 def _reduce(op: PagedAttention, dtype: str) -> Kernel:
     heads, dim, window = op.num_heads, op.head_dim, op.sliding_window or 0
-    nt = pow2_threads(dim, hi=128)
+    dt = pow2_threads(dim, hi=128)  # threads along head_dim
+    nt = dt * REDUCE_GROUPS
     store = STORE[dtype]
 
     @cuda.jit
     def attention_reduce(out, part_acc, part_ml, context_lens):
-        """Thread j weighs splits j, j + nt, ... (in parallel, not one loop of dependent
-        loads); thread d adds up dim d over the splits, UNROLL loads in flight."""
+        """Every warp finds the splits' max and sum itself (shuffles, no block barrier);
+        thread (group, d) then adds up dim d over splits group, group + REDUCE_GROUPS, ...
+        with all its loads in flight, and the groups' sums meet in shared memory."""
         t, h, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+        lane, group, d0 = tid % WARP, tid // dt, tid % dt
         q_pos = decode_position(context_lens, t)
         start, span = split_span(q_pos, window, part_ml.shape[2], WARP)
         parts = (q_pos + 1 - start + span - 1) // span  # the non-empty splits come first
-        weight = cuda.shared.array(MAX_SPLITS, float32)
-        buf = cuda.shared.array(nt, float32)
-        m_p, l_p = NEG_INF, float32(0.0)
-        for p in range(tid, parts, nt):
-            m, m_new = part_ml[t, h, p, 0], max(m_p, part_ml[t, h, p, 0])
-            l_p = l_p * math.exp(m_p - m_new) + part_ml[t, h, p, 1] * math.exp(m - m_new)
-            m_p = m_new
-        top = block_max(buf, m_p)
-        for p in range(tid, parts, nt):
-            weight[p] = math.exp(part_ml[t, h, p, 0] - top)
-        total = block_sum(buf, l_p * math.exp(m_p - top) if m_p != NEG_INF else float32(0.0))
-        for d in range(tid, dim, nt):
-            a = cuda.local.array(UNROLL, float32)
-            for j in range(UNROLL):
+        xchg = cuda.shared.array(nt, float32)  # the simulator's shuffles
+        sums = cuda.shared.array((REDUCE_GROUPS, dt), float32)
+        top, total = NEG_INF, float32(0.0)
+        for p in range(lane, parts, WARP):
+            m, m_new = part_ml[t, h, p, 0], max(top, part_ml[t, h, p, 0])
+            total = total * math.exp(top - m_new) + part_ml[t, h, p, 1] * math.exp(m - m_new)
+            top = m_new
+        mask = WARP // 2
+        while mask > 0:  # merge (max, sum) pairs across the warp
+            m_o, l_o = shfl_xor(xchg, top, mask), shfl_xor(xchg, total, mask)
+            m_new = max(top, m_o)
+            if m_new != NEG_INF:
+                total = total * math.exp(top - m_new) + l_o * math.exp(m_o - m_new)
+            top = m_new
+            mask //= 2
+        for d_base in range(0, dim, dt):  # the same trip count for every thread: barriers
+            d = d_base + d0
+            a = cuda.local.array(REDUCE_LOADS, float32)
+            for j in range(REDUCE_LOADS):
                 a[j] = float32(0.0)
-            for p0 in range(0, parts, UNROLL):
-                for j in range(UNROLL):  # no branch: past the end, the last split, weight 0
-                    w = weight[p0 + j] if p0 + j < parts else float32(0.0)
-                    a[j] += part_acc[t, h, min(p0 + j, parts - 1), d] * w
+            if d < dim:
+                for p0 in range(group, parts, REDUCE_GROUPS * REDUCE_LOADS):
+                    for j in range(REDUCE_LOADS):  # past the end: the last split, weight 0
+                        p = p0 + j * REDUCE_GROUPS
+                        q = min(p, parts - 1)
+                        w = math.exp(part_ml[t, h, q, 0] - top) if p < parts else float32(0.0)
+                        a[j] += part_acc[t, h, q, d] * w
             acc = float32(0.0)
-            for j in range(UNROLL):
+            for j in range(REDUCE_LOADS):
                 acc += a[j]
-            out[t, h, d] = store(acc / total)
+            sums[group, d0] = acc
+            cuda.syncthreads()  # every group's sum of dim d before group 0 adds them
+            if group == 0 and d < dim:
+                for g in range(1, REDUCE_GROUPS):
+                    acc += sums[g, d0]
+                out[t, h, d] = store(acc / total)
+            cuda.syncthreads()  # sums read before the next dims overwrite them
 
     params = (
         Param("out0", dtype, 3),
@@ -252,7 +271,7 @@ def _reduce(op: PagedAttention, dtype: str) -> Kernel:
         DECODE_PARAMS[0],
     )
     return Kernel(
-        kernel_name("attention_reduce", heads, dim, dtype, window, WARP),
+        kernel_name("attention_reduce", heads, dim, dtype, window, WARP, nt, REDUCE_LOADS),
         attention_reduce,
         params,
         (nt,),

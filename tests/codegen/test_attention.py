@@ -210,6 +210,15 @@ def test_decode_with_mostly_empty_splits():
     check_attention(case, "float32", rope=True, window=11, blocks=MANY, max_context_len=96)
 
 
+def test_reduce_over_more_splits_than_its_threads_hold_at_once():
+    # 201 keys in 4-key splits: 51 partials, past the reduce's 4 groups x 8 loads in flight
+    case = Case(4, 2, 8, 4, chunks=((1, 200), (1, 30)))
+    kernels, sizes = check_attention(case, "float32", rope=False, blocks=MANY)
+    parts = kernels.kernels[1].grid(sizes)[2]
+    assert parts > attention.REDUCE_GROUPS * attention.REDUCE_LOADS
+    assert kernels.kernels[2].when(sizes)
+
+
 @pytest.mark.parametrize(
     ("dtype", "head_dim", "word"),
     [
