@@ -178,6 +178,8 @@ def _attention(
             here, after = slot, base + nt
             slot = slot_of(block_tables, b, lane_key(after, warp, lane), lo, hi)  # ahead
             for first in range(0, WARP, run):
+                if base + first // run * WARPS * run >= hi:
+                    break  # warp 0's run is past the split's end, so every warp's is
                 key0 = base + (first // run * WARPS + warp) * run
                 live = key0 < hi  # a run past the split's end loads nothing
                 load_run(kbuf, vbuf, k_cache, v_cache, slots, here, first, kvh, lane, live)
