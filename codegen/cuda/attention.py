@@ -15,7 +15,8 @@ Launches, in order:
    next round's slots are read while this one is. Caches are read as wide words
    (4 bf16 or fp16, 2 fp32 per int64) so that every load moves 8 bytes. With one split the
    block writes the output; with several it writes partial (acc, max, sum) to scratch.
-3. reduce, only with several splits: merges the non-empty partials of each (token, head).
+3. reduce, only with several splits: merges the non-empty partials of each (token, head);
+   a variant for few splits (one round of loads) and one for many (four thread groups).
 4. or instead of 2-3, prefill attention, when a sequence has several new tokens.
 The number of splits (grid z) comes from the launch's sizes (`decode_splits`): a lone
 sequence spreads its context over many blocks, a large batch needs none. Each token cuts its
@@ -71,7 +72,9 @@ def decode_position(context_lens, t):
 # decode launches need no query_start: one token per sequence makes it 0, 1, ..., T
 DECODE_PARAMS = SEQUENCE_PARAMS[1:]  # context_lens, block_tables
 MAX_SPLITS = 1024  # splits of one token's context
-REDUCE_GROUPS = 4  # thread groups of the reduce, each over its own share of the splits
+# thread groups of the reduce, each over its own share of the splits: one where a single
+# round of loads covers the splits (a large batch's few splits), else four
+REDUCE_GROUPS = (1, 4)
 REDUCE_LOADS = 8  # partials of a dim a reduce thread loads before adding any
 
 
@@ -212,16 +215,16 @@ def _attention(
     return Kernel(kernel_name("paged_attention", *key), paged_attention, params, (nt,), grid)
 
 
-def _reduce(op: PagedAttention, dtype: str) -> Kernel:
+def _reduce(op: PagedAttention, dtype: str, groups: int) -> Kernel:
     heads, dim, window = op.num_heads, op.head_dim, op.sliding_window or 0
     dt = pow2_threads(dim, hi=128)  # threads along head_dim
-    nt = dt * REDUCE_GROUPS
+    nt = dt * groups
     store = STORE[dtype]
 
     @cuda.jit
     def attention_reduce(out, part_acc, part_ml, context_lens):
         """Every warp finds the splits' max and sum itself (shuffles, no block barrier);
-        thread (group, d) then adds up dim d over splits group, group + REDUCE_GROUPS, ...
+        thread (group, d) then adds up dim d over splits group, group + groups, ...
         with all its loads in flight, and the groups' sums meet in shared memory."""
         t, h, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
         lane, group, d0 = tid % WARP, tid // dt, tid % dt
@@ -229,7 +232,7 @@ def _reduce(op: PagedAttention, dtype: str) -> Kernel:
         start, span = split_span(q_pos, window, part_ml.shape[2], WARP)
         parts = (q_pos + 1 - start + span - 1) // span  # the non-empty splits come first
         xchg = cuda.shared.array(nt, float32)  # the simulator's shuffles
-        sums = cuda.shared.array((REDUCE_GROUPS, dt), float32)
+        sums = cuda.shared.array((groups, dt), float32)
         top, total = NEG_INF, float32(0.0)
         for p in range(lane, parts, WARP):
             m, m_new = part_ml[t, h, p, 0], max(top, part_ml[t, h, p, 0])
@@ -249,22 +252,24 @@ def _reduce(op: PagedAttention, dtype: str) -> Kernel:
             for j in range(REDUCE_LOADS):
                 a[j] = float32(0.0)
             if d < dim:
-                for p0 in range(group, parts, REDUCE_GROUPS * REDUCE_LOADS):
+                for p0 in range(group, parts, groups * REDUCE_LOADS):
                     for j in range(REDUCE_LOADS):  # past the end: the last split, weight 0
-                        p = p0 + j * REDUCE_GROUPS
+                        p = p0 + j * groups
                         q = min(p, parts - 1)
                         w = math.exp(part_ml[t, h, q, 0] - top) if p < parts else float32(0.0)
                         a[j] += part_acc[t, h, q, d] * w
             acc = float32(0.0)
             for j in range(REDUCE_LOADS):
                 acc += a[j]
-            sums[group, d0] = acc
-            cuda.syncthreads()  # every group's sum of dim d before group 0 adds them
-            if group == 0 and d < dim:
-                for g in range(1, REDUCE_GROUPS):
+            if groups > 1:
+                sums[group, d0] = acc
+                cuda.syncthreads()  # every group's sum of dim d before group 0 adds them
+                for g in range(1, groups):
                     acc += sums[g, d0]
+            if group == 0 and d < dim:
                 out[t, h, d] = store(acc / total)
-            cuda.syncthreads()  # sums read before the next dims overwrite them
+            if groups > 1:
+                cuda.syncthreads()  # sums read before the next dims overwrite them
 
     params = (
         Param("out0", dtype, 3),
@@ -290,6 +295,7 @@ def build_paged_attention(
     q, k = inputs[0], inputs[1]
     cos = inputs[3] if op.rope else None
     heads, dim = op.num_heads, op.head_dim
+    few, many = REDUCE_GROUPS
 
     def parts(s: Sizes) -> int:
         return decode_splits(s, op.num_kv_heads, consts, WARP)
@@ -303,7 +309,8 @@ def build_paged_attention(
     kernels = (
         build_kv_write(op, q, k, cos),
         replace(_attention(op, q.dtype, consts, parts), when=lambda s: parts(s) > 0),
-        replace(_reduce(op, q.dtype), when=lambda s: parts(s) > 1),
+        replace(_reduce(op, q.dtype, few), when=lambda s: 1 < parts(s) <= REDUCE_LOADS),
+        replace(_reduce(op, q.dtype, many), when=lambda s: parts(s) > REDUCE_LOADS),
         _prefill(op, q.dtype, consts),  # several new tokens
     )
     return OpKernels(kernels, scratch)
