@@ -1,5 +1,5 @@
 """`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1, K3, K4;
-K1m: K1 at W1's mixed context lengths).
+K1m: K1 at W1's mixed context lengths; K1s: at W3's lone sequence).
 
 Each variant's GPU time comes from replaying its calls captured in a CUDA graph, so no
 variant is charged its host launch cost. Prints achieved bandwidth or FLOP/s and the
@@ -232,6 +232,23 @@ def k1m(seqs: int = 256, shortest: int = 100, longest: int = 2048) -> list[dict]
     return rows
 
 
+def k1s(ctx: int = 1152, longest: int = 1280) -> list[dict]:
+    """K1 at W3's decode steps: Llama-3.1-8B's heads (32 q / 8 kv), one sequence, launched
+    for W3's longest context (its CUDA graph's sizes); the target blocks set how many splits
+    the lone sequence's keys spread over, and how many partials the reduce merges."""
+    tensors = _mixed_decode([ctx], 32, 8)
+    op = ops.PagedAttention(0, 32, 8, 128, 128**-0.5, layout="bthd")
+    types = tuple(TensorType(tuple(tensors[n].shape), "bfloat16") for n in ("in0", "in1", "in2"))
+    sizes = {"T": 1, "B": 1, "seqs": 1, "max_context_len": longest, "max_query_len": 1}
+    kv_bytes = ctx * 8 * 128 * 2 * 2
+    rows = []
+    for blocks in (64, 128, 256, 2048):
+        fn = numba_op(op, types, tensors, sizes, BuildConstants(attn_blocks=blocks))
+        variant = f"numba split-K, {blocks} blocks"
+        rows.append(_bw_row("K1s one sequence", variant, gpu_time(fn, 10), kv_bytes))
+    return rows
+
+
 def k4(seqs: int = 8, new: int = 2048, cached: int = 2048) -> list[dict]:
     consts = [DEFAULTS, BuildConstants(prefill_tensor_cores=False)]
     variants, _ = _attention_variants(seqs, new, cached, consts)
@@ -265,7 +282,7 @@ def _bw_row(kernel: str, variant: str, timing: Timing, nbytes: int) -> dict:
     }
 
 
-BENCHES = {"k1": k1, "k1m": k1m, "k3": k3, "k4": k4}
+BENCHES = {"k1": k1, "k1m": k1m, "k1s": k1s, "k3": k3, "k4": k4}
 
 
 def main(argv: list[str] | None = None) -> None:
