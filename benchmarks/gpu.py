@@ -25,9 +25,9 @@ def timed_engine(engine: Engine) -> dict:
     stats = {"host": [], "step": [], "tokens": []}
     execute = engine.runner.execute
 
-    def wrapped(chunks):
+    def wrapped(chunks, carried=None):
         start = time.perf_counter()
-        logits = execute(chunks)
+        logits = execute(chunks, carried)
         host = time.perf_counter() - start
         torch.cuda.synchronize()
         stats["host"].append(host)
@@ -98,6 +98,7 @@ def w1(args) -> dict:
             max_num_batched_tokens=args.budget,
             max_model_len=2048,  # inputs and outputs are at most 1024 each
             gpu_memory_utilization=0.85,
+            enable_prefix_caching=False,  # random prompts share nothing; a rerun must not hit
         ),
     )
     run_all(engine, [p[:50] for p in prompts[:8]], [16] * 8)  # warm-up
@@ -105,23 +106,41 @@ def w1(args) -> dict:
     # `kiln run` does once it is ready: a full collection walking it costs ~0.2 s mid-run
     gc.collect()
     gc.freeze()
-    stats = timed_engine(engine)
     seconds, produced = run_all(engine, prompts, out_lens)
+    rows.insert(0, _w1_row(f"kiln ({args.requests} req)", seconds, produced))
+    host = None
+    if args.runner_split:  # again, each step run to its end before the next: the runner's share
+        engine.async_scheduling = False
+        stats = timed_engine(engine)
+        seconds, produced = run_all(engine, prompts, out_lens)
+        rows.insert(1, _w1_row("kiln, synchronous steps", seconds, produced))
+        host = _step_split(stats)
+    print(table(rows, ["system", "seconds", "output_tokens", "tok_s"]))
+    print("steps:", host)
+    return {
+        "workload": "W1",
+        "rows": rows,
+        "steps": host,
+        "kv_cache_tokens": engine.runner.num_tokens,
+    }
+
+
+def _w1_row(system: str, seconds: float, produced: int) -> dict:
+    return {
+        "system": system,
+        "seconds": round(seconds, 2),
+        "output_tokens": produced,
+        "tok_s": round(produced / seconds, 1),
+    }
+
+
+def _step_split(stats: dict) -> dict:
     decode = [
         (h, s)
         for h, s, t in zip(stats["host"], stats["step"], stats["tokens"], strict=True)
         if t <= 256
     ]
-    rows.insert(
-        0,
-        {
-            "system": f"kiln ({args.requests} req)",
-            "seconds": round(seconds, 2),
-            "output_tokens": produced,
-            "tok_s": round(produced / seconds, 1),
-        },
-    )
-    host = {
+    return {
         "steps": len(stats["step"]),
         "median_step_ms": round(statistics.median(stats["step"]) * 1e3, 2),
         "median_host_ms_decode": round(statistics.median(h for h, _ in decode) * 1e3, 2)
@@ -135,20 +154,12 @@ def w1(args) -> dict:
         "execute_s": round(sum(stats["step"]), 2),
         "execute_s_decode": round(sum(s for _, s in decode), 2),
     }
-    print(table(rows, ["system", "seconds", "output_tokens", "tok_s"]))
-    print("steps:", host)
-    return {
-        "workload": "W1",
-        "rows": rows,
-        "steps": host,
-        "kv_cache_tokens": engine.runner.num_tokens,
-    }
 
 
 def w3(args) -> dict:
     model = random_model("llama-3.1-8b")
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.config.vocab_size, (3, 1024), generator=g).tolist()
+    prompts = torch.randint(0, model.config.vocab_size, (4, 1024), generator=g).tolist()
     artifact = in_memory_artifact(model, "llama-3.1-8b", args.workdir)
     hf = hf_latency(model, prompts[0], 32)
     del model
@@ -159,23 +170,31 @@ def w3(args) -> dict:
         max_num_seqs=8, max_num_batched_tokens=2048, max_model_len=1280, num_kv_blocks=4096
     )
     engine = Engine(artifact, config)
-    run_all(engine, [prompts[0][:64]], [8])  # warm-up
-    # a prompt of its own for each run: no prefix-cache hits
-    gaps = token_gaps(engine, prompts[1], 256)  # as a caller sees it, nothing wrapped
+    run_all(engine, [prompts[0]], [8])  # warm-up, at the prompt's length: first touches
+    # a prompt of its own for each run: no prefix-cache hits. As a caller sees it (nothing
+    # wrapped), with asynchronous scheduling and without; then the runner's share of a step.
+    rows = []
+    for i, overlap in ((1, True), (2, False)):
+        engine.async_scheduling = overlap
+        gaps = token_gaps(engine, prompts[i], 256)
+        tpot = statistics.median(gaps[1:])
+        rows.append(
+            {
+                "system": "kiln" if overlap else "kiln, synchronous steps",
+                "ttft_ms": round(gaps[0] * 1e3, 2),
+                "tpot_ms": round(tpot * 1e3, 3),  # wall time from one token to the next
+                "vs_floor_3.8ms": f"{3.8e-3 / tpot:.1%}",
+            }
+        )
     stats = timed_engine(engine)
-    token_gaps(engine, prompts[2], 256)  # the runner's share of each step
-    tpot = statistics.median(gaps[1:])
-    row = {
-        "system": "kiln",
-        "ttft_ms": round(gaps[0] * 1e3, 2),
-        "tpot_ms": round(tpot * 1e3, 3),  # wall time from one token to the next
-        "runner_ttft_ms": round(stats["step"][0] * 1e3, 2),
-        "runner_ms_per_step": round(statistics.median(stats["step"][1:]) * 1e3, 3),
-        "host_ms_per_step": round(statistics.median(stats["host"][1:]) * 1e3, 3),
-        "vs_floor_3.8ms": f"{3.8e-3 / tpot:.1%}",
-    }
-    print(table([row, hf], list(row)))
-    return {"workload": "W3", "rows": [row, hf]}
+    token_gaps(engine, prompts[3], 256)
+    rows[1]["runner_ttft_ms"] = round(stats["step"][0] * 1e3, 2)
+    rows[1]["runner_ms_per_step"] = round(statistics.median(stats["step"][1:]) * 1e3, 3)
+    rows[1]["host_ms_per_step"] = round(statistics.median(stats["host"][1:]) * 1e3, 3)
+    rows.append(hf)
+    columns = ["system", "ttft_ms", "tpot_ms", "runner_ttft_ms", "runner_ms_per_step"]
+    print(table(rows, [*columns, "host_ms_per_step", "vs_floor_3.8ms"]))
+    return {"workload": "W3", "rows": rows}
 
 
 def token_gaps(engine: Engine, prompt: list[int], n: int) -> list[float]:
@@ -200,8 +219,5 @@ def hf_latency(model, prompt, n: int) -> dict:
         "system": f"hf generate ({n} tokens, TTFT included)",
         "ttft_ms": "",
         "tpot_ms": round(per * 1e3, 3),
-        "runner_ttft_ms": "",
-        "runner_ms_per_step": "",
-        "host_ms_per_step": "",
         "vs_floor_3.8ms": f"{3.8e-3 / per:.1%}",
     }

@@ -57,13 +57,13 @@ def main() -> None:
     profiles = []  # (sequences, tokens, profile) of the steps of the wanted kind
     execute = engine.runner.execute
 
-    def profiled(chunks):
+    def profiled(chunks, carried=None):
         decode = all(c.num_tokens == 1 for c in chunks)
         if decode == args.prefill or (args.prefill and profiles):
-            return execute(chunks)
+            return execute(chunks, carried)
         torch.cuda.synchronize()  # nothing of the last step's sampling in the window
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            logits = execute(chunks)
+            logits = execute(chunks, carried)
             torch.cuda.synchronize()
         profiles.append((len(chunks), sum(c.num_tokens for c in chunks), prof))
         return logits

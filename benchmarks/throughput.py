@@ -80,6 +80,11 @@ def main() -> None:
         "--peer-requests", type=int, default=16, help="cuda: transformers runs this many"
     )
     p.add_argument("--budget", type=int, default=8192, help="cuda: max_num_batched_tokens")
+    p.add_argument(
+        "--runner-split",
+        action="store_true",
+        help="cuda: run W1 again with synchronous steps, timing the runner's share of each",
+    )
     p.add_argument("--workdir", default="/tmp/kiln-bench", help="cuda: where kernels are built")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-peer", action="store_true", help="skip transformers")

@@ -76,6 +76,13 @@ def build_batch(
     )
 
 
+def resolve_pending(token_ids: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
+    """token_ids with each pending input (`sequence.pending(j)`, negative) replaced by
+    carried[j], the tokens the last step sampled, on the device: no wait for the host."""
+    rows = torch.where(token_ids < 0, ~token_ids, 0)  # ~x == -1 - x
+    return torch.where(token_ids < 0, carried[rows], token_ids)
+
+
 def _to_device(wide: tuple[list[int], ...], narrow: tuple[list[int], ...], device: torch.device):
     """The int64 fields and the int32 fields, each packed into one host tensor (pinned when
     bound for a GPU, so the copy is asynchronous): two copies a step, not seven."""

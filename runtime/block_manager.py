@@ -121,6 +121,8 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release the seq's blocks; full cached ones stay reusable until evicted."""
+        if seq in self._seq_hashes:  # a block whose last token was pending when it filled
+            self._register_full_blocks(seq, seq.num_computed_tokens)
         # Tail first: a tail block is only reachable through its parents, so it should go first.
         for block in reversed(seq.block_table):
             self._ref[block] -= 1
@@ -165,7 +167,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         hashes, bs = self._seq_hashes[seq], self.block_size
-        for i in range(len(hashes), num_tokens // bs):
+        # a pending token (its id still on the device) waits for the next call
+        for i in range(len(hashes), min(num_tokens, seq.num_known_tokens) // bs):
             parent = hashes[-1] if hashes else b""
             block_hash = hash_block(parent, seq.token_slice(i * bs, (i + 1) * bs))
             hashes.append(block_hash)

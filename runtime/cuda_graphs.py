@@ -6,6 +6,8 @@ graph's static device buffers; the rows past the real sequences are padding: one
 position 0 whose KV goes to a block no sequence owns (`pad_block`), so padding never touches
 a real sequence's cache. Attention is captured for the longest allowed context: each token
 splits its own context over the graph's blocks, and splits past a short context return at once.
+A token still pending on the device (asynchronous scheduling) is taken, inside the graph, from
+`carried`, where each step copies the tokens the last one sampled.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from runtime.batch import BatchInputs
+from runtime.batch import BatchInputs, resolve_pending
 from runtime.executor import Executor
 from runtime.scheduler import ScheduledChunk
 
@@ -82,6 +84,7 @@ class DecodeGraphs:
         self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
+        self.carried = torch.zeros(n, dtype=torch.int64, device=device)  # the last step's tokens
         self.copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -90,7 +93,7 @@ class DecodeGraphs:
         n = self.dev64.shape[1]
         tables = self.dev32[n:].view(n, self.width)
         return BatchInputs(
-            token_ids=self.dev64[0, :size],
+            token_ids=resolve_pending(self.dev64[0, :size], self.carried),
             positions=self.dev64[1, :size],
             slot_mapping=self.dev64[2, :size],
             query_start=self.query_start[: size + 1],
@@ -127,9 +130,12 @@ class DecodeGraphs:
     def fits(self, chunks: Sequence[ScheduledChunk]) -> bool:
         return len(chunks) <= self.buckets[-1] and is_decode(chunks)
 
-    def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
-        """Logits [len(chunks), vocab]: valid until the next replay."""
+    def run(self, chunks: Sequence[ScheduledChunk], carried: torch.Tensor | None) -> torch.Tensor:
+        """Logits [len(chunks), vocab]: valid until the next replay. `carried`: the tokens
+        pending inputs stand for (`resolve_pending`)."""
         size = next(b for b in self.buckets if b >= len(chunks))
+        if carried is not None:
+            self.carried[: carried.shape[0]].copy_(carried)
         self.copied.synchronize()  # the last step's copies have read the host buffers
         self._fill(chunks, size)
         self._upload(size)

@@ -1,4 +1,11 @@
-"""Engine: requests in, one scheduled + executed + sampled step at a time, outputs out."""
+"""Engine: requests in, one scheduled + executed + sampled step at a time, outputs out.
+
+With asynchronous scheduling (the default on a GPU) a step's sampled tokens stay on the
+device: the next step is scheduled with a stand-in for each (`sequence.pending`) and launched
+on them before they are read back, so the host's work overlaps the GPU's. A call to `step`
+then returns the previous step's tokens; a sequence that ends on one has run one step more
+than it needed, and that step's token is dropped.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from compiler.artifact import Artifact
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.model_runner import make_runner, max_model_len
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
-from runtime.sampler import SampledToken, SamplingState, make_generator, sample
+from runtime.sampler import SampledToken, SamplingState, make_generator, sample, sample_ids
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler, SchedulerConfig
-from runtime.sequence import Sequence
+from runtime.sequence import Sequence, pending
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,16 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A step whose sampled tokens have not been read back yet."""
+
+    seqs: list[tuple[int, Sequence]]  # (row of ids, seq whose last output is pending(row))
+    ids: torch.Tensor  # int64 on the runner's device, a row per sampled chunk
+    host: torch.Tensor  # their copy on the host, complete once `ready` is
+    ready: torch.cuda.Event | None  # None: a CPU step, copied already
 
 
 class Engine:
@@ -55,6 +74,8 @@ class Engine:
                 policy=config.policy,
             )
         )
+        self.async_scheduling = _async_scheduling(config, self.runner)
+        self._in_flight: _InFlight | None = None
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model (prefix hits excluded)
@@ -111,23 +132,62 @@ class Engine:
         """Abort what is in flight and release the runner (TP worker processes)."""
         for request_id in list(self.requests):
             self.abort(request_id)
+        self._in_flight = None
         self.runner.close()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an update (deltas) for every request that got tokens."""
+        """Run one batch; returns an update (deltas) for every request that got tokens (with
+        asynchronous scheduling: the tokens of the step before, still in flight till now)."""
         plan = self.scheduler.schedule()
+        flight, self._in_flight = self._in_flight, None
+        if plan.chunks:
+            logits = self.runner.execute(plan.chunks, flight.ids if flight else None)
+            self.num_computed_tokens += plan.num_batched_tokens
+            seqs = [c.seq for c in plan.chunks if c.sample]
+            states = [self.requests[s.request_id].states[s.index] for s in seqs]
+        # while the GPU runs this step, the last one's tokens: they may end sequences of it
+        outputs = self._land(flight) if flight else []
         if not plan.chunks:
-            return []
-        logits = self.runner.execute(plan.chunks)
-        self.num_computed_tokens += plan.num_batched_tokens
-        seqs = [c.seq for c in plan.chunks if c.sample]
-        tokens = sample(logits, [self.requests[s.request_id].states[s.index] for s in seqs])
+            return outputs
+        if self.async_scheduling and all(s.params.logprobs is None for s in states):
+            self._launch_sampling(plan, seqs, sample_ids(logits, states))
+            return outputs
+        tokens = sample(logits, states)
         self.scheduler.update(
             plan, {s.seq_id: t.token_id for s, t in zip(seqs, tokens, strict=True)}
         )
+        kept = [(s, t) for s, t in zip(seqs, tokens, strict=True) if not s.is_finished]
+        return outputs + self._outputs([s for s, _ in kept], [t for _, t in kept])
+
+    def _launch_sampling(self, plan, seqs: list[Sequence], ids: torch.Tensor) -> None:
+        """Record the step with stand-ins for its tokens and start copying them back."""
+        live = [(row, s) for row, s in enumerate(seqs) if not s.is_finished]
+        self.scheduler.update(plan, {s.seq_id: pending(row) for row, s in live})
+        if not live:
+            return
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=ids.is_cuda)
+        host.copy_(ids, non_blocking=True)
+        ready = None
+        if ids.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._in_flight = _InFlight(live, ids, host, ready)
+
+    def _land(self, flight: _InFlight) -> list[RequestOutput]:
+        """Read back a step's tokens in place of their stand-ins; the updates they make."""
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        ids = flight.host.tolist()
+        seqs, tokens = [], []
+        for row, seq in flight.seqs:
+            if seq.is_finished:  # aborted while its token was in flight
+                continue
+            seq.output_token_ids[-1] = ids[row]
+            seqs.append(seq)
+            tokens.append(SampledToken(ids[row], None))
         return self._outputs(seqs, tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -225,3 +285,13 @@ class Engine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
         }
+
+
+def _async_scheduling(config: EngineConfig, runner) -> bool:
+    """config.async_scheduling, by default on for a GPU runner of one rank."""
+    one_rank = runner.tp_group is None
+    if config.async_scheduling is None:
+        return one_rank and runner.device.type == "cuda"
+    if config.async_scheduling and not one_rank:
+        raise ValueError("asynchronous scheduling needs a runner of one rank (no tensor parallel)")
+    return config.async_scheduling

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
 from compiler.artifact import Artifact
 from ir.graph import Graph
-from runtime.batch import build_batch
+from runtime.batch import build_batch, resolve_pending
 from runtime.config import EngineConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
@@ -99,10 +100,13 @@ class ModelRunner:
             budget = int(free * config.gpu_memory_utilization)
         return max(1, budget // (self.spec.bytes_per_token * self.block_size))
 
-    def execute(self, chunks: tuple[ScheduledChunk, ...]) -> torch.Tensor:
-        """Logits [number of sampling chunks, vocab], in chunk order."""
+    def execute(
+        self, chunks: tuple[ScheduledChunk, ...], carried: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [number of sampling chunks, vocab], in chunk order. `carried`: the tokens
+        the last step sampled, still on the device, for the inputs pending on them."""
         if self.graphs is not None and self.graphs.fits(chunks):
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, carried)
         batch = build_batch(
             [
                 (c.seq.token_slice(c.start, c.start + c.num_tokens), c.start, c.seq.block_table)
@@ -112,4 +116,6 @@ class ModelRunner:
             sample=[c.sample for c in chunks],
             device=self.device,
         )
+        if carried is not None:
+            batch = replace(batch, token_ids=resolve_pending(batch.token_ids, carried))
         return self.executor.forward(batch, self.kv_caches)

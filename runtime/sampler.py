@@ -56,6 +56,20 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledTok
     if all(s.plain_greedy for s in states):  # e.g. an offline greedy batch: skip the row work
         return [SampledToken(t, None) for t in logits.argmax(dim=-1).tolist()]
     raw = logits.float()
+    tokens = _pick(raw, states).tolist()
+    logprobs = _logprobs(raw, tokens, states)
+    return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+
+
+def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """The tokens `sample` picks, as an int64 tensor on the logits' device, without waiting for
+    them; for states that want no logprobs."""
+    if all(s.plain_greedy for s in states):
+        return logits.argmax(dim=-1)
+    return _pick(logits.float(), states)
+
+
+def _pick(raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     processed = apply_penalties(raw, states)
     token_ids = processed.argmax(dim=-1)
     rows = [i for i, s in enumerate(states) if not s.params.greedy]
@@ -64,9 +78,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledTok
         picked = [states[i] for i in rows]
         probs = torch.softmax(apply_filters(processed[index], picked), dim=-1)
         token_ids[index] = _draw(probs, [s.generator for s in picked])
-    tokens = token_ids.tolist()
-    logprobs = _logprobs(raw, tokens, states)
-    return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+    return token_ids
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

@@ -206,8 +206,13 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set[Sequence] = set()
         bs = self.config.block_size
-        # (seq, tokens it has yet to compute), taken once: only preemption changes it this step
-        pending = [(s, s.num_tokens - s.num_computed_tokens) for s in self._running]
+        # (seq, tokens it has yet to compute), taken once: only preemption changes it this step.
+        # A seq with all its max_tokens only waits for the last one's id (asynchronous steps).
+        pending = [
+            (s, s.num_tokens - s.num_computed_tokens)
+            for s in self._running
+            if s.num_output_tokens < s.params.max_tokens
+        ]
         # Decodes before prefill chunks: a long prefill never starves the decoding sequences.
         decodes = [p for p in pending if p[1] == 1]
         prefills = [p for p in pending if p[1] > 1]

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from runtime.sampling_params import SamplingParams
 
 
+def pending(row: int) -> int:
+    """The stand-in output token for row `row` of a step's sampled tokens while they are still
+    on the device (asynchronous scheduling): negative, so no real id is mistaken for it."""
+    return -1 - row
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -43,6 +49,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host holds: all but a last output still pending."""
+        out = self.output_token_ids
+        return self.num_tokens - (1 if out and out[-1] < 0 else 0)
 
     @property
     def num_prompt_tokens(self) -> int:

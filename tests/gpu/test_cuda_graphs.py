@@ -35,9 +35,9 @@ def test_graph_replay_equals_eager_steps(tmp_path):
         replays, host = [0], []
         execute, graphs = engine.runner.execute, engine.runner.graphs
 
-        def counted(chunks):
+        def counted(chunks, carried=None):
             start = time.perf_counter()
-            logits = execute(chunks)
+            logits = execute(chunks, carried)
             if all(c.num_tokens == 1 for c in chunks):
                 host.append(time.perf_counter() - start)
             replays[0] += graphs is not None and graphs.fits(chunks)
@@ -64,3 +64,8 @@ def test_graph_replay_equals_eager_steps(tmp_path):
     )
     assert replays > 30  # the decode steps really ran from the graphs
     assert graphed == eager
+    # each step launched before the last one's tokens were read back (the default here),
+    # against steps run to their end: the same tokens
+    assert engine.async_scheduling
+    synchronous = Engine(artifact, EngineConfig(**config, async_scheduling=False))
+    assert run(synchronous)[0] == graphed

@@ -131,7 +131,9 @@ def test_every_kernel_node_matches_torch_ops_in_engine_batches(dtype, tmp_path):
         "qwen3-0.6b", "cuda", getattr(torch, dtype), logit_scale=10.0, num_hidden_layers=2
     )
     artifact = in_memory_artifact(model, "qwen3-2l", tmp_path)
-    engine = Engine(artifact, EngineConfig(num_kv_blocks=512, max_num_batched_tokens=256))
+    # synchronous steps: compare() builds each batch from the host's tokens
+    config = EngineConfig(num_kv_blocks=512, max_num_batched_tokens=256, async_scheduling=False)
+    engine = Engine(artifact, config)
     runner, graph = engine.runner, artifact.graph
     kernel_steps = {i: fn for i, (fn, *_rest) in enumerate(runner.executor.plan)}
     covered = set(runner.cubin_ops)

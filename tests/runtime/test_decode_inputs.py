@@ -3,12 +3,13 @@
 import random
 
 import numpy as np
+import torch
 
-from runtime.batch import build_batch
+from runtime.batch import build_batch, resolve_pending
 from runtime.cuda_graphs import bucket_sizes, is_decode, write_decode_inputs
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import ScheduledChunk
-from runtime.sequence import Sequence
+from runtime.sequence import Sequence, pending
 
 BLOCK, WIDTH, MAX_SEQS, PAD = 4, 8, 6, 99
 
@@ -57,3 +58,9 @@ def test_buckets_and_decode_steps():
     prefill = ScheduledChunk(chunk.seq, 0, 2, True)
     partial = ScheduledChunk(chunk.seq, 0, 1, False)  # a one-token prefill chunk, no sample
     assert not is_decode([chunk, prefill]) and not is_decode([partial])
+
+
+def test_pending_inputs_take_the_carried_tokens():
+    ids = torch.tensor([5, pending(0), 7, pending(2), 0])
+    carried = torch.tensor([10, 11, 12])
+    assert resolve_pending(ids, carried).tolist() == [5, 10, 7, 12, 0]

@@ -1,5 +1,7 @@
 """Engine acceptance: continuous batching, preemption, aborts and prefix caching change no
-output; seeded sampling is reproducible whatever else is in the batch."""
+output; seeded sampling is reproducible whatever else is in the batch. Every test runs with
+synchronous and with asynchronous scheduling (each step launched before the last one's
+tokens are read back); the requests run alone, the reference, always run synchronously."""
 
 from __future__ import annotations
 
@@ -11,6 +13,19 @@ from conftest import tiny_model
 
 import kiln
 from runtime.async_engine import AsyncEngine
+
+
+@pytest.fixture(autouse=True, params=["sync", "async"])
+def scheduling(request, monkeypatch) -> bool:
+    """The engine's scheduling mode, whatever the runner's default (on the CPU: synchronous)."""
+    overlap = request.param == "async"
+    monkeypatch.setattr(
+        "runtime.engine._async_scheduling",
+        lambda config, runner: (
+            overlap if config.async_scheduling is None else config.async_scheduling
+        ),
+    )
+    return overlap
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +46,7 @@ def workload(n, seed=0):
 
 
 def alone(artifact, prompts, params):
-    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    llm = kiln.LLM(artifact, num_kv_blocks=64, async_scheduling=False)
     return [llm.generate([p], [sp], use_tqdm=False)[0].token_ids for p, sp in zip(prompts, params)]
 
 
@@ -201,3 +216,44 @@ def test_sampling_defaults_come_from_the_generation_config(artifact):
     params = llm.default_params(max_tokens=3)
     assert (params.temperature, params.top_k, params.max_tokens) == (0.6, 20, 3)
     assert kiln.SamplingParams().temperature == 1.0  # no generation config: vLLM's defaults
+
+
+def test_steps_return_tokens_a_call_later_when_asynchronous(artifact, scheduling):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    assert llm.engine.async_scheduling == scheduling
+    llm.engine.add_request("a", list(range(30)), greedy(3))
+    deltas = []
+    while llm.engine.has_unfinished():
+        deltas.append([t for u in llm.engine.step() for t in u.token_ids])
+    expected = alone(artifact, [list(range(30))], [greedy(3)])[0]
+    # asynchronous: the prefill's token comes out of the second call, the last token of
+    # the last; no step runs past max_tokens
+    assert deltas == ([[], *[[t] for t in expected]] if scheduling else [[t] for t in expected])
+    assert_idle(llm)
+
+
+def test_stop_tokens_end_requests_as_they_would_alone(artifact):
+    prompts, _ = workload(12, seed=4)
+    base = alone(artifact, prompts, [greedy(16)] * len(prompts))
+    # each request stops at its own 5th token; requests that stop send no more tokens
+    params = [
+        kiln.SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=[b[4]]) for b in base
+    ]
+    outs = kiln.LLM(artifact, num_kv_blocks=512).generate(prompts, params, use_tqdm=False)
+    for out, b in zip(outs, base):
+        stop = b.index(b[4]) + 1
+        assert out.token_ids == b[:stop] and out.outputs[0].finish_reason == "stop"
+
+
+def test_generated_blocks_are_cached_by_their_real_tokens(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=128)
+    prompt = list(range(7, 27))
+    # 45 tokens: the 44th, at position 63, is computed (and pending, asynchronously) in the
+    # last step; the first 64 tokens fill 4 blocks, two of them with generated tokens
+    first = llm.generate([prompt], greedy(45), use_tqdm=False)[0].token_ids
+    follow = prompt + first[:44] + [1, 2, 3]
+    out = llm.generate([follow], greedy(6), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 64
+    cold = kiln.LLM(artifact, num_kv_blocks=128, enable_prefix_caching=False)
+    assert out.token_ids == cold.generate([follow], greedy(6), use_tqdm=False)[0].token_ids
+    assert_idle(llm)
