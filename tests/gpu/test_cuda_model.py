@@ -140,7 +140,7 @@ def test_every_kernel_node_matches_torch_ops_in_engine_batches(dtype, tmp_path):
     ref_caches = allocate_kv_cache(kv_cache_spec(graph), 512, runner.block_size, "cuda")
     worst: dict[int, float] = {}
 
-    def compare(chunks):
+    def compare(chunks, carried=None):  # synchronous steps: carried is always None
         batch = build_batch(
             [
                 (c.seq.token_slice(c.start, c.start + c.num_tokens), c.start, c.seq.block_table)
