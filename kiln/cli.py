@@ -80,6 +80,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--enforce-eager", action="store_true", help="run every step eagerly: no CUDA graphs"
     )
+    p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="on a GPU, read each step's tokens back before launching the next",
+    )
 
 
 def _engine_config(args):
@@ -93,6 +98,7 @@ def _engine_config(args):
         kv_cache_bytes=int(args.kv_cache_gib * 2**30),
         device=args.device,
         cuda_graphs=not args.enforce_eager,
+        async_scheduling=False if args.no_async_scheduling else None,
     )
 
 

@@ -203,3 +203,13 @@ def test_sigterm_during_streaming_exits_cleanly(smollm2_artifact):
             finish = chunk.choices[0].finish_reason
     assert proc.wait(timeout=15) == 0
     assert finish in ("abort", "length", "stop")
+
+
+def test_engine_flags_reach_the_engine_config():
+    from kiln.cli import _engine_config, parser
+
+    args = parser().parse_args(["run", "art", "--enforce-eager", "--no-async-scheduling"])
+    config = _engine_config(args)
+    assert not config.cuda_graphs and config.async_scheduling is False
+    default = _engine_config(parser().parse_args(["run", "art"]))
+    assert default.cuda_graphs and default.async_scheduling is None  # on for a GPU runner
