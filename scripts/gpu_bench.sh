@@ -18,7 +18,7 @@ for step in "${steps[@]}"; do
         tests) cmd=(python -m pytest -m gpu -q -s tests/codegen tests/gpu) ;;
         kernels) cmd=(python -m benchmarks.kernels) ;;
         w3) cmd=(python -m benchmarks.latency) ;;
-        w1) cmd=(python -m benchmarks.throughput --target cuda --peer-requests 16) ;;
+        w1) cmd=(python -m benchmarks.throughput --target cuda --peer-requests 16 --runner-split) ;;
         profile) cmd=(python -m benchmarks.profile --layers 4 --graphs) ;;
         startup) cmd=(python -m benchmarks.startup) ;;
         *) echo "unknown step: $step" >&2; exit 2 ;;
