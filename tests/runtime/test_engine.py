@@ -257,3 +257,16 @@ def test_generated_blocks_are_cached_by_their_real_tokens(artifact):
     cold = kiln.LLM(artifact, num_kv_blocks=128, enable_prefix_caching=False)
     assert out.token_ids == cold.generate([follow], greedy(6), use_tqdm=False)[0].token_ids
     assert_idle(llm)
+
+
+def test_logprobs_requests_join_and_leave_a_greedy_batch(artifact):
+    # a step with a logprobs request samples synchronously (the raw logits are read at once);
+    # steps around it may be asynchronous: every request's tokens as when it runs alone
+    prompts, params = workload(6, seed=5)
+    lp = kiln.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)
+    prompts.append(list(range(50, 70)))
+    params.append(lp)
+    outs = kiln.LLM(artifact, num_kv_blocks=512).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == alone(artifact, prompts, params)
+    logprobs = outs[-1].outputs[0].logprobs
+    assert len(logprobs) == 5 and all(len(step) >= 2 for step in logprobs)
