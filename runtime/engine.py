@@ -23,7 +23,7 @@ from runtime.model_runner import make_runner, max_model_len
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampler import SampledToken, SamplingState, make_generator, sample, sample_ids
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler, SchedulerConfig
+from runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.sequence import Sequence, pending
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,9 @@ class Engine:
         kept = [(s, t) for s, t in zip(seqs, tokens, strict=True) if not s.is_finished]
         return outputs + self._outputs([s for s, _ in kept], [t for _, t in kept])
 
-    def _launch_sampling(self, plan, seqs: list[Sequence], ids: torch.Tensor) -> None:
+    def _launch_sampling(
+        self, plan: SchedulerOutput, seqs: list[Sequence], ids: torch.Tensor
+    ) -> None:
         """Record the step with stand-ins for its tokens and start copying them back."""
         live = [(row, s) for row, s in enumerate(seqs) if not s.is_finished]
         self.scheduler.update(plan, {s.seq_id: pending(row) for row, s in live})
