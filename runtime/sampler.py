@@ -74,7 +74,7 @@ def _pick(raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     token_ids = processed.argmax(dim=-1)
     rows = [i for i, s in enumerate(states) if not s.params.greedy]
     if rows:
-        index = torch.tensor(rows, device=raw.device)
+        index = _on(raw.device, rows)
         picked = [states[i] for i in rows]
         probs = torch.softmax(apply_filters(processed[index], picked), dim=-1)
         token_ids[index] = _draw(probs, [s.generator for s in picked])
@@ -100,17 +100,17 @@ def apply_filters(logits: torch.Tensor, states: list[SamplingState]) -> torch.Te
     Every row must be a sampled (non-greedy) one: its temperature is divided in.
     """
     device = logits.device
-    temperature = torch.tensor([s.params.temperature for s in states], device=device)
+    temperature = _on(device, [s.params.temperature for s in states], torch.float32)
     out = logits / temperature.unsqueeze(1)
     vocab = out.shape[-1]
     top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in states]
     top_p = [s.params.top_p for s in states]
     if min(top_k) < vocab or min(top_p) < 1.0:
-        _top_k_top_p(out, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
+        _top_k_top_p(out, _on(device, top_k), _on(device, top_p, torch.float32))
     min_p = [s.params.min_p for s in states]
     if max(min_p) > 0.0:
         probs = torch.softmax(out, dim=-1)
-        threshold = torch.tensor(min_p, device=device).unsqueeze(1) * probs.amax(-1, keepdim=True)
+        threshold = _on(device, min_p, torch.float32).unsqueeze(1) * probs.amax(-1, keepdim=True)
         out.masked_fill_(probs < threshold, -torch.inf)
     return out
 
@@ -179,14 +179,26 @@ def _logprobs(
     return result
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """values as a tensor on `device`, without waiting for the GPU: built in pinned memory and
+    copied behind the work already queued (a plain copy would wait for that work to finish,
+    and asynchronous scheduling has the next step queued by the time a step samples)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def _rows_tokens(
     token_lists: list[list[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat (row, token) index pairs for a ragged list of token lists."""
-    lengths = torch.tensor([len(t) for t in token_lists], device=device)
-    rows = torch.repeat_interleave(torch.arange(len(token_lists), device=device), lengths)
-    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), device=device)
-    return rows, tokens.long()
+    lengths = [len(t) for t in token_lists]
+    rows = torch.repeat_interleave(
+        torch.arange(len(token_lists), device=device),
+        _on(device, lengths, torch.int64),
+        output_size=sum(lengths),  # known here: no wait for the device to count
+    )
+    tokens = _on(device, list(itertools.chain.from_iterable(token_lists)), torch.int64)
+    return rows, tokens
 
 
 def _add_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
@@ -194,7 +206,7 @@ def _add_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
     if not any(biases):
         return
     rows, tokens = _rows_tokens([list(b) for b in biases], logits.device)
-    values = torch.tensor([v for b in biases for v in b.values()], device=logits.device)
+    values = _on(logits.device, [v for b in biases for v in b.values()], torch.float32)
     logits.index_put_((rows, tokens), values.float(), accumulate=True)
 
 
@@ -206,9 +218,9 @@ def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState])
     seen = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=device)
     history = [states[i].prompt_token_ids + states[i].output_token_ids for i in rows]
     seen[_rows_tokens(history, device)] = True
-    penalty = torch.tensor([states[i].params.repetition_penalty for i in rows], device=device)
+    penalty = _on(device, [states[i].params.repetition_penalty for i in rows], torch.float32)
     penalty = penalty.unsqueeze(1)
-    index = torch.tensor(rows, device=device)
+    index = _on(device, rows)
     sub = logits[index]
     penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
     logits[index] = torch.where(seen, penalized, sub)
@@ -226,9 +238,9 @@ def _apply_frequency_presence(logits: torch.Tensor, states: list[SamplingState])
     counts = torch.zeros(len(rows), logits.shape[-1], device=device)
     where = _rows_tokens([states[i].output_token_ids for i in rows], device)
     counts.index_put_(where, torch.ones(where[0].shape, device=device), accumulate=True)
-    frequency = torch.tensor([states[i].params.frequency_penalty for i in rows], device=device)
-    presence = torch.tensor([states[i].params.presence_penalty for i in rows], device=device)
-    index = torch.tensor(rows, device=device)
+    frequency = _on(device, [states[i].params.frequency_penalty for i in rows], torch.float32)
+    presence = _on(device, [states[i].params.presence_penalty for i in rows], torch.float32)
+    index = _on(device, rows)
     logits[index] -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
 
 
