@@ -81,50 +81,36 @@ def _rotator(c_dtype: str):
     return rotate
 
 
-def _rows(per: int, load, finish, rotate=None):
+@cuda.jit(device=True)
+def _keep(x, partner, cos, sin):
+    return x
+
+
+def _rows(per: int, load, finish, rotate=_keep):
     """Device function: rows h0 .. h0 + per - 1 (those below `count`) of token t of src, at
     columns d and e (e: only when `pair`), every load before any store; into dst[row, h]
-    when `write`. With `rotate`: rope, with cos and sin at d (c0, s0) and at e (c1, s1)."""
+    when `write`. With `rotate`: rope, with cos and sin at d (c0, s0) and at e (c1, s1)
+    (rope always has the pair); without, a copy."""
 
     @cuda.jit(device=True)
-    def load_rows(src, t, h0, count, d, e, pair, lo, hi):
+    def rows(src, t, dst, row, h0, count, d, e, pair, write, c0, c1, s0, s1):
+        lo = cuda.local.array(per, float32)
+        hi = cuda.local.array(per, float32)
         for j in range(per):
             h = h0 + uint32(j)
             if h < count:
                 lo[j] = load(src[t, h, d])
                 if pair:
                     hi[j] = load(src[t, h, e])
-
-    if rotate is None:
-
-        @cuda.jit(device=True)
-        def copy_rows(src, t, dst, row, h0, count, d, e, pair, write, c0, c1, s0, s1):
-            lo = cuda.local.array(per, float32)
-            hi = cuda.local.array(per, float32)
-            load_rows(src, t, h0, count, d, e, pair, lo, hi)
-            if write:
-                for j in range(per):
-                    h = h0 + uint32(j)
-                    if h < count:
-                        dst[row, h, d] = finish(lo[j])
-                        if pair:
-                            dst[row, h, e] = finish(hi[j])
-
-        return copy_rows
-
-    @cuda.jit(device=True)
-    def rotate_rows(src, t, dst, row, h0, count, d, e, pair, write, c0, c1, s0, s1):
-        lo = cuda.local.array(per, float32)
-        hi = cuda.local.array(per, float32)
-        load_rows(src, t, h0, count, d, e, pair, lo, hi)
         if write:
             for j in range(per):
                 h = h0 + uint32(j)
                 if h < count:
                     dst[row, h, d] = finish(rotate(lo[j], -hi[j], c0, s0))
-                    dst[row, h, e] = finish(rotate(hi[j], lo[j], c1, s1))
+                    if pair:
+                        dst[row, h, e] = finish(rotate(hi[j], lo[j], c1, s1))
 
-    return rotate_rows
+    return rows
 
 
 def _placer(per: int, q_rows: int, kv_heads: int, lanes: int, nt: int):
