@@ -26,6 +26,18 @@ def teacher_batch(engine, ids: torch.Tensor):
     return replace(batch, logits_indices=torch.arange(batch.num_tokens, device="cuda"))
 
 
+def argmax_agreement(ours, theirs, exact) -> tuple[float, float, float]:
+    """Fractions of positions whose argmax agrees: ours with theirs, ours with the exact
+    (float32) run's, theirs with the exact run's."""
+    top = exact.argmax(-1)
+    same = lambda a, b: (a == b).float().mean().item()  # noqa: E731
+    return (
+        same(ours.argmax(-1), theirs.argmax(-1)),
+        same(ours.argmax(-1), top),
+        same(theirs.argmax(-1), top),
+    )
+
+
 def teacher_forced(engine, ids: torch.Tensor) -> torch.Tensor:
     """Logits at every position: [P * L, vocab]."""
     return engine.runner.executor.forward(teacher_batch(engine, ids), engine.runner.kv_caches)
@@ -64,10 +76,7 @@ def test_logits_and_argmax_match_transformers(name, overrides, dtype, tmp_path):
         exact = model.float()(ids.cuda()).logits.reshape(PROMPTS * POSITIONS, -1)
     scale = theirs.std().item()
     err = (ours - theirs).abs()
-    top = exact.argmax(-1)
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    ours_exact = (ours.argmax(-1) == top).float().mean().item()
-    theirs_exact = (theirs.argmax(-1) == top).float().mean().item()
+    agree, ours_exact, theirs_exact = argmax_agreement(ours, theirs, exact)
     print(
         f"{name} {dtype}: logit std {scale:.3f}, mean |err| {err.mean():.4f}, max |err| "
         f"{err.max():.3f}; argmax: kiln vs hf {agree:.4f}, vs hf fp32: kiln {ours_exact:.4f}, "

@@ -61,7 +61,7 @@ def test_bf16_argmax_on_trained_weights_against_transformers(tmp_path):
     import argparse
     import inspect
 
-    from test_cuda_model import POSITIONS, PROMPTS, teacher_forced
+    from test_cuda_model import POSITIONS, PROMPTS, argmax_agreement, teacher_forced
 
     import kiln
     from compiler.artifact import load_artifact
@@ -78,10 +78,7 @@ def test_bf16_argmax_on_trained_weights_against_transformers(tmp_path):
     with torch.no_grad():
         exact = model(ids.cuda()).logits.reshape(PROMPTS * POSITIONS, -1)
         theirs = model.bfloat16()(ids.cuda()).logits.reshape(PROMPTS * POSITIONS, -1).float()
-    top = exact.argmax(-1)
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    ours_exact = (ours.argmax(-1) == top).float().mean().item()
-    theirs_exact = (theirs.argmax(-1) == top).float().mean().item()
+    agree, ours_exact, theirs_exact = argmax_agreement(ours, theirs, exact)
     print(
         f"SmolLM2 bfloat16, trained weights: argmax kiln vs hf {agree:.4f}, "
         f"vs hf float32: kiln {ours_exact:.4f}, hf {theirs_exact:.4f}"
