@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 from kernel_harness import FLOATS, assert_matches, gpu_test, launch_kernels, poisoned, rand
-from test_aot import compile_without_simulator
+from test_aot import AOT_PREFILL, compile_without_simulator
 from test_attention import Case, batch_fields, make_batch, make_cache
 
 from codegen.cuda.prefill_attention import SHARED_LIMIT, build_prefill_attention, plan_tiles
@@ -105,31 +105,13 @@ def test_tiles_fit_shared_memory(head_dim):
         assert tiles.accumulators <= 64  # room for them in registers
 
 
-# Compiles in a process without the simulator (it has no compiler); prints per kernel
-# whether its PTX touches local memory and how much static shared memory it declares.
-AOT_SCRIPT = """
-import json, re, sys
-from codegen.aot import compile_kernel
-from codegen.cuda.prefill_attention import build_prefill_attention
-from ir.ops import PagedAttention
-records = []
-for heads, kv_heads, dim, window, softcap, dtype in json.loads(sys.argv[1]):
-    op = PagedAttention(0, heads, kv_heads, dim, dim**-0.5, window, softcap, "bthd", True)
-    compiled = compile_kernel(build_prefill_attention(op, dtype, 16), "sm_90")
-    shared = re.findall(r"\\.shared \\.align \\d+ \\.b8 \\w+\\[(\\d+)\\]", compiled.ptx)
-    records.append({
-        "cubin_magic": compiled.cubin[:4].hex(),
-        "local": "ld.local" in compiled.ptx or "st.local" in compiled.ptx,
-        "shared": sum(map(int, shared)),
-        "params": [p.name for p in compiled.params],
-    })
-json.dump(records, sys.stdout)
-"""
-
-
 def test_compiles_ahead_of_time_for_sm_90():
     configs = [(32, 8, 128, None, None, "bfloat16"), (8, 1, 256, 4096, 30.0, "float16")]
-    for record in json.loads(compile_without_simulator("-c", AOT_SCRIPT, json.dumps(configs))):
+    # in a process without the simulator (it has no compiler)
+    out = compile_without_simulator(
+        AOT_PREFILL, "codegen.cuda.prefill_attention:build_prefill_attention", json.dumps(configs)
+    )
+    for record in json.loads(out):
         assert record["cubin_magic"] == "7f454c46"  # an ELF image
         assert not record["local"]  # the register tiles stayed in registers
         assert 0 < record["shared"] <= SHARED_LIMIT

@@ -5,7 +5,7 @@ import json
 
 import pytest
 from kernel_harness import gpu_test
-from test_aot import compile_without_simulator
+from test_aot import AOT_PREFILL, compile_without_simulator
 from test_attention import Case
 from test_prefill_attention import LARGE, attention_op, check_prefill
 
@@ -42,31 +42,13 @@ def test_serves_half_precision_with_whole_k_steps_only():
         build_prefill_attention_mma(attention_op(MIXED), "float32", 4)
 
 
-# Compiles in a process without the simulator: the tensor-core instructions are in the PTX,
-# the fragments stayed in registers and both tile buffers fit the static shared memory.
-AOT_SCRIPT = """
-import json, re, sys
-from codegen.aot import compile_kernel
-from codegen.cuda.prefill_mma import build_prefill_attention_mma
-from ir.ops import PagedAttention
-records = []
-for heads, kv_heads, dim, window, softcap, dtype in json.loads(sys.argv[1]):
-    op = PagedAttention(0, heads, kv_heads, dim, dim**-0.5, window, softcap, "bthd", True)
-    compiled = compile_kernel(build_prefill_attention_mma(op, dtype, 16), "sm_90")
-    shared = re.findall(r"\\.shared \\.align \\d+ \\.b8 \\w+\\[(\\d+)\\]", compiled.ptx)
-    records.append({
-        "cubin_magic": compiled.cubin[:4].hex(),
-        "mma": compiled.ptx.count("mma.sync.aligned.m16n8k16"),
-        "local": "ld.local" in compiled.ptx or "st.local" in compiled.ptx,
-        "shared": sum(map(int, shared)),
-    })
-json.dump(records, sys.stdout)
-"""
-
-
 def test_compiles_ahead_of_time_for_sm_90():
     configs = [(16, 8, 128, None, None, "bfloat16"), (32, 8, 128, 4096, 30.0, "float16")]
-    for record in json.loads(compile_without_simulator("-c", AOT_SCRIPT, json.dumps(configs))):
+    # in a process without the simulator (it has no compiler)
+    out = compile_without_simulator(
+        AOT_PREFILL, "codegen.cuda.prefill_mma:build_prefill_attention_mma", json.dumps(configs)
+    )
+    for record in json.loads(out):
         assert record["cubin_magic"] == "7f454c46"  # an ELF image
         assert record["mma"] == 64  # 4 key tiles x 8 k-steps (scores), 2 x 16 (values)
         assert not record["local"]
