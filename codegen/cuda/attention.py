@@ -15,8 +15,10 @@ Launches, in order:
    next round's slots are read while this one is. Caches are read as wide words
    (4 bf16 or fp16, 2 fp32 per int64) so that every load moves 8 bytes. With one split the
    block writes the output; with several it writes partial (acc, max, sum) to scratch.
-3. reduce, only with several splits: merges the non-empty partials of each (token, head);
-   a variant for few splits (one round of loads) and one for many (four thread groups).
+3. reduce, only with several splits: merges the partials of each (token, head), an empty
+   split's being (max, sum) = (-inf, 0) alone, so the reduce reads no context length and its
+   first loads wait on nothing; a variant for few splits (one round of loads) and one for
+   many (four thread groups).
 4. or instead of 2-3, prefill attention, when a sequence has several new tokens.
 The number of splits (grid z) comes from the launch's sizes (`decode_splits`): a lone
 sequence spreads its context over many blocks, a large batch needs none. Each token cuts its
@@ -147,8 +149,12 @@ def _attention(
         kvh, t, p = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         b, q_pos = t, decode_position(context_lens, t)
         lo, hi = split_range(q_pos, window, cuda.gridDim.z, p, WARP)
-        if lo >= hi:
-            return  # a short context has fewer splits: the reduce skips this one
+        if lo >= hi:  # a short context has fewer splits: this one holds no key
+            tid = cuda.threadIdx.x
+            if tid < group:  # weight 0 in the reduce, which need not know the context
+                part_ml[t, kvh * group + tid, p, 0] = NEG_INF
+                part_ml[t, kvh * group + tid, p, 1] = float32(0.0)
+            return
         warp, lane = cuda.threadIdx.x // WARP, cuda.threadIdx.x % WARP
         xchg = cuda.shared.array(nt, float32)  # the simulator's shuffles
         slots = cuda.shared.array(nt, int32)
@@ -216,27 +222,34 @@ def _attention(
 
 
 def _reduce(op: PagedAttention, dtype: str, groups: int) -> Kernel:
-    heads, dim, window = op.num_heads, op.head_dim, op.sliding_window or 0
+    heads, dim = op.num_heads, op.head_dim
     dt = pow2_threads(dim, hi=128)  # threads along head_dim
     nt = dt * groups
     store = STORE[dtype]
 
     @cuda.jit
-    def attention_reduce(out, part_acc, part_ml, context_lens):
-        """Every warp finds the splits' max and sum itself (shuffles, no block barrier);
-        thread (group, d) then adds up dim d over splits group, group + groups, ...
-        with all its loads in flight, and the groups' sums meet in shared memory."""
+    def attention_reduce(out, part_acc, part_ml):
+        """Every split has its (m, l), an empty one (-inf, 0): weight 0, so no context length
+        is read. Thread (group, d) has its first round of partials (dim d of splits group,
+        group + groups, ...) in flight before anything waits on a load; every warp finds the
+        splits' max and sum itself (shuffles, no block barrier), and the groups' sums of dim d
+        meet in shared memory."""
         t, h, tid = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
         lane, group, d0 = tid % WARP, tid // dt, tid % dt
-        q_pos = decode_position(context_lens, t)
-        start, span = split_span(q_pos, window, part_ml.shape[2], WARP)
-        parts = (q_pos + 1 - start + span - 1) // span  # the non-empty splits come first
+        parts = part_ml.shape[2]
         xchg = cuda.shared.array(nt, float32)  # the simulator's shuffles
         sums = cuda.shared.array((groups, dt), float32)
+        first_acc = cuda.local.array(REDUCE_LOADS, float32)
+        first_m = cuda.local.array(REDUCE_LOADS, float32)
+        for j in range(REDUCE_LOADS):  # past the end: the last split again, weight 0 below
+            q = min(group + j * groups, parts - 1)
+            first_acc[j] = part_acc[t, h, q, d0] if d0 < dim else float32(0.0)
+            first_m[j] = part_ml[t, h, q, 0]
         top, total = NEG_INF, float32(0.0)
         for p in range(lane, parts, WARP):
             m, m_new = part_ml[t, h, p, 0], max(top, part_ml[t, h, p, 0])
-            total = total * math.exp(top - m_new) + part_ml[t, h, p, 1] * math.exp(m - m_new)
+            if m_new != NEG_INF:
+                total = total * math.exp(top - m_new) + part_ml[t, h, p, 1] * math.exp(m - m_new)
             top = m_new
         mask = WARP // 2
         while mask > 0:  # merge (max, sum) pairs across the warp
@@ -253,11 +266,16 @@ def _reduce(op: PagedAttention, dtype: str, groups: int) -> Kernel:
                 a[j] = float32(0.0)
             if d < dim:
                 for p0 in range(group, parts, groups * REDUCE_LOADS):
-                    for j in range(REDUCE_LOADS):  # past the end: the last split, weight 0
+                    for j in range(REDUCE_LOADS):
                         p = p0 + j * groups
                         q = min(p, parts - 1)
-                        w = math.exp(part_ml[t, h, q, 0] - top) if p < parts else float32(0.0)
-                        a[j] += part_acc[t, h, q, d] * w
+                        if d_base == 0 and p0 == group:
+                            x, m = first_acc[j], first_m[j]
+                        else:
+                            x, m = part_acc[t, h, q, d], part_ml[t, h, q, 0]
+                        w = math.exp(m - top) if p < parts else float32(0.0)
+                        if w > 0:  # an empty split's acc was never written
+                            a[j] += x * w
             acc = float32(0.0)
             for j in range(REDUCE_LOADS):
                 acc += a[j]
@@ -275,10 +293,9 @@ def _reduce(op: PagedAttention, dtype: str, groups: int) -> Kernel:
         Param("out0", dtype, 3),
         Param("part_acc", "float32", 4),
         Param("part_ml", "float32", 4),
-        DECODE_PARAMS[0],
     )
     return Kernel(
-        kernel_name("attention_reduce", heads, dim, dtype, window, WARP, nt, REDUCE_LOADS),
+        kernel_name("attention_reduce", heads, dim, dtype, WARP, nt, REDUCE_LOADS),
         attention_reduce,
         params,
         (nt,),

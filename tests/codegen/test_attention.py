@@ -210,8 +210,9 @@ def test_head_dim_over_max_threads():
 
 def test_decode_with_mostly_empty_splits():
     # a CUDA graph launches for the longest allowed context: the splits are sized for it, so
-    # these short sequences fill only their first few; the other blocks write nothing and
-    # the reduce must skip their NaN partials. 3 q heads per kv head (GQA).
+    # these short sequences fill only their first few; the other blocks write (max, sum) =
+    # (-inf, 0) alone, and the reduce must keep their NaN accumulators out. 3 q heads per kv
+    # head (GQA).
     case = Case(6, 2, 8, 4, chunks=((1, 40), (1, 2), (1, 17)))
     kernels, sizes = check_attention(case, "bfloat16", rope=False, blocks=MANY, max_context_len=96)
     assert kernels.kernels[1].grid(sizes)[2] == 96 // attention.WARP
