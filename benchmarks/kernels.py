@@ -9,6 +9,7 @@ fraction of the H200 ceiling, writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -106,6 +107,29 @@ def k3(rows: int = 8192, hidden: int = 4096) -> list[dict]:
     return [_bw_row("K3 add+rmsnorm", name, gpu_time(fn), moved) for name, fn in variants.items()]
 
 
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once, on first use (importing this module stays cheap)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_causal(new: int, cached: int, device: str | torch.device, compiled: bool = True):
+    """attend(q, k, v) by flex attention for `new` query tokens per sequence after `cached`:
+    the query at new-token index i sits at position cached + i and sees keys 0..cached + i.
+    q is (seqs, heads, new, dim), k and v (seqs, kv heads, cached + new, dim), heads grouped
+    over kv heads (GQA). The block mask is built here, once; uncompiled runs eagerly (CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= cached + q_idx
+
+    block_mask = create_block_mask(causal, None, None, new, cached + new, device=device)
+    attend = _compiled_flex() if compiled else flex_attention
+    return lambda q, k, v: attend(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 def _paged(seqs: int, new: int, cached: int, heads=32, kv_heads=8, dim=128, block=16):
     """Caches with `cached` tokens per sequence plus room for `new`, and the batch fields."""
     ctx = cached + new
@@ -139,22 +163,37 @@ def _attention_variants(seqs, new, cached, consts=(DEFAULTS,)):
     sizes = {"T": tokens, "B": seqs, "seqs": seqs, "max_context_len": ctx, "max_query_len": new}
     tensors = {"in0": q, "in1": k, "in2": v, "out0": out, "k_cache": kc, "v_cache": vc, **fields}
     ref_ctx = RefContext(sizes, ((kc, vc),), **fields)
+
+    def gather(cache):  # each sequence's context from its blocks, (seqs, kv heads, ctx, dim)
+        return cache[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
+
     # a dense, pre-gathered copy of each sequence's context: what a non-paged library reads
-    dense_k = kc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
-    dense_v = vc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    dense_k, dense_v = gather(kc).contiguous(), gather(vc).contiguous()
     qs = q[0].view(seqs, new, *q.shape[2:]).transpose(1, 2)
     mask = (
         torch.arange(ctx, device="cuda")[None, :]
         <= torch.arange(cached, ctx, device="cuda")[:, None]
     )
+    flex = flex_causal(new, cached, q.device)
 
     def sdpa_dense():
         return F.scaled_dot_product_attention(qs, dense_k, dense_v, attn_mask=mask, enable_gqa=True)
 
     def sdpa_gather():
-        keys = kc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
-        values = vc[fields["block_tables"].long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
-        return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            qs, gather(kc), gather(vc), attn_mask=mask, enable_gqa=True
+        )
+
+    def flex_dense():
+        return flex(qs, dense_k, dense_v)
+
+    def flex_gather():
+        return flex(qs, gather(kc), gather(vc))
+
+    got, want = flex_dense(), sdpa_dense()  # also compiles flex before any timing
+    if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+        worst = (got.float() - want.float()).abs().max().item()
+        raise RuntimeError(f"flex_attention differs from sdpa by up to {worst:.3g} (allowed 2e-2)")
 
     def name(c: BuildConstants) -> str:
         if new > 1:
@@ -168,6 +207,8 @@ def _attention_variants(seqs, new, cached, consts=(DEFAULTS,)):
         "torch reference": lambda: REFERENCE[ops.PagedAttention](op, ref_ctx, q, k, v),
         "torch sdpa, gather + attend": sdpa_gather,
         "torch sdpa, pre-gathered dense": sdpa_dense,
+        "torch flex_attention, gather + attend": flex_gather,
+        "torch flex_attention, pre-gathered dense": flex_dense,
     }, (seqs, ctx, new)
 
 
