@@ -2,10 +2,10 @@
 
 A row takes a power of two of threads, each with 4+ elements (i, i + threads, ...); a block
 holds as many rows as fill BLOCK_THREADS, so short rows (per-head norms: T x heads rows of
-head_dim) do not each cost a block of one warp. A row's sum of squares: shuffles within each
-warp, then the warps' sums through shared memory (one barrier), added by every thread in the
-same order, so all of them end with the same sum. Rows past the end load zeros and store
-nothing, but join every barrier.
+head_dim) do not each cost a block of one warp. A row's sum of squares is a butterfly over
+its threads, through shared memory at strides of a warp or more and by shuffles below, in the
+order of a tree (stride threads/2 first): every thread ends with the same sum. Rows past the
+end load zeros and store nothing, but join every barrier.
 """
 
 import math
@@ -37,29 +37,22 @@ SHUFFLE = 4 if CUDASIM else 32
 
 def _row_sum(nt: int):
     """Device function: the sum of `value` over the nt (a power of two) threads of a row."""
-    lanes = min(nt, SHUFFLE)  # threads of a row within one (simulated) warp
-    warps = nt // lanes  # (simulated) warps of a row
 
     @cuda.jit(device=True)
     def row_sum(buf, value):
-        """buf: a shared array of blockDim.x; rows are aligned runs of nt threads. Each warp
-        adds up its lanes by shuffles; with several warps a row, their sums meet in shared
-        memory (one barrier) and every thread adds them in the same order."""
-        stride = lanes // 2
+        """buf: a shared array of blockDim.x; rows are aligned runs of nt threads."""
+        tid = cuda.threadIdx.x
+        stride = nt // 2
+        while stride >= SHUFFLE:
+            buf[tid] = value
+            cuda.syncthreads()
+            value += buf[tid ^ stride]
+            cuda.syncthreads()  # read before the next level writes
+            stride //= 2
         while stride > 0:
             value += shfl_xor(buf, value, stride)
             stride //= 2
-        if warps == 1:
-            return value
-        tid = cuda.threadIdx.x
-        if tid % lanes == 0:
-            buf[tid // lanes] = value
-        cuda.syncthreads()
-        first = tid // nt * warps
-        total = float32(0.0)
-        for w in range(warps):
-            total += buf[first + w]
-        return total
+        return value
 
     return row_sum
 
