@@ -186,6 +186,7 @@ def w3(args) -> dict:
                 "vs_floor_3.8ms": f"{3.8e-3 / tpot:.1%}",
             }
         )
+    execute = engine.runner.execute
     stats = timed_engine(engine)
     token_gaps(engine, prompts[3], 256)
     rows[1]["runner_ttft_ms"] = round(stats["step"][0] * 1e3, 2)
@@ -194,7 +195,11 @@ def w3(args) -> dict:
     rows.append(hf)
     columns = ["system", "ttft_ms", "tpot_ms", "runner_ttft_ms", "runner_ms_per_step"]
     print(table(rows, [*columns, "host_ms_per_step", "vs_floor_3.8ms"]))
-    return {"workload": "W3", "rows": rows}
+    engine.runner.execute = execute  # unwrapped again: a caller's steps, profiled
+    engine.async_scheduling = True
+    split = gpu_split(engine, prompts[0], 64)
+    print("GPU time a token, asynchronous steps (profiled):", split)
+    return {"workload": "W3", "rows": rows, "gpu_split": split}
 
 
 def token_gaps(engine: Engine, prompt: list[int], n: int) -> list[float]:
@@ -205,6 +210,52 @@ def token_gaps(engine: Engine, prompt: list[int], n: int) -> list[float]:
         engine.step()
         ticks.append(time.perf_counter())
     return [b - a for a, b in itertools.pairwise(ticks)]
+
+
+def busy_time(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: time with at least one of them running."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def gpu_split(engine: Engine, prompt: list[int], n: int, top: int = 12) -> dict:
+    """Where a decode token's time goes on the GPU: the time its kernels and copies run
+    (overlaps counted once), the GPU's idle time between them, and the largest items, from
+    a profiler trace of n - 1 decode steps (the prefill runs before the trace)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request(
+        "split", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    )
+    engine.step()  # the prefill, outside the trace
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = [(e.time_range.start, e.time_range.end) for e in events]
+    busy = busy_time(spans)
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name[:70], []).append(e.time_range.elapsed_us())
+    largest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "tokens": steps,
+        "busy_ms_per_token": round(busy / steps / 1e3, 3),
+        "idle_ms_per_token": round((wall - busy) / steps / 1e3, 3),
+        "largest_us_per_token": [
+            {"name": name, "per_token": round(len(t) / steps, 2), "us": round(sum(t) / steps, 1)}
+            for name, t in largest
+        ],
+    }
 
 
 def hf_latency(model, prompt, n: int) -> dict:

@@ -1,5 +1,6 @@
-"""The kernel benchmark's flex attention variant attends like SDPA with the same offset causal
-mask (CPU, flex_attention run eagerly)."""
+"""Benchmark helpers on the CPU: the kernel benchmark's flex attention variant attends like
+SDPA with the same offset causal mask (flex_attention run eagerly), and W3's GPU time split
+counts overlapping intervals once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu import busy_time
 from benchmarks.kernels import flex_causal
 
 # Odd sizes: flex_attention (eager) and create_block_mask pad to their 128-token blocks
@@ -32,3 +34,11 @@ def test_flex_causal_matches_sdpa(dtype, tol):
     plain = torch.ones(NEW, ctx, dtype=torch.bool).tril()
     wrong = F.scaled_dot_product_attention(q, k, v, attn_mask=plain, enable_gqa=True)
     assert (wrong.float() - got.float()).abs().max() > 10 * tol
+
+
+def test_busy_time_counts_overlaps_once_and_gaps_not_at_all():
+    # [0, 4) and [2, 5) overlap: 5; [7, 8) after an idle gap; [7.5, 7.75) inside it; unsorted
+    spans = [(7.5, 7.75), (2.0, 5.0), (7.0, 8.0), (0.0, 4.0)]
+    assert busy_time(spans) == 6.0
+    assert busy_time([]) == 0.0
+    assert busy_time([(1.0, 3.0), (3.0, 4.0)]) == 3.0  # back to back: no gap, no overlap
