@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,10 +52,27 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return generator
 
 
+ARGMAX_CHUNK = 256  # logits a first-pass row of `argmax_rows` covers, at most
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of a [B, V] tensor, the first maximum's index as there, in two passes
+    when V splits into chunks of 64+: the maximum of each chunk, then the best chunk. On a
+    GPU one row's argmax is a single block's serial reduction (35 us over 128K logits on the
+    H200); the chunks' maxima run in parallel."""
+    rows, vocab = x.shape
+    chunk = math.gcd(vocab, ARGMAX_CHUNK)
+    if chunk < 64:
+        return x.argmax(dim=-1)
+    best, where = x.reshape(rows, vocab // chunk, chunk).max(dim=-1)
+    column = best.argmax(dim=-1, keepdim=True)
+    return (column * chunk + where.gather(1, column)).squeeze(1)
+
+
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledToken]:
     """Pick one token per row of `logits` [B, V] and report the requested logprobs."""
     if all(s.plain_greedy for s in states):  # e.g. an offline greedy batch: skip the row work
-        return [SampledToken(t, None) for t in logits.argmax(dim=-1).tolist()]
+        return [SampledToken(t, None) for t in argmax_rows(logits).tolist()]
     raw = logits.float()
     tokens = _pick(raw, states).tolist()
     logprobs = _logprobs(raw, tokens, states)
@@ -65,13 +83,13 @@ def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tenso
     """The tokens `sample` picks, as an int64 tensor on the logits' device, without waiting for
     them; for states that want no logprobs."""
     if all(s.plain_greedy for s in states):
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     return _pick(logits.float(), states)
 
 
 def _pick(raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     processed = apply_penalties(raw, states)
-    token_ids = processed.argmax(dim=-1)
+    token_ids = argmax_rows(processed)
     rows = [i for i, s in enumerate(states) if not s.params.greedy]
     if rows:
         index = _on(raw.device, rows)
@@ -142,7 +160,7 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
             noise[row].exponential_(generator=generator)
     # a zero draw would make 0/0 = nan, and argmax prefers nan over everything
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+    return argmax_rows(probs / noise)
 
 
 def _logprobs(

@@ -11,6 +11,7 @@ from runtime.sampler import (
     SamplingState,
     apply_filters,
     apply_penalties,
+    argmax_rows,
     make_generator,
     sample,
 )
@@ -70,6 +71,22 @@ def test_greedy_is_argmax(dtype):
     states = [state(SamplingParams(temperature=0.0), seed=i if i % 2 else None) for i in range(9)]
     tokens = [t.token_id for t in sample(logits, states)]
     assert tokens == logits.float().argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("vocab", [1003, 64 * 7, 151936, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_argmax_is_argmax_with_ties_to_the_first(vocab, dtype):
+    # bf16 rounding of small integers makes many ties, in a chunk and across chunks; the
+    # planted maxima tie too, and the first of them must win as with argmax
+    x = torch.randint(-50, 50, (5, vocab)).to(dtype)
+    x[1, [vocab - 1, vocab // 2, 3]] = 100.0  # ties across chunks: index 3 wins
+    x[2, [70, 65]] = 100.0  # ties inside one chunk: 65
+    x[3] = 7.0  # all equal: 0
+    x[4, -1] = float("nan")  # nan beats everything, as in argmax
+    want = x.argmax(-1)
+    assert want[1:4].tolist() == [3, 65, 0]
+    assert torch.equal(argmax_rows(x), want)
+    assert torch.equal(argmax_rows(x[:1]), want[:1])  # one row: the case the split is for
 
 
 def test_top_k_one_is_greedy():
