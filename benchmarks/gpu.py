@@ -222,6 +222,18 @@ def busy_time(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+def idle_gaps(spans: list[tuple[float, float, str]]) -> list[tuple[float, str, str]]:
+    """The idle stretches between [start, end) intervals: (length, the name of the interval
+    that ran last before it, the name of the one that ends it)."""
+    gaps, reach, last = [], None, ""
+    for start, end, name in sorted(spans):
+        if reach is not None and start > reach:
+            gaps.append((start - reach, last, name))
+        if reach is None or end > reach:
+            reach, last = end, name
+    return gaps
+
+
 def gpu_split(engine: Engine, prompt: list[int], n: int, top: int = 12) -> dict:
     """Where a decode token's time goes on the GPU: the time its kernels and copies run
     (overlaps counted once), the GPU's idle time between them, and the largest items, from
@@ -239,22 +251,41 @@ def gpu_split(engine: Engine, prompt: list[int], n: int, top: int = 12) -> dict:
             engine.step()
             steps += 1
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    spans = [(e.time_range.start, e.time_range.end) for e in events]
-    busy = busy_time(spans)
-    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    spans = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    ]
+    return split_record(spans, steps, top)
+
+
+def split_record(spans: list[tuple[float, float, str]], steps: int, top: int = 12) -> dict:
+    """Per token: busy and idle ms, the median idle gap, and the `top` kernels by time and
+    pairs of kernels by the idle time between them, from (start us, end us, name) spans."""
+    busy = busy_time([(start, end) for start, end, _ in spans])
+    wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
     by_name: dict[str, list[float]] = {}
-    for e in events:
-        by_name.setdefault(e.name[:70], []).append(e.time_range.elapsed_us())
-    largest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    for start, end, name in spans:
+        by_name.setdefault(name[:70], []).append(end - start)
+    gaps = idle_gaps([(start, end, name[:40]) for start, end, name in spans])
+    by_pair: dict[str, list[float]] = {}
+    for length, before, after in gaps:
+        by_pair.setdefault(f"{before} -> {after}", []).append(length)
+
+    def per_token(groups: dict[str, list[float]], key: str) -> list[dict]:
+        ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
+        return [
+            {key: k, "per_token": round(len(t) / steps, 2), "us": round(sum(t) / steps, 1)}
+            for k, t in ranked
+        ]
+
     return {
         "tokens": steps,
         "busy_ms_per_token": round(busy / steps / 1e3, 3),
         "idle_ms_per_token": round((wall - busy) / steps / 1e3, 3),
-        "largest_us_per_token": [
-            {"name": name, "per_token": round(len(t) / steps, 2), "us": round(sum(t) / steps, 1)}
-            for name, t in largest
-        ],
+        "median_gap_us": round(statistics.median(g for g, _, _ in gaps), 2) if gaps else 0.0,
+        "largest_us_per_token": per_token(by_name, "name"),
+        "idle_us_per_token_between": per_token(by_pair, "kernels"),
     }
 
 

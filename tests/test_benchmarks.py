@@ -1,6 +1,6 @@
 """Benchmark helpers on the CPU: the kernel benchmark's flex attention variant attends like
 SDPA with the same offset causal mask (flex_attention run eagerly), and W3's GPU time split
-counts overlapping intervals once."""
+counts overlapping intervals once and names the kernels around each idle gap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu import busy_time
+from benchmarks.gpu import busy_time, idle_gaps, split_record
 from benchmarks.kernels import flex_causal
 
 # Odd sizes: flex_attention (eager) and create_block_mask pad to their 128-token blocks
@@ -42,3 +42,27 @@ def test_busy_time_counts_overlaps_once_and_gaps_not_at_all():
     assert busy_time(spans) == 6.0
     assert busy_time([]) == 0.0
     assert busy_time([(1.0, 3.0), (3.0, 4.0)]) == 3.0  # back to back: no gap, no overlap
+
+
+def test_idle_gaps_name_what_ran_last_and_what_ends_them():
+    # "inner" ends inside "a": the gap after them follows "a"; "b" and "c" touch: no gap
+    spans = [(0, 4, "a"), (1, 2, "inner"), (5, 6, "b"), (6, 7, "c"), (9.5, 10, "d")]
+    assert idle_gaps(spans[::-1]) == [(1.0, "a", "b"), (2.5, "c", "d")]
+    assert idle_gaps([]) == []
+
+
+def test_split_record_per_token():
+    # two tokens of gemm (10 us) -> norm (2 us) with 1 us idle after each gemm and 4 us
+    # between the tokens; a copy overlapping the first gemm adds no busy time
+    spans = []
+    for t in (0.0, 17.0):
+        spans += [(t, t + 10, "gemm"), (t + 11, t + 13, "norm")]
+    spans.append((2.0, 4.0, "copy"))
+    record = split_record(spans, steps=2)
+    assert record["busy_ms_per_token"] == 0.012 and record["idle_ms_per_token"] == 0.003
+    assert record["median_gap_us"] == 1.0  # gaps of 1, 4, 1 us
+    assert record["largest_us_per_token"][0] == {"name": "gemm", "per_token": 1.0, "us": 10.0}
+    assert record["idle_us_per_token_between"] == [
+        {"kernels": "norm -> gemm", "per_token": 0.5, "us": 2.0},
+        {"kernels": "gemm -> norm", "per_token": 1.0, "us": 1.0},
+    ]
