@@ -1,5 +1,6 @@
 """`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1, K3, K4;
-K1m: K1 at W1's mixed context lengths; K1s: at W3's lone sequence).
+K1m: K1 at W1's mixed context lengths; K1s: at W3's lone sequence): the Numba kernels, the
+torch reference, and for attention torch SDPA and flex attention (checked against SDPA).
 
 Each variant's GPU time comes from replaying its calls captured in a CUDA graph, so no
 variant is charged its host launch cost. Prints achieved bandwidth or FLOP/s and the
