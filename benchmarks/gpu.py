@@ -212,16 +212,6 @@ def token_gaps(engine: Engine, prompt: list[int], n: int) -> list[float]:
     return [b - a for a, b in itertools.pairwise(ticks)]
 
 
-def busy_time(spans: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals: time with at least one of them running."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
-
-
 def idle_gaps(spans: list[tuple[float, float, str]]) -> list[tuple[float, str, str]]:
     """The idle stretches between [start, end) intervals: (length, the name of the interval
     that ran last before it, the name of the one that ends it)."""
@@ -237,7 +227,8 @@ def idle_gaps(spans: list[tuple[float, float, str]]) -> list[tuple[float, str, s
 def gpu_split(engine: Engine, prompt: list[int], n: int, top: int = 12) -> dict:
     """Where a decode token's time goes on the GPU: the time its kernels and copies run
     (overlaps counted once), the GPU's idle time between them, and the largest items, from
-    a profiler trace of n - 1 decode steps (the prefill runs before the trace)."""
+    a profiler trace of the n - 1 decode steps (the prefill and its token come before it;
+    with asynchronous steps the last call only reads back the last token)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -246,28 +237,27 @@ def gpu_split(engine: Engine, prompt: list[int], n: int, top: int = 12) -> dict:
     )
     engine.step()  # the prefill, outside the trace
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        steps = 0
         while engine.has_unfinished():
             engine.step()
-            steps += 1
         torch.cuda.synchronize()
     spans = [
         (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
         if e.device_type == DeviceType.CUDA
     ]
-    return split_record(spans, steps, top)
+    return split_record(spans, n - 1, top)
 
 
 def split_record(spans: list[tuple[float, float, str]], steps: int, top: int = 12) -> dict:
-    """Per token: busy and idle ms, the median idle gap, and the `top` kernels by time and
-    pairs of kernels by the idle time between them, from (start us, end us, name) spans."""
-    busy = busy_time([(start, end) for start, end, _ in spans])
+    """Per token (`steps` of them): busy ms (some span running; overlaps once) and idle ms,
+    the median idle gap, and the `top` kernels by time and pairs of kernels by the idle time
+    between them, from (start us, end us, name) spans."""
     wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    gaps = idle_gaps([(start, end, name[:40]) for start, end, name in spans])
+    idle = sum(length for length, _, _ in gaps)
     by_name: dict[str, list[float]] = {}
     for start, end, name in spans:
         by_name.setdefault(name[:70], []).append(end - start)
-    gaps = idle_gaps([(start, end, name[:40]) for start, end, name in spans])
     by_pair: dict[str, list[float]] = {}
     for length, before, after in gaps:
         by_pair.setdefault(f"{before} -> {after}", []).append(length)
@@ -281,8 +271,8 @@ def split_record(spans: list[tuple[float, float, str]], steps: int, top: int = 1
 
     return {
         "tokens": steps,
-        "busy_ms_per_token": round(busy / steps / 1e3, 3),
-        "idle_ms_per_token": round((wall - busy) / steps / 1e3, 3),
+        "busy_ms_per_token": round((wall - idle) / steps / 1e3, 3),
+        "idle_ms_per_token": round(idle / steps / 1e3, 3),
         "median_gap_us": round(statistics.median(g for g, _, _ in gaps), 2) if gaps else 0.0,
         "largest_us_per_token": per_token(by_name, "name"),
         "idle_us_per_token_between": per_token(by_pair, "kernels"),

@@ -225,7 +225,7 @@ def _add_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
         return
     rows, tokens = _rows_tokens([list(b) for b in biases], logits.device)
     values = _on(logits.device, [v for b in biases for v in b.values()], torch.float32)
-    logits.index_put_((rows, tokens), values.float(), accumulate=True)
+    logits.index_put_((rows, tokens), values, accumulate=True)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu import busy_time, idle_gaps, split_record
+from benchmarks.gpu import idle_gaps, split_record
 from benchmarks.kernels import flex_causal
 
 # Odd sizes: flex_attention (eager) and create_block_mask pad to their 128-token blocks
@@ -34,14 +34,6 @@ def test_flex_causal_matches_sdpa(dtype, tol):
     plain = torch.ones(NEW, ctx, dtype=torch.bool).tril()
     wrong = F.scaled_dot_product_attention(q, k, v, attn_mask=plain, enable_gqa=True)
     assert (wrong.float() - got.float()).abs().max() > 10 * tol
-
-
-def test_busy_time_counts_overlaps_once_and_gaps_not_at_all():
-    # [0, 4) and [2, 5) overlap: 5; [7, 8) after an idle gap; [7.5, 7.75) inside it; unsorted
-    spans = [(7.5, 7.75), (2.0, 5.0), (7.0, 8.0), (0.0, 4.0)]
-    assert busy_time(spans) == 6.0
-    assert busy_time([]) == 0.0
-    assert busy_time([(1.0, 3.0), (3.0, 4.0)]) == 3.0  # back to back: no gap, no overlap
 
 
 def test_idle_gaps_name_what_ran_last_and_what_ends_them():
