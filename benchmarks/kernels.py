@@ -277,16 +277,18 @@ def k1m(seqs: int = 256, shortest: int = 100, longest: int = 2048) -> list[dict]
 def k1s(ctx: int = 1152, longest: int = 1280) -> list[dict]:
     """K1 at W3's decode steps: Llama-3.1-8B's heads (32 q / 8 kv), one sequence, launched
     for W3's longest context (its CUDA graph's sizes); the target blocks set how many splits
-    the lone sequence's keys spread over, and how many partials the reduce merges."""
+    the lone sequence's keys spread over (with splits of at least so many keys), and how many
+    partials the reduce merges."""
     tensors = _mixed_decode([ctx], 32, 8)
     op = ops.PagedAttention(0, 32, 8, 128, 128**-0.5, layout="bthd")
     types = tuple(TensorType(tuple(tensors[n].shape), "bfloat16") for n in ("in0", "in1", "in2"))
     sizes = {"T": 1, "B": 1, "seqs": 1, "max_context_len": longest, "max_query_len": 1}
     kv_bytes = ctx * 8 * 128 * 2 * 2
     rows = []
-    for blocks in (64, 128, 256, 2048):
-        fn = numba_op(op, types, tensors, sizes, BuildConstants(attn_blocks=blocks))
-        variant = f"numba split-K, {blocks} blocks"
+    for blocks, keys in ((128, 1), (2048, 32), (2048, 64), (2048, 128)):
+        consts = BuildConstants(attn_blocks=blocks, attn_split_keys=keys)
+        fn = numba_op(op, types, tensors, sizes, consts)
+        variant = f"numba split-K, {blocks} blocks, splits of >= {keys} keys"
         rows.append(_bw_row("K1s one sequence", variant, gpu_time(fn, 10), kv_bytes))
     return rows
 

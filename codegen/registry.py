@@ -86,6 +86,9 @@ class BuildConstants:
     # blocks a decode attention launch aims for: a few tokens' contexts are split (split-K)
     # until T x kv heads x splits reaches it, many tokens' are not split at all
     attn_blocks: int = 2048
+    # keys the longest context's splits hold at the fewest: a lone sequence's shorter splits
+    # cost the reduce more than they save (W3's 1280-key launch: 20 splits, not 40)
+    attn_split_keys: int = 64
     # words of key rows (as many of value rows) a lane of decode attention loads before it
     # uses any: more loads in flight, against more registers (fewer blocks per SM)
     attn_load_words: int = 8

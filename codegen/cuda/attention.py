@@ -82,11 +82,11 @@ REDUCE_LOADS = 8  # partials of a dim a reduce thread loads before adding any
 
 def decode_splits(s: Sizes, kv_heads: int, consts: BuildConstants, chunk: int) -> int:
     """Splits of each token's context in a decode launch (grid z): enough blocks to fill the
-    GPU (consts.attn_blocks), none shorter than a chunk of keys; 0 when the prefill kernel
-    runs instead."""
+    GPU (consts.attn_blocks), none of the longest context shorter than a chunk of keys or
+    consts.attn_split_keys; 0 when the prefill kernel runs instead."""
     if s["max_query_len"] != 1:
         return 0
-    most = min(MAX_SPLITS, cdiv(s["max_context_len"], chunk))
+    most = min(MAX_SPLITS, cdiv(s["max_context_len"], max(chunk, consts.attn_split_keys)))
     want = cdiv(consts.attn_blocks, s["T"] * kv_heads)
     return max(1, min(most, want))
 

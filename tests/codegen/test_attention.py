@@ -134,7 +134,9 @@ def check_attention(
         "max_query_len": max(batch.max_query_len, 2) if prefill else 1,
     }
     # partials of splits that hold no key stay NaN: the reduce must not read them
-    consts = BuildConstants(block_size=case.block_size, attn_blocks=blocks)
+    # splits as short as a chunk (the simulator's warps are short), so that tiny contexts are
+    # split too; the default policy has its own test
+    consts = BuildConstants(block_size=case.block_size, attn_blocks=blocks, attn_split_keys=1)
     parts = max(1, decode_splits(sizes, case.kv_heads, consts, attention.WARP))
     part_acc = poisoned((tokens, case.heads, parts, case.head_dim), "float32", device)
     part_ml = poisoned((tokens, case.heads, parts, 2), "float32", device)
@@ -167,6 +169,17 @@ def reduces_run(kernels, sizes) -> list[str]:
 
 def batch_fields(batch: BatchInputs) -> dict[str, torch.Tensor]:
     return {name: getattr(batch, name) for name in BATCH_FIELDS}
+
+
+def test_decode_splits_policy():
+    # W3's lone sequence (8 kv heads) in its graph for 1280 keys: splits of >= 64 keys; a
+    # batch of 64 fills the blocks with 4 splits a sequence; W1's 256 need none
+    consts = BuildConstants()
+    decode = {"max_query_len": 1, "max_context_len": 1280}
+    assert decode_splits({**decode, "T": 1}, 8, consts, 32) == 1280 // consts.attn_split_keys
+    assert decode_splits({**decode, "T": 64}, 8, consts, 32) == 4
+    assert decode_splits({**decode, "T": 256}, 8, consts, 32) == 1
+    assert decode_splits({**decode, "T": 1, "max_query_len": 7}, 8, consts, 32) == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
