@@ -172,14 +172,19 @@ def batch_fields(batch: BatchInputs) -> dict[str, torch.Tensor]:
 
 
 def test_decode_splits_policy():
-    # W3's lone sequence (8 kv heads) in its graph for 1280 keys: splits of >= 64 keys; a
-    # batch of 64 fills the blocks with 4 splits a sequence; W1's 256 need none
-    consts = BuildConstants()
-    decode = {"max_query_len": 1, "max_context_len": 1280}
-    assert decode_splits({**decode, "T": 1}, 8, consts, 32) == 1280 // consts.attn_split_keys
-    assert decode_splits({**decode, "T": 64}, 8, consts, 32) == 4
-    assert decode_splits({**decode, "T": 256}, 8, consts, 32) == 1
-    assert decode_splits({**decode, "T": 1, "max_query_len": 7}, 8, consts, 32) == 0
+    # W3's lone sequence (8 kv heads) in its graph for 1280 keys: splits of >= 64 keys, 20
+    # (40 with 32-key splits); K1's 64 sequences of 4096 keys fill the blocks with 4 splits
+    # each; W1's 256 sequences need none; a prefill launch runs no decode kernel
+    def splits(t, ctx, query=1, consts=BuildConstants()):  # noqa: B008
+        return decode_splits(
+            {"T": t, "max_context_len": ctx, "max_query_len": query}, 8, consts, 32
+        )
+
+    assert splits(1, 1280) == 20
+    assert splits(1, 1280, consts=BuildConstants(attn_split_keys=32)) == 40
+    assert splits(64, 4096) == 4
+    assert splits(256, 2048) == 1
+    assert splits(1, 1280, query=7) == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
