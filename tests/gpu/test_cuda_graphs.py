@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -69,3 +72,50 @@ def test_graph_replay_equals_eager_steps(tmp_path):
     assert engine.async_scheduling
     synchronous = Engine(artifact, EngineConfig(**config, async_scheduling=False))
     assert run(synchronous)[0] == graphed
+
+
+# a fresh process: torch reads the cuBLASLt workspace size at its first cuBLASLt call
+_ONE_ROW_GEMMS = """
+import json
+import torch
+from torch.profiler import ProfilerActivity, profile
+from runtime.cuda_graphs import decode_gemms
+
+def kernels(run):
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+
+for n, k in ((4096, 4096), (4096, 14336)):  # Llama-3.1-8B's O and down projections
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    xk = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    eager = kernels(lambda: torch.nn.functional.linear(xk, w))
+    with decode_gemms():
+        torch.nn.functional.linear(xk, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = torch.nn.functional.linear(xk, w)
+    graph.replay()
+    ref = xk.double() @ w.double().t()
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    print(json.dumps({"shape": [n, k], "eager": eager, "graph": kernels(graph.replay), "err": err}))
+"""
+
+
+def test_decode_graph_gemms_run_as_one_kernel():
+    """Captured one-row GEMMs run as one kernel each (no split-K reduce), within bf16 error."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _ONE_ROW_GEMMS], capture_output=True, text=True, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    gemms = [json.loads(line) for line in result.stdout.splitlines()]
+    for g in gemms:
+        print(g["shape"], f"eager {g['eager']}, graph {g['graph']}, error {g['err']:.1e}")
+    assert len(gemms) == 2
+    assert all(len(g["graph"]) == 1 and g["err"] < 1e-2 for g in gemms)
