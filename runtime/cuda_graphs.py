@@ -33,8 +33,6 @@ from runtime.scheduler import ScheduledChunk
 log = logging.getLogger(__name__)
 
 LT_WORKSPACE_KIB = 32
-# torch reads this at its first cuBLASLt call; a value set before (by the user) is kept
-os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", str(LT_WORKSPACE_KIB))
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -45,7 +43,10 @@ def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
 
 @contextmanager
 def decode_gemms() -> Iterator[None]:
-    """GEMMs run (and are captured) through cuBLASLt and its small workspace: no split K."""
+    """GEMMs run (and are captured) through cuBLASLt and its small workspace: no split K.
+    torch reads the workspace size at its first cuBLASLt call in the process; a size the user
+    set before (CUBLASLT_WORKSPACE_SIZE) is kept."""
+    os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", str(LT_WORKSPACE_KIB))
     previous = torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.preferred_blas_library("cublaslt")
     try:
