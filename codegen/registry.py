@@ -64,6 +64,23 @@ class Kernel:
 
 
 @dataclass(frozen=True, slots=True)
+class Gemm:
+    """A library step between an op's kernels: out = a @ b.T through torch (cuBLAS), with
+    a and out seen as [rows, last dim]; names bind as Params' do. No generated code."""
+
+    out: str
+    a: str
+    b: str
+    when: Callable[[Sizes], bool] | None = None
+
+    def __call__(self, tensors: Mapping[str, Any]) -> None:
+        import torch
+
+        a, out = tensors[self.a], tensors[self.out]
+        torch.mm(a.reshape(-1, a.shape[-1]), tensors[self.b].t(), out=out.view(-1, out.shape[-1]))
+
+
+@dataclass(frozen=True, slots=True)
 class Scratch:
     """A temporary buffer the op's kernels pass between them, allocated by the runner."""
 
@@ -74,8 +91,16 @@ class Scratch:
 
 @dataclass(frozen=True, slots=True)
 class OpKernels:
-    kernels: tuple[Kernel, ...]
+    """The steps of one op in launch order (generated kernels and library GEMMs) and the
+    scratch buffers they pass between them."""
+
+    kernels: tuple[Kernel | Gemm, ...]
     scratch: tuple[Scratch, ...] = ()
+
+    @property
+    def generated(self) -> tuple[Kernel, ...]:
+        """The kernels with code to compile (every step but the library calls)."""
+        return tuple(k for k in self.kernels if isinstance(k, Kernel))
 
 
 @dataclass(frozen=True, slots=True)

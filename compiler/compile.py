@@ -12,7 +12,7 @@ from tqdm import tqdm
 from compiler.artifact import write_artifact
 from compiler.frontend import LoadedModel, load_model, trace_model
 from compiler.passes.shard import shard
-from compiler.pipeline import PIPELINE, run_pipeline
+from compiler.pipeline import CUDA_PASSES, PIPELINE, run_pipeline, run_target_passes
 from ir.graph import Graph
 from ir.ops import PagedAttention
 from ir.printer import print_graph
@@ -82,6 +82,8 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
     graph, params = run_pipeline(graph, params, dump_dir=options.dump_ir)
     architecture = architecture_summary(loaded.model.config, graph)  # of the whole model
     graph, weights = _shard(graph, params, options)
+    if options.target == "cuda":
+        graph = run_target_passes(graph, CUDA_PASSES, options.dump_ir)
     log.info("ops before passes: %s", before)
     log.info("ops after passes:  %s", graph.op_counts())
     steps.update()

@@ -19,7 +19,7 @@ def compile_graph_kernels(
     the manifest maps node indices to the kernels they launch, in order.
     """
     plan = kernel_plan(graph, BuildConstants(block_size=block_size))
-    unique = {k.name: k for kernels in plan.values() for k in kernels.kernels}
+    unique = {k.name: k for kernels in plan.values() for k in kernels.generated}
     files: dict[str, bytes] = {}
     metadata: dict[str, dict] = {}
     for name, kernel in tqdm(unique.items(), desc="cuda kernels", unit="kernel"):
@@ -35,6 +35,6 @@ def compile_graph_kernels(
         "toolkit": first.get("toolkit"),
         "nvjitlink": first.get("nvjitlink"),
         "kernels": metadata,
-        "nodes": {str(i): [k.name for k in kernels.kernels] for i, kernels in plan.items()},
+        "nodes": {str(i): [k.name for k in kernels.generated] for i, kernels in plan.items()},
     }
     return section, files

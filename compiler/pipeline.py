@@ -14,6 +14,7 @@ from compiler.passes.dce import eliminate_dead_code
 from compiler.passes.fold_constants import fold_constants
 from compiler.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from compiler.passes.fuse_elementwise import fuse_elementwise
+from compiler.passes.fuse_norm_linear import fuse_norm_linear
 from compiler.passes.fuse_rope_attention import fuse_rope_attention
 from compiler.passes.merge_projections import merge_projections
 from compiler.passes.raise_rmsnorm import raise_rmsnorm
@@ -39,6 +40,22 @@ PIPELINE: tuple[Pass, ...] = (
     fuse_elementwise,  # what is left of elementwise chains
     eliminate_dead_code,  # interiors of everything raised or fused above
 )
+
+# the cuda target's, on each rank's graph (after sharding): fusions its kernels implement
+CUDA_PASSES: tuple[Pass, ...] = (
+    fuse_norm_linear,  # each block of a one-token GEMV normalizes its input itself
+    eliminate_dead_code,  # the norms and projections fused above
+)
+
+
+def run_target_passes(graph: Graph, passes: tuple[Pass, ...], dump_dir: Path | None) -> Graph:
+    """Passes after folding and sharding (verifying after each): pure graph rewrites."""
+    for p in passes:
+        graph = verify(p(graph), after=p.__name__)
+        log.debug("%s: %s", p.__name__, graph.op_counts())
+        if dump_dir:
+            (dump_dir / f"target_{p.__name__}.ir").write_text(print_graph(graph))
+    return graph
 
 
 def run_pipeline(

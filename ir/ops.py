@@ -222,6 +222,28 @@ class AddRMSNorm:
 
 @op
 @dataclass(frozen=True, slots=True)
+class NormLinear:
+    """AddRMSNorm whose normed output feeds one Linear: s = x + residual,
+    h = RMSNorm(s, norm_weight) @ weight.T; with act "silu_mul", silu(first half of h) *
+    second half (a merged gate/up projection). Returns (h, s)."""
+
+    eps: float
+    act: str | None = None
+
+    def infer(self, x: TensorType, residual: TensorType, norm_weight: TensorType, w: TensorType):
+        y, s = AddRMSNorm(self.eps).infer(x, residual, norm_weight)
+        (h,) = Linear().infer(y, w)
+        if self.act == "silu_mul":
+            if w.shape[0] % 2:
+                raise ValueError(f"NormLinear: silu_mul needs an even output width, got {w}")
+            h = h.with_shape((*h.shape[:-1], w.shape[0] // 2))
+        elif self.act is not None:
+            raise ValueError(f"NormLinear: unknown activation {self.act!r}")
+        return (h, s)
+
+
+@op
+@dataclass(frozen=True, slots=True)
 class Rope:
     """x * cos + rotate_half(x) * sin (rotate_half: (-x2, x1) over the halves of the last dim)."""
 

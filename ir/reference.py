@@ -163,6 +163,16 @@ def _add_rmsnorm(op, ctx, x, residual, weight):
     return rms_norm(s, weight, op.eps), s
 
 
+@reference(ops.NormLinear)
+def _norm_linear(op, ctx, x, residual, norm_weight, weight):
+    y, s = _add_rmsnorm(op, ctx, x, residual, norm_weight)
+    h = F.linear(y, weight)
+    if op.act == "silu_mul":
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    return h, s
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

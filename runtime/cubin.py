@@ -16,7 +16,7 @@ import torch
 from codegen.aot import array_abi_values
 from codegen.cuda.launch import param_view
 from codegen.plan import codegen_digest, kernel_plan
-from codegen.registry import BuildConstants, OpKernels, Param, Sizes
+from codegen.registry import BuildConstants, Gemm, OpKernels, Param, Sizes
 from compiler.artifact import Artifact, ArtifactError
 from ir.ops import PagedAttention
 from ir.reference import TORCH_DTYPES, concrete_shape
@@ -51,20 +51,23 @@ class CubinOp:
 
     def __init__(self, kernels: OpKernels, functions: dict) -> None:
         self.kernels = kernels
-        self.functions = [functions[k.name] for k in kernels.kernels]
+        self.functions = {k.name: functions[k.name] for k in kernels.generated}
 
     def __call__(self, sizes: Sizes, tensors: Mapping[str, torch.Tensor]) -> None:
         from cuda.core import LaunchConfig, Stream, launch
 
         stream = Stream.from_handle(torch.cuda.current_stream().cuda_stream)
-        for kernel, fn in zip(self.kernels.kernels, self.functions, strict=True):
+        for kernel in self.kernels.kernels:
             if kernel.when is not None and not kernel.when(sizes):
+                continue
+            if isinstance(kernel, Gemm):
+                kernel(tensors)
                 continue
             args: list[int] = []
             for p in kernel.params:
                 args += abi_values(tensors[p.name], p)
             config = LaunchConfig(grid=kernel.grid(sizes), block=kernel.block)
-            launch(stream, config, fn, *np.array(args, dtype=np.int64))
+            launch(stream, config, self.functions[kernel.name], *np.array(args, dtype=np.int64))
 
 
 def abi_values(t: torch.Tensor, param: Param) -> tuple[int, ...]:
@@ -81,7 +84,7 @@ def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinO
     section = artifact.manifest["kernels"]
     plan = kernel_plan(artifact.graph, BuildConstants(block_size=artifact.manifest["block_size"]))
     expected = {int(i): names for i, names in section["nodes"].items()}
-    if {i: [k.name for k in ks.kernels] for i, ks in plan.items()} != expected:
+    if {i: [k.name for k in ks.generated] for i, ks in plan.items()} != expected:
         raise ArtifactError(
             f"{artifact.path}: its kernels do not match this version of kiln's code generator; "
             "recompile the artifact"
@@ -96,7 +99,7 @@ def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinO
 
 def kernel_node_fn(node, run: CubinOp):
     """An executor step (same signature as a reference op) that launches `run` for `node`."""
-    params = [p for k in run.kernels.kernels for p in k.params]
+    params = [p for k in run.kernels.generated for p in k.params]
     contiguous = {p.name for p in params if p.layout == "C"}
     wanted = {p.name for p in params}
     layer = node.op.layer if isinstance(node.op, PagedAttention) else None

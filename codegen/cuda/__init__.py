@@ -1,5 +1,21 @@
 """CUDA kernel families; importing this package registers every builder."""
 
-from codegen.cuda import attention, elementwise, embedding, gather, rmsnorm, silu_mul
+from codegen.cuda import (
+    attention,
+    elementwise,
+    embedding,
+    gather,
+    norm_linear,
+    rmsnorm,
+    silu_mul,
+)
 
-__all__ = ["attention", "elementwise", "embedding", "gather", "rmsnorm", "silu_mul"]
+__all__ = [
+    "attention",
+    "elementwise",
+    "embedding",
+    "gather",
+    "norm_linear",
+    "rmsnorm",
+    "silu_mul",
+]

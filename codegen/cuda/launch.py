@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from codegen.numba_shim import cuda
-from codegen.registry import OpKernels, Param, Scratch, Sizes
+from codegen.registry import Gemm, OpKernels, Param, Scratch, Sizes
 from ir.reference import TORCH_DTYPES
 
 
@@ -59,6 +59,10 @@ def launch(kernels: OpKernels, sizes: Sizes, tensors: Mapping[str, torch.Tensor]
     if device.type == "cuda":
         stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
     for k in kernels.kernels:
-        if k.when is None or k.when(sizes):
+        if k.when is not None and not k.when(sizes):
+            continue
+        if isinstance(k, Gemm):
+            k(env)
+        else:
             args = [as_kernel_arg(env[p.name], p) for p in k.params]
             k.fn[k.grid(sizes), k.block, stream](*args)

@@ -6,7 +6,8 @@ computes and stores any, so that 2 x COLUMNS loads are in flight at once. One ro
 spreads over width / COLUMNS threads.
 
 gate and up may be strided views (the two halves of a merged gate/up projection): they are
-read in place, not copied first."""
+read in place, not copied first. The merged variant takes the projection's output itself,
+[rows, 2 x width], gate first."""
 
 import math
 
@@ -36,13 +37,19 @@ def build_silu_mul(op: SiluMul, inputs: tuple[TensorType, ...], consts: BuildCon
     gate, up = inputs
     if gate.shape != up.shape:
         raise ValueError(f"SiluMul kernel needs equal shapes, got {gate} and {up}")
-    out_dtype = promote(gate.dtype, up.dtype)
-    load_g, store_g = LOAD[gate.dtype], STORE[gate.dtype]
-    load_u, store_out = LOAD[up.dtype], STORE[out_dtype]
+    return OpKernels((silu_mul_kernel(gate, up.dtype, merged=False),))
 
+
+def silu_mul_kernel(gate: TensorType, up_dtype: str, merged: bool) -> Kernel:
+    """out0 = silu(gate) * up over gate's rows: gate and up are in0 and in1, or (merged) the
+    two halves of each row of one [rows, 2 x width] tensor, "gate_up" (gate first)."""
     width = gate.shape[-1]
+    out_dtype = promote(gate.dtype, up_dtype)
+    load_g, store_g = LOAD[gate.dtype], STORE[gate.dtype]
+    load_u, store_out = LOAD[up_dtype], STORE[out_dtype]
     nt, per = THREADS, COLUMNS
     U_NT, U_SPAN, U_WIDTH = (np.uint32(n) for n in (nt, nt * per, width))
+    U_UP = U_WIDTH if merged else np.uint32(0)  # up's first column in its array
 
     @cuda.jit
     def silu_mul(out, gate, up):
@@ -53,7 +60,7 @@ def build_silu_mul(op: SiluMul, inputs: tuple[TensorType, ...], consts: BuildCon
         for j in range(per):  # every load first
             i = col + uint32(j) * U_NT
             if i < U_WIDTH:
-                gs[j], us[j] = load_g(gate[row, i]), load_u(up[row, i])
+                gs[j], us[j] = load_g(gate[row, i]), load_u(up[row, i + U_UP])
         for j in range(per):
             i = col + uint32(j) * U_NT
             if i < U_WIDTH:
@@ -62,11 +69,12 @@ def build_silu_mul(op: SiluMul, inputs: tuple[TensorType, ...], consts: BuildCon
                 act = load_g(store_g(g / (float32(1.0) + math.exp(-g))))
                 out[row, i] = store_out(act * us[j])
 
+    gate_name, up_name = ("gate_up", "gate_up") if merged else ("in0", "in1")
     params = (
         Param("out0", out_dtype, 2),
-        Param("in0", gate.dtype, 2, "A"),
-        Param("in1", up.dtype, 2, "A"),
+        Param(gate_name, gate.dtype, 2, "A"),
+        Param(up_name, up_dtype, 2, "A"),
     )
-    name = kernel_name("silu_mul", width, gate.dtype, up.dtype, nt, per)
+    name = kernel_name("silu_mul", width, gate.dtype, up_dtype, nt, per, merged)
     grid = lambda s: (num_rows(gate, s), cdiv(width, nt * per))  # noqa: E731
-    return OpKernels((Kernel(name, silu_mul, params, (nt,), grid),))
+    return Kernel(name, silu_mul, params, (nt,), grid)

@@ -15,6 +15,7 @@ from ir.ops import (
     Embedding,
     FusedElementwise,
     GatherLastTokens,
+    NormLinear,
     PagedAttention,
     RMSNorm,
     SiluMul,
@@ -35,6 +36,8 @@ def cases():
         (SiluMul(), (x, x)),
         (FusedElementwise(expr, "float16"), (x, TensorType((40,), "float32"))),
         (GatherLastTokens(), (x, TensorType(("B",), "int64"))),
+        (NormLinear(1e-6), (x, x, TensorType((40,), bf), TensorType((24, 40), bf))),
+        (NormLinear(1e-6, "silu_mul"), (x, x, TensorType((40,), bf), TensorType((24, 40), bf))),
         (PagedAttention(0, 4, 2, 16, 0.25, 8, 30.0, "bthd", True), (*heads, *cos_sin)),
         (PagedAttention(0, 4, 2, 16, 0.25, layout="bthd"), heads),
     ]
@@ -43,7 +46,7 @@ def cases():
 def main(arch: str) -> None:
     records = []
     for op, inputs in cases():
-        for kernel in build_kernels(op, inputs, BuildConstants(block_size=16)).kernels:
+        for kernel in build_kernels(op, inputs, BuildConstants(block_size=16)).generated:
             compiled = compile_kernel(kernel, arch)
             declared = rf"\.param\s+\.\w+\s+{re.escape(compiled.symbol)}_param_\d+"
             ptx_params = len(re.findall(declared, compiled.ptx))

@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 AOT_PREFILL = str(HERE / "aot_prefill.py")  # a prefill builder's kernel compiled, described
 FAMILIES = {"Embedding", "RMSNorm", "AddRMSNorm", "SiluMul", "FusedElementwise"}
-FAMILIES |= {"GatherLastTokens", "PagedAttention"}
+FAMILIES |= {"GatherLastTokens", "PagedAttention", "NormLinear"}
 
 
 def toolchain_missing() -> str | None:

@@ -12,6 +12,7 @@ from compiler.passes.dce import eliminate_dead_code
 from compiler.passes.fold_constants import fold_constants
 from compiler.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from compiler.passes.fuse_elementwise import fuse_elementwise
+from compiler.passes.fuse_norm_linear import fuse_norm_linear
 from compiler.passes.fuse_rope_attention import fuse_rope_attention
 from compiler.passes.merge_projections import merge_projections
 from compiler.passes.raise_rmsnorm import raise_rmsnorm
@@ -175,6 +176,51 @@ def test_fuse_add_rmsnorm_redirects_later_uses():
     w = e.input("w", f32(8), kind="param")
     n, s = e.add(ops.AddRMSNorm(1e-6), x, r, w)
     check(fuse_add_rmsnorm, before, e.build((e.add1(ops.Binary("add"), s, n),)))
+
+
+def norm_then_projections(b, gate_up: int, shared_norm: bool = False):
+    """An attention-shaped and an MLP-shaped block: AddRMSNorm -> Linear (-> halves ->
+    SiluMul), the sums carried on. shared_norm: the first normed value has a second use."""
+    x, r = b.input("x", f32(1, "T", 8)), b.input("r", f32(1, "T", 8))
+    g1, g2 = b.input("g1", f32(8), kind="param"), b.input("g2", f32(8), kind="param")
+    w1 = b.input("w1", f32(12, 8), kind="param")
+    w2 = b.input("w2", f32(2 * gate_up, 8), kind="param")
+    n, s = b.add(ops.AddRMSNorm(1e-6), x, r, g1)
+    h = b.add1(ops.Linear(), n, w1)
+    extra = (b.add1(ops.Unary("exp"), n),) if shared_norm else ()
+    n2, s2 = b.add(ops.AddRMSNorm(1e-6), b.add1(ops.Slice(-1, 0, 8), h), s, g2)
+    gu = b.add1(ops.Linear(), n2, w2)
+    gate, up = (b.add1(ops.Slice(-1, i * gate_up, (i + 1) * gate_up), gu) for i in (0, 1))
+    return b.build((b.add1(ops.Binary("add"), b.add1(ops.SiluMul(), gate, up), s2), *extra))
+
+
+def test_fuse_norm_linear_takes_norm_and_silu_mul():
+    e = GraphBuilder()
+    x, r = e.input("x", f32(1, "T", 8)), e.input("r", f32(1, "T", 8))
+    g1, g2 = e.input("g1", f32(8), kind="param"), e.input("g2", f32(8), kind="param")
+    w1, w2 = e.input("w1", f32(12, 8), kind="param"), e.input("w2", f32(16, 8), kind="param")
+    h, s = e.add(ops.NormLinear(1e-6), x, r, g1, w1)
+    act, s2 = e.add(ops.NormLinear(1e-6, "silu_mul"), e.add1(ops.Slice(-1, 0, 8), h), s, g2, w2)
+    expected = e.build((e.add1(ops.Binary("add"), act, s2),))
+    check(fuse_norm_linear, norm_then_projections(GraphBuilder(), 8), expected)
+
+
+def test_fuse_norm_linear_leaves_shared_norms_and_other_slices():
+    # the first norm's output has another use: only the second norm is fused
+    before = norm_then_projections(GraphBuilder(), 8, shared_norm=True)
+    after = eliminate_dead_code(fuse_norm_linear(before))
+    assert after.op_counts().get("AddRMSNorm") == 1
+    assert after.op_counts().get("NormLinear") == 1
+    assert any(n.op == ops.NormLinear(1e-6, "silu_mul") for n in after.nodes)
+    # SiluMul's operands are [0, 4) and [4, 8) of 10 outputs, not the halves: no silu_mul
+    b = GraphBuilder()
+    x, w = b.input("x", f32(1, "T", 8)), b.input("w", f32(10, 8), kind="param")
+    n, s = b.add(ops.AddRMSNorm(1e-6), x, x, b.input("g", f32(8), kind="param"))
+    gu = b.add1(ops.Linear(), n, w)
+    gate, up = (b.add1(ops.Slice(-1, i * 4, (i + 1) * 4), gu) for i in (0, 1))
+    odd = b.build((b.add1(ops.SiluMul(), gate, up), s))
+    fused = eliminate_dead_code(fuse_norm_linear(odd))
+    assert [type(n.op).__name__ for n in fused.nodes] == ["NormLinear", "Slice", "Slice", "SiluMul"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

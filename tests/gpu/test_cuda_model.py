@@ -61,7 +61,7 @@ def test_logits_and_argmax_match_transformers(name, overrides, dtype, tmp_path):
     engine = Engine(artifact, EngineConfig(num_kv_blocks=PROMPTS * POSITIONS // 16 + 16))
     # every generated kernel came from the artifact's cubins: numba compiled nothing
     assert all(
-        not k.fn.overloads for op in engine.runner.cubin_ops.values() for k in op.kernels.kernels
+        not k.fn.overloads for op in engine.runner.cubin_ops.values() for k in op.kernels.generated
     )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (PROMPTS, POSITIONS), generator=g)

@@ -1,0 +1,207 @@
+"""NormLinear: residual add + RMSNorm + a projection (+ SiLU-mul of its halves).
+
+One token (T = 1, a lone sequence's decode step) runs one GEMV kernel. Each block first puts
+the first weight words of its rows in flight, then normalizes the whole input itself (x +
+residual rounded to the dtype, the sum of squares by warp shuffles and one barrier, the norm's
+two roundings as in AddRMSNorm) into shared memory, so no kernel of its own and no launch gap
+sits before the GEMV; block 0 also writes the sum. A warp owns ROWS output rows (with
+silu_mul: ROWS gate rows and the matching up rows), reads each weight row as 8-byte words,
+lane j taking words j, j + 32, ..., UNROLL words of every row in flight at once, and sums its
+lanes by shuffles. Measured on the H200 at Llama-3.1-8B's one-row shapes (32 layers' weights
+in a graph): QKV 19.1 -> 16.1 us, gate/up + SiLU-mul 62.5 -> 57.6 us against AddRMSNorm +
+cuBLAS (+ SiluMul).
+
+More tokens run the AddRMSNorm kernel into a scratch buffer, the projection through cuBLAS
+(a library step) and, for silu_mul, the SiluMul kernel over the projection's two halves.
+"""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from codegen.cuda.dtypes import LOAD, STORE
+from codegen.cuda.rmsnorm import build_add_rmsnorm
+from codegen.cuda.silu_mul import silu_mul_kernel
+from codegen.cuda.warp import shfl_xor
+from codegen.cuda.words import unpacker
+from codegen.numba_shim import CUDASIM, cuda, float32, int64, uint64
+from codegen.registry import (
+    BuildConstants,
+    Gemm,
+    Kernel,
+    OpKernels,
+    Param,
+    Scratch,
+    Sizes,
+    cdiv,
+    kernel_for,
+    kernel_name,
+    num_rows,
+)
+from ir.ops import AddRMSNorm, NormLinear
+from ir.types import TensorType
+
+WARP = 32
+WARPS = 2 if CUDASIM else 8
+UNROLL = 2 if CUDASIM else 8  # words of each row a lane loads before using any
+MAX_SHARED_FLOATS = 10240  # the normalized input lives in shared memory as float32
+PER_WORD = {"bfloat16": 4, "float16": 4, "float32": 2}  # elements in an 8-byte word
+
+
+def rows_per_warp(act: str | None) -> int:
+    """Output rows a warp owns (H200, 8B shapes: 2 for QKV; 1 for gate/up, 2 weight rows)."""
+    return 1 if act == "silu_mul" else 2
+
+
+def gemv_supported(x: TensorType) -> bool:
+    k = x.shape[-1]
+    return x.dtype in PER_WORD and k % PER_WORD[x.dtype] == 0 and k <= MAX_SHARED_FLOATS
+
+
+def _one_token(sizes: Sizes) -> bool:
+    return sizes["T"] == 1
+
+
+def _more_tokens(sizes: Sizes) -> bool:
+    return sizes["T"] != 1
+
+
+def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
+    dtype, k, n = x.dtype, x.shape[-1], w.shape[0]
+    per_word = PER_WORD[dtype]
+    words, nt = k // per_word, WARPS * WARP
+    chunks, spans = cdiv(words, WARP * UNROLL), cdiv(words, nt)  # a lane's / a thread's trips
+    silu = op.act == "silu_mul"
+    rows = rows_per_warp(op.act)
+    outs = n // 2 if silu else n
+    wrows = 2 * rows if silu else rows  # weight rows a warp reads at once
+    held = spans * per_word
+    unpack, load, store = unpacker(dtype, per_word), LOAD[dtype], STORE[dtype]
+    inv_k, eps = np.float32(1.0 / k), np.float32(op.eps)
+    U_WORDS, U_HALF = uint64(words), n // 2
+
+    @cuda.jit(device=True)
+    def weight_row(r0, r):
+        """Weight row of the warp's r-th row (silu: gates, then the matching ups), clamped."""
+        row = min(r0 + (r % rows), outs - 1)
+        return row + U_HALF if silu and r >= rows else row
+
+    @cuda.jit(device=True)
+    def load_words(wv, w, r0, chunk, lane):
+        for r in range(wrows):
+            base = uint64(weight_row(r0, r)) * U_WORDS
+            for u in range(UNROLL):
+                i = (chunk * UNROLL + u) * WARP + lane
+                wv[r, u] = w[base + uint64(i)] if i < words else int64(0)
+
+    @cuda.jit
+    def norm_gemv(out, s_out, x, res, g, w):
+        tid = cuda.threadIdx.x
+        warp, lane = tid // WARP, tid % WARP
+        r0 = (cuda.blockIdx.x * WARPS + warp) * rows
+        wv = cuda.local.array((wrows, UNROLL), int64)
+        load_words(wv, w, r0, 0, lane)  # in flight while the block normalizes
+        xs = cuda.shared.array(k, float32)  # the normalized input: element e of word i at e*words+i
+        red = cuda.shared.array(WARPS, float32)
+        xchg = cuda.shared.array(nt, float32)  # the simulator's shuffles
+        sv = cuda.local.array(held, float32)
+        sumsq = float32(0.0)
+        for j in range(spans):
+            i = tid + j * nt
+            a, b = int64(0), int64(0)
+            if i < words:
+                a, b = x[i], res[i]
+            for e in range(per_word):
+                s = load(store(unpack(a, e) + unpack(b, e)))  # the sum, rounded as stored
+                sv[j * per_word + e] = s
+                sumsq += s * s
+        mask = WARP // 2
+        while mask > 0:
+            sumsq += shfl_xor(xchg, sumsq, mask)
+            mask //= 2
+        if lane == 0:
+            red[warp] = sumsq
+        cuda.syncthreads()
+        total = float32(0.0)
+        for i in range(WARPS):  # the same order in every thread and block
+            total += red[i]
+        rstd = float32(1.0) / math.sqrt(total * inv_k + eps)
+        for j in range(spans):
+            i = tid + j * nt
+            if i < words:
+                gw = g[i]
+                for e in range(per_word):
+                    s = sv[j * per_word + e]
+                    xs[e * words + i] = load(store(unpack(gw, e) * load(store(s * rstd))))
+                    if cuda.blockIdx.x == 0:
+                        s_out[i * per_word + e] = store(s)
+        cuda.syncthreads()
+        acc = cuda.local.array(wrows, float32)
+        for r in range(wrows):
+            acc[r] = float32(0.0)
+        for chunk in range(chunks):
+            if chunk > 0:
+                load_words(wv, w, r0, chunk, lane)
+            for u in range(UNROLL):
+                i = (chunk * UNROLL + u) * WARP + lane
+                if i < words:
+                    for e in range(per_word):
+                        xf = xs[e * words + i]
+                        for r in range(wrows):
+                            acc[r] += unpack(wv[r, u], e) * xf
+        for r in range(wrows):
+            mask = WARP // 2
+            while mask > 0:
+                acc[r] += shfl_xor(xchg, acc[r], mask)
+                mask //= 2
+        if lane == 0:
+            for r in range(rows):
+                if r0 + r < outs:
+                    if silu:  # the projection's outputs rounded as stored, then SiluMul's
+                        gate = load(store(acc[r]))
+                        act = load(store(gate / (float32(1.0) + math.exp(-gate))))
+                        out[r0 + r] = store(act * load(store(acc[rows + r])))
+                    else:
+                        out[r0 + r] = store(acc[r])
+
+    params = (
+        Param("out0", dtype, 1),
+        Param("out1", dtype, 1),
+        *(Param(f"in{i}", "int64", 1) for i in range(4)),
+    )
+    name = kernel_name("norm_gemv", k, n, op.eps, op.act, dtype, WARPS, UNROLL, rows)
+    grid = (cdiv(outs, WARPS * rows),)
+    return Kernel(name, norm_gemv, params, (nt,), lambda s: grid, when=_one_token)
+
+
+@kernel_for(NormLinear)
+def build_norm_linear(op: NormLinear, inputs: tuple[TensorType, ...], consts: BuildConstants):
+    x, res, g, w = inputs
+    if len({x.dtype, res.dtype, g.dtype, w.dtype}) != 1:
+        raise ValueError(f"NormLinear kernels need one dtype, got {inputs}")
+    if x.shape != res.shape:
+        raise ValueError(f"NormLinear kernels need equal shapes, got {x} and {res}")
+    dtype, k, n = x.dtype, x.shape[-1], w.shape[0]
+    gemv = gemv_supported(x)
+    more = _more_tokens if gemv else None
+    rows = lambda s: num_rows(x, s)  # noqa: E731
+    (norm,) = build_add_rmsnorm(AddRMSNorm(op.eps), (x, res, g), consts).kernels
+    norm = _rebind(norm, {"out0": "normed"}, more)
+    scratch = [Scratch("normed", dtype, lambda s: (rows(s), k))]
+    if op.act == "silu_mul":
+        scratch.append(Scratch("gate_up", dtype, lambda s: (rows(s), n)))
+        gate = TensorType((*x.shape[:-1], n // 2), dtype)
+        act = _rebind(silu_mul_kernel(gate, dtype, merged=True), {}, more)
+        steps = (norm, Gemm("gate_up", "normed", "in3", more), act)
+    else:
+        steps = (norm, Gemm("out0", "normed", "in3", more))
+    if gemv:
+        steps = (_gemv(op, x, w), *steps)
+    return OpKernels(steps, tuple(scratch))
+
+
+def _rebind(kernel: Kernel, names: dict[str, str], when) -> Kernel:
+    """The kernel with its params bound to other names, launched when `when` holds."""
+    params = tuple(replace(p, name=names.get(p.name, p.name)) for p in kernel.params)
+    return replace(kernel, params=params, when=when)
