@@ -71,15 +71,17 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
     dtype, k, n = x.dtype, x.shape[-1], w.shape[0]
     per_word = PER_WORD[dtype]
     words, nt = k // per_word, WARPS * WARP
-    chunks, spans = cdiv(words, WARP * UNROLL), cdiv(words, nt)  # a lane's / a thread's trips
+    chunks = cdiv(words, WARP * UNROLL)  # a lane's trips over a row
+    padded = chunks * WARP * UNROLL  # words of a row the trips cover (zeros past `words`)
+    spans = cdiv(padded, nt)  # a thread's trips over the input
     silu = op.act == "silu_mul"
     rows = rows_per_warp(op.act)
     outs = n // 2 if silu else n
     wrows = 2 * rows if silu else rows  # weight rows a warp reads at once
-    held = spans * per_word
+    held, shared = spans * per_word, padded * per_word
     unpack, load, store = unpacker(dtype, per_word), LOAD[dtype], STORE[dtype]
     inv_k, eps = np.float32(1.0 / k), np.float32(op.eps)
-    U_WORDS, U_HALF = uint64(words), n // 2
+    U_WORDS, U_HALF, LAST = uint64(words), n // 2, words - 1
 
     @cuda.jit(device=True)
     def weight_row(r0, r):
@@ -89,11 +91,13 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
 
     @cuda.jit(device=True)
     def load_words(wv, w, r0, chunk, lane):
+        """Every load unconditional (clamped into the row), so all are in flight at once;
+        the words past the row's end meet zeros of the input."""
         for r in range(wrows):
             base = uint64(weight_row(r0, r)) * U_WORDS
             for u in range(UNROLL):
-                i = (chunk * UNROLL + u) * WARP + lane
-                wv[r, u] = w[base + uint64(i)] if i < words else int64(0)
+                i = min((chunk * UNROLL + u) * WARP + lane, LAST)
+                wv[r, u] = w[base + uint64(i)]
 
     @cuda.jit
     def norm_gemv(out, s_out, x, res, g, w):
@@ -102,18 +106,24 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
         r0 = (cuda.blockIdx.x * WARPS + warp) * rows
         wv = cuda.local.array((wrows, UNROLL), int64)
         load_words(wv, w, r0, 0, lane)  # in flight while the block normalizes
-        xs = cuda.shared.array(k, float32)  # the normalized input: element e of word i at e*words+i
+        xs = cuda.shared.array(
+            shared, float32
+        )  # the normed input: element e of word i at e*padded+i
         red = cuda.shared.array(WARPS, float32)
         xchg = cuda.shared.array(nt, float32)  # the simulator's shuffles
+        xw = cuda.local.array(spans, int64)
+        rw = cuda.local.array(spans, int64)
+        gw = cuda.local.array(spans, int64)
+        for j in range(spans):  # every load first, clamped: no branch between them
+            i = min(tid + j * nt, LAST)
+            xw[j], rw[j], gw[j] = x[i], res[i], g[i]
         sv = cuda.local.array(held, float32)
         sumsq = float32(0.0)
         for j in range(spans):
-            i = tid + j * nt
-            a, b = int64(0), int64(0)
-            if i < words:
-                a, b = x[i], res[i]
+            live = tid + j * nt < words
             for e in range(per_word):
-                s = load(store(unpack(a, e) + unpack(b, e)))  # the sum, rounded as stored
+                s = load(store(unpack(xw[j], e) + unpack(rw[j], e)))  # the sum as stored
+                s = s if live else float32(0.0)
                 sv[j * per_word + e] = s
                 sumsq += s * s
         mask = WARP // 2
@@ -129,12 +139,12 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
         rstd = float32(1.0) / math.sqrt(total * inv_k + eps)
         for j in range(spans):
             i = tid + j * nt
-            if i < words:
-                gw = g[i]
+            if i < padded:
                 for e in range(per_word):
                     s = sv[j * per_word + e]
-                    xs[e * words + i] = load(store(unpack(gw, e) * load(store(s * rstd))))
-                    if cuda.blockIdx.x == 0:
+                    y = load(store(unpack(gw[j], e) * load(store(s * rstd))))
+                    xs[e * padded + i] = y if i < words else float32(0.0)
+                    if cuda.blockIdx.x == 0 and i < words:
                         s_out[i * per_word + e] = store(s)
         cuda.syncthreads()
         acc = cuda.local.array(wrows, float32)
@@ -145,11 +155,10 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
                 load_words(wv, w, r0, chunk, lane)
             for u in range(UNROLL):
                 i = (chunk * UNROLL + u) * WARP + lane
-                if i < words:
-                    for e in range(per_word):
-                        xf = xs[e * words + i]
-                        for r in range(wrows):
-                            acc[r] += unpack(wv[r, u], e) * xf
+                for e in range(per_word):
+                    xf = xs[e * padded + i]
+                    for r in range(wrows):
+                        acc[r] += unpack(wv[r, u], e) * xf
         for r in range(wrows):
             mask = WARP // 2
             while mask > 0:
