@@ -38,7 +38,7 @@ def ran(kernels, tokens):
 @pytest.mark.parametrize("act", [None, "silu_mul"])
 def test_one_token_runs_the_fused_gemv(dtype, act):
     # k = 40: 10 words of 16-bit elements (20 of fp32), fewer than a warp's lanes; the last
-    # block's rows partly past the end (6 rows, or 5 gate/up pairs, over blocks of 4 or 2)
+    # block's rows partly past the end (6 rows, or 5 gate/up pairs, in blocks of 8 or 4)
     kernels = check(1, 40, 10 if act else 6, dtype, act)
     assert ran(kernels, 1) == ["norm_gemv"]
 
