@@ -1,7 +1,9 @@
 """How far two bf16 runs of one model can agree, on the CPU: the teacher-forced next-token
 argmaxes of kiln's torch-op executor (the kernels' reference, rounding to bf16 where
 transformers does except inside attention) against transformers' bf16 and float32 runs of
-the same random-weight model, at several depths (16 prompts x 64 positions, as the GPU test).
+the same random-weight model, at several depths (16 prompts x 64 positions, as the GPU test),
+and transformers' bf16 with SDPA against its own eager attention: how far two attention
+implementations of one library agree.
 
     python -m benchmarks.bf16_agreement --layers 1 4 28
 """
@@ -37,8 +39,10 @@ def agreement(name: str, layers: int) -> dict:
     batch = build_batch(chunks, engine.runner.block_size, device="cpu")
     batch = replace(batch, logits_indices=torch.arange(batch.num_tokens))
     ours = Executor(artifact.graph, engine.runner.params).forward(batch, engine.runner.kv_caches)
-    model.config._attn_implementation = "sdpa"
     with torch.no_grad():
+        model.config._attn_implementation = "eager"
+        eager = model(ids).logits.flatten(0, 1)
+        model.config._attn_implementation = "sdpa"
         theirs = model(ids).logits.flatten(0, 1)
         exact = model.float()(ids).logits.flatten(0, 1)
     top = exact.argmax(-1)
@@ -49,6 +53,7 @@ def agreement(name: str, layers: int) -> dict:
         "kiln_vs_hf_bf16": same(ours, theirs.argmax(-1)),
         "kiln_vs_fp32": same(ours, top),
         "hf_bf16_vs_fp32": same(theirs, top),
+        "hf_sdpa_vs_eager_bf16": same(eager, theirs.argmax(-1)),
         "mean_abs_logit_diff": round((ours.float() - theirs.float()).abs().mean().item(), 4),
     }
 

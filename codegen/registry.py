@@ -1,8 +1,9 @@
 """Kernel registry: (op type, target) -> builder of the kernels that run one op.
 
-A builder takes (op, input TensorTypes, BuildConstants) and returns OpKernels: the kernels to
-launch in order, each specialized on the op's compile-time constants, and the scratch buffers
-they share. Every kernel argument is a tensor; its Param names what the runner binds to it.
+A builder takes (op, input TensorTypes, BuildConstants) and returns OpKernels: the steps to
+run in order (kernels, each specialized on the op's compile-time constants, and library GEMMs)
+and the scratch buffers they share. Every kernel argument is a tensor; its Param names what
+the runner binds to it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from ir.types import Dim, TensorType
 
@@ -73,9 +76,7 @@ class Gemm:
     b: str
     when: Callable[[Sizes], bool] | None = None
 
-    def __call__(self, tensors: Mapping[str, Any]) -> None:
-        import torch
-
+    def __call__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         a, out = tensors[self.a], tensors[self.out]
         torch.mm(a.reshape(-1, a.shape[-1]), tensors[self.b].t(), out=out.view(-1, out.shape[-1]))
 

@@ -1,17 +1,17 @@
 """NormLinear: residual add + RMSNorm + a projection (+ SiLU-mul of its halves).
 
-One token (T = 1, a lone sequence's decode step) runs one GEMV kernel. Each block first puts
+One row (one token: a lone sequence's decode step) runs one GEMV kernel. Each block first puts
 the first weight words of its rows in flight, then normalizes the whole input itself (x +
 residual rounded to the dtype, the sum of squares by warp shuffles and one barrier, the norm's
 two roundings as in AddRMSNorm) into shared memory, so no kernel of its own and no launch gap
-sits before the GEMV; block 0 also writes the sum. A warp owns ROWS output rows (with
-silu_mul: ROWS gate rows and the matching up rows), reads each weight row as 8-byte words,
+sits before the GEMV; block 0 also writes the sum. A warp owns rows_per_warp output rows (with
+silu_mul: as many gate rows and the matching up rows), reads each weight row as 8-byte words,
 lane j taking words j, j + 32, ..., UNROLL words of every row in flight at once, and sums its
 lanes by shuffles. Measured on the H200 at Llama-3.1-8B's one-row shapes (32 layers' weights
 in a graph): QKV 19.0 -> 17.0 us, gate/up + SiLU-mul 62.5 -> 58.2 us against AddRMSNorm +
 cuBLAS (+ SiluMul).
 
-More tokens run the AddRMSNorm kernel into a scratch buffer, the projection through cuBLAS
+More rows run the AddRMSNorm kernel into a scratch buffer, the projection through cuBLAS
 (a library step) and, for silu_mul, the SiluMul kernel over the projection's two halves.
 """
 
@@ -33,7 +33,6 @@ from codegen.registry import (
     OpKernels,
     Param,
     Scratch,
-    Sizes,
     cdiv,
     kernel_for,
     kernel_name,
@@ -51,8 +50,8 @@ PER_WORD = {"bfloat16": 4, "float16": 4, "float32": 2}  # elements in an 8-byte 
 
 def rows_per_warp(act: str | None) -> int:
     """Output rows a warp owns. H200, Llama-3.1-8B's one-row shapes: QKV 18.8 / 17.0 us at
-    2 / 4 rows; gate/up 63.1 / 58.2 us at 1 / 2 gate rows (2 / 4 weight rows); 4 gate rows or
-    16 words in flight a row spill registers (> 160 us)."""
+    2 / 4 rows; gate/up 63.1 / 58.2 us at 1 / 2 gate rows (2 / 4 weight rows); 4 gate rows,
+    or UNROLL 16 with 2, took over 160 us."""
     return 2 if act == "silu_mul" else 4
 
 
@@ -61,15 +60,8 @@ def gemv_supported(x: TensorType) -> bool:
     return x.dtype in PER_WORD and k % PER_WORD[x.dtype] == 0 and k <= MAX_SHARED_FLOATS
 
 
-def _one_token(sizes: Sizes) -> bool:
-    return sizes["T"] == 1
-
-
-def _more_tokens(sizes: Sizes) -> bool:
-    return sizes["T"] != 1
-
-
-def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
+def _gemv(op: NormLinear, x: TensorType, w: TensorType, when) -> Kernel:
+    """The one-row kernel (launched when `when` holds: x has one row)."""
     dtype, k, n = x.dtype, x.shape[-1], w.shape[0]
     per_word = PER_WORD[dtype]
     words, nt = k // per_word, WARPS * WARP
@@ -183,7 +175,7 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType) -> Kernel:
     )
     name = kernel_name("norm_gemv", k, n, op.eps, op.act, dtype, WARPS, UNROLL, rows)
     grid = (cdiv(outs, WARPS * rows),)
-    return Kernel(name, norm_gemv, params, (nt,), lambda s: grid, when=_one_token)
+    return Kernel(name, norm_gemv, params, (nt,), lambda s: grid, when)
 
 
 @kernel_for(NormLinear)
@@ -195,8 +187,8 @@ def build_norm_linear(op: NormLinear, inputs: tuple[TensorType, ...], consts: Bu
         raise ValueError(f"NormLinear kernels need equal shapes, got {x} and {res}")
     dtype, k, n = x.dtype, x.shape[-1], w.shape[0]
     gemv = gemv_supported(x)
-    more = _more_tokens if gemv else None
     rows = lambda s: num_rows(x, s)  # noqa: E731
+    more = (lambda s: rows(s) != 1) if gemv else None
     (norm,) = build_add_rmsnorm(AddRMSNorm(op.eps), (x, res, g), consts).kernels
     norm = _rebind(norm, {"out0": "normed"}, more)
     scratch = [Scratch("normed", dtype, lambda s: (rows(s), k))]
@@ -208,7 +200,7 @@ def build_norm_linear(op: NormLinear, inputs: tuple[TensorType, ...], consts: Bu
     else:
         steps = (norm, Gemm("out0", "normed", "in3", more))
     if gemv:
-        steps = (_gemv(op, x, w), *steps)
+        steps = (_gemv(op, x, w, lambda s: rows(s) == 1), *steps)
     return OpKernels(steps, tuple(scratch))
 
 
