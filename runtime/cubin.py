@@ -120,10 +120,12 @@ def kernel_node_fn(node, run: CubinOp):
         for name in ("slot_mapping", "query_start", "context_lens", "block_tables"):
             if name in wanted:
                 tensors[name] = getattr(ctx, name)
+        used = run.kernels.bound(ctx.sizes)
         for s in run.kernels.scratch:
-            tensors[s.name] = torch.empty(
-                s.shape(ctx.sizes), dtype=TORCH_DTYPES[s.dtype], device=device
-            )
+            if s.name in used:
+                tensors[s.name] = torch.empty(
+                    s.shape(ctx.sizes), dtype=TORCH_DTYPES[s.dtype], device=device
+                )
         run(ctx.sizes, tensors)
         return tuple(results) if len(results) > 1 else results[0]
 

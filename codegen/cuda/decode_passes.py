@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from codegen.cuda.dtypes import STORE
-from codegen.cuda.warp import key_reduce, shfl_idx, shfl_xor
+from codegen.cuda.warp import key_reduce, shfl_idx, shfl_xor, warp_sum
 from codegen.cuda.words import unpacker, word_for
 from codegen.numba_shim import CUDASIM, cuda, float32, uint64
 from codegen.registry import cdiv
@@ -201,6 +201,7 @@ def build_run_step(op: PagedAttention, dtype: str, geo: Geometry):
 def build_merge(dtype: str, group: int, dim: int, geo: Geometry):
     words, per_word, store = geo.words, geo.per_word, STORE[dtype]
     acc_floats, nt = geo.row_floats, WARP * WARPS
+    lane_sum = warp_sum(WARP)
 
     @cuda.jit(device=True)
     def merge(out, part_acc, part_ml, acc, m, lsum, alpha, sh, t, h0, p, warp, lane):
@@ -208,10 +209,7 @@ def build_merge(dtype: str, group: int, dim: int, geo: Geometry):
         xchg, m_sh, l_sh, acc_sh = sh  # row WARPS of m_sh, l_sh: the block's (m, l)
         tid = cuda.threadIdx.x
         for g in range(group):
-            x, mask = lsum[g], WARP // 2
-            while mask > 0:
-                x += shfl_xor(xchg, x, mask)
-                mask //= 2
+            x = lane_sum(xchg, lsum[g])
             if lane == 0:
                 m_sh[warp, g], l_sh[warp, g] = m[g], x
         cuda.syncthreads()  # every warp's (m, l) written before the block's are taken

@@ -53,7 +53,8 @@ def launch(kernels: OpKernels, sizes: Sizes, tensors: Mapping[str, torch.Tensor]
     scratch buffers missing from it are allocated here.
     """
     device = next(iter(tensors.values())).device
-    missing = [s for s in kernels.scratch if s.name not in tensors]
+    used = kernels.bound(sizes)
+    missing = [s for s in kernels.scratch if s.name not in tensors and s.name in used]
     env = {**allocate_scratch(missing, sizes, device), **tensors}
     stream = 0
     if device.type == "cuda":

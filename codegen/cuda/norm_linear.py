@@ -21,9 +21,9 @@ from dataclasses import replace
 import numpy as np
 
 from codegen.cuda.dtypes import LOAD, STORE
-from codegen.cuda.rmsnorm import build_add_rmsnorm
-from codegen.cuda.silu_mul import silu_mul_kernel
-from codegen.cuda.warp import shfl_xor
+from codegen.cuda.rmsnorm import build_add_rmsnorm, scaled
+from codegen.cuda.silu_mul import silu_mul_kernel, silu_rounded
+from codegen.cuda.warp import warp_sum
 from codegen.cuda.words import unpacker
 from codegen.numba_shim import CUDASIM, cuda, float32, int64, uint64
 from codegen.registry import (
@@ -50,8 +50,8 @@ PER_WORD = {"bfloat16": 4, "float16": 4, "float32": 2}  # elements in an 8-byte 
 
 def rows_per_warp(act: str | None) -> int:
     """Output rows a warp owns. H200, Llama-3.1-8B's one-row shapes: QKV 18.8 / 17.0 us at
-    2 / 4 rows; gate/up 63.1 / 58.2 us at 1 / 2 gate rows (2 / 4 weight rows); 4 gate rows,
-    or UNROLL 16 with 2, took over 160 us."""
+    2 / 4 rows; gate/up 63.1 / 58.2 / 66.6 us at 1 / 2 / 4 gate rows (twice as many weight
+    rows), and over 160 us at 2 or 4 gate rows with UNROLL 16."""
     return 2 if act == "silu_mul" else 4
 
 
@@ -74,6 +74,7 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType, when) -> Kernel:
     wrows = 2 * rows if silu else rows  # weight rows a warp reads at once
     held, shared = spans * per_word, padded * per_word
     unpack, load, store = unpacker(dtype, per_word), LOAD[dtype], STORE[dtype]
+    scale, silu_act, lane_sum = scaled(dtype, dtype, dtype), silu_rounded(dtype), warp_sum(WARP)
     inv_k, eps = np.float32(1.0 / k), np.float32(op.eps)
     U_WORDS, U_HALF, LAST = uint64(words), n // 2, words - 1
 
@@ -120,10 +121,7 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType, when) -> Kernel:
                 s = s if live else float32(0.0)
                 sv[j * per_word + e] = s
                 sumsq += s * s
-        mask = WARP // 2
-        while mask > 0:
-            sumsq += shfl_xor(xchg, sumsq, mask)
-            mask //= 2
+        sumsq = lane_sum(xchg, sumsq)
         if lane == 0:
             red[warp] = sumsq
         cuda.syncthreads()
@@ -136,7 +134,7 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType, when) -> Kernel:
             if i < padded:
                 for e in range(per_word):
                     s = sv[j * per_word + e]
-                    y = load(store(unpack(gw[j], e) * load(store(s * rstd))))
+                    y = load(scale(unpack(gw[j], e), s, rstd))
                     xs[e * padded + i] = y if i < words else float32(0.0)
                     if cuda.blockIdx.x == 0 and i < words:
                         s_out[i * per_word + e] = store(s)
@@ -154,17 +152,13 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType, when) -> Kernel:
                     for r in range(wrows):
                         acc[r] += unpack(wv[r, u], e) * xf
         for r in range(wrows):
-            mask = WARP // 2
-            while mask > 0:
-                acc[r] += shfl_xor(xchg, acc[r], mask)
-                mask //= 2
+            acc[r] = lane_sum(xchg, acc[r])
         if lane == 0:
             for r in range(rows):
                 if r0 + r < outs:
                     if silu:  # the projection's outputs rounded as stored, then SiluMul's
                         gate = load(store(acc[r]))
-                        act = load(store(gate / (float32(1.0) + math.exp(-gate))))
-                        out[r0 + r] = store(act * load(store(acc[rows + r])))
+                        out[r0 + r] = store(silu_act(gate) * load(store(acc[rows + r])))
                     else:
                         out[r0 + r] = store(acc[r])
 

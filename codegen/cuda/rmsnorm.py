@@ -63,12 +63,23 @@ def _geometry(hidden: int) -> tuple[int, int, int]:
     return nt, cdiv(hidden, nt), max(1, BLOCK_THREADS // nt)
 
 
+def scaled(x_dtype: str, w_dtype: str, out_dtype: str):
+    """Device function: weight * x * rstd with the reference's roundings (x * rstd to x's
+    dtype first, the product to out's), from float32 values; returns the stored element."""
+    load_x, store_x, store_out = LOAD[x_dtype], STORE[x_dtype], STORE[out_dtype]
+
+    @cuda.jit(device=True)
+    def scale(w, x, rstd):
+        return store_out(w * load_x(store_x(x * rstd)))
+
+    return scale
+
+
 def _normalizer(hidden: int, eps: float, x_dtype: str, w_dtype: str, out_dtype: str):
     """Device function writing one normalized row from the fp32 values a thread holds."""
     nt, ept, _ = _geometry(hidden)
     inv_hidden, eps32 = np.float32(1.0 / hidden), np.float32(eps)
-    load_x, store_x = LOAD[x_dtype], STORE[x_dtype]
-    load_w, store_out = LOAD[w_dtype], STORE[out_dtype]
+    load_w, scale = LOAD[w_dtype], scaled(x_dtype, w_dtype, out_dtype)
     row_sum = _row_sum(nt)
 
     @cuda.jit(device=True)
@@ -85,8 +96,7 @@ def _normalizer(hidden: int, eps: float, x_dtype: str, w_dtype: str, out_dtype: 
             for j in range(ept):
                 i = lane + uint32(j * nt)
                 if i < hidden:
-                    y = load_x(store_x(vals[j] * rstd))  # the reference rounds to x's dtype first
-                    out[row, i] = store_out(ws[j] * y)
+                    out[row, i] = scale(ws[j], vals[j], rstd)
 
     return write_normalized
 

@@ -32,6 +32,18 @@ THREADS = 8 if CUDASIM else 128
 COLUMNS = 4  # a thread's elements
 
 
+def silu_rounded(dtype: str):
+    """Device function: silu(x) of a float32 x, rounded to `dtype` as torch rounds it before
+    the product, back as float32."""
+    load, store = LOAD[dtype], STORE[dtype]
+
+    @cuda.jit(device=True)
+    def silu(x):
+        return load(store(x / (float32(1.0) + math.exp(-x))))
+
+    return silu
+
+
 @kernel_for(SiluMul)
 def build_silu_mul(op: SiluMul, inputs: tuple[TensorType, ...], consts: BuildConstants):
     gate, up = inputs
@@ -45,8 +57,8 @@ def silu_mul_kernel(gate: TensorType, up_dtype: str, merged: bool) -> Kernel:
     two halves of each row of one [rows, 2 x width] tensor, "gate_up" (gate first)."""
     width = gate.shape[-1]
     out_dtype = promote(gate.dtype, up_dtype)
-    load_g, store_g = LOAD[gate.dtype], STORE[gate.dtype]
-    load_u, store_out = LOAD[up_dtype], STORE[out_dtype]
+    load_g, load_u, store_out = LOAD[gate.dtype], LOAD[up_dtype], STORE[out_dtype]
+    silu = silu_rounded(gate.dtype)
     nt, per = THREADS, COLUMNS
     U_NT, U_SPAN, U_WIDTH = (np.uint32(n) for n in (nt, nt * per, width))
     U_UP = U_WIDTH if merged else np.uint32(0)  # up's first column in its array
@@ -64,10 +76,7 @@ def silu_mul_kernel(gate: TensorType, up_dtype: str, merged: bool) -> Kernel:
         for j in range(per):
             i = col + uint32(j) * U_NT
             if i < U_WIDTH:
-                g = gs[j]
-                # torch rounds silu(gate) to gate's dtype before the product
-                act = load_g(store_g(g / (float32(1.0) + math.exp(-g))))
-                out[row, i] = store_out(act * us[j])
+                out[row, i] = store_out(silu(gs[j]) * us[j])
 
     gate_name, up_name = ("gate_up", "gate_up") if merged else ("in0", "in1")
     params = (

@@ -48,6 +48,21 @@ else:
         return cuda.shfl_sync(0xFFFFFFFF, x, src)
 
 
+def warp_sum(lanes: int):
+    """Device function: x summed over the calling lane's `lanes` (a power of two), by a
+    butterfly of shuffles (stride lanes/2 first): every lane gets the same sum."""
+
+    @cuda.jit(device=True)
+    def lane_sum(xchg, x):
+        mask = lanes // 2
+        while mask > 0:
+            x += shfl_xor(xchg, x, mask)
+            mask //= 2
+        return x
+
+    return lane_sum
+
+
 @cuda.jit(device=True)
 def _reduced(s, xchg, part):
     return 0

@@ -41,6 +41,7 @@ def test_one_token_runs_the_fused_gemv(dtype, act):
     # block's rows partly past the end (6 rows, or 5 gate/up pairs, in blocks of 8 or 4)
     kernels = check(1, 40, 10 if act else 6, dtype, act)
     assert ran(kernels, 1) == ["norm_gemv"]
+    assert not {"normed", "gate_up"} & kernels.bound({"T": 1})  # no scratch allocated
 
 
 @pytest.mark.parametrize("act", [None, "silu_mul"])
@@ -48,6 +49,7 @@ def test_more_tokens_run_norm_gemm_and_silu(act):
     kernels = check(3, 24, 12, "bfloat16", act)
     expected = ["add_rmsnorm", "gemm", *(["silu_mul"] if act else [])]
     assert ran(kernels, 3) == expected
+    assert {"normed", *(["gate_up"] if act else [])} <= kernels.bound({"T": 3})
 
 
 def test_width_without_whole_words_has_no_gemv():

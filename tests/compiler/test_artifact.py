@@ -93,3 +93,24 @@ def test_cuda_artifacts_for_another_arch_are_refused(monkeypatch, tmp_path):
     cpu_only = Artifact(tmp_path, {"target": "cpu"}, None, {})
     with pytest.raises(ArtifactError, match="--target cuda"):
         check_kernels(cpu_only, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_cuda_target_fuses_norms_into_projections(target, monkeypatch):
+    """The cuda build runs its own passes after the pipeline: every norm that feeds Q/K/V or
+    gate/up (and gate/up's SiLU-mul) becomes a NormLinear; the cpu build keeps them apart.
+    (The cubins are not compiled here: only the graph is checked.)"""
+    import compiler.kernels
+    from compiler.compile import CompileOptions, build
+    from compiler.frontend.loader import LoadedModel
+
+    monkeypatch.setattr(compiler.kernels, "compile_graph_kernels", lambda *a: ({}, {}))
+    model = tiny_model("llama")
+    layers = model.config.num_hidden_layers
+    counts = build(LoadedModel(model, None, "tiny", "-"), CompileOptions(target=target)).graph
+    counts = counts.op_counts()
+    if target == "cpu":
+        assert "NormLinear" not in counts and counts["SiluMul"] == layers
+    else:  # layer 0's first norm has no residual add: it stays an RMSNorm before its QKV
+        assert counts["NormLinear"] == 2 * layers - 1
+        assert "SiluMul" not in counts and counts["AddRMSNorm"] == 1  # the final norm
