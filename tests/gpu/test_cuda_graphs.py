@@ -119,3 +119,47 @@ def test_decode_graph_gemms_run_as_one_kernel():
         print(g["shape"], f"eager {g['eager']}, graph {g['graph']}, error {g['err']:.1e}")
     assert len(gemms) == 2
     assert all(len(g["graph"]) == 1 and g["err"] < 1e-2 for g in gemms)
+
+
+def test_one_token_graph_runs_the_fused_norm_gemvs(tmp_path):
+    """A lone sequence's decode step, replayed from its graph, runs the NormLinear GEMVs (the
+    norm inside each block) in place of AddRMSNorm + cuBLAS + SiLU-mul, and gives the eager
+    step's tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import kiln
+    from benchmarks.models import in_memory_artifact, random_model
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+
+    layers = 4
+    model = random_model("qwen3-0.6b", "cuda", torch.float32, 10.0, num_hidden_layers=layers)
+    artifact = in_memory_artifact(model, "qwen3-small", tmp_path)
+    prompt = torch.randint(0, 1000, (37,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = kiln.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def run(engine):
+        """Greedy tokens; the CUDA kernels of the step that makes the 12th."""
+        engine.add_request("0", prompt, params)
+        tokens, names = [], []
+        while engine.has_unfinished():
+            if len(tokens) == 11:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    tokens += [t for u in engine.step() for t in u.token_ids]
+                    torch.cuda.synchronize()
+                names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+            else:
+                tokens += [t for u in engine.step() for t in u.token_ids]
+        return tokens, names
+
+    config = dict(num_kv_blocks=64, max_num_seqs=4, max_model_len=256, async_scheduling=False)
+    eager, _ = run(Engine(artifact, EngineConfig(**config, cuda_graphs=False)))
+    engine = Engine(artifact, EngineConfig(**config))
+    graphed, names = run(engine)
+    count = lambda family: sum(family in n for n in names)  # noqa: E731
+    print(f"one-token step: {len(names)} kernels, {count('norm_gemv')} norm_gemv")
+    assert graphed == eager and len(graphed) == 24
+    # layer 0's QKV has no residual add before it (an RMSNorm + cuBLAS): every other layer's
+    # QKV and every layer's gate/up run as one GEMV each; one AddRMSNorm left, the final norm
+    assert count("norm_gemv") == 2 * layers - 1
+    assert count("add_rmsnorm") == 1 and count("silu_mul") == 0
