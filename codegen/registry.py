@@ -127,6 +127,8 @@ class BuildConstants:
     # words of key rows (as many of value rows) a lane of decode attention loads before it
     # uses any: more loads in flight, against more registers (fewer blocks per SM)
     attn_load_words: int = 8
+    # blocks a one-row NormLinear GEMV aims for: two on each of the H200's 132 SMs
+    gemv_blocks: int = 264
     # prefill attention on tensor cores (mma) where the dtype and head size allow it; False
     # keeps the CUDA-core kernel (a baseline for the benchmarks)
     prefill_tensor_cores: bool = True

@@ -48,11 +48,16 @@ MAX_SHARED_FLOATS = 10240  # the normalized input lives in shared memory as floa
 PER_WORD = {"bfloat16": 4, "float16": 4, "float32": 2}  # elements in an 8-byte word
 
 
-def rows_per_warp(act: str | None) -> int:
-    """Output rows a warp owns. H200, Llama-3.1-8B's one-row shapes: QKV 18.8 / 17.0 us at
-    2 / 4 rows; gate/up 63.1 / 58.2 / 66.6 us at 1 / 2 / 4 gate rows (twice as many weight
-    rows), and over 160 us at 2 or 4 gate rows with UNROLL 16."""
-    return 2 if act == "silu_mul" else 4
+def rows_per_warp(act: str | None, outs: int, consts: BuildConstants) -> int:
+    """Output rows a warp owns. gate/up: 2 pairs (H200, Llama-3.1-8B: 63.1 / 58.2 / 66.6 us at
+    1 / 2 / 4 pairs, twice as many weight rows). Plain projections: the fewest of 2 or 3 rows
+    that keep the grid within consts.gemv_blocks, else 4. Every block normalizes the whole
+    input first, so fewer, larger blocks pay that less often, while a grid that leaves some SMs
+    one block fewer than others waits on them (H200, 8 warps: QKV's 6144 rows 18.9 / 15.9 /
+    17.1 us at 2 / 3 / 4 rows, O's 4096 12.4 / 13.1 / 14.7 us)."""
+    if act == "silu_mul":
+        return 2
+    return next((r for r in (2, 3) if cdiv(outs, WARPS * r) <= consts.gemv_blocks), 4)
 
 
 def gemv_supported(x: TensorType) -> bool:
@@ -60,7 +65,7 @@ def gemv_supported(x: TensorType) -> bool:
     return x.dtype in PER_WORD and k % PER_WORD[x.dtype] == 0 and k <= MAX_SHARED_FLOATS
 
 
-def _gemv(op: NormLinear, x: TensorType, w: TensorType, when) -> Kernel:
+def _gemv(op: NormLinear, x: TensorType, w: TensorType, consts: BuildConstants, when) -> Kernel:
     """The one-row kernel (launched when `when` holds: x has one row)."""
     dtype, k, n = x.dtype, x.shape[-1], w.shape[0]
     per_word = PER_WORD[dtype]
@@ -69,8 +74,8 @@ def _gemv(op: NormLinear, x: TensorType, w: TensorType, when) -> Kernel:
     padded = chunks * WARP * UNROLL  # words of a row the trips cover (zeros past `words`)
     spans = cdiv(padded, nt)  # a thread's trips over the input
     silu = op.act == "silu_mul"
-    rows = rows_per_warp(op.act)
     outs = n // 2 if silu else n
+    rows = rows_per_warp(op.act, outs, consts)
     wrows = 2 * rows if silu else rows  # weight rows a warp reads at once
     held, shared = spans * per_word, padded * per_word
     unpack, load, store = unpacker(dtype, per_word), LOAD[dtype], STORE[dtype]
@@ -194,7 +199,7 @@ def build_norm_linear(op: NormLinear, inputs: tuple[TensorType, ...], consts: Bu
     else:
         steps = (norm, Gemm("out0", "normed", "in3", more))
     if gemv:
-        steps = (_gemv(op, x, w, lambda s: rows(s) == 1), *steps)
+        steps = (_gemv(op, x, w, consts, lambda s: rows(s) == 1), *steps)
     return OpKernels(steps, tuple(scratch))
 
 

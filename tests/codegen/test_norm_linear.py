@@ -4,14 +4,14 @@ SiluMul path) against the reference, under the simulator and on a GPU."""
 import pytest
 from kernel_harness import FLOATS, assert_matches, gpu_test, poisoned, rand, run_kernels, typed
 
-from codegen.cuda.norm_linear import gemv_supported
-from codegen.registry import Gemm, build_kernels
+from codegen.cuda.norm_linear import WARPS, gemv_supported, rows_per_warp
+from codegen.registry import BuildConstants, Gemm, build_kernels
 from ir.ops import NormLinear
 from ir.reference import RefContext, run_op
 from ir.types import TensorType
 
 
-def check(tokens, k, n, dtype, act=None, device="cpu"):
+def check(tokens, k, n, dtype, act=None, device="cpu", consts=BuildConstants()):  # noqa: B008
     shape = (1, tokens, k)
     x, res = rand(*shape, dtype=dtype, device=device), rand(*shape, dtype=dtype, device=device)
     g = rand(k, dtype=dtype, device=device)
@@ -20,7 +20,7 @@ def check(tokens, k, n, dtype, act=None, device="cpu"):
     s = poisoned(shape, dtype, device)
     op = NormLinear(1e-6, act)
     types = (typed(x, {1: "T"}), typed(res, {1: "T"}), typed(g), typed(w))
-    kernels = run_kernels(op, [x, res, g, w], [out, s], {"T": tokens}, types)
+    kernels = run_kernels(op, [x, res, g, w], [out, s], {"T": tokens}, types, consts)
     cpu = [t.cpu() for t in (x, res, g, w)]
     expected, expected_s = run_op(op, RefContext({"T": tokens}), *cpu)
     assert_matches(s, expected_s)
@@ -42,6 +42,15 @@ def test_one_token_runs_the_fused_gemv(dtype, act):
     kernels = check(1, 40, 10 if act else 6, dtype, act)
     assert ran(kernels, 1) == ["norm_gemv"]
     assert not {"normed", "gate_up"} & kernels.bound({"T": 1})  # no scratch allocated
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4])
+def test_plain_projection_at_each_rows_per_warp(rows):
+    # 13 rows: the last block's warps partly (or wholly) past the end at every geometry
+    blocks = {r: -(-13 // (WARPS * r)) for r in (2, 3, 4)}
+    consts = BuildConstants(gemv_blocks=blocks[rows] if rows < 4 else 0)
+    assert rows_per_warp(None, 13, consts) == rows
+    assert ran(check(1, 40, 13, "float32", consts=consts), 1) == ["norm_gemv"]
 
 
 @pytest.mark.parametrize("act", [None, "silu_mul"])
@@ -74,3 +83,5 @@ def test_mixed_dtypes_are_refused():
 def test_norm_linear_gpu(dtype, act, tokens):
     check(tokens, 1000, 2 * 1031, dtype, act, device="cuda")  # odd rows, a partial word run
     check(tokens, 4096, 6144 if act is None else 2 * 14336, dtype, act, device="cuda")
+    if act is None:  # 4 rows a warp (the other shapes take 2 and 3)
+        check(tokens, 1000, 1031, dtype, device="cuda", consts=BuildConstants(gemv_blocks=0))
