@@ -54,7 +54,7 @@ def rows_per_warp(act: str | None, outs: int, consts: BuildConstants) -> int:
     that keep the grid within consts.gemv_blocks, else 4. Every block normalizes the whole
     input first, so fewer, larger blocks pay that less often, while a grid that leaves some SMs
     one block fewer than others waits on them (H200, 8 warps: QKV's 6144 rows 18.9 / 15.9 /
-    17.1 us at 2 / 3 / 4 rows, O's 4096 12.4 / 13.1 / 14.7 us)."""
+    17.1 us at 2 / 3 / 4 rows, a 4096-row one 12.4 / 13.1 / 14.7 us)."""
     if act == "silu_mul":
         return 2
     return next((r for r in (2, 3) if cdiv(outs, WARPS * r) <= consts.gemv_blocks), 4)

@@ -139,23 +139,35 @@ def test_one_token_graph_runs_the_fused_norm_gemvs(tmp_path):
     params = kiln.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
     def run(engine):
-        """Greedy tokens; the CUDA kernels of the step that makes the 12th."""
+        """Greedy tokens; the CUDA kernels of the step that makes the 12th, and the graph
+        replays in that step."""
+        replays, graphs = [0], engine.runner.graphs
+        if graphs is not None:
+            replay = graphs.run
+
+            def counted(*args):
+                replays[0] += 1
+                return replay(*args)
+
+            graphs.run = counted
         engine.add_request("0", prompt, params)
-        tokens, names = [], []
+        tokens, names, replayed = [], [], 0
         while engine.has_unfinished():
             if len(tokens) == 11:
+                before = replays[0]
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     tokens += [t for u in engine.step() for t in u.token_ids]
                     torch.cuda.synchronize()
                 names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+                replayed = replays[0] - before
             else:
                 tokens += [t for u in engine.step() for t in u.token_ids]
-        return tokens, names
+        return tokens, names, replayed
 
     config = dict(num_kv_blocks=64, max_num_seqs=4, max_model_len=256, async_scheduling=False)
-    eager, _ = run(Engine(artifact, EngineConfig(**config, cuda_graphs=False)))
-    engine = Engine(artifact, EngineConfig(**config))
-    graphed, names = run(engine)
+    eager, _, none = run(Engine(artifact, EngineConfig(**config, cuda_graphs=False)))
+    graphed, names, replayed = run(Engine(artifact, EngineConfig(**config)))
+    assert none == 0 and replayed == 1  # the profiled step was one graph replay
     count = lambda family: sum(family in n for n in names)  # noqa: E731
     print(f"one-token step: {len(names)} kernels, {count('norm_gemv')} norm_gemv")
     assert graphed == eager and len(graphed) == 24
