@@ -3,49 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import openai
 import pytest
+from serving import start_kiln
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return r.status, json.loads(r.read())
-
-
-def start_server(artifact, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "run", str(artifact), "--port", str(port), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for line in proc.stdout:  # the start-up log says when it is ready
-        if "ready: " in line:
-            return proc, url
-    raise RuntimeError(f"kiln run exited with {proc.wait()}")
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_artifact):
-    proc, url = start_server(
+    proc, url, _ = start_kiln(
         smollm2_artifact, "--served-model-name", "smol", "--shutdown-timeout", "5"
     )
     yield proc, url
@@ -188,7 +159,7 @@ def test_abandoned_streams_free_everything(client, server):
 
 
 def test_sigterm_during_streaming_exits_cleanly(smollm2_artifact):
-    proc, url = start_server(smollm2_artifact, "--shutdown-timeout", "2")
+    proc, url, _ = start_kiln(smollm2_artifact, "--shutdown-timeout", "2")
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     stream = client.completions.create(
         model=smollm2_artifact.name,

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_model
+from serving import start_kiln
 
 import kiln
 
@@ -25,12 +23,6 @@ def tp_artifact(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")
     tiny_model("llama").save_pretrained(src, safe_serialization=True)
     return kiln.compile(str(src), tmp_path_factory.mktemp("tp") / "art", tensor_parallel_size=2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -50,7 +42,9 @@ def status(url: str) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
-    except (urllib.error.URLError, ConnectionError):
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        # not listening, or no answer: aiohttp's cleanup holds a connection accepted as the
+        # listener closes for its whole shutdown timeout (5 s, this timeout), then drops it
         return -1
 
 
@@ -67,18 +61,8 @@ def state(pid: int) -> str:
 
 
 def test_dead_worker_turns_health_503_and_exits_nonzero(tp_artifact):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "run", str(tp_artifact), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, url, log = start_kiln(tp_artifact)
     try:
-        for line in proc.stdout:
-            if "ready: " in line:
-                break
-        url = f"http://127.0.0.1:{port}"
         # greedy and past EOS: the count below must not depend on a draw (160-token vocabulary)
         body = {
             "model": tp_artifact.name,
@@ -100,7 +84,7 @@ def test_dead_worker_turns_health_503_and_exits_nonzero(tp_artifact):
         while proc.poll() is None and time.monotonic() < deadline:
             seen_503 |= status(url + "/health") == 503
             time.sleep(0.2)
-        assert seen_503
+        assert seen_503, "".join(log)
         assert proc.wait(timeout=30) != 0
     finally:
         if proc.poll() is None:

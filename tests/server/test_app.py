@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -21,6 +20,7 @@ import pytest
 from aiohttp import web
 from fake_engine import EngineDeadError, FakeEngine, echo_token, smollm2_tokenizer
 from prometheus_client.parser import text_string_to_metric_families
+from serving import free_port
 
 from server import ServerConfig, create_app, serve
 
@@ -509,12 +509,6 @@ def test_model_without_tokenizer() -> None:
                                       logprobs=0)  # fmt: skip
         assert r.choices[0].logprobs.tokens == ["token_id:5", "token_id:6", "token_id:5"]
         assert (r.choices[0].text, r.usage.completion_tokens) == ("", 3)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_drains_then_serve_returns(tok) -> None:
