@@ -25,6 +25,7 @@ from server.responses import Meta, Piece, Pieces
 logger = logging.getLogger(__name__)
 ENGINE_POLL_S = 0.5  # how often serve() checks that the engine loop is alive
 DEAD_ENGINE_GRACE_S = 2.0  # /health says 503 this long before a dead engine's server exits
+ACCEPT_SETTLE_S = 0.05  # loop time for the last accepted connections to register at shutdown
 
 Update = tuple[int, RequestOutput]  # (prompt index, engine update)
 
@@ -292,11 +293,12 @@ async def serve(
     # request; the short shutdown_timeout applies after the engine has drained
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    listener = None
     try:
-        await web.TCPSite(runner, host, port).start()
+        listener = await loop.create_server(runner.server, host, port)
         logger.info("ready: http://%s:%d (OpenAI API under /v1)", host, port)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
@@ -315,4 +317,20 @@ async def serve(
         await engine.shutdown(shutdown_timeout)
         return True
     finally:
+        if listener is not None:
+            await stop_listening(listener)
         await runner.cleanup()
+
+
+async def stop_listening(listener: asyncio.Server) -> None:
+    """Close the listener without stranding a connection accepted as it closes.
+
+    asyncio sets an accepted socket up one loop turn after accepting it and, if the listener
+    was closed in between, drops it unread and open (CPython gh-109564), so its client waits
+    for its own timeout. So: stop accepting, let what was accepted register with the server,
+    then close the sockets (refusing whatever the kernel still queues)."""
+    loop = asyncio.get_running_loop()
+    for sock in listener.sockets:
+        loop.remove_reader(sock.fileno())
+    await asyncio.sleep(ACCEPT_SETTLE_S)
+    listener.close()
