@@ -103,13 +103,16 @@ class OpKernels:
         """The kernels with code to compile (every step but the library calls)."""
         return tuple(k for k in self.kernels if isinstance(k, Kernel))
 
+    def steps(self, sizes: Sizes) -> tuple[Kernel | Gemm, ...]:
+        """The steps that run at these sizes, in launch order (every launcher runs these)."""
+        return tuple(k for k in self.kernels if k.when is None or k.when(sizes))
+
     def bound(self, sizes: Sizes) -> set[str]:
         """The names the steps that run at these sizes bind (scratch nobody binds is not
         allocated: a one-row NormLinear needs none of its general path's buffers)."""
         names: set[str] = set()
-        for k in self.kernels:
-            if k.when is None or k.when(sizes):
-                names |= {k.out, k.a, k.b} if isinstance(k, Gemm) else {p.name for p in k.params}
+        for k in self.steps(sizes):
+            names |= {k.out, k.a, k.b} if isinstance(k, Gemm) else {p.name for p in k.params}
         return names
 
 

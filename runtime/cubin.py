@@ -57,9 +57,7 @@ class CubinOp:
         from cuda.core import LaunchConfig, Stream, launch
 
         stream = Stream.from_handle(torch.cuda.current_stream().cuda_stream)
-        for kernel in self.kernels.kernels:
-            if kernel.when is not None and not kernel.when(sizes):
-                continue
+        for kernel in self.kernels.steps(sizes):
             if isinstance(kernel, Gemm):
                 kernel(tensors)
                 continue

@@ -59,9 +59,7 @@ def launch(kernels: OpKernels, sizes: Sizes, tensors: Mapping[str, torch.Tensor]
     stream = 0
     if device.type == "cuda":
         stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    for k in kernels.kernels:
-        if k.when is not None and not k.when(sizes):
-            continue
+    for k in kernels.steps(sizes):
         if isinstance(k, Gemm):
             k(env)
         else:

@@ -30,8 +30,8 @@ def check(tokens, k, n, dtype, act=None, device="cpu", consts=BuildConstants()):
 
 def ran(kernels, tokens):
     """The steps launched at this many tokens: generated kernels by family, "gemm"."""
-    steps = [k for k in kernels.kernels if k.when is None or k.when({"T": tokens})]
-    return [("gemm" if isinstance(k, Gemm) else k.name.rsplit("_", 1)[0]) for k in steps]
+    steps = kernels.steps({"T": tokens})
+    return ["gemm" if isinstance(k, Gemm) else k.name.rsplit("_", 1)[0] for k in steps]
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
