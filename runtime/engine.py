@@ -101,10 +101,8 @@ class Engine:
             )
             for i in range(params.n)
         ]
-        for seq in seqs:  # equal lengths: if any cannot fit, the first raises, nothing is queued
-            self.scheduler.add(seq)
         device = self.runner.device
-        self.requests[request_id] = _Request(
+        request = _Request(
             request_id,
             prompt,
             list(prompt_token_ids),
@@ -122,6 +120,9 @@ class Engine:
             [self._detokenizer(prompt_token_ids, params) for _ in seqs],
             [None] * len(seqs),
         )
+        for seq in seqs:  # equal lengths: if any cannot fit, the first raises, nothing is queued
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
 
     def _detokenizer(self, prompt_token_ids, params) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as vLLM takes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class SamplingParams:
             ("n", self.n >= 1),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS),
+            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
         ):
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")

@@ -170,7 +170,9 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
         raise bad(f"'n' must be at most {info.max_n}", "n")
     out["stop"] = _stop(body)
     ids = body.get("stop_token_ids")
-    out["stop_token_ids"] = tuple(check_token_ids(ids, info, "stop_token_ids")) if ids else ()
+    out["stop_token_ids"] = (
+        () if ids is None else tuple(check_token_ids(ids, info, "stop_token_ids"))
+    )
     out["logit_bias"] = _logit_bias(body, info)
     return out
 

@@ -12,13 +12,17 @@ import pytest
 from serving import start_kiln
 
 pytestmark = pytest.mark.slow
+KEY = "sk-kiln-e2e"  # the server's --api-key
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_artifact):
+    # steps of at most 256 tokens: an abort lands between steps, and a 2048-token prefill step
+    # takes seconds on a CPU
     proc, url, _ = start_kiln(
-        smollm2_artifact, "--served-model-name", "smol", "--shutdown-timeout", "5"
-    )
+        smollm2_artifact, "--served-model-name", "smol", "--shutdown-timeout", "5",
+        "--max-num-batched-tokens", "256", "--api-key", KEY,
+    )  # fmt: skip
     yield proc, url
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
@@ -26,7 +30,7 @@ def server(smollm2_artifact):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0)
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
 
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -100,6 +104,12 @@ def test_n_stop_and_logprobs(client):
 
 
 def test_bad_input_then_good(client, server):
+    stranger = openai.OpenAI(base_url=server[1] + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smol", prompt="hi", max_tokens=2, seed=2**64)
+    assert e.value.body["param"] == "seed"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="smol", prompt="hi", max_tokens=100000)
     assert "8192" in str(e.value)
@@ -113,7 +123,7 @@ def test_bad_input_then_good(client, server):
 
 
 async def _abandon(url: str, n: int) -> None:
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=0.5)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=0.5)
 
     async def one(i: int) -> None:
         try:

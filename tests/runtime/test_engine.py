@@ -177,6 +177,25 @@ def test_requests_that_can_never_fit_are_rejected(artifact):
     assert_idle(llm)
 
 
+def test_a_request_that_fails_to_queue_leaves_nothing_behind(artifact, monkeypatch):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    with pytest.raises(ValueError, match="invalid seed"):
+        kiln.SamplingParams(seed=2**63)
+    seeded = kiln.SamplingParams(max_tokens=3, temperature=1.0, seed=2**63 - 1, n=2)
+
+    def refuse(seed, device):
+        raise RuntimeError(f"no generator for seed {seed}")
+
+    monkeypatch.setattr("runtime.engine.make_generator", refuse)
+    with pytest.raises(RuntimeError, match="no generator"):
+        llm.engine.add_request("r0", [1, 2, 3], seeded)
+    assert_idle(llm)  # nothing queued: the next steps serve others as usual
+    monkeypatch.undo()
+    out = llm.generate([[1, 2, 3]], seeded, use_tqdm=False)[0]  # seed + 1 past 2**63 - 1
+    assert [len(o.token_ids) for o in out.outputs] == [3, 3]
+    assert_idle(llm)
+
+
 def test_async_engine_streams_and_aborts(artifact):
     llm = kiln.LLM(artifact, num_kv_blocks=128)
     prompt = list(range(5, 25))

@@ -71,6 +71,7 @@ class FakeEngine:
         self.shutdowns: list[float] = []
         self.fail: Exception | None = None  # raised by the next generate, before any update
         self.fail_after: int | None = None  # updates before the next generate raises RuntimeError
+        self.die_after: int | None = None  # updates before the engine dies under the next one
         self.dead = False
         self.stopping = False
         self.running = 0
@@ -116,6 +117,7 @@ class FakeEngine:
             self.fail = None
             raise fail
         fail_after, self.fail_after = self.fail_after, None
+        die_after, self.die_after = self.die_after, None
         self.running += 1
         finished = False
         try:
@@ -123,6 +125,9 @@ class FakeEngine:
             for count, out in enumerate(updates):
                 if count == fail_after:
                     raise RuntimeError("scheduler exploded in /secret/path/engine.py")
+                if count == die_after:
+                    self.dead = True
+                    raise EngineDeadError("the engine died")
                 await asyncio.sleep(self.token_delay)
                 yield out
             finished = True

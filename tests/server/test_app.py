@@ -354,6 +354,9 @@ ERRORS = [
      "prompt"),
     ("stop ids", "/v1/completions", GOOD | {"stop_token_ids": [-3]}, "POST", KEY, None, 400,
      "stop_token_ids"),
+    ("stop ids type", "/v1/completions", GOOD | {"stop_token_ids": 0}, "POST", KEY, None, 400,
+     "stop_token_ids"),
+    ("seed", "/v1/completions", GOOD | {"seed": 2**64}, "POST", KEY, None, 400, "seed"),
     ("stream options", "/v1/completions", GOOD | {"stream_options": {"include_usage": True}},
      "POST", KEY, None, 400, "stream_options"),
     ("suffix", "/v1/completions", GOOD | {"suffix": "x"}, "POST", KEY, None, 400, "suffix"),
@@ -428,6 +431,21 @@ def test_error_mid_stream_is_an_error_chunk_then_done(url, client, engine) -> No
     engine.fail_after = 2
     with pytest.raises(openai.APIError, match="internal server error"):
         list(client.chat.completions.create(model=NAME, messages=HELLO, stream=True))
+    assert_serving(client)
+
+
+def test_engine_death_mid_stream_is_a_503_chunk_then_done(url, client, engine) -> None:
+    engine.die_after = 2
+    body = {"prompt": FOX, "max_tokens": 8, "stream": True}
+    status, payload, _ = http(url, "/v1/completions", body)
+    events = payload.decode().split("\n\n")
+    assert status == 200 and events[-2:] == ["data: [DONE]", ""]
+    assert len(events) == 5  # two token chunks, the error chunk, [DONE] and ""
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert (error["code"], error["type"]) == (503, "service_unavailable_error")
+    assert http(url, "/health", method="GET", key=None)[0] == 503
+    assert http(url, "/v1/completions", GOOD)[0] == 503
+    engine.dead = False
     assert_serving(client)
 
 
