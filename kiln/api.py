@@ -64,13 +64,18 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         order = []
-        for prompt, p in zip(prompts, params, strict=True):
-            request_id = str(next(self._ids))
-            text, ids = (
-                (prompt, self._encode(prompt)) if isinstance(prompt, str) else (None, prompt)
-            )
-            self.engine.add_request(request_id, ids, p, prompt=text)
-            order.append(request_id)
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                request_id = str(next(self._ids))
+                text, ids = (
+                    (prompt, self._encode(prompt)) if isinstance(prompt, str) else (None, prompt)
+                )
+                self.engine.add_request(request_id, ids, p, prompt=text)
+                order.append(request_id)
+        except Exception:
+            for request_id in order:  # all or nothing: the prompts queued before it leave
+                self.engine.abort(request_id)
+            raise
         return self._run(order, use_tqdm)
 
     def _encode(self, text: str) -> list[int]:

@@ -56,6 +56,8 @@ class AsyncEngine:
         """Updates of one request until it finishes; closing the iterator aborts it."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
+        if request_id in self._streams:  # before anything touches the request that has it
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", request_id, prompt_token_ids, params, prompt))

@@ -91,9 +91,18 @@ class Engine:
         """Queue a request; raises ValueError if it can never be served."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        for name, ids in (
+            ("prompt", prompt_token_ids),
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", params.logit_bias),
+        ):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name}: token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}"
+                )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
         now = time.monotonic()
         seqs = [
             Sequence(
@@ -198,10 +207,11 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        live = [i for i, seq in enumerate(request.seqs) if not seq.is_finished]
         self.scheduler.abort(request_id)
-        outs = [
+        outs = [  # samples that had finished keep the finish reason they were sent
             CompletionOutput(i, text=self._take_text(request, i), finish_reason="abort")
-            for i in range(len(request.seqs))
+            for i in live
         ]
         return self._request_output(request, outs, request.finished)
 

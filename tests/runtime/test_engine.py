@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
 from conftest import tiny_model
 
 import kiln
 from runtime.async_engine import AsyncEngine
+from runtime.outputs import merge_update
 
 
 @pytest.fixture(autouse=True, params=["sync", "async"])
@@ -172,8 +174,8 @@ def test_requests_that_can_never_fit_are_rejected(artifact):
     llm = kiln.LLM(artifact, num_kv_blocks=4)
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([[1] * 500], greedy(100), use_tqdm=False)
-    with pytest.raises(ValueError, match="KV cache"):
-        llm.generate([[1] * 60], greedy(10), use_tqdm=False)
+    with pytest.raises(ValueError, match="KV cache"):  # the first prompt, which fits, leaves too
+        llm.generate([[1, 2], [1] * 60], greedy(10), use_tqdm=False)
     assert_idle(llm)
 
 
@@ -193,6 +195,43 @@ def test_a_request_that_fails_to_queue_leaves_nothing_behind(artifact, monkeypat
     monkeypatch.undo()
     out = llm.generate([[1, 2, 3]], seeded, use_tqdm=False)[0]  # seed + 1 past 2**63 - 1
     assert [len(o.token_ids) for o in out.outputs] == [3, 3]
+    assert_idle(llm)
+
+
+def test_ids_outside_the_vocabulary_and_stop_strings_without_tokenizer_are_refused(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    assert llm.tokenizer is None
+    vocab = llm.engine.vocab_size
+    for field, params in (
+        ("logit_bias", kiln.SamplingParams(logit_bias={vocab: 1.0})),
+        ("logit_bias", kiln.SamplingParams(logit_bias={-1: 100.0})),
+        ("stop_token_ids", kiln.SamplingParams(stop_token_ids=[vocab], min_tokens=2)),
+        ("tokenizer", kiln.SamplingParams(stop=["a"])),
+    ):
+        with pytest.raises(ValueError, match=field):
+            llm.generate([[1, 2, 3]], params, use_tqdm=False)
+        assert_idle(llm)
+    assert llm.generate([[1, 2, 3]], greedy(4), use_tqdm=False)[0].token_ids
+
+
+def test_aborting_n_samples_keeps_the_finished_ones_reasons(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    sampled = kiln.SamplingParams(max_tokens=40, temperature=1.0, seed=3, n=2, ignore_eos=True)
+    first, second = (o.token_ids for o in llm.generate([[1, 2, 3]], sampled)[0].outputs)
+    stop = next(t for t in first[2:] if t not in second[:30])  # ends sample 0 only
+    params = replace(sampled, stop_token_ids=(stop,))
+    llm.engine.add_request("r", [1, 2, 3], params)
+    acc = None
+    while acc is None or acc.outputs[0].finish_reason is None:
+        for update in llm.engine.step():
+            acc = merge_update(acc, update)
+    acc = merge_update(acc, llm.engine.abort("r"))
+    assert [(o.finish_reason, o.stop_reason) for o in acc.outputs] == [
+        ("stop", stop),
+        ("abort", None),
+    ]
+    while llm.engine.has_unfinished():  # asynchronous: the step in flight lands, sends nothing
+        assert llm.engine.step() == []
     assert_idle(llm)
 
 
@@ -221,12 +260,18 @@ async def stream_then_abort(engine, prompt, expected):
     with pytest.raises(ValueError, match="max_model_len"):
         async for _ in engine.generate("c", [1] * 600, greedy(10)):
             pass
+    first, got = engine.generate("d", prompt, greedy(10)), []
+    got += (await anext(first)).token_ids
+    with pytest.raises(ValueError, match="already in use"):  # and "d" runs on
+        await anext(engine.generate("d", prompt, greedy(10)))
+    async for update in first:
+        got += update.token_ids
+    assert got == expected
     await engine.shutdown(timeout=1)
     assert not engine.is_alive
 
 
 def test_sampling_defaults_come_from_the_generation_config(artifact):
-    from dataclasses import replace
 
     llm = kiln.LLM(artifact, num_kv_blocks=16)
     llm.engine.artifact = replace(
