@@ -27,6 +27,16 @@ from ir.serialize import graph_from_json, graph_to_json
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# what the runtime reads from manifest.json (the one file without a checksum), by type
+MANIFEST_FIELDS = {
+    "target": str,
+    "dtype": str,
+    "max_model_len": int,
+    "block_size": int,
+    "vocab_size": int,
+    "eos_token_ids": list,
+    "files": dict,
+}
 SHARD_BYTES = 4 << 30
 
 
@@ -67,7 +77,8 @@ def write_artifact(
 
     `params` is one dict, or a list of one dict per tensor-parallel rank.
     """
-    out = Path(out)
+    out = Path(out).resolve()
+    check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
@@ -99,6 +110,17 @@ def write_artifact(
     return out
 
 
+def check_output(out: Path) -> None:
+    """An artifact may be written to `out`: nothing is there (or an empty directory), or an
+    artifact it replaces."""
+    empty = out.is_dir() and not any(out.iterdir())
+    if out.exists() and not empty and not (out / "manifest.json").is_file():
+        raise ArtifactError(
+            f"{out} exists and is not a Kiln artifact: name a new directory, or an artifact "
+            "to replace"
+        )
+
+
 def _write_weights(directory: Path, params: dict[str, torch.Tensor]) -> None:
     directory.mkdir()
     shard: dict[str, torch.Tensor] = {}
@@ -125,15 +147,21 @@ def read_manifest(path: Path) -> dict:
     path = Path(path)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise ArtifactError(f"{path}: not a Kiln artifact (no manifest.json)") from e
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}/manifest.json: invalid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: artifact format {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+            f"{path}: artifact format {version!r} is not {FORMAT_VERSION}; "
             "recompile with this version of kiln"
         )
+    for name, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind):
+            raise ArtifactError(
+                f"{path}/manifest.json: {name!r} is missing or not {kind.__name__}; recompile"
+            )
     return manifest
 
 

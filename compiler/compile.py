@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from compiler.artifact import write_artifact
+from compiler.artifact import check_output, write_artifact
 from compiler.frontend import LoadedModel, load_model, trace_model
 from compiler.passes.shard import shard
 from compiler.pipeline import CUDA_PASSES, PIPELINE, run_pipeline, run_target_passes
@@ -39,9 +39,12 @@ class CompileOptions:
             raise ValueError(f"unknown target {self.target!r} (supported: cpu, cuda)")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
 def compile_model(source: str, out: Path, options: CompileOptions = CompileOptions()) -> Path:
+    check_output(Path(out).resolve())  # before the minutes of work, not after
     dtype = options.dtype or DEFAULT_DTYPE[options.target]
     log.info("loading %s", source)
     return compile_loaded(load_model(source, TORCH_DTYPES[dtype]), out, options)

@@ -21,9 +21,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
+    except (ValueError, OSError) as e:  # bad input, paths, ports: one line (-v: the traceback)
+        log.error("%s", e, exc_info=args.verbose)
         return 2
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,7 +40,13 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model into an artifact")
     c.add_argument("source", help="HF model directory, .gguf file, or builtin:smollm2")
-    c.add_argument("-o", "--output", required=True, type=Path, help="artifact directory")
+    c.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="artifact directory: new or empty, or an artifact to replace (nothing else)",
+    )
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--arch", default="sm_90", help="cuda target: GPU architecture (no GPU needed)")
@@ -47,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="serve an artifact with the OpenAI-compatible API")
     r.add_argument("artifact", type=Path)
     r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--port", type=port, default=8000)
     r.add_argument("--api-key", help="require this bearer key on /v1/*")
     r.add_argument("--served-model-name", help="model name clients use (default: artifact dir)")
     r.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds to drain")

@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 def runner_device(artifact: Artifact, config: EngineConfig) -> torch.device:
     """config.device, else "cuda" for a cuda-target artifact, else "cpu"."""
     target = artifact.manifest.get("target", "cpu")
-    return torch.device(config.device or ("cuda" if target == "cuda" else "cpu"))
+    name = config.device or ("cuda" if target == "cuda" else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "--device cuda" if config.device else f"{artifact.path} (target cuda)"
+        raise ValueError(f"{why} needs a CUDA GPU, and torch sees none")
+    return device
 
 
 def max_model_len(artifact: Artifact, config: EngineConfig) -> int:

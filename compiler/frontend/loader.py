@@ -79,7 +79,8 @@ def check_config(config) -> None:
         )
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise UnsupportedModelError(
-            f"{config.model_type}: architecture {archs} is not a causal LM (…ForCausalLM)"
+            f"{config.model_type}: architecture {archs} is not supported (kiln compiles "
+            "…ForCausalLM decoders: Llama, Qwen2, Qwen3, Mistral and their kin)"
         )
     if getattr(config, "quantization_config", None):
         method = config.quantization_config

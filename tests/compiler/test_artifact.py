@@ -68,9 +68,44 @@ def test_manifest_paths_outside_the_artifact_are_refused(artifact, tmp_path):
 def test_missing_or_foreign_directories_are_refused(tmp_path):
     with pytest.raises(ArtifactError, match="not a Kiln artifact"):
         load_artifact(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
-    with pytest.raises(ArtifactError, match="recompile"):
-        load_artifact(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ArtifactError, match="not a Kiln artifact"):
+        load_artifact(tmp_path / "afile")
+    for manifest in ({"format_version": 99}, [1, 2]):
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ArtifactError, match="recompile"):
+            load_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["max_model_len", "block_size", "eos_token_ids"])
+def test_manifest_fields_the_runtime_reads_are_checked(artifact, tmp_path, field):
+    def garble(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest[field] = "16"
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ArtifactError, match=f"'{field}' is missing or not"):
+        load_artifact(tampered(artifact, tmp_path, garble))
+
+
+def test_compile_never_replaces_what_is_not_an_artifact(artifact, tmp_path):
+    source = tmp_path / "src"
+    tiny_model("qwen2").save_pretrained(source, safe_serialization=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    (tmp_path / "afile").write_text("x")
+    for out in (mine, tmp_path / "afile", tmp_path):
+        with pytest.raises(ArtifactError, match="is not a Kiln artifact"):
+            kiln.compile(str(source), out)
+    assert (mine / "notes.txt").read_text() == "precious" and (tmp_path / "src").is_dir()
+    (tmp_path / "empty").mkdir()
+    kiln.compile(str(source), tmp_path / "empty")
+    again = tampered(artifact, tmp_path, lambda path: None)
+    kiln.compile(str(source), again, max_model_len=64)  # an artifact is replaced
+    assert json.loads((again / "manifest.json").read_text())["max_model_len"] == 64
+    with pytest.raises(ValueError, match="max_model_len must be >= 2"):
+        kiln.compile(str(source), tmp_path / "new", max_model_len=0)
 
 
 def test_cuda_artifacts_for_another_arch_are_refused(monkeypatch, tmp_path):

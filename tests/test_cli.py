@@ -1,0 +1,46 @@
+"""The `kiln` command's answer to a user's mistake: one error line and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import kiln
+from kiln.cli import main
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    tiny_model("qwen3").save_pretrained(src, safe_serialization=True)
+    return src, kiln.compile(str(src), tmp_path_factory.mktemp("art") / "qwen3")
+
+
+def fails(caplog, argv: list[str], message: str) -> None:
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="kiln"):
+        assert main(argv) == 2
+    [record] = [r for r in caplog.records if r.name == "kiln"]
+    assert message in record.getMessage() and not record.exc_info, record.getMessage()
+
+
+def test_user_mistakes_are_one_line_errors(model, tmp_path, caplog):
+    src, artifact = model
+    (tmp_path / "afile").write_text("x")
+    fails(caplog, ["compile", str(src), "-o", str(tmp_path)], "is not a Kiln artifact")
+    fails(caplog, ["compile", str(src), "-o", str(tmp_path / "afile" / "sub")], "afile")
+    fails(caplog, ["compile", str(src), "-o", str(tmp_path / "a"), "--max-model-len", "-5"],
+          "max_model_len must be >= 2")  # fmt: skip
+    fails(caplog, ["generate", str(tmp_path / "afile"), "hi"], "not a Kiln artifact")
+    fails(caplog, ["generate", str(artifact), "hi", "--device", "tpu"], "device 'tpu'")
+    if not torch.cuda.is_available():
+        fails(caplog, ["generate", str(artifact), "hi", "--device", "cuda"], "needs a CUDA GPU")
+
+
+def test_ports_outside_the_range_are_usage_errors(model, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(model[1]), "--port", "70000"])
+    assert exit_.value.code == 2 and "port must be 0-65535" in capsys.readouterr().err
