@@ -113,12 +113,20 @@ def _binary(fn: str) -> Callable:
 
 for _fn, _targets in {
     "add": (aten.add.Tensor, aten.add.Scalar),
-    "sub": (aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar),
+    "sub": (aten.sub.Tensor, aten.sub.Scalar),
     "mul": (aten.mul.Tensor, aten.mul.Scalar),
     "div": (aten.div.Tensor, aten.div.Scalar),
     "pow": (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor),
 }.items():
     converter(*_targets)(_binary(_fn))
+
+
+@converter(aten.rsub.Scalar)
+def _rsub(cx, node, x, scalar, alpha=1):
+    """scalar - alpha * x (the scalar comes second in the call, first in the difference)."""
+    if alpha != 1:
+        raise UnsupportedOpError(f"{node.target} with alpha={alpha}")
+    return cx.add(ops.BinaryScalar("sub", float(scalar), scalar_first=True), cx.value(x))
 
 
 def _unary(fn: str) -> Callable:

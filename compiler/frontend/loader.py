@@ -65,10 +65,21 @@ def load_model(source: str, dtype: torch.dtype) -> LoadedModel:
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
     check_config(config)
     log.info("loading %s (%s) as %s", source, config.model_type, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, config=config, dtype=dtype, trust_remote_code=False, **kwargs
-    ).eval()
-    return LoadedModel(model, load_tokenizer(directory, kwargs), source, hash_files(files))
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=False,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except RuntimeError as e:  # e.g. a weight whose shape the config does not give
+        raise UnsupportedModelError(f"{source}: cannot load the checkpoint: {e}") from None
+    if info["missing_keys"]:  # transformers would initialize them at random
+        missing = sorted(info["missing_keys"])
+        raise UnsupportedModelError(f"{source}: the checkpoint lacks weights: {missing[:5]}")
+    return LoadedModel(model.eval(), load_tokenizer(directory, kwargs), source, hash_files(files))
 
 
 def check_config(config) -> None:
@@ -81,6 +92,11 @@ def check_config(config) -> None:
         raise UnsupportedModelError(
             f"{config.model_type}: architecture {archs} is not supported (kiln compiles "
             "…ForCausalLM decoders: Llama, Qwen2, Qwen3, Mistral and their kin)"
+        )
+    rope = getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "dynamic":
+        raise UnsupportedModelError(
+            f"{config.model_type}: dynamic rope scaling (it depends on the sequence length)"
         )
     if getattr(config, "quantization_config", None):
         method = config.quantization_config

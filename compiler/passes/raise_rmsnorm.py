@@ -1,4 +1,4 @@
-"""Raise w * cast(x' * rsqrt(mean(x'^2, -1) + eps)) with x' = cast?(x) into RMSNorm(x, w).
+"""Raise w * cast?(x' * rsqrt(mean(x'^2, -1) + eps)) with x' = x.float() into RMSNorm(x, w).
 
 Pre: canonicalized (no identity casts). Post: each matched tree is one RMSNorm node; the
 interior nodes are left for DCE.
@@ -11,14 +11,19 @@ from ir import ops
 from ir.graph import Graph, Node
 
 
-def _through_cast(rw: Rewriter, name: str) -> str:
-    cast = rw.producer(name, ops.Cast)
-    return cast.inputs[0] if cast else name
+def _up_from(rw: Rewriter, xp: str) -> str | None:
+    """x when xp is x.float(): x itself in float32, or any x cast to float32; else None."""
+    if rw.type_of(xp).dtype != "float32":
+        return None  # a norm computed in a narrower dtype is not RMSNorm's
+    cast = rw.producer(xp, ops.Cast)
+    return cast.inputs[0] if cast else xp
 
 
 def _normalized(rw: Rewriter, name: str) -> tuple[str, float] | None:
-    """If `name` is cast?(x' * rsqrt(mean(x'^2) + eps)), return (x, eps)."""
-    mul = rw.producer(_through_cast(rw, name), ops.Binary)
+    """If `name` is (x' * rsqrt(mean(x'^2) + eps)).to(x.dtype) with x' = x.float(), return
+    (x, eps)."""
+    back = rw.producer(name, ops.Cast)
+    mul = rw.producer(back.inputs[0] if back else name, ops.Binary)
     if mul is None or mul.op.fn != "mul":
         return None
     for xp, r in (mul.inputs, reversed(mul.inputs)):
@@ -29,10 +34,14 @@ def _normalized(rw: Rewriter, name: str) -> tuple[str, float] | None:
             continue
         pow_ = rw.producer(mean.inputs[0], ops.BinaryScalar)
         rank = rw.type_of(xp).rank
-        if mean.op.dims[0] % rank != rank - 1 or not pow_:
+        if mean.op.dims[0] % rank != rank - 1 or not pow_ or pow_.op.scalar_first:
             continue
-        if (pow_.op.fn, pow_.op.scalar) == ("pow", 2.0) and pow_.inputs[0] == xp:
-            return _through_cast(rw, xp), add.op.scalar
+        if (pow_.op.fn, pow_.op.scalar) != ("pow", 2.0) or pow_.inputs[0] != xp:
+            continue
+        x = _up_from(rw, xp)
+        # the normalized value is rounded to x's dtype, as RMSNorm does, and only then
+        if x is not None and (back.op.dtype if back else "float32") == rw.type_of(x).dtype:
+            return x, add.op.scalar
     return None
 
 
@@ -44,9 +53,6 @@ def _rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
         if found is None or rw.type_of(w).shape != (rw.type_of(found[0]).shape[-1],):
             continue
         x, eps = found
-        cast = rw.producer(y, ops.Cast)
-        if cast and cast.op.dtype != rw.type_of(x).dtype:
-            continue  # the normalized value must be rounded back to x's dtype, as RMSNorm does
         if ops.RMSNorm(eps).infer(rw.type_of(x), rw.type_of(w))[0] != node.outputs[0].type:
             continue
         return {node.outputs[0].name: rw.add(ops.RMSNorm(eps), x, w)[0]}

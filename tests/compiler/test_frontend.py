@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import types
+
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 
 from compiler.frontend import trace_model
 from compiler.frontend.convert import UnsupportedOpError
-from compiler.frontend.loader import UnsupportedModelError, check_config
+from compiler.frontend.loader import UnsupportedModelError, check_config, load_model
 from compiler.pipeline import run_pipeline
 from ir.ops import PagedAttention
 from runtime.batch import build_batch
@@ -53,6 +56,21 @@ def test_fusions_happen(family):
     assert "Binary" not in counts and "Mean" not in counts and "Transpose" not in counts
 
 
+def test_scalar_minus_tensor_keeps_its_sign():
+    model = tiny_model("llama")
+
+    def mlp(self, x):  # 1 - up(x) traces to aten.rsub.Scalar(up(x), 1)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * (1 - self.up_proj(x)))
+
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(mlp, layer.mlp)
+    graph, params = run_pipeline(*trace_model(model))
+    prompt = list(range(3, 20))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(run_batch(graph, params, [prompt])[0], ref, atol=LOGITS_ATOL, rtol=0)
+
+
 def test_sliding_window_reaches_attention():
     graph, _ = trace_model(tiny_model("mistral"))
     attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
@@ -68,6 +86,34 @@ def test_unsupported_config_is_refused_with_a_reason():
     enc = AutoConfig.for_model("t5")
     with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
         check_config(enc)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda sd: sd.pop("model.layers.1.self_attn.k_proj.weight"), "lacks weights"),
+        (lambda sd: sd.pop("lm_head.weight"), "lacks weights: ['lm_head.weight']"),
+        (lambda sd: sd.__setitem__("model.norm.weight", torch.ones(3)), "cannot load"),
+    ],
+    ids=["missing", "missing lm_head", "wrong shape"],
+)
+def test_checkpoints_without_every_weight_are_refused(tmp_path, edit, message):
+    """transformers would initialize what is missing at random: a different model each time."""
+    model = tiny_model("llama")
+    assert not model.config.tie_word_embeddings
+    weights = dict(model.state_dict())
+    edit(weights)
+    model.save_pretrained(tmp_path, state_dict=weights, safe_serialization=True)
+    with pytest.raises(UnsupportedModelError, match=re.escape(message)):
+        load_model(str(tmp_path), torch.float32)
+
+
+def test_dynamic_rope_scaling_is_refused():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="dynamic rope scaling"):
+        check_config(config)
 
 
 def test_unconvertible_op_is_named():

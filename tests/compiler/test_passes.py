@@ -116,6 +116,30 @@ def test_raise_rmsnorm(dtype):
     check(raise_rmsnorm, before, e.build((e.add1(ops.RMSNorm(1e-5), x, w),)), ATOL[dtype])
 
 
+def near_rmsnorm(b, x, w, dtype, case):
+    """Trees that look like RMSNorm but round or square differently: none may be raised."""
+    xf = b.add1(ops.Cast("bfloat16" if case == "norm in bf16" else "float32"), x)
+    square = ops.BinaryScalar("pow", 2.0, scalar_first=case == "2 ** x")
+    m = b.add1(ops.Mean((-1,), True), b.add1(square, xf))
+    r = b.add1(ops.Unary("rsqrt"), b.add1(ops.BinaryScalar("add", 1e-5), m))
+    y = b.add1(ops.Binary("mul"), xf, r)
+    if case != "never rounded back":
+        y = b.add1(ops.Cast(dtype), y)
+    return b.add1(ops.Binary("mul"), w, y)
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [("2 ** x", "bfloat16"), ("norm in bf16", "float32"), ("never rounded back", "bfloat16")],
+)
+def test_raise_rmsnorm_leaves_what_rounds_differently(case, dtype):
+    b = GraphBuilder()
+    x = b.input("x", TensorType((1, "T", 24), dtype))
+    w = b.input("w", TensorType((24,), "float32"), kind="param")
+    before = b.build((near_rmsnorm(b, x, w, dtype, case),))
+    assert "RMSNorm" not in eliminate_dead_code(raise_rmsnorm(before)).op_counts()
+
+
 def test_raise_rope():
     b = GraphBuilder()
     x, cos, sin = (
