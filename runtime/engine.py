@@ -262,11 +262,15 @@ class Engine:
 
     def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:
         params, detok = seq.params, request.detoks[seq.index]
-        stop_string = detok.add(token) if detok is not None else None
+        eos = token in self.eos_token_ids and not params.ignore_eos
+        by_token = eos or token in params.stop_token_ids
+        # as in vLLM, a stop token's own text is output only with include_stop_str_in_output
+        text = detok is not None and (not by_token or params.include_stop_str_in_output)
+        stop_string = detok.add(token) if text else None
         reason, why = None, None
-        if token in self.eos_token_ids and not params.ignore_eos:
+        if eos:
             reason = "stop"
-        elif token in params.stop_token_ids:
+        elif by_token:
             reason, why = "stop", token
         elif stop_string is not None:
             reason, why = "stop", stop_string

@@ -175,10 +175,11 @@ def _logprobs(
     logprobs = torch.log_softmax(raw[torch.tensor(rows, device=device)], dim=-1)
     sampled = torch.tensor([tokens[i] for i in rows], device=device).unsqueeze(1)
     sampled_lp = logprobs.gather(1, sampled)
-    sampled_rank = (logprobs > sampled_lp).sum(-1) + 1
+    # as vLLM ranks them: the sampled token after every token as likely (ties included), so
+    # one outside the top n ranks past n; the top-k by position, 1..k, so ranks <= n are n
+    sampled_rank = (logprobs >= sampled_lp).sum(-1)
     top_lp, top_ids = logprobs.topk(max(states[i].params.logprobs for i in rows), dim=-1)
-    # every token above a top-k value is itself in the top-k, so ranks come from the top-k alone
-    top_rank = (top_lp.unsqueeze(1) > top_lp.unsqueeze(2)).sum(-1) + 1
+    top_rank = torch.arange(1, top_lp.shape[1] + 1, device=device).expand_as(top_ids)
     columns = zip(
         sampled_lp.squeeze(1).tolist(),
         sampled_rank.tolist(),

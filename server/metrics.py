@@ -76,20 +76,23 @@ class Metrics:
         return encoder(self.registry), content_type
 
     def start(self, num_prompt_tokens: int) -> RequestTimer:
-        self.prompt_tokens.inc(num_prompt_tokens)
-        return RequestTimer(self, time.monotonic())
+        return RequestTimer(self, time.monotonic(), num_prompt_tokens)
 
 
 class RequestTimer:
     """Observes one engine request's updates: token counts, TTFT, inter-token gaps, end to end."""
 
-    def __init__(self, metrics: Metrics, arrival: float) -> None:
+    def __init__(self, metrics: Metrics, arrival: float, num_prompt_tokens: int) -> None:
         self.metrics = metrics
         self.arrival = arrival
         self.last: float | None = None
+        self.unseen_prompt = num_prompt_tokens  # counted once the engine has run the prompt
 
     def observe(self, output: RequestOutput) -> None:
         now = time.monotonic()
+        if self.unseen_prompt:  # a request the engine refused never gets here
+            self.metrics.prompt_tokens.inc(self.unseen_prompt)
+            self.unseen_prompt = 0
         new_tokens = sum(len(c.token_ids) for c in output.outputs)
         if new_tokens:
             self.metrics.generation_tokens.inc(new_tokens)

@@ -81,6 +81,25 @@ def test_smollm2_gguf_greedy_equals_transformers(smollm2):
 
 
 @pytest.mark.slow
+def test_a_stop_tokens_text_is_output_only_when_asked(smollm2_artifact):
+    llm = kiln.LLM(smollm2_artifact, num_kv_blocks=64)
+    prompt = "Count: 1, 2, 3,"
+    base = llm.generate([prompt], kiln.SamplingParams(max_tokens=8, temperature=0.0))[0]
+    j = next(j for j in range(2, 8) if base.token_ids[j] not in base.token_ids[:j])
+    stop = base.token_ids[j]
+    left, kept = (
+        llm.generate([prompt], kiln.SamplingParams(max_tokens=8, temperature=0.0,
+                     stop_token_ids=[stop], include_stop_str_in_output=include))[0].outputs[0]
+        for include in (False, True)
+    )  # fmt: skip
+    for out in (left, kept):
+        assert (out.token_ids, out.finish_reason, out.stop_reason) == (base.token_ids[: j + 1],
+                                                                        "stop", stop)  # fmt: skip
+    assert base.text.startswith(kept.text) and kept.text.startswith(left.text)
+    assert kept.text[len(left.text) :] == llm.tokenizer.decode([stop])
+
+
+@pytest.mark.slow
 def test_smollm2_last_token_logits_agree(smollm2):
     loaded, path = smollm2
     art = kiln.LLM(path).engine.artifact

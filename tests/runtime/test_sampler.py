@@ -237,8 +237,23 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
         assert len(token.logprobs) in (n, n + 1)
         values = sorted((lp.logprob for lp in token.logprobs.values()), reverse=True)
         assert values[:n] == pytest.approx(reference[row].topk(n).values.tolist(), abs=1e-5)
+        top = sorted((lp.rank, lp.logprob) for lp in token.logprobs.values() if lp.rank <= n)
+        assert [r for r, _ in top] == list(range(1, n + 1))  # exactly n, even among ties
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
         for token_id, lp in token.logprobs.items():
             want = reference[row, token_id]
             assert lp.logprob == pytest.approx(want.item(), abs=1e-5)
-            assert lp.rank == int((reference[row] > want).sum()) + 1
+            if lp.rank > n:  # the sampled token, outside the top n: after all as likely
+                assert token_id == token.token_id
+                assert lp.rank == int((reference[row] >= want).sum())
             assert lp.decoded_token is None
+
+
+def test_a_sampled_token_tied_with_the_top_one_keeps_one_alternative():
+    logits = torch.full((2, 50), -5.0)
+    logits[:, [3, 7]] = 4.0  # a tie for the most likely token
+    states = [state(SamplingParams(temperature=0.0, logprobs=1)) for _ in range(2)]
+    for token in sample(logits, states):
+        ranks = {t: lp.rank for t, lp in token.logprobs.items()}
+        assert sorted(ranks.values())[0] == 1 and sum(r <= 1 for r in ranks.values()) == 1
+        assert ranks[token.token_id] in (1, 2)  # 2: the other one came first in the top 1

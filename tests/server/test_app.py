@@ -309,7 +309,7 @@ def metric_samples(url: str) -> dict[str, float]:
     return out
 
 
-def test_health_and_metrics(url, client, tok) -> None:
+def test_health_and_metrics(url, client, engine, tok) -> None:
     assert http(url, "/health", method="GET", key=None)[0] == 200
     before = metric_samples(url)
     client.completions.create(model=NAME, prompt=FOX, max_tokens=5)
@@ -324,6 +324,10 @@ def test_health_and_metrics(url, client, tok) -> None:
     assert grew("kiln:inter_token_latency_seconds_count") == 4
     assert grew("kiln:e2e_request_latency_seconds_count") == 1
     assert after["kiln:num_requests_running"] == 0 and after["kiln:num_requests_waiting"] == 2
+    engine.fail = ValueError("prompt + max_tokens is more than the whole KV cache holds")
+    with pytest.raises(openai.BadRequestError):  # refused: its prompt is never run
+        client.completions.create(model=NAME, prompt=FOX, max_tokens=5)
+    assert metric_samples(url)["kiln:prompt_tokens_total"] == after["kiln:prompt_tokens_total"]
     assert after["kiln:kv_cache_usage_perc"] == 0.25
     assert after["kiln:prefix_cache_hits_total"] == 40
     assert after["kiln:prefix_cache_queries_total"] == 100
