@@ -75,13 +75,9 @@ def hf_generate_batch(model, prompts, max_new: int) -> dict:
 
 
 def w1(args) -> dict:
-    rng = random.Random(0)
     model = random_model("qwen3-0.6b")
-    vocab = model.config.vocab_size
-    lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(args.requests)]
-    prompts = [[rng.randrange(vocab) for _ in range(i)] for i, _ in lens]
-    out_lens = [o for _, o in lens]
-    rows = []
+    prompts, out_lens = w1_requests(args.requests, model.config.vocab_size)
+    rows = []  # the peer's
     if args.peer_requests:
         sub = prompts[: args.peer_requests]
         rows.append(
@@ -91,30 +87,9 @@ def w1(args) -> dict:
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    engine = Engine(
-        artifact,
-        EngineConfig(
-            max_num_seqs=256,
-            max_num_batched_tokens=args.budget,
-            max_model_len=2048,  # inputs and outputs are at most 1024 each
-            gpu_memory_utilization=0.85,
-            enable_prefix_caching=False,  # random prompts share nothing; a rerun must not hit
-        ),
-    )
-    run_all(engine, [p[:50] for p in prompts[:8]], [16] * 8)  # warm-up
-    # the start-up heap (hundreds of thousands of objects) out of the collector's way, as
-    # `kiln run` does once it is ready: a full collection walking it costs ~0.2 s mid-run
-    gc.collect()
-    gc.freeze()
-    seconds, produced = run_all(engine, prompts, out_lens)
-    rows.insert(0, _w1_row(f"kiln ({args.requests} req)", seconds, produced))
-    host = None
-    if args.runner_split:  # again, each step run to its end before the next: the runner's share
-        engine.async_scheduling = False
-        stats = timed_engine(engine)
-        seconds, produced = run_all(engine, prompts, out_lens)
-        rows.insert(1, _w1_row("kiln, synchronous steps", seconds, produced))
-        host = _step_split(stats)
+    engine = Engine(artifact, w1_config(args.budget))
+    kiln_rows, host = throughput_rows(engine, prompts, out_lens, args.runner_split)
+    rows = kiln_rows + rows
     print(table(rows, ["system", "seconds", "output_tokens", "tok_s"]))
     print("steps:", host)
     return {
@@ -123,6 +98,46 @@ def w1(args) -> dict:
         "steps": host,
         "kv_cache_tokens": engine.runner.num_tokens,
     }
+
+
+def w1_requests(n: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """W1's requests: random prompts of 100-1024 tokens, outputs of 100-1024 tokens."""
+    rng = random.Random(0)
+    lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(n)]
+    return [[rng.randrange(vocab) for _ in range(i)] for i, _ in lens], [o for _, o in lens]
+
+
+def w1_config(budget: int) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=256,
+        max_num_batched_tokens=budget,
+        max_model_len=2048,  # inputs and outputs are at most 1024 each
+        gpu_memory_utilization=0.85,
+        enable_prefix_caching=False,  # random prompts share nothing; a rerun must not hit
+    )
+
+
+def throughput_rows(
+    engine: Engine, prompts, out_lens, runner_split: bool = False
+) -> tuple[list[dict], dict | None]:
+    """Every request at once, greedy: a row of output tok/s (and with runner_split another,
+    each step run to its end before the next, and the steps' split)."""
+    run_all(engine, [p[:50] for p in prompts[:8]], [16] * 8)  # warm-up
+    # the start-up heap (hundreds of thousands of objects) out of the collector's way, as
+    # `kiln run` does once it is ready: a full collection walking it costs ~0.2 s mid-run
+    gc.collect()
+    gc.freeze()
+    seconds, produced = run_all(engine, prompts, out_lens)
+    rows = [_w1_row(f"kiln ({len(prompts)} req)", seconds, produced)]
+    host = None
+    if runner_split:  # again, each step run to its end before the next: the runner's share
+        engine.async_scheduling = False
+        stats = timed_engine(engine)
+        seconds, produced = run_all(engine, prompts, out_lens)
+        rows.append(_w1_row("kiln, synchronous steps", seconds, produced))
+        host = _step_split(stats)
+    gc.unfreeze()
+    return rows, host
 
 
 def _w1_row(system: str, seconds: float, produced: int) -> dict:
@@ -170,6 +185,19 @@ def w3(args) -> dict:
         max_num_seqs=8, max_num_batched_tokens=2048, max_model_len=1280, num_kv_blocks=4096
     )
     engine = Engine(artifact, config)
+    rows = latency_rows(engine, prompts)
+    rows.append(hf)
+    columns = ["system", "ttft_ms", "tpot_ms", "runner_ttft_ms", "runner_ms_per_step"]
+    print(table(rows, [*columns, "host_ms_per_step", "vs_floor_3.8ms"]))
+    split = gpu_split(engine, prompts[0], 64)
+    print("GPU time a token, asynchronous steps (profiled):", split)
+    return {"workload": "W3", "rows": rows, "gpu_split": split}
+
+
+def latency_rows(engine: Engine, prompts: list[list[int]]) -> list[dict]:
+    """W3's rows for four 1024-token prompts: time to first token and per output token (256
+    greedy tokens), with asynchronous steps and with synchronous ones, and the runner's
+    share of a synchronous step."""
     run_all(engine, [prompts[0]], [8])  # warm-up, at the prompt's length: first touches
     # a prompt of its own for each run: no prefix-cache hits. As a caller sees it (nothing
     # wrapped), with asynchronous scheduling and without; then the runner's share of a step.
@@ -192,14 +220,9 @@ def w3(args) -> dict:
     rows[1]["runner_ttft_ms"] = round(stats["step"][0] * 1e3, 2)
     rows[1]["runner_ms_per_step"] = round(statistics.median(stats["step"][1:]) * 1e3, 3)
     rows[1]["host_ms_per_step"] = round(statistics.median(stats["host"][1:]) * 1e3, 3)
-    rows.append(hf)
-    columns = ["system", "ttft_ms", "tpot_ms", "runner_ttft_ms", "runner_ms_per_step"]
-    print(table(rows, [*columns, "host_ms_per_step", "vs_floor_3.8ms"]))
-    engine.runner.execute = execute  # unwrapped again: a caller's steps, profiled
+    engine.runner.execute = execute  # unwrapped again
     engine.async_scheduling = True
-    split = gpu_split(engine, prompts[0], 64)
-    print("GPU time a token, asynchronous steps (profiled):", split)
-    return {"workload": "W3", "rows": rows, "gpu_split": split}
+    return rows
 
 
 def token_gaps(engine: Engine, prompt: list[int], n: int) -> list[float]:

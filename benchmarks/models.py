@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -70,8 +72,6 @@ def save_source(model, path) -> str:
 def in_memory_artifact(model, name: str, workdir, target: str = "cuda", **options):
     """Compile `model` without writing its weights: only the kernels go to `workdir` (the
     runtime loads cubins from files). Saves minutes of disk I/O for the 16 GB 8B shape."""
-    from pathlib import Path
-
     from compiler.artifact import Artifact
     from compiler.compile import CompileOptions, build
     from compiler.frontend.loader import LoadedModel
@@ -84,3 +84,17 @@ def in_memory_artifact(model, name: str, workdir, target: str = "cuda", **option
         (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / rel).write_bytes(data)
     return Artifact(workdir, built.manifest, built.graph, built.weights)
+
+
+def sharded_artifact(model, name: str, out, tensor_parallel_size: int, target: str = "cuda"):
+    """Compile `model` for `tensor_parallel_size` ranks and write the whole artifact to `out`
+    (each other rank's process loads its weights from there); rank 0's are kept in host memory."""
+    from compiler.artifact import Artifact, write_artifact
+    from compiler.compile import CompileOptions, build
+    from compiler.frontend.loader import LoadedModel
+
+    options = CompileOptions(target=target, tensor_parallel_size=tensor_parallel_size)
+    built = build(LoadedModel(model, None, f"random:{name}", "-"), options)
+    write_artifact(Path(out), built.manifest, built.graph, built.weights, extra_files=built.files)
+    weights = {k: v.cpu() for k, v in built.weights[0].items()}  # as if loaded from `out`
+    return Artifact(Path(out), built.manifest, built.graph, weights)

@@ -19,8 +19,8 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (False: every step eager)
-    # launch each step before the last one's tokens are read back (None: on for a GPU runner
-    # of one rank); `Engine.step` then returns the tokens one call later
+    # launch each step before the last one's tokens are read back (None: on for a GPU
+    # runner); `Engine.step` then returns the tokens one call later
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:

@@ -100,15 +100,17 @@ class DecodeGraphs:
         n, self.width = max_num_seqs, -(-max_model_len // block_size)
         self.buckets = bucket_sizes(n)
         # token_ids, positions, slot_mapping as rows of one int64 buffer; context_lens, then
-        # the block tables, in one int32 buffer: two copies per step
+        # the block tables, in one int32 buffer: two copies per step. The device's int64
+        # buffer has a fourth row: the tokens the last step sampled (`carried`), copied there
+        # on the device.
         self.host64 = torch.zeros((3, n), dtype=torch.int64).pin_memory()
         self.host32 = torch.zeros(n * (1 + self.width), dtype=torch.int32).pin_memory()
-        self.dev64 = torch.zeros((3, n), dtype=torch.int64, device=device)
+        self.dev64 = torch.zeros((4, n), dtype=torch.int64, device=device)
         self.dev32 = torch.zeros(n * (1 + self.width), dtype=torch.int32, device=device)
         self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=device)
-        self.carried = torch.zeros(n, dtype=torch.int64, device=device)  # the last step's tokens
+        self.carried = self.dev64[3]
         self.copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -158,22 +160,36 @@ class DecodeGraphs:
     def run(self, chunks: Sequence[ScheduledChunk], carried: torch.Tensor | None) -> torch.Tensor:
         """Logits [len(chunks), vocab]: valid until the next replay. `carried`: the tokens
         pending inputs stand for (`resolve_pending`)."""
+        return self.replay(self.stage(chunks, carried), len(chunks))
+
+    def stage(self, chunks: Sequence[ScheduledChunk], carried: torch.Tensor | None) -> int:
+        """Copy a decode step's inputs into the device buffers; returns its bucket."""
         size = next(b for b in self.buckets if b >= len(chunks))
         if carried is not None:
             self.carried[: carried.shape[0]].copy_(carried)
         self.copied.synchronize()  # the last step's copies have read the host buffers
         self._fill(chunks, size)
         self._upload(size)
+        return size
+
+    def inputs(self, size: int) -> tuple[torch.Tensor, ...]:
+        """The device buffers the graph of `size` reads (staged on rank 0, broadcast from it
+        to the other ranks of tensor parallelism)."""
+        n = self.dev64.shape[1]
+        return self.dev64, self.dev32[: n + size * self.width]
+
+    def replay(self, size: int, count: int) -> torch.Tensor:
+        """Replay the graph of `size` on the staged inputs: the first `count` rows of logits."""
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[: len(chunks)]
+        return logits[:count]
 
     def _fill(self, chunks: Sequence[ScheduledChunk], size: int) -> None:
         write_decode_inputs(chunks, size, self.block_size, self.pad_block, self.np64, self.np32)
 
     def _upload(self, size: int) -> None:
         n = self.dev64.shape[1]
-        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev64[:3].copy_(self.host64, non_blocking=True)
         used = n + size * self.width  # the context lengths, then `size` block-table rows
         self.dev32[:used].copy_(self.host32[:used], non_blocking=True)
         self.copied.record()

@@ -4,6 +4,10 @@ The engine's process is rank 0: it runs the scheduler and sampler once, and its 
 broadcasts every step's BatchInputs to ranks 1..N-1 (worker processes started here) before
 running its own share of the graph. Every rank owns its weights and its KV cache; the graph's
 AllReduce nodes meet over the default torch.distributed group (gloo on CPU, NCCL on CUDA).
+On GPUs every rank captures the same decode CUDA graphs, NCCL's all-reduces inside them; a
+decode step that fits one sends only its bucket: rank 0 stages the graph's inputs on its
+device, broadcasts those buffers into the other ranks' (device to device), and every rank
+replays its graph of that bucket.
 Batch headers travel over a separate gloo group whose long timeout lets workers idle while
 the engine has nothing to do; every other collective has a step-sized timeout. A worker that
 dies makes the next step (or the one in flight) raise TensorParallelError.
@@ -31,8 +35,8 @@ import torch.distributed as dist
 from compiler.artifact import Artifact, load_artifact
 from runtime.batch import BatchInputs
 from runtime.config import EngineConfig
-from runtime.executor import Executor
 from runtime.model_runner import ModelRunner, runner_device
+from runtime.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ STEP_TIMEOUT = timedelta(seconds=120)  # any collective within a step: a stuck r
 IDLE_TIMEOUT = timedelta(days=30)  # how long workers wait for the next step
 STARTUP_TIMEOUT_S = 600.0  # for every worker to load its weights
 STOP_TIMEOUT_S = 10.0  # for workers to exit after STOP, before they are killed
-STOP, STEP = 0, 1
+STOP, STEP, REPLAY = 0, 1, 2  # commands: a batch to run eagerly, a decode graph's bucket
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKER_MAIN = "import sys; from runtime.distributed import main; main(sys.argv[1:])"
 
@@ -78,24 +82,20 @@ class TensorParallelRunner(RankRunner):
             self.close()
             raise
 
-    def _executor(self, graph, params) -> BroadcastingExecutor:
-        return BroadcastingExecutor(super()._executor(graph, params), self.workers)
+    def forward(self, batch: BatchInputs) -> torch.Tensor:
+        with self.workers.watch():
+            self.workers.send(STEP, batch)
+            return super().forward(batch)
+
+    def replay(self, chunks: tuple[ScheduledChunk, ...], carried: torch.Tensor | None):
+        size = self.graphs.stage(chunks, carried)
+        with self.workers.watch():
+            self.workers.send_replay(size, self.graphs.inputs(size))
+            return self.graphs.replay(size, len(chunks))
 
     def close(self) -> None:
         """Stop the workers (idempotent); the runner is unusable afterwards."""
         self._finalizer()
-
-
-class BroadcastingExecutor:
-    """Rank 0's executor: sends the batch to the other ranks, then runs its own share."""
-
-    def __init__(self, executor: Executor, workers: Workers) -> None:
-        self.executor, self.workers = executor, workers
-
-    def forward(self, batch: BatchInputs, kv_caches) -> torch.Tensor:
-        with self.workers.watch():
-            self.workers.send(STEP, batch)
-            return self.executor.forward(batch, kv_caches)
 
 
 class Workers:
@@ -173,6 +173,12 @@ class Workers:
         if payload is not None:
             dist.broadcast(payload, src=0)
 
+    def send_replay(self, size: int, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Have every rank replay its decode graph of `size` on rank 0's staged inputs."""
+        dist.broadcast(torch.tensor(replay_header(size)), src=0, group=self.control)
+        for t in inputs:
+            dist.broadcast(t, src=0)
+
     def close(self) -> None:
         """STOP the workers (killing any that do not exit), then leave the group."""
         if self.closed:
@@ -223,6 +229,10 @@ def pack_batch(command: int, batch: BatchInputs | None) -> tuple[torch.Tensor, t
     header += [batch.max_context_len, batch.max_query_len]
     payload = torch.cat([getattr(batch, n).flatten().long() for n, _, _ in _fields(header)])
     return torch.tensor(header), payload
+
+
+def replay_header(size: int) -> list[int]:
+    return [REPLAY, size] + [0] * (HEADER_LEN - 2)
 
 
 def unpack_batch(header: list[int], payload: torch.Tensor) -> BatchInputs:
@@ -297,7 +307,13 @@ def _serve(runner: RankRunner, control: dist.ProcessGroup) -> None:
         fields = header.tolist()
         if fields[0] == STOP:
             return
+        if fields[0] == REPLAY:
+            size = fields[1]
+            for t in runner.graphs.inputs(size):
+                dist.broadcast(t, src=0)
+            runner.graphs.replay(size, 0)
+            continue
         size = sum(math.prod(shape) for _, shape, _ in _fields(fields))
         payload = torch.empty(size, dtype=torch.int64, device=runner.device)
         dist.broadcast(payload, src=0)
-        runner.executor.forward(unpack_batch(fields, payload), runner.kv_caches)
+        runner.forward(unpack_batch(fields, payload))

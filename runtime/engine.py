@@ -305,10 +305,7 @@ class Engine:
 
 
 def _async_scheduling(config: EngineConfig, runner) -> bool:
-    """config.async_scheduling, by default on for a GPU runner of one rank."""
-    one_rank = runner.tp_group is None
+    """config.async_scheduling, by default on for a GPU runner."""
     if config.async_scheduling is None:
-        return one_rank and runner.device.type == "cuda"
-    if config.async_scheduling and not one_rank:
-        raise ValueError("asynchronous scheduling needs a runner of one rank (no tensor parallel)")
+        return runner.device.type == "cuda"
     return config.async_scheduling

@@ -10,7 +10,7 @@ import torch
 
 from compiler.artifact import Artifact
 from ir.graph import Graph
-from runtime.batch import build_batch, resolve_pending
+from runtime.batch import BatchInputs, build_batch, resolve_pending
 from runtime.config import EngineConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
@@ -61,7 +61,7 @@ class ModelRunner:
         self.executor = self._executor(artifact.graph, self.params)
         self.spec = kv_cache_spec(artifact.graph)
         self.num_blocks = config.num_kv_blocks or self._blocks_for(config)
-        graphs = config.cuda_graphs and self.device.type == "cuda" and self.tp_group is None
+        graphs = config.cuda_graphs and self.device.type == "cuda"
         # one more block than the scheduler hands out: CUDA-graph padding writes its KV there
         allocated = self.num_blocks + (1 if graphs else 0)
         self.kv_caches = allocate_kv_cache(self.spec, allocated, self.block_size, self.device)
@@ -114,7 +114,7 @@ class ModelRunner:
         """Logits [number of sampling chunks, vocab], in chunk order. `carried`: the tokens
         the last step sampled, still on the device, for the inputs pending on them."""
         if self.graphs is not None and self.graphs.fits(chunks):
-            return self.graphs.run(chunks, carried)
+            return self.replay(chunks, carried)
         batch = build_batch(
             [
                 (c.seq.token_slice(c.start, c.start + c.num_tokens), c.start, c.seq.block_table)
@@ -126,4 +126,12 @@ class ModelRunner:
         )
         if carried is not None:
             batch = replace(batch, token_ids=resolve_pending(batch.token_ids, carried))
+        return self.forward(batch)
+
+    def forward(self, batch: BatchInputs) -> torch.Tensor:
+        """An eager step: logits of the batch's sampled tokens."""
         return self.executor.forward(batch, self.kv_caches)
+
+    def replay(self, chunks: tuple[ScheduledChunk, ...], carried: torch.Tensor | None):
+        """A decode step from its CUDA graph."""
+        return self.graphs.run(chunks, carried)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU tests and benchmarks in one go, for a machine with an NVIDIA GPU:
-#   scripts/gpu_bench.sh OUT_DIR [tests] [kernels] [w3] [w1] [profile] [startup]
-# (no step named: all of them). Each step's log goes to OUT_DIR/<step>.log and the JSON
-# records it writes to OUT_DIR/results. Set KILN_COMMIT where the checkout has no git history.
+#   scripts/gpu_bench.sh OUT_DIR [tests] [kernels] [w3] [w1] [profile] [startup] [tp]
+# (no step named: all but tp, which needs two GPUs). Each step's log goes to
+# OUT_DIR/<step>.log and the JSON records it writes to OUT_DIR/results. Set KILN_COMMIT
+# where the checkout has no git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [step ...]}
@@ -21,6 +22,7 @@ for step in "${steps[@]}"; do
         w1) cmd=(python -m benchmarks.throughput --target cuda --peer-requests 16 --runner-split) ;;
         profile) cmd=(python -m benchmarks.profile --layers 4 --graphs) ;;
         startup) cmd=(python -m benchmarks.startup) ;;
+        tp) cmd=(python -m benchmarks.tensor_parallel --w2-requests 1000) ;;
         *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
     "${cmd[@]}" > "$out/$step.log" 2>&1

@@ -94,6 +94,51 @@ def test_tp2_greedy_tokens_equal_tp1(artifacts, family):
     assert_gone(pids)
 
 
+def test_tp2_with_asynchronous_steps_gives_tp1_tokens(artifacts):
+    """Each step launched before the last one's tokens are read back: rank 0 sends the
+    workers inputs that take those tokens from its device."""
+    tp1, tp2 = artifacts["llama"]
+    ref = kiln.LLM(tp1, num_kv_blocks=64, max_num_batched_tokens=48, async_scheduling=False)
+    expected = [o.token_ids for o in ref.generate(prompts(1), greedy(24), use_tqdm=False)]
+    llm = kiln.LLM(tp2, num_kv_blocks=64, max_num_batched_tokens=48, async_scheduling=True)
+    try:
+        assert llm.engine.async_scheduling
+        outs = llm.generate(prompts(1), greedy(24), use_tqdm=False)
+        assert [o.token_ids for o in outs] == expected
+    finally:
+        llm.engine.runner.close()
+
+
+def test_tp2_teacher_forced_logits_equal_tp1(artifacts):
+    """Rank 0's `forward` runs one eager batch on every rank: the TP benchmark's parity check
+    (benchmarks/tensor_parallel.py) teacher-forces both runs along TP=1's greedy tokens."""
+    from benchmarks.tensor_parallel import compare, greedy_run
+
+    tp1, tp2 = artifacts["llama"]
+    options = dict(num_kv_blocks=64, enable_prefix_caching=False)
+    ref = greedy_run(kiln.LLM(tp1, **options).engine, prompts(2), 16)
+    llm = kiln.LLM(tp2, **options)
+    try:
+        report = compare(ref, greedy_run(llm.engine, prompts(2), 16, along=ref))
+    finally:
+        llm.engine.runner.close()
+    assert report["equal"] == 5 and report["within_tolerance"]
+    assert report["max_err_std"] < 1e-4 and report["teacher_forced_argmax_agreement"] == 1.0
+
+
+def test_parity_report_tells_near_ties_from_real_differences():
+    from benchmarks.tensor_parallel import NEAR_TIE, Greedy, compare
+
+    logits = torch.randn(2, 3, 10)
+    logits[0, 1, 4], logits[0, 1, 7] = 5.0, 5.0 - NEAR_TIE / 2 * logits.std()  # a near-tie
+    ref = Greedy([[1, 4, 2], [3, 3, 3]], logits)
+    flip = compare(ref, Greedy([[1, 7, 9], [3, 3, 3]], logits.clone()))
+    assert flip["equal"] == 1 and flip["divergences"][0]["position"] == 1
+    assert flip["within_tolerance"] and flip["max_err_std"] == 0.0
+    logits[0, 1, 7] = 0.0  # token 7 far behind token 4: no rounding explains the flip
+    assert not compare(ref, Greedy([[1, 7, 9], [3, 3, 3]], logits.clone()))["within_tolerance"]
+
+
 @pytest.mark.parametrize("when", ["between steps", "during a step"])
 def test_dead_worker_makes_generate_raise_promptly(artifacts, when):
     llm = kiln.LLM(artifacts["llama"][1], num_kv_blocks=64)
