@@ -40,7 +40,12 @@ from runtime.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
 
-WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+# NVLink multicast off: NCCL, torch symmetric memory, NVSHMEM
+WORKER_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 STEP_TIMEOUT = timedelta(seconds=120)  # any collective within a step: a stuck rank fails it
 IDLE_TIMEOUT = timedelta(days=30)  # how long workers wait for the next step
 STARTUP_TIMEOUT_S = 600.0  # for every worker to load its weights
