@@ -99,7 +99,9 @@ class TensorParallelRunner(RankRunner):
             return self.graphs.replay(size, len(chunks))
 
     def close(self) -> None:
-        """Stop the workers (idempotent); the runner is unusable afterwards."""
+        """Drop the CUDA graphs (their NCCL work holds the communicators), then stop the
+        workers (idempotent); the runner is unusable afterwards."""
+        super().close()
         self._finalizer()
 
 
@@ -194,6 +196,8 @@ class Workers:
         if stopping:
             with suppress(RuntimeError):
                 self.send(STOP)
+            # every rank leaves the group at once: NCCL's teardown waits for all of them
+            dist.destroy_process_group()
         # after a failure the ranks are out of step: no point waiting for the others
         deadline = time.monotonic() + (STOP_TIMEOUT_S if stopping else 0.0)
         for p in self.procs:
@@ -311,6 +315,7 @@ def _serve(runner: RankRunner, control: dist.ProcessGroup) -> None:
         dist.broadcast(header, src=0, group=control)
         fields = header.tolist()
         if fields[0] == STOP:
+            runner.close()  # its CUDA graphs go before the communicators they use
             return
         if fields[0] == REPLAY:
             size = fields[1]

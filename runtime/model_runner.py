@@ -86,7 +86,9 @@ class ModelRunner:
             self.graphs.capture()
 
     def close(self) -> None:
-        """Release what the runner holds beyond memory (worker processes, for tensor parallel)."""
+        """Drop the CUDA graphs (and, tensor parallel, stop the worker processes); the runner
+        is unusable afterwards."""
+        self.graphs = None
 
     @property
     def num_tokens(self) -> int:

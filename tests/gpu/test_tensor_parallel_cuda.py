@@ -19,6 +19,7 @@ pytestmark = [
 def test_tp2_on_two_gpus_gives_tp1_greedy_tokens(tmp_path):
     from benchmarks.models import in_memory_artifact, random_model, sharded_artifact
     from benchmarks.tensor_parallel import compare, free, greedy_run, w3_config
+    from runtime.distributed import STOP_TIMEOUT_S
     from runtime.engine import Engine
 
     name = "llama-3.1-8b"
@@ -50,10 +51,16 @@ def test_tp2_on_two_gpus_gives_tp1_greedy_tokens(tmp_path):
         start = time.perf_counter()
         report = compare(ref, greedy_run(engine, prompts, 32, along=ref))
         seconds = time.perf_counter() - start
+        start = time.perf_counter()
         engine.close()
+        closing = time.perf_counter() - start
         del engine, runner, replay, counted
         free()
-        print(f"TP=2 graphs={graphs}: {replays[0]} graph replays, {seconds:.1f} s: {report}")
+        print(
+            f"TP=2 graphs={graphs}: {replays[0]} graph replays, {seconds:.1f} s, closed in "
+            f"{closing:.2f} s: {report}"
+        )
+        assert closing < STOP_TIMEOUT_S  # every worker stopped by itself, none was killed
         assert replays[0] >= (31 if graphs else 0) and (replays[0] > 0) == graphs
         # the same kernels as TP=1 but for sums split across the ranks: rounding-level
         # differences only (a wrong shard or a lost all-reduce moves the logits by ~1 std)
