@@ -127,16 +127,18 @@ def test_tp2_teacher_forced_logits_equal_tp1(artifacts):
 
 
 def test_parity_report_tells_near_ties_from_real_differences():
-    from benchmarks.tensor_parallel import NEAR_TIE, Greedy, compare
+    from benchmarks.tensor_parallel import Greedy, compare
 
-    logits = torch.randn(2, 3, 10)
-    logits[0, 1, 4], logits[0, 1, 7] = 5.0, 5.0 - NEAR_TIE / 2 * logits.std()  # a near-tie
-    ref = Greedy([[1, 4, 2], [3, 3, 3]], logits)
-    flip = compare(ref, Greedy([[1, 7, 9], [3, 3, 3]], logits.clone()))
+    logits = torch.randn(2, 3, 10).to(torch.bfloat16).float()
+    logits[0, 1, 4], logits[0, 1, 7] = 5.0, 5.0 - 2 * 2**-5  # two bf16 ulps apart at 5
+    ref = Greedy([[1, 4, 2], [3, 3, 3]], logits, torch.bfloat16)
+    flip = compare(ref, Greedy([[1, 7, 9], [3, 3, 3]], logits.clone(), torch.bfloat16))
     assert flip["equal"] == 1 and flip["divergences"][0]["position"] == 1
+    assert flip["divergences"][0]["margin_ulps"] == 2.0
     assert flip["within_tolerance"] and flip["max_err_std"] == 0.0
-    logits[0, 1, 7] = 0.0  # token 7 far behind token 4: no rounding explains the flip
-    assert not compare(ref, Greedy([[1, 7, 9], [3, 3, 3]], logits.clone()))["within_tolerance"]
+    logits[0, 1, 7] = 4.0  # 32 ulps behind: no rounding explains the flip
+    flip = compare(ref, Greedy([[1, 7, 9], [3, 3, 3]], logits.clone(), torch.bfloat16))
+    assert not flip["within_tolerance"]
 
 
 @pytest.mark.parametrize("when", ["between steps", "during a step"])
