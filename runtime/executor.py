@@ -66,16 +66,24 @@ class Executor:
         self.input_slots = [slot[i.value.name] for i in graph.runtime_inputs]
         self.input_names = [i.value.name for i in graph.runtime_inputs]
         overrides = overrides or {}
+        self.output_slot = slot[graph.outputs[0]]
+        # a value is dropped after the node that reads it last: a step's peak memory is a
+        # few layers' activations, not all of them (a long prefill's add up to gigabytes)
+        last_use = {slot[x]: i for i, n in enumerate(graph.nodes) for x in n.inputs if x}
+        dead: list[list[int]] = [[] for _ in graph.nodes]
+        for s, i in last_use.items():
+            if s != self.output_slot:
+                dead[i].append(s)
         self.plan = [
             (
                 overrides.get(i) or REFERENCE[type(n.op)],
                 n.op,
                 [None if x is None else slot[x] for x in n.inputs],
                 [slot[v.name] for v in n.outputs],
+                dead[i],
             )
             for i, n in enumerate(graph.nodes)
         ]
-        self.output_slot = slot[graph.outputs[0]]
 
     @torch.inference_mode()
     def forward(self, batch: BatchInputs, kv_caches) -> torch.Tensor:
@@ -86,13 +94,15 @@ class Executor:
         for s, name in zip(self.input_slots, self.input_names, strict=True):
             env[s] = getattr(batch, name)
         ctx = self.context(batch, kv_caches)
-        for fn, op, ins, outs in self.plan:
+        for fn, op, ins, outs, dead in self.plan:
             result = fn(op, ctx, *(None if i is None else env[i] for i in ins))
             if len(outs) == 1:
                 env[outs[0]] = result
             else:
                 for s, r in zip(outs, result, strict=True):
                     env[s] = r
+            for s in dead:
+                env[s] = None
         return env[self.output_slot]
 
     def context(self, batch: BatchInputs, kv_caches) -> RefContext:
