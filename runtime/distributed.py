@@ -50,7 +50,7 @@ STEP_TIMEOUT = timedelta(seconds=120)  # any collective within a step: a stuck r
 IDLE_TIMEOUT = timedelta(days=30)  # how long workers wait for the next step
 STARTUP_TIMEOUT_S = 600.0  # for every worker to load its weights
 STOP_TIMEOUT_S = 10.0  # for workers to exit after STOP, before they are killed
-STOP, STEP, REPLAY = 0, 1, 2  # commands: a batch to run eagerly, a decode graph's bucket
+STOP, STEP, REPLAY = 0, 1, 2  # commands: exit; run a batch eagerly; replay a decode graph
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKER_MAIN = "import sys; from runtime.distributed import main; main(sys.argv[1:])"
 
