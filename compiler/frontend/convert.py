@@ -98,6 +98,11 @@ def _linear(cx, node, x, w, b=None):
     return cx.add(ops.Linear(), cx.value(x), cx.value(w), cx.value(b) if b is not None else None)
 
 
+def _scalar(v) -> int | float:
+    """A Python scalar as the IR keeps it: an int stays one (`ids + 1` is int64 arithmetic)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else float(v)
+
+
 def _binary(fn: str) -> Callable:
     def convert(cx, node, a, b, alpha=1):
         if alpha != 1:
@@ -105,8 +110,8 @@ def _binary(fn: str) -> Callable:
         if isinstance(a, fx.Node) and isinstance(b, fx.Node):
             return cx.add(ops.Binary(fn), cx.value(a), cx.value(b))
         if isinstance(a, fx.Node):
-            return cx.add(ops.BinaryScalar(fn, float(b)), cx.value(a))
-        return cx.add(ops.BinaryScalar(fn, float(a), scalar_first=True), cx.value(b))
+            return cx.add(ops.BinaryScalar(fn, _scalar(b)), cx.value(a))
+        return cx.add(ops.BinaryScalar(fn, _scalar(a), scalar_first=True), cx.value(b))
 
     return convert
 
@@ -126,7 +131,7 @@ def _rsub(cx, node, x, scalar, alpha=1):
     """scalar - alpha * x (the scalar comes second in the call, first in the difference)."""
     if alpha != 1:
         raise UnsupportedOpError(f"{node.target} with alpha={alpha}")
-    return cx.add(ops.BinaryScalar("sub", float(scalar), scalar_first=True), cx.value(x))
+    return cx.add(ops.BinaryScalar("sub", _scalar(scalar), scalar_first=True), cx.value(x))
 
 
 def _unary(fn: str) -> Callable:

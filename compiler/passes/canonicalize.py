@@ -1,16 +1,28 @@
 """Canonicalize: drop no-op casts/reshapes/slices/transposes and identity arithmetic.
 
 Pre: any verified graph. Post: no Cast to the same dtype, no Reshape to the same shape, no
-Reshape of a Reshape, no Transpose undoing a Transpose, no x*1, x/1, x+0, x-0, no full Slice.
+Reshape of a Reshape, no Transpose undoing a Transpose, no x*1, x/1, x+(-0.0), x-0.0, no full
+Slice.
 """
 
 from __future__ import annotations
+
+import math
 
 from compiler.passes.rewrite import Rewriter, rewrite
 from ir import ops
 from ir.graph import Graph, Node
 
-IDENTITY_SCALARS = {("mul", 1.0), ("div", 1.0), ("add", 0.0), ("sub", 0.0)}
+
+def _identity(op: ops.BinaryScalar) -> bool:
+    """x * 1, x / 1, x + (-0.0), x - (+0.0): x itself, -0.0 included (x + 0.0 makes -0.0 +0.0)."""
+    s = op.scalar
+    if op.scalar_first or op.fn not in ("mul", "div", "add", "sub"):
+        return False
+    if op.fn in ("mul", "div"):
+        return s == 1
+    negative = math.copysign(1.0, s) < 0
+    return s == 0 and (isinstance(s, int) or negative == (op.fn == "add"))
 
 
 def _rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
@@ -18,11 +30,7 @@ def _rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
     x = node.inputs[0] if node.inputs else None
     if isinstance(op, ops.Cast | ops.Reshape) and x and rw.type_of(x) == out.type:
         return {out.name: x}
-    if (
-        isinstance(op, ops.BinaryScalar)
-        and not op.scalar_first
-        and ((op.fn, op.scalar) in IDENTITY_SCALARS)
-    ):
+    if isinstance(op, ops.BinaryScalar) and _identity(op):
         return {out.name: x}
     if isinstance(op, ops.Slice) and rw.type_of(x) == out.type and op.step == 1:
         return {out.name: x}

@@ -1,32 +1,61 @@
 """Fuse trees of elementwise ops into FusedElementwise nodes holding an expression tree.
 
-Pre: any verified graph. Post: every elementwise node whose value feeds exactly one other
-elementwise node is folded into that node's tree; trees of two or more ops become one
-FusedElementwise. Intermediate results narrower than float32 keep an explicit cast, so the
-fused tree rounds exactly where the unfused ops did.
+Pre: any verified graph. Post: every fusible elementwise node (floats only, scalars exact in
+their operand's dtype) whose value feeds exactly one other fusible node is folded into that
+node's tree; trees of two or more ops become one FusedElementwise. Intermediate results
+narrower than float32 keep an explicit cast, so the fused tree rounds exactly where the
+unfused ops did.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from compiler.passes.rewrite import Rewriter, rewrite
 from ir import ops
 from ir.graph import Graph, Node
+from ir.reference import TORCH_DTYPES
+from ir.types import TensorType
 
 ELEMENTWISE = (ops.Unary, ops.Binary, ops.BinaryScalar, ops.Cast)
+FLOATS = ("float32", "bfloat16", "float16")
+
+
+def _exact(scalar: float, dtype: str) -> bool:
+    return torch.tensor(scalar, dtype=torch.float64).to(TORCH_DTYPES[dtype]).item() == scalar
+
+
+def _fusible(node: Node, type_of: Callable[[str], TensorType]) -> bool:
+    """An elementwise node over floats (the tree computes in float32: integer arithmetic past
+    2**24 would round; a cast of integers to float32 reads them as the tree does) whose
+    scalar, if any, is exact in its operand's dtype: torch rounds a scalar to a bf16 or fp16
+    operand's dtype for some ops (add, sub, pow, scalar first) and not for others, so such a
+    node keeps torch's own op."""
+    op = node.op
+    if not isinstance(op, ELEMENTWISE) or node.outputs[0].type.dtype not in FLOATS:
+        return False
+    if isinstance(op, ops.Cast) and op.dtype == "float32":
+        return True
+    dtypes = [type_of(x).dtype for x in node.inputs]
+    if any(d not in FLOATS for d in dtypes):
+        return False
+    return not isinstance(op, ops.BinaryScalar) or _exact(op.scalar, dtypes[0])
 
 
 def _absorbable(graph: Graph) -> set[str]:
-    """Values made by an elementwise node and used once, by an elementwise node."""
+    """Values made by a fusible node and used once, by a fusible node."""
     users = graph.users()
     outputs = set(graph.outputs)
     return {
         v.name
         for n in graph.nodes
-        if isinstance(n.op, ELEMENTWISE)
+        if _fusible(n, graph.type_of)
         for v in n.outputs
         if v.name not in outputs
         and len(users.get(v.name, [])) == 1
-        and isinstance(users[v.name][0].op, ELEMENTWISE)
+        and _fusible(users[v.name][0], graph.type_of)
     }
 
 
@@ -60,7 +89,7 @@ def fuse_elementwise(graph: Graph) -> Graph:
 
     def rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
         out = node.outputs[0]
-        if not isinstance(node.op, ELEMENTWISE) or out.name in absorbed:
+        if not _fusible(node, rw.type_of) or out.name in absorbed:
             return None
         args: list[str] = []
         expr, count = _expr(node, rw, absorbed, args)

@@ -35,6 +35,8 @@ def _half(node: Node | None, type_of, which: int) -> str | None:
     width = t.shape[-1]
     if normalize_dim(node.op.dim, t.rank) != t.rank - 1 or not isinstance(width, int):
         return None
+    if width % 2:  # halves of unequal widths: not a gate/up pair
+        return None
     if (node.op.start, min(node.op.end, width)) != (which * width // 2, (which + 1) * width // 2):
         return None
     return node.inputs[0]

@@ -2,8 +2,9 @@
 
 Pre: Rope raised; attention in layout "bhtd" with q = Rope(Transpose(Xq, 1, 2), c, s),
 k = Rope(Transpose(Xk, 1, 2), c, s), v = Transpose(Xv, 1, 2), c/s = Reshape([1, T, D] ->
-[1, 1, T, D]). Post: PagedAttention(layout="bthd", rope=True)(Xq, Xk, Xv, cos, sin). When
-only the transposes match, the op just switches to layout "bthd".
+[1, 1, T, D]), each Rope's output of its input's type (no promotion to the tables' dtype).
+Post: PagedAttention(layout="bthd", rope=True)(Xq, Xk, Xv, cos, sin). When only the
+transposes match, the op just switches to layout "bthd".
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def _rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
     q, k, v = node.inputs[:3]
     xv = _untransposed(rw, v)
     rq, rk = rw.producer(q, ops.Rope), rw.producer(k, ops.Rope)
-    if rq and rk and rq.inputs[1:] == rk.inputs[1:] and xv:
+    # the fused prologue rotates in q's and k's own dtype: no rope that promotes them
+    same = (
+        rq and rk and all(rw.type_of(r.inputs[0]) == rw.type_of(n) for r, n in ((rq, q), (rk, k)))
+    )
+    if same and rq.inputs[1:] == rk.inputs[1:] and xv:
         xq, xk = _untransposed(rw, rq.inputs[0]), _untransposed(rw, rk.inputs[0])
         cos, sin = _table(rw, rq.inputs[1]), _table(rw, rq.inputs[2])
         if xq and xk and cos and sin:

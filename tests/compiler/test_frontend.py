@@ -71,6 +71,19 @@ def test_scalar_minus_tensor_keeps_its_sign():
     torch.testing.assert_close(run_batch(graph, params, [prompt])[0], ref, atol=LOGITS_ATOL, rtol=0)
 
 
+def test_integer_scalar_arithmetic_stays_integer():
+    model = tiny_model("llama")
+    embed = model.model.embed_tokens  # looks up ids + 1: int64 tensor plus a Python int
+    embed.forward = types.MethodType(
+        lambda self, ids: torch.nn.Embedding.forward(self, ids + 1), embed
+    )
+    graph, params = run_pipeline(*trace_model(model))
+    prompt = list(range(3, 40))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(run_batch(graph, params, [prompt])[0], ref, atol=LOGITS_ATOL, rtol=0)
+
+
 def test_sliding_window_reaches_attention():
     graph, _ = trace_model(tiny_model("mistral"))
     attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]

@@ -299,3 +299,85 @@ def test_fuse_rope_attention():
     (a,) = evaluate(before, inputs, attention_context())
     (b_,) = evaluate(after, inputs, attention_context())
     torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
+
+
+def test_fuse_norm_linear_leaves_an_odd_width_pair():
+    # halves [0, 1) and [1, 3) of a 3-wide projection (SiluMul broadcasts them): no gate/up pair
+    b = GraphBuilder()
+    x, w = b.input("x", f32(1, "T", 8)), b.input("w", f32(3, 8), kind="param")
+    n, s = b.add(ops.AddRMSNorm(1e-6), x, x, b.input("g", f32(8), kind="param"))
+    h = b.add1(ops.Linear(), n, w)
+    gate, up = b.add1(ops.Slice(-1, 0, 1), h), b.add1(ops.Slice(-1, 1, 3), h)
+    odd = b.build((b.add1(ops.SiluMul(), gate, up), s))
+    fused = eliminate_dead_code(verify(fuse_norm_linear(verify(odd))))
+    assert [type(n.op).__name__ for n in fused.nodes] == ["NormLinear", "Slice", "Slice", "SiluMul"]
+
+
+def test_fuse_elementwise_keeps_torch_rounding_of_inexact_narrow_scalars():
+    # bf16 x - 1.01: torch rounds 1.01 to bf16 (1.0078125) first; a float32 constant in the
+    # fused tree would not, and 1 / (x - s) near x = s shows it (inf against -458)
+    t = TensorType((5,), "bfloat16")
+    b = GraphBuilder()
+    x = b.input("x", t)
+    d = b.add1(ops.BinaryScalar("sub", 1.01), x)
+    inv = b.add1(ops.BinaryScalar("div", 1.0, scalar_first=True), d)
+    before = verify(b.build((b.add1(ops.Unary("exp"), inv),)))
+    after = verify(fuse_elementwise(before))
+    assert ops.BinaryScalar("sub", 1.01) in [n.op for n in after.nodes]  # left to torch
+    assert after.op_counts().get("FusedElementwise") == 1  # 1 / d and exp still fuse
+    xs = {"x": torch.tensor([1.0078125, 0.5, 3.0, 1.0, 0.30078125], dtype=torch.bfloat16)}
+    ctx = RefContext(sizes=SIZES)
+    torch.testing.assert_close(evaluate(after, xs, ctx)[0], evaluate(before, xs, ctx)[0])
+    assert evaluate(after, xs, ctx)[0][0] == torch.exp(1 / (xs["x"][0] - 1.01))  # inf
+
+
+def test_fuse_elementwise_leaves_integer_ops():
+    # the fused tree computes in float32: 2**24 + 1 would round
+    t = TensorType((3,), "int64")
+    b = GraphBuilder()
+    x, y = b.input("x", t), b.input("y", t)
+    before = verify(b.build((b.add1(ops.Binary("mul"), b.add1(ops.Binary("add"), x, y), y),)))
+    after = verify(fuse_elementwise(before))
+    assert "FusedElementwise" not in after.op_counts()
+    xs = {"x": torch.tensor([2**24 + 1, 3, 123456789]), "y": torch.tensor([1, 1, 1])}
+    assert evaluate(after, xs, RefContext(sizes=SIZES))[0].tolist() == [2**24 + 2, 4, 123456790]
+
+
+def test_cse_and_canonicalize_keep_the_sign_of_zero():
+    b = GraphBuilder()
+    x = b.input("x", f32(3))
+    pos, neg = b.add1(ops.BinaryScalar("mul", 0.0), x), b.add1(ops.BinaryScalar("mul", -0.0), x)
+    inv = ops.BinaryScalar("div", 1.0, scalar_first=True)
+    zeros = b.build((b.add1(inv, pos), b.add1(inv, neg)))
+    assert verify(cse(zeros)).op_counts()["BinaryScalar"] == 4  # 1/(x*0) is not 1/(x*-0)
+    for fn, scalar, identity in (
+        ("add", 0.0, False),  # -0.0 + 0.0 = +0.0
+        ("add", -0.0, True),
+        ("sub", 0.0, True),
+        ("sub", -0.0, False),  # -0.0 - -0.0 = +0.0
+    ):
+        b = GraphBuilder()
+        x = b.input("x", f32(2))
+        g = b.build((b.add1(inv, b.add1(ops.BinaryScalar(fn, scalar), x)),))
+        after = verify(canonicalize(g))
+        assert (after.op_counts()["BinaryScalar"] == 1) == identity, (fn, scalar)
+        xs = {"x": torch.tensor([-0.0, 1.0])}
+        ctx = RefContext(sizes=SIZES)
+        torch.testing.assert_close(evaluate(after, xs, ctx)[0], evaluate(g, xs, ctx)[0])
+
+
+def test_fuse_rope_attention_leaves_a_promoting_rope():
+    # bf16 q/k rotated by float32 tables give float32 (torch promotes); the fused prologue
+    # rotates in q's dtype, so fusing would change the attention's dtype and its KV cache
+    attn = ops.PagedAttention(0, 4, 2, 8, 8**-0.5)
+    b = GraphBuilder()
+    bf16 = lambda *shape: TensorType(shape, "bfloat16")  # noqa: E731
+    xq, xk = (b.input(n, bf16(1, "T", h, 8)) for n, h in (("q", 4), ("k", 2)))
+    xv = b.input("v", f32(1, "T", 2, 8))
+    cos, sin = b.input("cos", f32(1, "T", 8)), b.input("sin", f32(1, "T", 8))
+    c4, s4 = (b.add1(ops.Reshape((1, 1, "T", 8)), t) for t in (cos, sin))
+    q, k, v = (b.add1(ops.Transpose(1, 2), t) for t in (xq, xk, xv))
+    q, k = (b.add1(ops.Rope(), t, c4, s4) for t in (q, k))
+    before = verify(b.build((b.add1(attn, q, k, v),)))
+    after = verify(fuse_rope_attention(before))
+    assert print_graph(after) == print_graph(before)
