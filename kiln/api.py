@@ -86,11 +86,16 @@ class LLM:
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         with tqdm(total=len(order), desc="generate", unit="req", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for update in self.engine.step():
-                    acc = merge_update(results.get(update.request_id), update)
-                    results[update.request_id] = acc
-                    bar.update(int(acc.finished))
+            try:
+                while self.engine.has_unfinished():
+                    for update in self.engine.step():
+                        acc = merge_update(results.get(update.request_id), update)
+                        results[update.request_id] = acc
+                        bar.update(int(acc.finished))
+            except BaseException:  # interrupted (Ctrl-C) or failed: its requests leave
+                for request_id in order:
+                    self.engine.abort(request_id)
+                raise
         return [results[r] for r in order]
 
 

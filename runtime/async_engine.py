@@ -70,12 +70,13 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            if finished:
+                self._streams.pop(request_id, None)
+            else:  # the id stays taken until the engine thread has aborted the request
+                self._commands.put(("abort", request_id, stream))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(("abort", request_id, None))
 
     async def shutdown(self, timeout: float) -> None:
         """Let in-flight requests finish for up to `timeout` s, abort the rest, stop the loop."""
@@ -115,14 +116,18 @@ class AsyncEngine:
             if cmd[0] == "stop":
                 return False
             if cmd[0] == "abort":
-                final = self.engine.abort(cmd[1])
-                if final is not None:
-                    self._deliver(cmd[1], final)
+                _, request_id, closed = cmd  # closed: the stream of a consumer that left
+                final = self.engine.abort(request_id)
+                if closed is None:
+                    if final is not None:
+                        self._deliver(request_id, final)
+                elif self._streams.get(request_id, (None, None))[1] is closed:
+                    del self._streams[request_id]
                 continue
             _, request_id, ids, params, prompt = cmd
             try:
                 self.engine.add_request(request_id, ids, params, prompt)
-            except ValueError as e:
+            except Exception as e:  # this request's error, not the engine's
                 self._deliver(request_id, e)
 
     def _abort_all(self) -> None:

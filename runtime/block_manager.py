@@ -48,6 +48,8 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # block hash -> block holding that content
         # live seq -> chained hashes of its full, scheduled blocks (registered or not)
         self._seq_hashes: dict[Sequence, list[bytes]] = {}
+        # (seq, block index) registered since begin_step: their K/V comes with this step
+        self._fresh: list[tuple[Sequence, int]] = []
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -67,6 +69,27 @@ class BlockManager:
     def usage(self) -> float:
         """Fraction of blocks held by live sequences."""
         return 1.0 - (len(self._free) + len(self._evictable)) / self._num_blocks
+
+    def begin_step(self) -> None:
+        """A new step is being scheduled: the blocks registered before it are computed (or
+        will be, by forwards already launched, before this step's)."""
+        self._fresh.clear()
+
+    def unregister_fresh(self, seqs: set[Sequence]) -> None:
+        """Take the blocks `seqs` registered this step out of the prefix cache: their forward
+        will not run (a failed step, a chunk taken back), so their K/V never comes. The seqs
+        must be freed next (their hashes past those blocks are stale)."""
+        kept = []
+        for seq, i in self._fresh:
+            if seq not in seqs:
+                kept.append((seq, i))
+                continue
+            block = seq.block_table[i]
+            block_hash = self._block_hash[block]
+            if block_hash is not None and self._cached.get(block_hash) == block:
+                del self._cached[block_hash]
+            self._block_hash[block] = None
+        self._fresh = kept
 
     def lookup(self, seq: Sequence) -> PrefixHit:
         """Longest run of the seq's leading full blocks in the cache; no state changes.
@@ -178,3 +201,4 @@ class BlockManager:
             if block_hash not in self._cached:
                 self._cached[block_hash] = block
                 self._block_hash[block] = block_hash
+                self._fresh.append((seq, i))

@@ -96,6 +96,9 @@ class Engine:
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", params.logit_bias),
         ):
+            wrong = [t for t in ids if type(t) is not int]  # a float or a bool is no token
+            if wrong:
+                raise ValueError(f"{name}: token ids must be ints, got {wrong[:5]!r}")
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(
@@ -154,7 +157,12 @@ class Engine:
         plan = self.scheduler.schedule()
         flight, self._in_flight = self._in_flight, None
         if plan.chunks:
-            logits = self.runner.execute(plan.chunks, flight.ids if flight else None)
+            try:
+                logits = self.runner.execute(plan.chunks, flight.ids if flight else None)
+            except BaseException:  # interrupted or failed: nothing of this step happened
+                self._in_flight = flight  # the step before it still lands
+                self.scheduler.undo(plan)
+                raise
             self.num_computed_tokens += plan.num_batched_tokens
             seqs = [c.seq for c in plan.chunks if c.sample]
             states = [self.requests[s.request_id].states[s.index] for s in seqs]

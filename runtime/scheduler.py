@@ -111,8 +111,9 @@ class Scheduler:
     """Decides, each step, which tokens of which sequences run.
 
     Running sequences are kept in service order (admission order, or (priority, arrival)
-    order under "priority"). When blocks run out, the last of them not yet scheduled this
-    step (the newest, or the least important) is preempted and later recomputed.
+    order under "priority"). When blocks run out, one is preempted and later recomputed:
+    under "fcfs" the newest not yet scheduled this step, under "priority" the least
+    important, its chunk of this step taken back if it had one (as vLLM does).
     """
 
     def __init__(self, config: SchedulerConfig):
@@ -141,12 +142,23 @@ class Scheduler:
         self._waiting.push(seq)
 
     def schedule(self) -> SchedulerOutput:
+        self.block_manager.begin_step()
         chunks, preempted, budget = self._schedule_running(self.config.max_num_batched_tokens)
         # After a preemption the pool is tight: admitting more would only thrash.
         if not preempted:
             chunks += self._schedule_waiting(budget)
         chunks.sort(key=lambda c: c.num_tokens > 1)  # stable: decodes first, order kept
         return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def undo(self, output: SchedulerOutput) -> None:
+        """Take back a step whose forward failed: the blocks it registered leave the prefix
+        cache, and its sequences are preempted (computed again once rescheduled)."""
+        seqs = {c.seq for c in output.chunks if c.seq.status is SequenceStatus.RUNNING}
+        self.block_manager.unregister_fresh(seqs)
+        for seq in reversed(self._running):  # pushed to the front: the first ends up first
+            if seq in seqs:
+                self._running.remove(seq)
+                self._preempt(seq)
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Record a finished step: chunks are computed; sampling chunks gain a token."""
@@ -204,7 +216,6 @@ class Scheduler:
         """Chunks for the running sequences, the sequences preempted, and the budget left."""
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
-        scheduled: set[Sequence] = set()
         bs = self.config.block_size
         # (seq, tokens it has yet to compute), taken once: only preemption changes it this step.
         # A seq with all its max_tokens only waits for the last one's id (asynchronous steps).
@@ -226,27 +237,44 @@ class Scheduler:
             # Most decodes land inside the seq's last block without filling it: the block
             # manager would have nothing to do (see BlockManager.allocate), so it is not asked.
             offset = start % bs  # into the last block; 0: that block is full, or there is none
-            if 0 < offset < bs - num_new or self._make_room(seq, num_new, scheduled, preempted):
+            fits = 0 < offset < bs - num_new
+            if not fits:
+                fits, returned = self._make_room(seq, num_new, chunks, preempted)
+                budget += returned
+            if fits:
                 chunks.append(ScheduledChunk(seq, start, num_new, num_new == num_left))
-                scheduled.add(seq)
                 budget -= num_new
         return chunks, preempted, budget
 
     def _make_room(
-        self, seq: Sequence, num_new: int, scheduled: set[Sequence], preempted: list[Sequence]
-    ) -> bool:
-        """Allocate for seq, preempting from the back of the running list until it fits.
-
-        False when seq itself had to go: it was the last one not yet scheduled this step.
-        """
+        self,
+        seq: Sequence,
+        num_new: int,
+        chunks: list[ScheduledChunk],
+        preempted: list[Sequence],
+    ) -> tuple[bool, int]:
+        """Allocate for seq, preempting until it fits: under fcfs the newest running sequence
+        not yet scheduled this step, under priority the least important running one, whose
+        chunk (if it has one already) is taken back. (fits, tokens of budget given back);
+        it does not fit when seq itself had to go."""
+        returned = 0
         while not self.block_manager.allocate(seq, num_new):
-            victim = next(s for s in reversed(self._running) if s not in scheduled)
+            if self.config.policy == "priority":  # _running is in priority order
+                victim = self._running[-1]
+            else:
+                scheduled = {c.seq for c in chunks}
+                victim = next(s for s in reversed(self._running) if s not in scheduled)
+            taken = [c for c in chunks if c.seq is victim]
+            if taken:  # its forward will not run: what it registered this step goes too
+                self.block_manager.unregister_fresh({victim})
+                chunks.remove(taken[0])
+                returned += taken[0].num_tokens
             self._running.remove(victim)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
-                return False
-        return True
+                return False, returned
+        return True, returned
 
     def _schedule_waiting(self, budget: int) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []

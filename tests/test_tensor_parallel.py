@@ -156,8 +156,9 @@ def test_dead_worker_makes_generate_raise_promptly(artifacts, when):
         with pytest.raises(TensorParallelError, match=r"rank 1|step failed"):
             llm.generate(prompts(), greedy(400), use_tqdm=False)
         assert time.monotonic() - start < 30
-        with pytest.raises(TensorParallelError):  # and it stays dead
-            llm.engine.step()
+        assert not llm.engine.requests  # generate took its requests back
+        with pytest.raises(TensorParallelError):  # and the engine stays dead
+            llm.generate([[1, 2, 3]], greedy(2), use_tqdm=False)
     finally:
         llm.engine.runner.close()
     assert_gone(pids)

@@ -334,3 +334,98 @@ def test_logprobs_requests_join_and_leave_a_greedy_batch(artifact):
     assert [o.token_ids for o in outs] == alone(artifact, prompts, params)
     logprobs = outs[-1].outputs[0].logprobs
     assert len(logprobs) == 5 and all(len(step) >= 2 for step in logprobs)
+
+
+def test_an_interrupted_step_is_taken_back(artifact):
+    """A step whose forward raised (Ctrl-C, out of memory) leaves no trace: the blocks it
+    registered never reach the prefix cache unwritten, the step before it still lands, and
+    the engine goes on."""
+    prompt = [(7 * i) % 160 for i in range(67)]
+    expected = alone(artifact, [prompt, prompt[:20]], [greedy(8), greedy(6)])
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    llm.engine.add_request("short", prompt[:20], greedy(6))
+    results = {u.request_id: u for u in llm.engine.step()}  # asynchronous: token in flight
+    execute = llm.engine.runner.execute
+
+    def interrupted(chunks, carried=None):
+        llm.engine.runner.execute = execute
+        raise KeyboardInterrupt
+
+    llm.engine.runner.execute = interrupted
+    llm.engine.add_request("long", prompt, greedy(8))
+    with pytest.raises(KeyboardInterrupt):
+        llm.engine.step()
+    llm.engine.abort("long")  # its blocks go back before their K/V was ever written
+    while llm.engine.has_unfinished():
+        for update in llm.engine.step():
+            results[update.request_id] = merge_update(results.get(update.request_id), update)
+    assert results["short"].token_ids == expected[1]
+    # cached: the block "short" computed, none of the interrupted prefill; then its own run's
+    for cached in (16, 64):
+        again = llm.generate([prompt], greedy(8), use_tqdm=False)[0]
+        assert again.token_ids == expected[0] and again.num_cached_tokens == cached
+    assert_idle(llm)
+
+
+def test_generate_interrupted_leaves_no_request_behind(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    step = llm.engine.step
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    llm.engine.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([list(range(10)), list(range(20))], greedy(20), use_tqdm=False)
+    llm.engine.step = step
+    while llm.engine.has_unfinished():  # asynchronous: a step in flight lands, sends nothing
+        assert llm.engine.step() == []
+    assert_idle(llm)
+
+
+def test_token_ids_must_be_ints(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    for bad in ([1.5, 2.0], [True, 3]):
+        with pytest.raises(ValueError, match="token ids must be ints"):
+            llm.engine.add_request("bad", bad, greedy(2))
+    assert not llm.engine.requests
+    engine = AsyncEngine(llm.engine)
+
+    async def run():
+        with pytest.raises(ValueError, match="must be ints"):  # that request's error only
+            async for _ in engine.generate("bad", ["a", "b"], greedy(2)):
+                pass
+        got = [t async for u in engine.generate("good", [1, 2, 3], greedy(4)) for t in u.token_ids]
+        assert len(got) == 4 and engine.is_alive
+        await engine.shutdown(timeout=1)
+
+    asyncio.run(run())
+
+
+def test_async_engine_keeps_a_closed_streams_id_until_its_request_is_aborted(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    prompt = list(range(5, 25))
+    expected = alone(artifact, [prompt], [greedy(5)])[0]
+    engine = AsyncEngine(llm.engine)
+
+    async def run():
+        stream = engine.generate("x", prompt, greedy(200))
+        await anext(stream)
+        await stream.aclose()  # the abort is queued to the engine thread
+        while True:  # the id is taken until the old request is gone, then free again
+            try:
+                got = [
+                    t async for u in engine.generate("x", prompt, greedy(5)) for t in u.token_ids
+                ]
+                break
+            except ValueError as e:
+                assert "already in use" in str(e)
+                await asyncio.sleep(0.01)
+        assert got == expected  # none of the old request's tokens or its abort
+        await engine.shutdown(timeout=1)
+
+    asyncio.run(run())

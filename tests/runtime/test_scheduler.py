@@ -359,3 +359,29 @@ def test_random_simulation_finishes_every_request(policy, aborts, caching):
     assert sum(r["preempted"] for r in runs) > 20
     assert (sum(r["aborted"] for r in runs) > 0) == aborts
     assert (sum(r["prefix_hits"] for r in runs) > 0) == caching
+
+
+def test_priority_preempts_the_least_important_even_if_already_scheduled():
+    # low (priority 1) decodes; high (priority 0) prefills in chunks and runs out of blocks:
+    # low goes (its decode chunk taken back), not high itself (as vLLM's priority scheduler)
+    cfg = SchedulerConfig(
+        num_blocks=7,
+        block_size=4,
+        max_num_batched_tokens=5,
+        enable_prefix_caching=False,
+        policy="priority",
+    )
+    sched = Scheduler(cfg)
+    low, high = make_seq(0, 4, max_tokens=20, priority=1), make_seq(1, 24, max_tokens=4, priority=0)
+    sched.add(low)
+    step(sched)
+    sched.add(high)
+    victims = []
+    while high.num_output_tokens == 0:
+        out = step(sched)
+        victims += [s.seq_id for s in out.preempted]
+        assert all(c.seq is not low for c in out.chunks) or low not in out.preempted
+    assert victims and set(victims) == {0}  # only ever the low-priority one
+    while sched.has_unfinished():
+        step(sched)
+    assert_idle(sched)
