@@ -39,6 +39,7 @@ from codegen.cuda.decode_passes import (
     build_load_run,
     build_merge,
     build_run_step,
+    check_group,
     check_shared,
     geometry,
 )
@@ -112,6 +113,7 @@ def _attention(
     op: PagedAttention, dtype: str, consts: BuildConstants, splits: Callable[[Sizes], int]
 ) -> Kernel:
     group, dim = op.num_heads // op.num_kv_heads, op.head_dim
+    check_group(group)
     check_shared(group, dim)
     geo = geometry(dtype, group, dim, consts.attn_load_words)
     per_word, row_floats, run = geo.per_word, geo.row_floats, geo.run

@@ -77,6 +77,15 @@ def geometry(dtype: str, group: int, dim: int, run_words: int) -> Geometry:
     return Geometry(word, per_word, words, row_words, run, batch, padded)
 
 
+def check_group(group: int) -> None:
+    """Each thread of a block merges one q head's (max, sum): no more heads than threads."""
+    if group > WARP * WARPS:
+        raise ValueError(
+            f"paged attention: {group} q heads per kv head, more than the {WARP * WARPS} "
+            "threads of a decode attention block"
+        )
+
+
 def check_shared(group: int, dim: int) -> None:
     # per-warp and block (m, l), the merged acc, and the simulator's shuffle buffers
     floats = 2 * (WARPS + 1) * group + group * dim + 2 * WARPS * WARP

@@ -221,6 +221,15 @@ def test_multi_head_attention_and_several_tiles():
     check_attention(case, "bfloat16", rope=False)
 
 
+def test_more_q_heads_per_kv_head_than_threads_are_refused():
+    # each thread merges one head: the heads past the block's threads were never written
+    group = attention.WARP * attention.WARPS + 1
+    op = PagedAttention(0, 2 * group, 2, 8, 1.0, layout="bthd")
+    q, kv = (typed(rand(1, 3, h, 8), {1: "T"}) for h in (2 * group, 2))
+    with pytest.raises(ValueError, match=f"{group} q heads per kv head"):
+        build_kernels(op, (q, kv, kv), BuildConstants())
+
+
 def test_head_dim_over_max_threads():
     # head_dim 256: a lane owns several words of each value row
     check_attention(Case(2, 1, 256, 4, chunks=((1, 5),)), "float32", rope=True)
