@@ -73,13 +73,9 @@ def in_memory_artifact(model, name: str, workdir, target: str = "cuda", **option
     """Compile `model` without writing its weights: only the kernels go to `workdir` (the
     runtime loads cubins from files). Saves minutes of disk I/O for the 16 GB 8B shape."""
     from compiler.artifact import Artifact
-    from compiler.compile import CompileOptions, build
-    from compiler.frontend.loader import LoadedModel
 
     workdir = Path(workdir)
-    built = build(
-        LoadedModel(model, None, f"random:{name}", "-"), CompileOptions(target=target, **options)
-    )
+    built = _build(model, name, target=target, **options)
     for rel, data in built.files.items():
         (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / rel).write_bytes(data)
@@ -90,11 +86,16 @@ def sharded_artifact(model, name: str, out, tensor_parallel_size: int, target: s
     """Compile `model` for `tensor_parallel_size` ranks and write the whole artifact to `out`
     (each other rank's process loads its weights from there); rank 0's are kept in host memory."""
     from compiler.artifact import Artifact, write_artifact
-    from compiler.compile import CompileOptions, build
-    from compiler.frontend.loader import LoadedModel
 
-    options = CompileOptions(target=target, tensor_parallel_size=tensor_parallel_size)
-    built = build(LoadedModel(model, None, f"random:{name}", "-"), options)
+    built = _build(model, name, target=target, tensor_parallel_size=tensor_parallel_size)
     write_artifact(Path(out), built.manifest, built.graph, built.weights, extra_files=built.files)
     weights = {k: v.cpu() for k, v in built.weights[0].items()}  # as if loaded from `out`
     return Artifact(Path(out), built.manifest, built.graph, weights)
+
+
+def _build(model, name: str, **options):
+    """The artifact's contents, compiled from the model in memory."""
+    from compiler.compile import CompileOptions, build
+    from compiler.frontend.loader import LoadedModel
+
+    return build(LoadedModel(model, None, f"random:{name}", "-"), CompileOptions(**options))

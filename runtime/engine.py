@@ -96,10 +96,10 @@ class Engine:
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", params.logit_bias),
         ):
-            wrong = [t for t in ids if type(t) is not int]  # a float or a bool is no token
+            bad = [t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size]
+            wrong = [t for t in bad if type(t) is not int]  # a float or a bool is no token
             if wrong:
                 raise ValueError(f"{name}: token ids must be ints, got {wrong[:5]!r}")
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(
                     f"{name}: token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}"

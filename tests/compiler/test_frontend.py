@@ -64,8 +64,12 @@ def test_scalar_minus_tensor_keeps_its_sign():
 
     for layer in model.model.layers:
         layer.mlp.forward = types.MethodType(mlp, layer.mlp)
+    assert_compiles_to_the_model(model, list(range(3, 20)))
+
+
+def assert_compiles_to_the_model(model, prompt: list[int]) -> None:
+    """The optimized graph's last-token logits equal the (patched) model's."""
     graph, params = run_pipeline(*trace_model(model))
-    prompt = list(range(3, 20))
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(run_batch(graph, params, [prompt])[0], ref, atol=LOGITS_ATOL, rtol=0)
@@ -77,11 +81,7 @@ def test_integer_scalar_arithmetic_stays_integer():
     embed.forward = types.MethodType(
         lambda self, ids: torch.nn.Embedding.forward(self, ids + 1), embed
     )
-    graph, params = run_pipeline(*trace_model(model))
-    prompt = list(range(3, 40))
-    with torch.no_grad():
-        ref = model(torch.tensor([prompt])).logits[0, -1]
-    torch.testing.assert_close(run_batch(graph, params, [prompt])[0], ref, atol=LOGITS_ATOL, rtol=0)
+    assert_compiles_to_the_model(model, list(range(3, 40)))
 
 
 def test_sliding_window_reaches_attention():

@@ -93,11 +93,10 @@ def test_logits_and_argmax_match_transformers(name, overrides, dtype, tmp_path):
 
 def test_generation_on_gpu_matches_reference_greedy(tmp_path):
     """Continuous batching on the GPU: greedy tokens of a batch equal each request alone."""
-    import kiln
     from benchmarks.models import in_memory_artifact, random_model
+    from benchmarks.tensor_parallel import generate
     from runtime.config import EngineConfig
     from runtime.engine import Engine
-    from runtime.outputs import merge_update
 
     # float32: bf16 GEMMs of different batch sizes round differently (as in every engine);
     # in float32 that noise is far below the gaps between the logits
@@ -106,16 +105,9 @@ def test_generation_on_gpu_matches_reference_greedy(tmp_path):
     engine = Engine(artifact, EngineConfig(num_kv_blocks=512, max_num_batched_tokens=256))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 77, 300, 1, 129)]
-    params = kiln.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
     def run(batch):
-        for i, p in enumerate(batch):
-            engine.add_request(str(i), p, params)
-        results = {}
-        while engine.has_unfinished():
-            for u in engine.step():
-                results[u.request_id] = merge_update(results.get(u.request_id), u)
-        return [results[str(i)].token_ids for i in range(len(batch))]
+        return generate(engine, batch, 24)
 
     together = run(prompts)
     alone = [run([p])[0] for p in prompts]
