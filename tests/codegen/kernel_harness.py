@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,9 +25,42 @@ if not torch.cuda.is_available():
 
 import codegen.cuda  # noqa: F401 (registers the builders)
 from codegen.cuda.launch import launch
+from codegen.numba_shim import CUDASIM
 from codegen.registry import BuildConstants, OpKernels, build_kernels
 from ir.reference import DTYPE_NAMES, TORCH_DTYPES
 from ir.types import TensorType
+
+_SHARED_LOCK = threading.Lock()
+
+
+def _locked_shared_array(self, shape, dtype, alignment=None):
+    """numba-cuda's simulated `cuda.shared.array`, with its lookup and store under one lock.
+
+    The simulator runs a block's threads as Python threads that share one allocation per
+    source line. Its own method looks the line up and stores a new array without a lock, so
+    two threads of a block's first pass can each get their own "shared" array and the kernel
+    computes garbage (seen as rare failures under load). Same semantics otherwise: size 0 is
+    the dynamic shared buffer; static arrays are keyed by the caller's (file, line).
+    """
+    if alignment is not None:
+        raise RuntimeError("Array alignment is not supported in cudasim")
+    if isinstance(dtype, kernelapi.types.Type):
+        dtype = kernelapi.numpy_support.as_dtype(dtype)
+    if shape == 0:
+        count = self._dynshared_size // dtype.itemsize
+        return np.frombuffer(self._dynshared.data, dtype=dtype, count=count)
+    caller = sys._getframe(1)
+    key = (caller.f_code.co_filename, caller.f_lineno)
+    with _SHARED_LOCK:
+        if key not in self._allocations:
+            self._allocations[key] = np.empty(shape, dtype)
+        return self._allocations[key]
+
+
+if CUDASIM:
+    from numba.cuda.simulator import kernelapi
+
+    kernelapi.FakeCUDAShared.array = _locked_shared_array
 
 FLOATS = ("float32", "float16", "bfloat16")
 
