@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _abort_process_group
 
 from compiler.artifact import Artifact, load_artifact
 from runtime.batch import BatchInputs
@@ -208,7 +209,9 @@ class Workers:
                 p.kill()
                 p.wait()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            # the others never join a graceful teardown now, and NCCL's waits for every rank
+            # (rank 0 hung there when its CUDA-graph capture failed at start-up): abort
+            _abort_process_group()
 
 
 HEADER_LEN = 7  # command, tokens, chunks, table width, sampled seqs, max context, max query

@@ -3,12 +3,14 @@ steps replayed from CUDA graphs that hold the all-reduces, and with every step e
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from serving import children
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,3 +69,43 @@ def test_tp2_on_two_gpus_gives_tp1_greedy_tokens(tmp_path):
         assert report["mean_err_std"] < 0.02
         assert report["within_tolerance"], report["divergences"]  # flips only at near-ties
         assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # workers gone
+
+
+@pytest.mark.timeout(300, method="thread")  # a hang ends the session with every stack
+def test_rank0_failing_its_graph_capture_fails_the_engine(tmp_path, monkeypatch):
+    """Rank 0 runs out of memory while capturing (as next to another process's cache):
+    the engine raises and the worker is gone, instead of hanging in NCCL's teardown."""
+    import torch.distributed as dist
+
+    from benchmarks.models import random_model, sharded_artifact
+    from runtime.config import EngineConfig
+    from runtime.cuda_graphs import DecodeGraphs
+    from runtime.distributed import TensorParallelError
+    from runtime.engine import Engine
+
+    capture = DecodeGraphs.capture
+
+    def out_of_memory_at_second_graph(graphs):
+        forward, calls = graphs.executor.forward, [0]
+
+        def failing(*args):  # 1: the warm-up step, 2: the largest graph, 3: the next one
+            calls[0] += 1
+            if calls[0] == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 0)")
+            return forward(*args)
+
+        graphs.executor.forward = failing
+        try:
+            capture(graphs)
+        finally:
+            del graphs.executor.forward
+
+    monkeypatch.setattr(DecodeGraphs, "capture", out_of_memory_at_second_graph)
+    model = random_model("qwen3-0.6b", num_hidden_layers=2)
+    artifact = sharded_artifact(model, "qwen3-2l", tmp_path / "tp2", 2)
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match="injected on rank 0"):
+        Engine(artifact, EngineConfig(num_kv_blocks=64, max_num_seqs=8))
+    print(f"rank 0's failed capture raised in {time.monotonic() - start:.1f} s")
+    assert time.monotonic() - start < 60
+    assert not dist.is_initialized() and not children(os.getpid())
