@@ -136,23 +136,38 @@ class DecodeGraphs:
         largest = self.buckets[-1]
         self._fill((), largest)
         self._upload(largest)
-        with decode_gemms():
-            self.executor.forward(self.batch(largest), self.kv_caches)  # warm-up: handles
+        made: list[torch.cuda.CUDAGraph] = []
+        try:
+            with decode_gemms():
+                self.executor.forward(self.batch(largest), self.kv_caches)  # warm-up: handles
+                torch.cuda.synchronize()
+                pool = None
+                for size in reversed(self.buckets):
+                    made.append(graph := torch.cuda.CUDAGraph())
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self.executor.forward(self.batch(size), self.kv_caches)
+                    pool = graph.pool()
+                    self.graphs[size] = (graph, logits)
             torch.cuda.synchronize()
-            pool = None
-            for size in reversed(self.buckets):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.executor.forward(self.batch(size), self.kv_caches)
-                pool = graph.pool()
-                self.graphs[size] = (graph, logits)
-        torch.cuda.synchronize()
+        except BaseException:
+            # the traceback keeps these frames alive: free the graphs now, the one whose
+            # capture failed too (graphs holding NCCL work hang the communicators' teardown)
+            for graph in made:
+                graph.reset()
+            self.graphs.clear()
+            raise
         log.info(
             "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
             len(self.graphs),
             ", ".join(map(str, self.buckets)),
             time.perf_counter() - start,
         )
+
+    def close(self) -> None:
+        """Free every graph now, whoever still holds this object; unusable afterwards."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
 
     def fits(self, chunks: Sequence[ScheduledChunk]) -> bool:
         return len(chunks) <= self.buckets[-1] and is_decode(chunks)

@@ -50,6 +50,7 @@ def make_runner(artifact: Artifact, config: EngineConfig) -> ModelRunner:
 
 class ModelRunner:
     tp_group = None  # the process group of the graph's AllReduce nodes (runtime/distributed.py)
+    graphs: DecodeGraphs | None = None  # decode CUDA graphs, once captured
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
         self.device = runner_device(artifact, config)
@@ -72,7 +73,6 @@ class ModelRunner:
             self.num_tokens,
             self.num_tokens * self.spec.bytes_per_token / 2**20,
         )
-        self.graphs = None
         if graphs:
             self.graphs = DecodeGraphs(
                 self.executor,
@@ -88,6 +88,8 @@ class ModelRunner:
     def close(self) -> None:
         """Drop the CUDA graphs (and, tensor parallel, stop the worker processes); the runner
         is unusable afterwards."""
+        if self.graphs is not None:
+            self.graphs.close()
         self.graphs = None
 
     @property
