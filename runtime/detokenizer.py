@@ -30,11 +30,14 @@ class IncrementalDetokenizer:
         tokenizer: PreTrainedTokenizerBase,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        skip_special_tokens: bool = True,
     ) -> None:
         self._backend = tokenizer.backend_tokenizer
-        self._skip_special_tokens = skip_special_tokens
-        self._stream = DecodeStream(self._context(prompt_token_ids), skip_special_tokens)
+        self._skip_special_tokens = params.skip_special_tokens
+        self._prefix = self._context(prompt_token_ids)
+        self._stream = DecodeStream(self._prefix, self._skip_special_tokens)
+        self._ids: list[int] = []  # the stream's output tokens (from its last restart)
+        self._restart = 0  # where the text stood when the stream last restarted
+        self._holding = False  # the stream holds text back (the last token gave none)
         self._stops = tuple(s for s in params.stop if s)
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
@@ -53,6 +56,7 @@ class IncrementalDetokenizer:
             raise RuntimeError(f"output already ended by stop string {self.stop_reason!r}")
         self._num_tokens += 1
         chunk = self._step(token_id)
+        self._holding = chunk is None
         if not chunk:
             return None
         start = len(self.text)
@@ -65,6 +69,9 @@ class IncrementalDetokenizer:
     def take_delta(self, finished: bool = False) -> str:
         """Text not handed out yet. Until the output ends (a stop string matched, or the caller
         says `finished`), a tail that could still grow into a stop string is held back."""
+        if finished and self._holding and not self.finished:
+            self.text += self._held_text()
+            self._holding = False
         end = len(self.text)
         if not (finished or self.finished):
             end -= self._pending_stop_prefix()
@@ -81,6 +88,7 @@ class IncrementalDetokenizer:
         return context
 
     def _step(self, token_id: int) -> str | None:
+        self._ids.append(token_id)
         try:
             return self._stream.step(self._backend, token_id)
         except Exception as e:  # tokenizers raises a bare Exception
@@ -90,18 +98,32 @@ class IncrementalDetokenizer:
             # prefix; restart the stream from this token
             logger.warning("detokenizer: %s; restarting the decode stream", e)
             self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+            self._prefix, self._ids, self._restart = [], [token_id], len(self.text)
             return self._stream.step(self._backend, token_id)
 
+    def _held_text(self) -> str:
+        """The complete characters the stream holds back at the end of the output. It holds
+        text while it waits for the rest of a character; when the output ends first (say,
+        max_tokens cut it), the text before that character is still due, the unfinished
+        character is not (decode() would show it as U+FFFD)."""
+        decode = lambda ids: self._backend.decode(ids, self._skip_special_tokens)  # noqa: E731
+        given = decode(self._prefix) + self.text[self._restart :]
+        full = decode(self._prefix + self._ids)
+        # a decoder the stream had to restart around may not extend what it gave: then give
+        # nothing rather than wrong text
+        return full[len(given) :].rstrip("\ufffd") if full.startswith(given) else ""
+
     def _check_stop(self, start: int) -> str | None:
-        """Find the earliest stop string that ends inside the text added at `start`."""
-        found: tuple[int, str] | None = None
+        """Find the stop string that ends first inside the text added at `start` (as if the
+        text had come a character at a time; of two ending together, the longer)."""
+        found: tuple[int, int, str] | None = None
         for stop in self._stops:
             pos = self.text.find(stop, max(0, start - len(stop) + 1))
-            if pos >= 0 and (found is None or pos < found[0]):
-                found = (pos, stop)
+            if pos >= 0 and (found is None or (pos + len(stop), pos) < found[:2]):
+                found = (pos + len(stop), pos, stop)
         if found is None:
             return None
-        pos, stop = found
+        _, pos, stop = found
         self.text = self.text[: pos + len(stop) if self._include_stop else pos]
         self.stop_reason = stop
         return stop

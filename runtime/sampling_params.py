@@ -29,6 +29,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs to return with each sampled token (<= 20)
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # leave special tokens (e.g. "<|im_end|>") out of text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -28,6 +28,7 @@ _FLOAT_FIELDS = (
     "repetition_penalty",
 )
 _INT_FIELDS = ("top_k", "seed", "n", "min_tokens")
+_BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
 _TYPE_NAMES |= {list: "an array", dict: "an object"}
 
@@ -164,7 +165,7 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
     out = {k: v for k, v in info.default_params.items() if k in _SAMPLING_FIELDS}
     given = {k: _get(body, k, float) for k in _FLOAT_FIELDS}
     given |= {k: _get(body, k, int) for k in _INT_FIELDS}
-    given["ignore_eos"] = _get(body, "ignore_eos", bool)
+    given |= {k: _get(body, k, bool) for k in _BOOL_FIELDS}
     out |= {k: v for k, v in given.items() if v is not None}
     if out.get("n", 1) > info.max_n:
         raise bad(f"'n' must be at most {info.max_n}", "n")

@@ -36,9 +36,9 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def stream(tokenizer, prompt, outputs, params, skip_special_tokens=True):
+def stream(tokenizer, prompt, outputs, params):
     """Feed `outputs` one token at a time, taking a delta after each, as the engine would."""
-    detok = IncrementalDetokenizer(tokenizer, prompt, params, skip_special_tokens)
+    detok = IncrementalDetokenizer(tokenizer, prompt, params)
     deltas, stop = [], None
     for token_id in outputs:
         stop = detok.add(token_id)
@@ -62,7 +62,8 @@ def test_deltas_join_to_full_decode(tokenizer, prompt, text):
 
 def test_special_tokens_kept_when_not_skipped(tokenizer, prompt):
     outputs = [*encode(tokenizer, "Hi there"), tokenizer.eos_token_id]
-    detok, deltas, _ = stream(tokenizer, prompt, outputs, SamplingParams(), False)
+    params = SamplingParams(skip_special_tokens=False)
+    detok, deltas, _ = stream(tokenizer, prompt, outputs, params)
     assert "".join(deltas) == tokenizer.decode(outputs, skip_special_tokens=False)
     assert detok.text.endswith(tokenizer.eos_token)
 
@@ -138,6 +139,27 @@ def test_earliest_stop_string_wins(tokenizer, prompt, stops):
     params = SamplingParams(stop=stops)
     detok, _, matched = stream(tokenizer, prompt, encode(tokenizer, "Hello world"), params)
     assert (matched, detok.text) == ("lo w", "Hel")
+
+
+def test_stop_string_ending_first_wins(tokenizer, prompt):
+    # both complete with the " world" token: text arriving a character at a time would have
+    # met "lo w" first, so it wins though "Hello world" starts earlier
+    params = SamplingParams(stop=("Hello world", "lo w"))
+    detok, _, matched = stream(tokenizer, prompt, encode(tokenizer, "Hello world"), params)
+    assert (matched, detok.text) == ("lo w", "Hel")
+
+
+@pytest.mark.parametrize("text", ["Straße über", "日本"])
+def test_output_cut_inside_a_character_keeps_the_text_before_it(tokenizer, prompt, text):
+    # a token holding a space and the first byte of a character: the output ends there
+    ids = encode(tokenizer, " " + text)
+    cut = next(i for i, t in enumerate(ids) if tokenizer.decode([t]) in (" \ufffd", "\ufffd"))
+    outputs = ids[: cut + 1]
+    detok, deltas, _ = stream(tokenizer, prompt, outputs, SamplingParams())
+    decoded = tokenizer.decode(outputs)
+    assert decoded.endswith("\ufffd")
+    # every complete character (the space too), not the unfinished one
+    assert "".join(deltas) == detok.text == decoded.rstrip("\ufffd")
 
 
 def test_prompt_context_keeps_leading_space():

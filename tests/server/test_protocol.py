@@ -127,6 +127,8 @@ WRONG_TYPES = [
     ("top_k", False),
     ("stream", "yes"),
     ("ignore_eos", 1),
+    ("include_stop_str_in_output", "true"),
+    ("skip_special_tokens", 0),
     ("stop", 5),
     ("stop", [1]),
     ("stop", [""]),
@@ -337,6 +339,8 @@ def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
         "stop": "END",
         "stop_token_ids": [2, 7],
         "ignore_eos": True,
+        "include_stop_str_in_output": True,
+        "skip_special_tokens": False,
         "min_tokens": 2,
         "n": 3,
         "logit_bias": {"17": -100, "42": 5.5},
@@ -348,7 +352,8 @@ def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
         max_tokens=7, temperature=1.5, top_p=0.5, top_k=20, min_p=0.1, presence_penalty=0.5,
         frequency_penalty=-0.5, repetition_penalty=1.1, seed=1234, stop=("END",),
         stop_token_ids=(2, 7), ignore_eos=True, min_tokens=2, n=3, logprobs=5,
-        logit_bias={17: -100.0, 42: 5.5},
+        logit_bias={17: -100.0, 42: 5.5}, include_stop_str_in_output=True,
+        skip_special_tokens=False,
     )  # fmt: skip
     req = parse_chat(chat(**fields, logprobs=True, top_logprobs=4), info)
     assert (req.prompts[0].params.logprobs, req.top_logprobs, req.n) == (4, 4, 3)
