@@ -87,7 +87,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of the GPU memory free at start-up that the KV cache takes (the rest: "
+        "activations and CUDA graphs)",
+    )
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV-cache size")
     p.add_argument("--device", help="cpu or cuda[:N] (default: the artifact's target)")
     p.add_argument(
