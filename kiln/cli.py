@@ -24,6 +24,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input, paths, ports: one line (-v: the traceback)
         log.error("%s", e, exc_info=args.verbose)
         return 2
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        log.error("%s\n%s", e, OUT_OF_MEMORY_ADVICE, exc_info=args.verbose)
+        return 1
+
+
+OUT_OF_MEMORY_ADVICE = (
+    "out of GPU memory: lower --gpu-memory-utilization (the KV cache's share of the free "
+    "memory) or --max-num-seqs (the largest CUDA graph), or pass --enforce-eager"
+)
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it came from (a tensor-parallel rank's), is the GPU
+    running out of memory: torch raises OutOfMemoryError, or AcceleratorError when CUDA
+    itself (a graph's instantiation) runs out."""
+    while exc is not None:
+        if "out of memory" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def port(text: str) -> int:

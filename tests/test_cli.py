@@ -44,3 +44,27 @@ def test_ports_outside_the_range_are_usage_errors(model, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", str(model[1]), "--port", "70000"])
     assert exit_.value.code == 2 and "port must be 0-65535" in capsys.readouterr().err
+
+
+def test_out_of_gpu_memory_at_start_up_says_what_to_lower(model, caplog, monkeypatch):
+    from runtime.distributed import TensorParallelError
+
+    def out_of_memory(args):
+        try:
+            raise RuntimeError("CUDA error: out of memory")  # as AcceleratorError says it
+        except RuntimeError as e:  # as a tensor-parallel rank 0 reports it
+            raise TensorParallelError(f"an earlier step failed: {e}") from e
+
+    monkeypatch.setattr("kiln.cli._load_engine", out_of_memory)
+    with caplog.at_level(logging.ERROR, logger="kiln"):
+        assert main(["run", str(model[1])]) == 1
+    [record] = [r for r in caplog.records if r.name == "kiln"]
+    assert "out of memory" in record.getMessage() and not record.exc_info
+    assert "--gpu-memory-utilization" in record.getMessage()
+
+    def broken(args):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr("kiln.cli._load_engine", broken)
+    with pytest.raises(RuntimeError, match="something else"):  # other errors: the traceback
+        main(["run", str(model[1])])
