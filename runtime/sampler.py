@@ -113,23 +113,24 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.
 
 
 def apply_filters(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p; filtered-out tokens get -inf.
+    """Temperature, then min-p, top-k and top-p (vLLM's order: top-p counts the mass left
+    after min-p); filtered-out tokens get -inf.
 
     Every row must be a sampled (non-greedy) one: its temperature is divided in.
     """
     device = logits.device
     temperature = _on(device, [s.params.temperature for s in states], torch.float32)
     out = logits / temperature.unsqueeze(1)
-    vocab = out.shape[-1]
-    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in states]
-    top_p = [s.params.top_p for s in states]
-    if min(top_k) < vocab or min(top_p) < 1.0:
-        _top_k_top_p(out, _on(device, top_k), _on(device, top_p, torch.float32))
     min_p = [s.params.min_p for s in states]
     if max(min_p) > 0.0:
         probs = torch.softmax(out, dim=-1)
         threshold = _on(device, min_p, torch.float32).unsqueeze(1) * probs.amax(-1, keepdim=True)
         out.masked_fill_(probs < threshold, -torch.inf)
+    vocab = out.shape[-1]
+    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in states]
+    top_p = [s.params.top_p for s in states]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        _top_k_top_p(out, _on(device, top_k), _on(device, top_p, torch.float32))
     return out
 
 
@@ -142,6 +143,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     # keep the smallest head whose mass reaches top_p: a token stays if the mass before it is short
     mass_before = probs.cumsum(dim=-1) - probs
     drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    drop[:, 0] = False  # the most likely token stays, even for a top_p float32 rounds to 0
     ordered.masked_fill_(drop, -torch.inf)
     logits.scatter_(1, order, ordered)
 

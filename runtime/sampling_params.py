@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# below it sampling is greedy, as in vLLM: logits / temperature would overflow float32
+GREEDY_TEMPERATURE = 1e-5
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as vLLM takes it
 
 
@@ -49,10 +52,11 @@ class SamplingParams:
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS),
             ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+            ("logit_bias", all(math.isfinite(v) for v in self.logit_bias.values())),
         ):
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1

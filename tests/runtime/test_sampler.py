@@ -49,6 +49,9 @@ def reference_penalties(row: torch.Tensor, s: SamplingState) -> torch.Tensor:
 
 def reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     x = row.double() / p.temperature
+    if p.min_p > 0.0:
+        probs = torch.softmax(x, -1)
+        x[probs < p.min_p * probs.max()] = -torch.inf
     if p.top_k > 0:
         kth = sorted(x.tolist(), reverse=True)[min(p.top_k, len(x)) - 1]
         x[x < kth] = -torch.inf
@@ -59,9 +62,6 @@ def reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
             if mass >= p.top_p:
                 x[token] = -torch.inf
             mass += probs[token]
-    if p.min_p > 0.0:
-        probs = torch.softmax(x, -1)
-        x[probs < p.min_p * probs.max()] = -torch.inf
     return x.float()
 
 
@@ -87,6 +87,37 @@ def test_two_pass_argmax_is_argmax_with_ties_to_the_first(vocab, dtype):
     assert want[1:4].tolist() == [3, 65, 0]
     assert torch.equal(argmax_rows(x), want)
     assert torch.equal(argmax_rows(x[:1]), want[:1])  # one row: the case the split is for
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-46])
+def test_temperature_too_small_to_divide_by_is_greedy(temperature):
+    # logits / 1e-40 overflow float32 to +-inf: the probabilities were nan and token 0 came out
+    logits = torch.tensor([[-1.0, 3.0, 2.0, 1.0, 0.5]])
+    params = SamplingParams(temperature=temperature)
+    for seed in range(20):
+        assert sample(logits, [state(params, seed=seed)])[0].token_id == 1
+
+
+@pytest.mark.parametrize("top_p", [1e-46, 1e-300])
+def test_top_p_below_float32_range_keeps_the_top_token(top_p):
+    logits = torch.tensor([[-1.0, 3.0, 2.0, 1.0, 0.5]])
+    kept = apply_filters(logits, [state(SamplingParams(top_p=top_p))]).isfinite()
+    assert kept.tolist() == [[False, True, False, False, False]]
+
+
+def test_min_p_comes_before_top_p():
+    # probabilities 0.5, 0.2, 0.1 and 40 tokens of 0.005: min_p 0.1 (below 0.05) leaves
+    # the first three; top_p 0.75 of what is left keeps two. The other way round, top_p
+    # counted the tail too and kept three.
+    probs = torch.tensor([0.5, 0.2, 0.1] + [0.005] * 40)
+    params = SamplingParams(top_p=0.75, min_p=0.1)
+    kept = apply_filters(probs.log().unsqueeze(0), [state(params)]).isfinite()
+    assert kept[0].nonzero().flatten().tolist() == [0, 1]
+
+
+def test_non_finite_logit_bias_is_refused():
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={3: float("inf")})
 
 
 def test_top_k_one_is_greedy():
