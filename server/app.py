@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from runtime.outputs import RequestOutput
+from runtime.token_bytes import token_bytes
 from server import protocol, responses
 from server.metrics import Metrics
 from server.protocol import GenerateRequest, ModelInfo, ProtocolError
@@ -52,6 +53,11 @@ class State:
     def token_text(self, token: int) -> str:
         tokenizer = self.info.tokenizer
         return f"token_id:{token}" if tokenizer is None else tokenizer.decode([token])
+
+    def token_bytes(self, token: int, skip_special_tokens: bool) -> bytes:
+        """The token's raw UTF-8 bytes; none without a tokenizer (the text is empty then)."""
+        tokenizer = self.info.tokenizer
+        return b"" if tokenizer is None else token_bytes(tokenizer, token, skip_special_tokens)
 
 
 STATE = web.AppKey("state", State)
@@ -225,7 +231,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
         raise ProtocolError(503, "the engine is not running")
     prefix = "chatcmpl" if req.chat else "cmpl"
     meta = Meta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.info.name, req.chat)
-    pieces = Pieces(req, state.token_text)
+    pieces = Pieces(req, state.token_text, state.token_bytes)
     updates = _run(state, meta.id, req)
     async with contextlib.aclosing(updates):
         if not req.stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,12 +25,20 @@ class Meta:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """A sampled token's text and logprob, and the most likely alternatives, best first."""
+class Candidate:
+    """A token's text (decoded alone), raw bytes (maybe part of a character) and logprob."""
 
     token: str
+    bytes: bytes
     logprob: float
-    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A sampled token and the most likely alternatives, best first."""
+
+    sampled: Candidate
+    top: tuple[Candidate, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,45 +85,76 @@ def token_logprobs(
     logprobs: Sequence[dict[int, Logprob]],
     top_n: int,
     token_text: Callable[[int], str],
+    token_bytes: Callable[[int], bytes],
 ) -> list[TokenLogprob]:
     """Engine logprobs (one dict per sampled token) as TokenLogprobs with `top_n` alternatives."""
 
-    def text(token: int, lp: Logprob) -> str:
-        return lp.decoded_token if lp.decoded_token is not None else token_text(token)
+    def candidate(token: int, lp: Logprob) -> Candidate:
+        text = lp.decoded_token if lp.decoded_token is not None else token_text(token)
+        return Candidate(text, token_bytes(token), lp.logprob)
 
     out = []
     for token, dist in zip(token_ids, logprobs, strict=True):
         ranked = sorted(dist.items(), key=lambda item: item[1].rank)
-        top = tuple((text(t, lp), lp.logprob) for t, lp in ranked if lp.rank <= top_n)
-        out.append(TokenLogprob(text(token, dist[token]), dist[token].logprob, top))
+        top = tuple(candidate(t, lp) for t, lp in ranked if lp.rank <= top_n)
+        out.append(TokenLogprob(candidate(token, dist[token]), top))
     return out
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) -> dict[str, list]:
-    """The completions format; `text_offset` is where the first token starts in the choice text."""
-    offsets = []
-    for e in entries:
-        offsets.append(text_offset)
-        text_offset += len(e.token)
+def completion_logprobs(entries: Sequence[TokenLogprob], offsets: list[int]) -> dict[str, list]:
+    """The completions format; `offsets` are where the tokens start in the choice text."""
     return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
+        "tokens": [e.sampled.token for e in entries],
+        "token_logprobs": [e.sampled.logprob for e in entries],
         # the sampled token is always listed, as in vLLM, even when it is not among the top
-        "top_logprobs": [dict(e.top) | {e.token: e.logprob} for e in entries],
+        "top_logprobs": [{c.token: c.logprob for c in (*e.top, e.sampled)} for e in entries],
         "text_offset": offsets,
     }
 
 
-def _chat_token(token: str, logprob: float) -> dict:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+def _chat_token(c: Candidate) -> dict:
+    return {"token": c.token, "logprob": c.logprob, "bytes": list(c.bytes)}
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, list]:
+    """The chat format: `bytes` are raw, so those of the tokens of one character join to it."""
     content = [
-        _chat_token(e.token, e.logprob) | {"top_logprobs": [_chat_token(*t) for t in e.top]}
-        for e in entries
+        _chat_token(e.sampled) | {"top_logprobs": [_chat_token(c) for c in e.top]} for e in entries
     ]
     return {"content": content}
+
+
+class TextOffsets:
+    """Where each token of one choice starts in its text, in characters.
+
+    It walks the tokens' raw bytes and counts the characters of their UTF-8 decoding (an
+    invalid byte sequence counts as the U+FFFD the detokenizer shows for it), so a token that
+    starts inside a character, as the second token of a CJK character split over two does,
+    gets that character's offset.
+    """
+
+    def __init__(self, start: int) -> None:
+        self._text_length = start  # of the choice text so far
+        self._chars = start  # where the bytes decoded so far end in the text
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def delta(self, text: str, data: Sequence[bytes], finished: bool) -> list[int]:
+        """Where the tokens of a delta adding `text` start, from their raw bytes `data`. Once the
+        choice is finished, a token past its text (cut off with a stop string) is at its end."""
+        self._text_length += len(text)
+        offsets = [self._add(d) for d in data]
+        return [min(o, self._text_length) for o in offsets] if finished else offsets
+
+    def _add(self, data: bytes) -> int:
+        """The offset of the next token, whose raw bytes are `data`."""
+        pending = self._utf8.getstate()[0]  # the start of a character still unfinished
+        offset = self._chars
+        if data:
+            # the token's first byte continues that character (one character: its offset) or,
+            # invalid there, follows it (which becomes a U+FFFD before it: two)
+            offset += len((pending + data[:1]).decode("utf-8", "replace")) - 1
+        self._chars += len(self._utf8.decode(data))
+        return offset
 
 
 def join(index: int, pieces: Sequence[Piece]) -> Piece:
@@ -169,10 +209,17 @@ def _head(meta: Meta, kind: str) -> dict[str, Any]:
 class Pieces:
     """Turns engine deltas into per-choice pieces: echo once, running text offsets, usage."""
 
-    def __init__(self, req: GenerateRequest, token_text: Callable[[int], str]) -> None:
+    def __init__(
+        self,
+        req: GenerateRequest,
+        token_text: Callable[[int], str],
+        token_bytes: Callable[[int, bool], bytes],
+    ) -> None:
+        """`token_bytes(token, skip_special_tokens)`: a token's raw bytes (see TextOffsets)."""
         self.req = req
         self.token_text = token_text
-        self.offsets: dict[int, int] = {}  # choice -> where its next token's text starts
+        self.token_bytes = token_bytes
+        self.offsets: dict[int, TextOffsets] = {}  # choice -> where its tokens start
         self.completion_tokens = 0
 
     def of(self, prompt_index: int, out: RequestOutput) -> list[Piece]:
@@ -184,14 +231,26 @@ class Pieces:
         echo = ""
         if index not in self.offsets:
             echo = (req.prompts[index // req.n].text or "") if req.echo else ""
-            self.offsets[index] = len(echo)
+            self.offsets[index] = TextOffsets(len(echo))
         logprobs = None
         if req.top_logprobs is not None and c.logprobs is not None:
-            entries = token_logprobs(c.token_ids, c.logprobs, req.top_logprobs, self.token_text)
-            offset = self.offsets[index]
-            self.offsets[index] += sum(len(e.token) for e in entries)
-            logprobs = chat_logprobs(entries) if req.chat else completion_logprobs(entries, offset)
+            entries = token_logprobs(
+                c.token_ids, c.logprobs, req.top_logprobs, self.token_text, self._raw_bytes
+            )
+            if req.chat:
+                logprobs = chat_logprobs(entries)
+            else:
+                logprobs = completion_logprobs(entries, self._text_offsets(index, c))
         return Piece(index, echo + c.text, logprobs, c.finish_reason)
+
+    def _raw_bytes(self, token: int) -> bytes:
+        return self.token_bytes(token, False)
+
+    def _text_offsets(self, index: int, c: CompletionOutput) -> list[int]:
+        """Where the delta's tokens start in the choice text (a skipped special token adds none)."""
+        skip = self.req.prompts[index // self.req.n].params.skip_special_tokens
+        data = [self.token_bytes(t, skip) for t in c.token_ids]
+        return self.offsets[index].delta(c.text, data, c.finished)
 
     def usage(self) -> dict:
         prompt_tokens = sum(len(p.token_ids) for p in self.req.prompts)

@@ -166,12 +166,13 @@ class FakeEngine:
                 return
 
     def _text(self, tokens: list[int], params: SamplingParams) -> tuple[str, str | None]:
-        """The output text so far, cut before a stop string or stop token, and why it stopped."""
+        """The output text so far, cut before a stop string or stop token, and why it stopped.
+        As the engine's detokenizer, it leaves out a character whose last bytes are still due."""
         if self.tokenizer is None:
             return "", None
         if tokens[-1] in params.stop_token_ids:
-            return self.tokenizer.decode(tokens[:-1]), "stop"
-        text = self.tokenizer.decode(tokens)
+            return self.tokenizer.decode(tokens[:-1]).rstrip("\ufffd"), "stop"
+        text = self.tokenizer.decode(tokens).rstrip("\ufffd")
         for stop in params.stop:
             if stop in text:
                 return text[: text.index(stop)], "stop"

@@ -29,6 +29,8 @@ NAME = "smol-served"
 MAX_LEN = 256
 FOX = "The quick brown fox jumps over the lazy dog"
 HELLO = [{"role": "user", "content": "Say hello."}]
+# characters split over SmolLM2 tokens: CJK (3 tokens for 界), an accent, an emoji
+SPLIT = " 世界! über 🎉"
 
 
 @contextlib.contextmanager
@@ -193,7 +195,23 @@ def test_completion_logprobs(client, tok) -> None:
     lp = r.choices[0].logprobs
     assert lp.tokens == texts and lp.token_logprobs == [-0.25] * 3
     assert lp.top_logprobs == [{tok.decode([t]): -0.25, tok.decode([t + 1]): -2.0} for t in ids]
-    assert lp.text_offset == [0, len(texts[0]), len(texts[0]) + len(texts[1])]
+    assert lp.text_offset == [0, 3, 9]  # "The", " quick", " brown"
+
+
+def test_completion_offsets_of_characters_split_over_tokens(client, tok) -> None:
+    ids = tok.encode(SPLIT)
+    assert len(ids) == 13
+    kwargs = {"model": NAME, "prompt": SPLIT, "max_tokens": len(ids), "logprobs": 0}
+    choice = client.completions.create(**kwargs).choices[0]
+    assert choice.text == SPLIT
+    # a token that continues a character shares its offset: the text's length before it
+    want = [0, 1, 1, 2, 2, 2, 3, 4, 5, 6, 9, 10, 10]
+    assert choice.logprobs.text_offset == want
+    assert "".join(SPLIT[o] for o in want) == " 世世界界界! üb 🎉🎉"
+    assert choice.logprobs.tokens == [tok.decode([t]) for t in ids]  # as vLLM shows them
+    stream = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in stream) == SPLIT
+    assert [o for c in stream for o in c.choices[0].logprobs.text_offset] == want
 
 
 def test_completion_stream_equals_the_full_response(client) -> None:
@@ -259,11 +277,29 @@ def test_chat_logprobs(client, tok) -> None:
     content = r.choices[0].logprobs.content
     assert [e.token for e in content] == [tok.decode([t]) for t in ids]
     for e, t in zip(content, ids, strict=True):
-        assert e.logprob == -0.25 and e.bytes == list(e.token.encode())
+        assert e.logprob == -0.25 and bytes(e.bytes) == e.token.encode()  # all ASCII
         assert [a.token for a in e.top_logprobs] == [tok.decode([t + k]) for k in range(3)]
         assert [a.logprob for a in e.top_logprobs] == [-0.25, -2.0, -3.0]
     r = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=2)
     assert r.choices[0].logprobs is None
+
+
+def test_chat_logprob_bytes_rebuild_characters_split_over_tokens(client, tok) -> None:
+    messages = [{"role": "user", "content": SPLIT}]
+    ids = chat_ids(tok, messages)
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=len(ids), logprobs=True, top_logprobs=2
+    )
+    (choice,) = r.choices
+    assert SPLIT in choice.message.content
+    content = choice.logprobs.content
+    # the raw bytes of the tokens join to the text, split characters too
+    assert b"".join(bytes(e.bytes) for e in content).decode() == choice.message.content
+    assert any(bytes(e.bytes) != e.token.encode() for e in content)
+    for e in content:
+        # a token decoded alone shows its bytes, with U+FFFD for part of a character
+        for c in (e, *e.top_logprobs):
+            assert bytes(c.bytes).decode("utf-8", "replace") == c.token
 
 
 def test_every_sampling_parameter_reaches_the_engine(client, engine) -> None:
