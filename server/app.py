@@ -194,7 +194,7 @@ async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIter
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
     async def pump(i: int, prompt: protocol.Prompt) -> None:
-        timer = state.metrics.start(len(prompt.token_ids))
+        timer = state.metrics.start(len(prompt.token_ids), prompt.params.n)
         gen = state.engine.generate(
             f"{request_id}-{i}", list(prompt.token_ids), prompt.params, prompt.text
         )
@@ -206,6 +206,8 @@ async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIter
         except Exception as exc:
             queue.put_nowait((i, exc))
             return
+        finally:
+            timer.end()
         queue.put_nowait((i, None))
 
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(req.prompts)]

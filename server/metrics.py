@@ -21,6 +21,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 LABELS = ["model_name"]
+FINISH_REASONS = ("stop", "length", "abort")
 
 
 class EngineCollector(Collector):
@@ -68,25 +69,39 @@ class Metrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between tokens.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        self.success = Counter(
+            "kiln:request_success",
+            "Finished sequences (each of a request's n) by finish reason.",
+            [*LABELS, "finished_reason"],
+            registry=reg,
+        )
+        for reason in FINISH_REASONS:  # exported at 0 from the start, as vLLM does
+            self.success.labels(model_name, reason)
+        self.model_name = model_name
         reg.register(EngineCollector(engine, model_name))
+
+    def finished(self, reason: str, count: int = 1) -> None:
+        self.success.labels(self.model_name, reason).inc(count)
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The exposition the scraper asked for (OpenMetrics or Prometheus text) and its type."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
-    def start(self, num_prompt_tokens: int) -> RequestTimer:
-        return RequestTimer(self, time.monotonic(), num_prompt_tokens)
+    def start(self, num_prompt_tokens: int, n: int) -> RequestTimer:
+        return RequestTimer(self, time.monotonic(), num_prompt_tokens, n)
 
 
 class RequestTimer:
-    """Observes one engine request's updates: token counts, TTFT, inter-token gaps, end to end."""
+    """Observes one engine request's updates: token counts, TTFT, inter-token gaps, end to end,
+    and how each of its n sequences finished."""
 
-    def __init__(self, metrics: Metrics, arrival: float, num_prompt_tokens: int) -> None:
+    def __init__(self, metrics: Metrics, arrival: float, num_prompt_tokens: int, n: int) -> None:
         self.metrics = metrics
         self.arrival = arrival
         self.last: float | None = None
         self.unseen_prompt = num_prompt_tokens  # counted once the engine has run the prompt
+        self.running = n  # sequences not finished yet
 
     def observe(self, output: RequestOutput) -> None:
         now = time.monotonic()
@@ -101,5 +116,16 @@ class RequestTimer:
             else:
                 self.metrics.itl.observe(now - self.last)
             self.last = now
+        for choice in output.outputs:
+            if choice.finish_reason is not None:
+                self.metrics.finished(choice.finish_reason)
+                self.running -= 1
         if output.finished:
             self.metrics.e2e.observe(now - self.arrival)
+
+    def end(self) -> None:
+        """The request's updates stopped: sequences that had not finished were aborted (the
+        client left). A request the engine refused, whose prompt never ran, is not counted."""
+        if not self.unseen_prompt and self.running > 0:
+            self.metrics.finished("abort", self.running)
+            self.running = 0

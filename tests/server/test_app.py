@@ -341,7 +341,8 @@ def metric_samples(url: str) -> dict[str, float]:
     for family in text_string_to_metric_families(body.decode()):
         for s in family.samples:
             if "le" not in s.labels and s.labels.get("model_name") == NAME:
-                out[s.name] = s.value
+                reason = s.labels.get("finished_reason")
+                out[s.name + (f"{{{reason}}}" if reason else "")] = s.value
     return out
 
 
@@ -359,6 +360,10 @@ def test_health_and_metrics(url, client, engine, tok) -> None:
     assert grew("kiln:time_to_first_token_seconds_count") == 1
     assert grew("kiln:inter_token_latency_seconds_count") == 4
     assert grew("kiln:e2e_request_latency_seconds_count") == 1
+    assert grew("kiln:request_success_total{length}") == 1
+    assert (
+        grew("kiln:request_success_total{stop}") == grew("kiln:request_success_total{abort}") == 0
+    )
     assert after["kiln:num_requests_running"] == 0 and after["kiln:num_requests_waiting"] == 2
     engine.fail = ValueError("prompt + max_tokens is more than the whole KV cache holds")
     with pytest.raises(openai.BadRequestError):  # refused: its prompt is never run
@@ -503,14 +508,19 @@ def test_dead_engine_is_503_until_it_lives(url, client, engine) -> None:
 # --- disconnects ------------------------------------------------------------------------------
 
 
-def test_streaming_client_that_leaves_aborts_its_request(client, engine) -> None:
+def test_streaming_client_that_leaves_aborts_its_request(url, client, engine) -> None:
     engine.token_delay = 0.02
-    stream = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=200, stream=True)
+    aborted = metric_samples(url).get("kiln:request_success_total{abort}", 0.0)
+    stream = client.chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=200, stream=True, n=2
+    )
     chunks = [next(stream) for _ in range(3)]
     assert chunks[0].choices[0].delta.role == "assistant"
     stream.close()
     wait_for(lambda: engine.closed)
     assert engine.closed == [engine.calls[-1].request_id] and engine.running == 0
+    # both sequences counted as aborted
+    wait_for(lambda: metric_samples(url)["kiln:request_success_total{abort}"] == aborted + 2)
     engine.token_delay = 0.0
     assert_serving(client)
 
