@@ -210,6 +210,21 @@ class RMSNorm:
 
 @op
 @dataclass(frozen=True, slots=True)
+class LayerNorm:
+    """((x - mean) * rsqrt(var + eps) * weight + bias) over the last dim, computed in float32
+    and rounded once to x's dtype (torch's layer_norm); bias is optional."""
+
+    eps: float
+
+    def infer(self, x: TensorType, weight: TensorType, bias: TensorType | None = None):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.shape != (x.shape[-1],):
+                raise ValueError(f"LayerNorm: {name} {t} does not match {x}")
+        return (x,)
+
+
+@op
+@dataclass(frozen=True, slots=True)
 class AddRMSNorm:
     """s = x + residual; returns (RMSNorm(s, weight), s)."""
 

@@ -157,6 +157,13 @@ def _rmsnorm(op, ctx, x, weight):
     return rms_norm(x, weight, op.eps)
 
 
+@reference(ops.LayerNorm)
+def _layernorm(op, ctx, x, weight, bias=None):
+    b = None if bias is None else bias.float()
+    y = F.layer_norm(x.float(), x.shape[-1:], weight.float(), b, op.eps)
+    return y.to(x.dtype)
+
+
 @reference(ops.AddRMSNorm)
 def _add_rmsnorm(op, ctx, x, residual, weight):
     s = x + residual

@@ -34,6 +34,10 @@ FAMILIES = {
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=16),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=24),
+    # LayerNorm with biases, partial rotary, tanh GELU, attention and MLP in parallel, LM head bias
+    "phi": dict(model_type="phi", tie_word_embeddings=False),
+    # LayerNorm, a 1/4 rotary fraction, MHA through one fused QKV projection chunked per head
+    "gpt_neox": dict(model_type="gpt_neox", tie_word_embeddings=False, num_key_value_heads=4),
 }
 
 

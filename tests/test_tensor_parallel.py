@@ -53,7 +53,7 @@ def artifacts(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture(scope="module")
 def optimized() -> dict[str, tuple[Graph, dict[str, torch.Tensor]]]:
-    return {f: run_pipeline(*trace_model(tiny_model(f))) for f in ("llama", "qwen2")}
+    return {f: run_pipeline(*trace_model(tiny_model(f))) for f in ("llama", "qwen2", "phi")}
 
 
 def greedy(n: int) -> kiln.SamplingParams:
@@ -253,9 +253,14 @@ def context(batch, caches) -> RefContext:
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+# phi: q/k/v and fc1 merged into one column-parallel projection, partial rotary (slices,
+# ropes and concats of split heads), biases on the row-parallel dense and fc2
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
 def test_sharded_ranks_compute_the_unsharded_logits(optimized, family):
-    graph, params = optimized[family]
+    assert_ranks_compute_the_unsharded_logits(*optimized[family])
+
+
+def assert_ranks_compute_the_unsharded_logits(graph: Graph, params) -> None:
     sharded, ranks = shard(graph, params, 2)
     full = Executor(graph, params)
     full_cache = allocate_kv_cache(kv_cache_spec(graph), 4, 16)
@@ -279,6 +284,10 @@ def test_shard_refuses_what_it_cannot_split(optimized):
         shard(graph, params, 3)
     with pytest.raises(ShardError, match="num_kv_heads=2 is not divisible"):
         shard(graph, params, 4)
+
+
+def test_a_row_parallel_bias_is_added_once_after_the_sum(optimized):
+    graph, params = optimized["llama"]
     o_proj = next(
         n for n in graph.nodes if isinstance(n.op, ops.Linear) and n.inputs[2:] == (None,)
     )
@@ -293,8 +302,12 @@ def test_shard_refuses_what_it_cannot_split(optimized):
         ),
         graph.outputs,
     )
-    with pytest.raises(ShardError, match="row-parallel Linear with a bias"):
-        shard(with_bias, {**params, "o_bias": torch.zeros(48)}, 2)
+    params = {**params, "o_bias": torch.randn(48, generator=torch.Generator().manual_seed(0))}
+    sharded, ranks = shard(with_bias, params, 2)
+    (add,) = sharded.users()["o_bias"]
+    assert isinstance(add.op, ops.Binary) and add.op.fn == "add"
+    assert all(r["o_bias"] is params["o_bias"] for r in ranks)  # replicated, not cut
+    assert_ranks_compute_the_unsharded_logits(with_bias, params)
 
 
 def linear_then(op) -> Graph:

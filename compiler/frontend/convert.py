@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,11 +44,12 @@ def converter(*targets) -> Callable:
 
 @dataclass
 class Converter:
-    """State of one conversion: fx node -> IR value name, symbol -> "T"/"B"."""
+    """State of one conversion: fx node -> IR value name (a tuple of names for an op that
+    returns a list of tensors, e.g. chunk), symbol -> "T"/"B"."""
 
     builder: GraphBuilder
     symbols: dict[str, str]
-    env: dict[fx.Node, str] = field(default_factory=dict)
+    env: dict[fx.Node, str | tuple[str, ...]] = field(default_factory=dict)
 
     def value(self, x) -> str:
         return self.env[x]
@@ -62,7 +65,9 @@ class Converter:
         return self.symbols[expr]
 
     def type_of(self, node: fx.Node) -> TensorType:
-        val = node.meta["val"]
+        return self.tensor_type(node.meta["val"])
+
+    def tensor_type(self, val: torch.Tensor) -> TensorType:
         return TensorType(tuple(self.dim(d) for d in val.shape), DTYPE_NAMES[val.dtype])
 
     def add(self, op, *inputs: str | None) -> str:
@@ -79,13 +84,28 @@ def convert_node(cx: Converter, node: fx.Node) -> None:
     fn = CONVERTERS.get(target)
     if fn is None:
         raise UnsupportedOpError(f"no converter for {target}")
-    name = fn(cx, node, *node.args, **node.kwargs)
-    declared = cx.type_of(node)
-    if cx.builder.types[name] != declared:
+    result = fn(cx, node, *node.args, **node.kwargs)
+    _check_types(cx, node, result)
+    cx.env[node] = result
+
+
+def _check_types(cx: Converter, node: fx.Node, result: str | tuple[str, ...]) -> None:
+    """The converted values have the types the trace recorded (each one of a list result)."""
+    names, vals = (
+        (result, node.meta["val"])
+        if isinstance(result, tuple)
+        else ((result,), (node.meta["val"],))
+    )
+    if len(names) != len(vals):
         raise UnsupportedOpError(
-            f"{target}: converted to {cx.builder.types[name]}, trace says {declared}"
+            f"{node.target}: converted to {len(names)} values, trace says {len(vals)}"
         )
-    cx.env[node] = name
+    for name, val in zip(names, vals, strict=True):
+        declared = cx.tensor_type(val)
+        if cx.builder.types[name] != declared:
+            raise UnsupportedOpError(
+                f"{node.target}: converted to {cx.builder.types[name]}, trace says {declared}"
+            )
 
 
 @converter(aten.embedding.default)
@@ -147,6 +167,16 @@ def _gelu(cx, node, x, approximate="none"):
     return cx.add(ops.Unary("gelu_tanh" if approximate == "tanh" else "gelu"), cx.value(x))
 
 
+@converter(aten.layer_norm.default)
+def _layer_norm(cx, node, x, shape, weight=None, bias=None, eps=1e-5, *unused):
+    if len(shape) != 1:
+        raise UnsupportedOpError(f"layer_norm over {len(shape)} dimensions (only the last)")
+    if weight is None:
+        raise UnsupportedOpError("layer_norm without a weight (elementwise_affine=False)")
+    bias = cx.value(bias) if bias is not None else None
+    return cx.add(ops.LayerNorm(float(eps)), cx.value(x), cx.value(weight), bias)
+
+
 @converter(aten.to.dtype, aten.to.device, aten._to_copy.default, aten.to.dtype_layout)
 def _to(cx, node, x, *args, **kwargs):
     src, dst = node.args[0].meta["val"].dtype, node.meta["val"].dtype
@@ -178,6 +208,45 @@ def _select(cx, node, x, dim, index):
     if x.meta["val"].shape[dim] != 1:
         raise UnsupportedOpError("select on a dimension of size > 1")
     return cx.add(ops.Reshape(cx.type_of(node).shape), cx.value(x))
+
+
+def _pieces(cx, x, sizes: list[int], dim: int) -> tuple[str, ...]:
+    """Consecutive slices of `sizes` along `dim`: what chunk and split return."""
+    bounds = itertools.pairwise([0, *itertools.accumulate(sizes)])
+    return tuple(cx.add(ops.Slice(dim, s, e), cx.value(x)) for s, e in bounds)
+
+
+def _static_size(x, dim: int) -> int:
+    size = x.meta["val"].shape[dim]
+    if not isinstance(size, int):
+        raise UnsupportedOpError(f"splitting the symbolic dimension {dim}")
+    return size
+
+
+@converter(aten.chunk.default)
+def _chunk(cx, node, x, chunks, dim=0):
+    size = _static_size(x, dim)
+    step = -(-size // chunks)  # torch's chunk: equal pieces of ceil(size / chunks), last shorter
+    return _pieces(cx, x, [min(step, size - s) for s in range(0, size, step)], dim)
+
+
+@converter(aten.split.Tensor)
+def _split(cx, node, x, split_size, dim=0):
+    size = _static_size(x, dim)
+    return _pieces(cx, x, [min(split_size, size - s) for s in range(0, size, split_size)], dim)
+
+
+@converter(aten.split_with_sizes.default)
+def _split_with_sizes(cx, node, x, sizes, dim=0):
+    return _pieces(cx, x, list(sizes), dim)
+
+
+@converter(operator.getitem)
+def _getitem(cx, node, pieces, index):
+    names = cx.env[pieces]
+    if not isinstance(names, tuple):
+        raise UnsupportedOpError(f"indexing the single output of {pieces.target}")
+    return names[index]
 
 
 @converter(aten.transpose.int)

@@ -3,8 +3,11 @@
 Pre: Rope raised; attention in layout "bhtd" with q = Rope(Transpose(Xq, 1, 2), c, s),
 k = Rope(Transpose(Xk, 1, 2), c, s), v = Transpose(Xv, 1, 2), c/s = Reshape([1, T, D] ->
 [1, 1, T, D]), each Rope's output of its input's type (no promotion to the tables' dtype).
-Post: PagedAttention(layout="bthd", rope=True)(Xq, Xk, Xv, cos, sin). When only the
-transposes match, the op just switches to layout "bthd".
+Post: PagedAttention(layout="bthd", rope=True)(Xq, Xk, Xv, cos, sin). Otherwise, when q, k
+and v are each computed from a Transpose(X, 1, 2) by ops over the last dimension alone
+(Slice, Concat, a Rope as above: partial rotary rotates a slice of each head), those ops are
+rebuilt over X in layout [1, T, H, D] (the rope tables viewed as [1, T, 1, d]) and the op
+switches to layout "bthd": the rope stays a node of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import replace
 from compiler.passes.rewrite import Rewriter, rewrite
 from ir import ops
 from ir.graph import Graph, Node
+from ir.types import normalize_dim
 
 
 def _untransposed(rw: Rewriter, name: str) -> str | None:
@@ -30,28 +34,71 @@ def _table(rw: Rewriter, name: str) -> str | None:
     return r.inputs[0] if len(src) == 3 and rw.type_of(name).shape == (1, 1, *src[1:]) else None
 
 
-def _rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
+def _movable(rw: Rewriter, name: str) -> bool:
+    """Whether `name` ([1, H, T, D]) is a Transpose(X, 1, 2), or made from such values by
+    Slice/Concat over the last dim and non-promoting Ropes with [1, 1, T, d] tables."""
+    if _untransposed(rw, name):
+        return True
+    node, rank = rw.producer(name), rw.type_of(name).rank
+    if node is None or rank != 4:
+        return False
     op = node.op
-    if not isinstance(op, ops.PagedAttention) or op.layout != "bhtd" or op.rope:
-        return None
-    q, k, v = node.inputs[:3]
-    xv = _untransposed(rw, v)
-    rq, rk = rw.producer(q, ops.Rope), rw.producer(k, ops.Rope)
-    # the fused prologue rotates in q's and k's own dtype: no rope that promotes them
-    same = (
-        rq and rk and all(rw.type_of(r.inputs[0]) == rw.type_of(n) for r, n in ((rq, q), (rk, k)))
-    )
-    if same and rq.inputs[1:] == rk.inputs[1:] and xv:
-        xq, xk = _untransposed(rw, rq.inputs[0]), _untransposed(rw, rk.inputs[0])
-        cos, sin = _table(rw, rq.inputs[1]), _table(rw, rq.inputs[2])
-        if xq and xk and cos and sin:
-            fused = replace(op, layout="bthd", rope=True)
-            return {node.outputs[0].name: rw.add(fused, xq, xk, xv, cos, sin)[0]}
-    xq, xk = _untransposed(rw, q), _untransposed(rw, k)
-    if xq and xk and xv:
-        return {node.outputs[0].name: rw.add(replace(op, layout="bthd"), xq, xk, xv)[0]}
-    return None
+    if isinstance(op, ops.Slice | ops.Concat):
+        return normalize_dim(op.dim, rank) == rank - 1 and all(_movable(rw, n) for n in node.inputs)
+    if isinstance(op, ops.Rope):
+        x, cos, sin = node.inputs
+        same = rw.type_of(x) == rw.type_of(name)
+        return same and bool(_table(rw, cos) and _table(rw, sin)) and _movable(rw, x)
+    return False
+
+
+def _moved(rw: Rewriter, name: str, tables: dict[str, str]) -> str:
+    """`name` computed in layout [1, T, H, D] (`_movable` holds); `tables`: each rope table
+    already viewed as [1, T, 1, d]."""
+    if x := _untransposed(rw, name):
+        return x
+    node = rw.producer(name)
+    op = node.op
+    if isinstance(op, ops.Rope):
+        x, *cs = node.inputs
+        return rw.add(op, _moved(rw, x, tables), *(_token_major(rw, c, tables) for c in cs))[0]
+    moved = (_moved(rw, n, tables) for n in node.inputs)
+    return rw.add(replace(op, dim=-1), *moved)[0]
+
+
+def _token_major(rw: Rewriter, view: str, tables: dict[str, str]) -> str:
+    table = _table(rw, view)
+    if table not in tables:
+        _, t, d = rw.type_of(table).shape
+        tables[table] = rw.add(ops.Reshape((1, t, 1, d)), table)[0]
+    return tables[table]
 
 
 def fuse_rope_attention(graph: Graph) -> Graph:
-    return rewrite(graph, _rule)
+    tables: dict[str, str] = {}  # shared by the layers: one view of each table
+
+    def rule(node: Node, rw: Rewriter) -> dict[str, str] | None:
+        op = node.op
+        if not isinstance(op, ops.PagedAttention) or op.layout != "bhtd" or op.rope:
+            return None
+        q, k, v = node.inputs[:3]
+        xv = _untransposed(rw, v)
+        rq, rk = rw.producer(q, ops.Rope), rw.producer(k, ops.Rope)
+        # the fused prologue rotates in q's and k's own dtype: no rope that promotes them
+        same = (
+            rq
+            and rk
+            and all(rw.type_of(r.inputs[0]) == rw.type_of(n) for r, n in ((rq, q), (rk, k)))
+        )
+        if same and rq.inputs[1:] == rk.inputs[1:] and xv:
+            xq, xk = _untransposed(rw, rq.inputs[0]), _untransposed(rw, rk.inputs[0])
+            cos, sin = _table(rw, rq.inputs[1]), _table(rw, rq.inputs[2])
+            if xq and xk and cos and sin:
+                fused = replace(op, layout="bthd", rope=True)
+                return {node.outputs[0].name: rw.add(fused, xq, xk, xv, cos, sin)[0]}
+        if all(_movable(rw, n) for n in (q, k, v)):
+            moved = (_moved(rw, n, tables) for n in (q, k, v))
+            return {node.outputs[0].name: rw.add(replace(op, layout="bthd"), *moved)[0]}
+        return None
+
+    return rewrite(graph, rule)

@@ -9,11 +9,13 @@ connect to, never by weight names:
   ranks: rank r's weight (and bias) is the concat of the r-th part of every segment, and
   the slice offsets shrink to match.
 - split values then flow through Reshapes that split their leading split dim (heads),
-  RMSNorm over an unsplit last dim (q/k norms), PagedAttention (num_heads and
-  num_kv_heads divided) and elementwise ops over equally split operands (SiluMul).
+  RMSNorm over an unsplit last dim (q/k norms), Slices and Concats along another dim than
+  the split one and Ropes whose replicated tables broadcast over it (partial rotary),
+  PagedAttention (num_heads and num_kv_heads divided) and elementwise ops over equally
+  split operands (SiluMul).
 - row-parallel: a Linear over a split input (o_proj, down): its weight's columns are
-  split, and a new AllReduce sums the partial outputs. A bias there is refused (it would
-  be added tp times).
+  split, and a new AllReduce sums the partial outputs; a bias is added after the sum
+  (once, not on every rank's partial output).
 - replicated: everything over replicated values. The embedding and the LM head (a Linear
   whose output only reaches graph outputs through reshapes/casts) are kept whole on every
   rank: no logits all-gather, and the LM head runs on the last tokens only.
@@ -170,8 +172,8 @@ def _bounds(op: ops.Slice, width: int) -> tuple[int, int]:
 
 def _slice(pl: _Planner, node: Node, layouts) -> Layout:
     (seg,) = layouts
-    if not isinstance(seg, Segments):
-        raise pl.fail(node, "slicing a split value")
+    if isinstance(seg, Split):
+        return _along_other_dim(pl, node, seg)
     bounds = seg.bounds
     i = bounds.index(_bounds(node.op, pl.type_of(node.inputs[0]).shape[-1]))
     start = sum(e - s for s, e in bounds[:i]) // pl.tp
@@ -200,6 +202,30 @@ def _rmsnorm(pl: _Planner, node: Node, layouts) -> Layout:
     return split
 
 
+def _along_other_dim(pl: _Planner, node: Node, split: Split) -> Layout:
+    """A Slice or Concat along a dim that is not split: each rank's part, unchanged."""
+    if normalize_dim(node.op.dim, pl.type_of(node.outputs[0].name).rank) == split.axis:
+        raise pl.fail(node, f"slicing or concatenating along the split dimension {split.axis}")
+    return split
+
+
+def _concat(pl: _Planner, node: Node, layouts) -> Layout:
+    if len(set(layouts)) != 1:
+        raise pl.fail(node, "mixing split and replicated operands")
+    return _along_other_dim(pl, node, _split_of(pl, node, layouts[0]))
+
+
+def _rope(pl: _Planner, node: Node, layouts) -> Layout:
+    split = _split_of(pl, node, layouts[0])
+    rank = pl.type_of(node.inputs[0]).rank
+    for table, layout in zip(node.inputs[1:], layouts[1:], strict=True):
+        shape = pl.type_of(table).shape
+        axis = split.axis - (rank - len(shape))  # the split dim, aligned as broadcasting does
+        if layout is not None or (axis >= 0 and shape[axis] != 1):
+            raise pl.fail(node, "its cos/sin tables are not replicated over the split dimension")
+    return split
+
+
 def _attention(pl: _Planner, node: Node, layouts) -> Layout:
     op = node.op
     head_axis = 1 if op.layout == "bhtd" else 2
@@ -220,25 +246,29 @@ def _elementwise(pl: _Planner, node: Node, layouts) -> Layout:
 
 
 def _row_parallel(pl: _Planner, node: Node, layouts) -> None:
-    x, w, *bias = node.inputs
+    x, w = node.inputs[:2]
     if layouts[0] != Split(pl.type_of(x).rank - 1) or any(layouts[1:]):
         raise pl.fail(node, "its input is not split over its last dimension")
-    if bias and bias[0] is not None:
-        raise pl.fail(node, "a row-parallel Linear with a bias")
     pl._cut(node, w, Cut(1, ((0, pl.type_of(w).shape[1]),)))
     pl.row_parallel.add(id(node))
 
 
 def _axis(pl: _Planner, node: Node, layout: Layout | None) -> int:
+    return _split_of(pl, node, layout).axis
+
+
+def _split_of(pl: _Planner, node: Node, layout: Layout | None) -> Split:
     if not isinstance(layout, Split):
         raise pl.fail(node, "a column-parallel output must be sliced first")
-    return layout.axis
+    return layout
 
 
 SPLIT_RULES = {
     ops.Slice: _slice,
     ops.Reshape: _reshape,
     ops.RMSNorm: _rmsnorm,
+    ops.Concat: _concat,
+    ops.Rope: _rope,
     ops.PagedAttention: _attention,
     ops.Linear: _row_parallel,
     **{t: _elementwise for t in ELEMENTWISE},
@@ -289,8 +319,13 @@ def _rebuild(pl: _Planner) -> Graph:
         op = pl.new_ops.get(id(node), node.op)
         names = tuple(v.name for v in node.outputs)
         if id(node) in pl.row_parallel:
-            partial = b.add1(op, *node.inputs, name=b.fresh(f"{names[0]}_partial"))
-            b.add1(ops.AllReduce(), partial, name=names[0])
+            x, w, *bias = node.inputs
+            partial = b.add1(op, x, w, name=b.fresh(f"{names[0]}_partial"))
+            if bias and bias[0] is not None:
+                total = b.add1(ops.AllReduce(), partial, name=b.fresh(f"{names[0]}_sum"))
+                b.add1(ops.Binary("add"), total, bias[0], name=names[0])
+            else:
+                b.add1(ops.AllReduce(), partial, name=names[0])
         else:
             b.add(op, *node.inputs, names=names)  # types re-inferred from the cut weights
     return b.build(graph.outputs)

@@ -12,7 +12,7 @@ from conftest import FAMILIES, tiny_model
 from compiler.frontend import trace_model
 from compiler.frontend.convert import UnsupportedOpError
 from compiler.frontend.loader import UnsupportedModelError, check_config, load_model
-from compiler.pipeline import run_pipeline
+from compiler.pipeline import CUDA_PASSES, run_pipeline, run_target_passes
 from ir.ops import PagedAttention
 from runtime.batch import build_batch
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
@@ -43,7 +43,10 @@ def test_compiled_graph_matches_transformers(family):
         torch.testing.assert_close(logits[i], ref, atol=LOGITS_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+LAYERNORM_FAMILIES = {"phi": 1, "gpt_neox": 2}  # family -> its LayerNorms per layer
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in LAYERNORM_FAMILIES])
 def test_fusions_happen(family):
     graph, _ = run_pipeline(*trace_model(tiny_model(family)))
     counts = graph.op_counts()
@@ -56,11 +59,55 @@ def test_fusions_happen(family):
     assert "Binary" not in counts and "Mean" not in counts and "Transpose" not in counts
 
 
+@pytest.mark.parametrize("family", list(LAYERNORM_FAMILIES))
+def test_layernorm_families_keep_their_norms_and_lose_their_transposes(family):
+    """Every LayerNorm is one node; partial rotary keeps its Ropes as nodes, rebuilt in the
+    token-major layout the attention kernels take."""
+    model = tiny_model(family)
+    graph, _ = run_pipeline(*trace_model(model))
+    counts = graph.op_counts()
+    layers = model.config.num_hidden_layers
+    assert counts["LayerNorm"] == LAYERNORM_FAMILIES[family] * layers + 1  # + the final norm
+    attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
+    assert len(attn) == layers and all(a.layout == "bthd" and not a.rope for a in attn)
+    assert counts["Rope"] == 2 * layers and "Transpose" not in counts and "Mean" not in counts
+
+
 def test_scalar_minus_tensor_keeps_its_sign():
     model = tiny_model("llama")
 
     def mlp(self, x):  # 1 - up(x) traces to aten.rsub.Scalar(up(x), 1)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * (1 - self.up_proj(x)))
+
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(mlp, layer.mlp)
+    assert_compiles_to_the_model(model, list(range(3, 20)))
+
+
+@pytest.mark.parametrize("family", list(LAYERNORM_FAMILIES))
+def test_layernorm_families_attend_with_kernels_on_cuda(family):
+    """The cuda target's plan gives every attention its kernels (the reference attention
+    reads the batch back to the host, which a decode CUDA graph cannot capture); ops without
+    a kernel (LayerNorm, Rope, Concat) stay torch ops."""
+    from codegen.plan import kernel_plan
+    from codegen.registry import BuildConstants
+
+    model = tiny_model(family).to(torch.bfloat16)
+    graph = run_target_passes(run_pipeline(*trace_model(model))[0], CUDA_PASSES, None)
+    plan = kernel_plan(graph, BuildConstants())
+    attn = {i for i, n in enumerate(graph.nodes) if isinstance(n.op, PagedAttention)}
+    assert len(attn) == model.config.num_hidden_layers and attn <= set(plan)
+
+
+def test_split_and_chunk_pieces_are_slices():
+    model = tiny_model("llama")
+
+    def mlp(self, x):  # split_with_sizes, split (last piece shorter), chunk (5 of 72: 15s, 12)
+        gate, up = torch.cat([self.gate_proj(x), self.up_proj(x)], -1).split([72, 72], -1)
+        first, second, rest = gate.split(30, -1)
+        pieces = up.chunk(5, -1)
+        up = torch.cat(pieces[::-1], -1)  # reordered: only the right bounds give the model
+        return self.down_proj(self.act_fn(torch.cat([rest, second, first], -1)) * up)
 
     for layer in model.model.layers:
         layer.mlp.forward = types.MethodType(mlp, layer.mlp)

@@ -3,6 +3,8 @@ check that both compute the same thing through the reference ops on random input
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -293,6 +295,43 @@ def test_fuse_rope_attention():
     names = [e.input(i.value.name, i.value.type) for i in before.inputs]
     fused = ops.PagedAttention(0, 4, 2, 8, 8**-0.5, layout="bthd", rope=True)
     expected = e.build((e.add1(fused, *names),))
+    after = eliminate_dead_code(verify(fuse_rope_attention(verify(before))))
+    assert print_graph(after, numbered=True) == print_graph(expected, numbered=True)
+    inputs = random_inputs(before)
+    (a,) = evaluate(before, inputs, attention_context())
+    (b_,) = evaluate(after, inputs, attention_context())
+    torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
+
+
+def test_fuse_rope_attention_moves_partial_rotary_to_token_major():
+    """Rope over the first half of each head, the rest passed through: the slices, ropes and
+    concats are rebuilt over the untransposed q/k (tables viewed [1, T, 1, 4], once), and the
+    attention takes layout "bthd" without a rope prologue."""
+    attn = ops.PagedAttention(0, 4, 2, 8, 8**-0.5)
+    b = GraphBuilder()
+    xq, xk, xv = (b.input(n, f32(1, "T", h, 8)) for n, h in (("q", 4), ("k", 2), ("v", 2)))
+    cos, sin = b.input("cos", f32(1, "T", 4)), b.input("sin", f32(1, "T", 4))
+    c4, s4 = (b.add1(ops.Reshape((1, 1, "T", 4)), t) for t in (cos, sin))
+
+    def partial(t):
+        rot, rest = b.add1(ops.Slice(3, 0, 4), t), b.add1(ops.Slice(3, 4, 8), t)
+        return b.add1(ops.Concat(-1), b.add1(ops.Rope(), rot, c4, s4), rest)
+
+    q, k, v = (b.add1(ops.Transpose(1, 2), t) for t in (xq, xk, xv))
+    before = b.build((b.add1(attn, partial(q), partial(k), v),))
+    e = GraphBuilder()
+    xq, xk, xv, cos, sin = (e.input(i.value.name, i.value.type) for i in before.inputs)
+    tables: list[str] = []
+
+    def moved(x):
+        rot = e.add1(ops.Slice(-1, 0, 4), x)
+        if not tables:
+            tables.extend(e.add1(ops.Reshape((1, "T", 1, 4)), t) for t in (cos, sin))
+        roped = e.add1(ops.Rope(), rot, *tables)
+        return e.add1(ops.Concat(-1), roped, e.add1(ops.Slice(-1, 4, 8), x))
+
+    q, k = moved(xq), moved(xk)
+    expected = e.build((e.add1(replace(attn, layout="bthd"), q, k, xv),))
     after = eliminate_dead_code(verify(fuse_rope_attention(verify(before))))
     assert print_graph(after, numbered=True) == print_graph(expected, numbered=True)
     inputs = random_inputs(before)

@@ -46,8 +46,13 @@ def teacher_forced(engine, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize(
     "name, overrides",
-    [("qwen3-0.6b", {}), ("llama-3.1-8b", {"num_hidden_layers": 4})],
-    ids=["qwen3-0.6b", "llama-3.1-8b-4layers"],
+    [
+        ("qwen3-0.6b", {}),
+        ("llama-3.1-8b", {"num_hidden_layers": 4}),
+        ("phi-2", {"num_hidden_layers": 4}),  # LayerNorm, partial rotary: torch ops there
+        ("pythia-410m", {}),
+    ],
+    ids=["qwen3-0.6b", "llama-3.1-8b-4layers", "phi-2-4layers", "pythia-410m"],
 )
 def test_logits_and_argmax_match_transformers(name, overrides, dtype, tmp_path):
     from benchmarks.models import in_memory_artifact, random_model

@@ -94,3 +94,50 @@ def test_reference_attention_is_causal_over_paged_cache():
         )
         torch.testing.assert_close(out[0, start : start + n], ref.transpose(0, 1))
         start += n
+
+
+def test_layernorm_infers_the_input_type_and_checks_its_operands():
+    x = TensorType((1, "T", 48), "bfloat16")
+    w, b = TensorType((48,), "float32"), TensorType((48,), "float32")
+    assert ops.LayerNorm(1e-5).infer(x, w, b) == (x,)  # the input's dtype, as torch's
+    assert ops.LayerNorm(1e-5).infer(x, w) == (x,)
+    with pytest.raises(ValueError, match="weight"):
+        ops.LayerNorm(1e-5).infer(x, TensorType((47,), "float32"))
+    with pytest.raises(ValueError, match="bias"):
+        ops.LayerNorm(1e-5).infer(x, w, TensorType((1, 48), "float32"))
+
+
+def test_layernorm_json_round_trip_with_and_without_bias():
+    b = GraphBuilder()
+    x = b.input("x", TensorType((1, "T", 37), "bfloat16"))
+    w, bias = (b.input(n, TensorType((37,), "bfloat16"), kind="param") for n in ("w", "b"))
+    with_bias = b.add1(ops.LayerNorm(1e-6), x, w, bias)
+    graph = verify(b.build((b.add1(ops.LayerNorm(1e-5), with_bias, w, None),)))
+    again = graph_from_json(graph_to_json(graph))
+    assert again == graph and print_graph(again) == print_graph(graph)
+    assert "LayerNorm(eps=1e-06)(%x, %w, %b)" in print_graph(graph)
+    assert [n.inputs[2] for n in again.nodes] == ["b", None]
+
+
+# one float32 layer norm rounded once, as torch's own bf16 kernel does: torch's default
+# tolerance per dtype (rounding-level: the variance may be summed in another order)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [37, 48, 4099])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layernorm_reference_matches_torch(dtype, width, with_bias):
+    g = torch.Generator().manual_seed(width)
+    x = (torch.randn(3, 5, width, generator=g) * 3 + 1).to(dtype)
+    w, b = (torch.randn(width, generator=g).to(dtype) for _ in "wb")
+    bias = b if with_bias else None
+    (out,) = run_op(ops.LayerNorm(1e-5), RefContext({}), x, w, bias)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (width,), w, bias, 1e-5))
+
+
+def test_layernorm_reference_of_mixed_dtypes_has_the_inferred_dtype():
+    x = torch.randn(2, 3, 16).to(torch.bfloat16)
+    w, b = torch.randn(16), torch.randn(16)
+    (out,) = run_op(ops.LayerNorm(1e-5), RefContext({}), x, w, b)
+    assert out.dtype == torch.bfloat16
+    ref = torch.nn.functional.layer_norm(x.float(), (16,), w, b, 1e-5).to(torch.bfloat16)
+    torch.testing.assert_close(out, ref)
