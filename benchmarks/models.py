@@ -126,6 +126,6 @@ def sharded_artifact(model, name: str, out, tensor_parallel_size: int, target: s
 def _build(model, name: str, **options):
     """The artifact's contents, compiled from the model in memory."""
     from compiler.compile import CompileOptions, build
-    from compiler.frontend.loader import LoadedModel
+    from compiler.frontend.loader import from_transformers
 
-    return build(LoadedModel(model, None, f"random:{name}", "-"), CompileOptions(**options))
+    return build(from_transformers(model, None, f"random:{name}", "-"), CompileOptions(**options))

@@ -11,17 +11,17 @@ from tqdm import tqdm
 
 from compiler.artifact import check_output, write_artifact
 from compiler.frontend import LoadedModel, load_model, trace_model
+from compiler.frontend.module import from_module
 from compiler.passes.shard import shard
 from compiler.pipeline import CUDA_PASSES, PIPELINE, run_pipeline, run_target_passes
 from ir.graph import Graph
-from ir.ops import PagedAttention
+from ir.ops import Embedding, Linear, PagedAttention
 from ir.printer import print_graph
 from ir.reference import DTYPE_NAMES, TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 KILN_VERSION = "0.1.0"
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,19 @@ def compile_model(source: str, out: Path, options: CompileOptions = CompileOptio
     return compile_loaded(load_model(source, TORCH_DTYPES[dtype]), out, options)
 
 
+def compile_module(model: torch.nn.Module, out: Path, options: CompileOptions, **described):
+    """Compile a custom architecture (compiler/frontend/module.py); `described`: its facts."""
+    if options.max_model_len is None:
+        raise ValueError("compiling a module needs max_model_len (the longest sequence served)")
+    if options.dtype is not None:
+        raise ValueError(
+            "a module compiles in its parameters' dtype: cast it (module.to(dtype)) instead "
+            "of passing dtype"
+        )
+    check_output(Path(out).resolve())
+    return compile_loaded(from_module(model, options.max_model_len, **described), out, options)
+
+
 def compile_loaded(loaded: LoadedModel, out: Path, options: CompileOptions) -> Path:
     """Compile a model already in memory (its parameters' dtype is the artifact's)."""
     built = build(loaded, options)
@@ -59,7 +72,7 @@ def compile_loaded(loaded: LoadedModel, out: Path, options: CompileOptions) -> P
         built.graph,
         built.weights,
         loaded.tokenizer,
-        generation_defaults(loaded.model),
+        loaded.facts.generation_defaults,
         extra_files=built.files,
     )
 
@@ -78,12 +91,12 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
     dtype = DTYPE_NAMES[next(loaded.model.parameters()).dtype]
     steps = tqdm(total=3, desc="kiln compile", unit="step")
     steps.set_postfix_str("trace")
-    graph, params = trace_model(loaded.model)
+    graph, params = trace_model(loaded.model, loaded.facts)
     before = graph.op_counts()
     steps.update()
     steps.set_postfix_str("optimize")
     graph, params = run_pipeline(graph, params, dump_dir=options.dump_ir)
-    architecture = architecture_summary(loaded.model.config, graph)  # of the whole model
+    architecture = architecture_summary(loaded.facts, graph)  # of the whole model
     graph, weights = _shard(graph, params, options)
     if options.target == "cuda":
         graph = run_target_passes(graph, CUDA_PASSES, options.dump_ir)
@@ -91,7 +104,6 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
     log.info("ops after passes:  %s", graph.op_counts())
     steps.update()
     steps.set_postfix_str("kernels" if options.target == "cuda" else "write")
-    config = loaded.model.config
     manifest = {
         "kiln_version": KILN_VERSION,
         "source": loaded.source,
@@ -100,10 +112,10 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
         "dtype": dtype,
         "quantization": None,
         "target": options.target,
-        "max_model_len": options.max_model_len or config.max_position_embeddings,
+        "max_model_len": options.max_model_len or loaded.facts.max_model_len,
         "block_size": options.block_size,
-        "vocab_size": config.vocab_size,
-        "eos_token_ids": eos_token_ids(loaded),
+        "vocab_size": architecture["vocab_size"],
+        "eos_token_ids": list(loaded.facts.eos_token_ids),
         "op_counts": {"before": before, "after": graph.op_counts()},
     }
     files: dict[str, bytes] = {}
@@ -130,29 +142,27 @@ def _shard(graph, params, options: CompileOptions):
     return graph, weights
 
 
-def architecture_summary(config, graph) -> dict:
+def architecture_summary(facts, graph: Graph) -> dict:
+    """The model's shape, read off the traced graph (its names from the source)."""
     attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
+    embed = next((n.inputs[0] for n in graph.nodes if isinstance(n.op, Embedding)), None)
+    head = _lm_head(graph)
     return {
-        "model_type": config.model_type,
-        "architectures": list(getattr(config, "architectures", None) or []),
+        "model_type": facts.model_type,
+        "architectures": list(facts.architectures),
         "num_layers": len(attn),
-        "hidden_size": config.hidden_size,
+        "hidden_size": None if embed is None else graph.type_of(embed).shape[1],
         "num_heads": attn[0].num_heads,
         "num_kv_heads": attn[0].num_kv_heads,
         "head_dim": attn[0].head_dim,
-        "vocab_size": config.vocab_size,
-        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "vocab_size": graph.type_of(graph.outputs[0]).shape[-1],
+        "tie_word_embeddings": head is not None and head.inputs[1] == embed,
     }
 
 
-def eos_token_ids(loaded) -> list[int]:
-    ids: set[int] = set()
-    for source in (loaded.model.generation_config, loaded.model.config, loaded.tokenizer):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        ids.update([value] if isinstance(value, int) else value or [])
-    return sorted(ids)
-
-
-def generation_defaults(model: torch.nn.Module) -> dict:
-    gen = model.generation_config.to_diff_dict()
-    return {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
+def _lm_head(graph: Graph):
+    """The Linear that makes the logits, found back from the output through views and casts."""
+    producers, name = graph.producers(), graph.outputs[0]
+    while (node := producers.get(name)) is not None and not isinstance(node.op, Linear):
+        name = node.inputs[0]
+    return node

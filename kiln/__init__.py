@@ -4,4 +4,14 @@ from kiln.api import LLM, compile
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "compile"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "attention", "compile"]
+
+
+def __getattr__(name: str):
+    # kiln.attention, for custom architectures, lives with the compiler, whose imports
+    # (transformers' model code) would add seconds to every `import kiln`
+    if name == "attention":
+        from compiler.frontend.module import attention
+
+        return attention
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

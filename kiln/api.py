@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from compiler.artifact import load_artifact
@@ -16,15 +17,26 @@ from runtime.outputs import RequestOutput, merge_update
 from runtime.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+MODULE_OPTIONS = ("tokenizer", "eos_token_ids", "name", "generation_defaults")
 
 
-def compile(source: str, out: str | Path, **options) -> Path:
-    """Compile `source` (HF directory, .gguf file or builtin:NAME) into an artifact at `out`."""
+def compile(source: str | torch.nn.Module, out: str | Path, **options) -> Path:
+    """Compile `source` into an artifact at `out`; returns `out`.
+
+    `source`: an HF directory, a .gguf file or builtin:NAME; or a custom architecture, a
+    `torch.nn.Module` in the flat-batch convention (`forward(token_ids, positions,
+    logits_indices) -> logits`, attention through `kiln.attention`; see
+    compiler/frontend/module.py), which needs `max_model_len` and may take `tokenizer`,
+    `eos_token_ids`, `name` and `generation_defaults`. Other options: CompileOptions' fields.
+    """
     # imported here: the compiler pulls in transformers' model classes, which serving and
     # offline generation never need (seconds of `kiln run` start-up)
-    from compiler.compile import CompileOptions, compile_model
+    from compiler.compile import CompileOptions, compile_model, compile_module
 
-    return compile_model(source, Path(out), CompileOptions(**options))
+    if not isinstance(source, torch.nn.Module):
+        return compile_model(source, Path(out), CompileOptions(**options))
+    described = {k: options.pop(k) for k in MODULE_OPTIONS if k in options}
+    return compile_module(source, Path(out), CompileOptions(**options), **described)
 
 
 class LLM:

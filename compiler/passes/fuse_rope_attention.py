@@ -7,7 +7,9 @@ Post: PagedAttention(layout="bthd", rope=True)(Xq, Xk, Xv, cos, sin). Otherwise,
 and v are each computed from a Transpose(X, 1, 2) by ops over the last dimension alone
 (Slice, Concat, a Rope as above: partial rotary rotates a slice of each head), those ops are
 rebuilt over X in layout [1, T, H, D] (the rope tables viewed as [1, T, 1, d]) and the op
-switches to layout "bthd": the rope stays a node of its own.
+switches to layout "bthd": the rope stays a node of its own. A rope applied before the
+heads move (q = Transpose(Reshape(Rope(Yq, c, s) -> [1, T, H, D]), 1, 2), c/s [T, 1, D]: a
+custom module's rope ahead of kiln.attention) fuses too, with Yq and c/s viewed token-major.
 """
 
 from __future__ import annotations
@@ -74,6 +76,32 @@ def _token_major(rw: Rewriter, view: str, tables: dict[str, str]) -> str:
     return tables[table]
 
 
+def _token_rope(rw: Rewriter, name: str) -> Node | None:
+    """The Rope under `name` = Transpose(Reshape(Rope(Y [T, H, D], cos, sin) -> [1, T, H, D]),
+    1, 2), with [T, 1, D] tables and no promotion: rope applied before the heads move."""
+    r = rw.producer(_untransposed(rw, name) or "", ops.Reshape)
+    rope = rw.producer(r.inputs[0], ops.Rope) if r else None
+    if rope is None or rw.type_of(r.inputs[0]).rank != 3:
+        return None
+    t, _, d = rw.type_of(rope.inputs[0]).shape
+    tables = all(rw.type_of(c).shape == (t, 1, d) for c in rope.inputs[1:])
+    return rope if tables and rw.type_of(rope.inputs[0]) == rw.type_of(r.inputs[0]) else None
+
+
+def _rotated_before(rw: Rewriter, op: ops.PagedAttention, q: str, k: str, xv: str):
+    """Fused attention for q and k roped in [T, H, D] (a custom module's rope ahead of
+    kiln.attention), or None."""
+    rq, rk = _token_rope(rw, q), _token_rope(rw, k)
+    if not (rq and rk and rq.inputs[1:] == rk.inputs[1:]):
+        return None
+    xq, xk = (
+        rw.add(ops.Reshape((1, *rw.type_of(r.inputs[0]).shape)), r.inputs[0])[0] for r in (rq, rk)
+    )
+    t, _, d = rw.type_of(rq.inputs[1]).shape
+    cos, sin = (rw.add(ops.Reshape((1, t, d)), c)[0] for c in rq.inputs[1:])
+    return rw.add(replace(op, layout="bthd", rope=True), xq, xk, xv, cos, sin)[0]
+
+
 def fuse_rope_attention(graph: Graph) -> Graph:
     tables: dict[str, str] = {}  # shared by the layers: one view of each table
 
@@ -96,6 +124,8 @@ def fuse_rope_attention(graph: Graph) -> Graph:
             if xq and xk and cos and sin:
                 fused = replace(op, layout="bthd", rope=True)
                 return {node.outputs[0].name: rw.add(fused, xq, xk, xv, cos, sin)[0]}
+        if xv and (fused := _rotated_before(rw, op, q, k, xv)):
+            return {node.outputs[0].name: fused}
         if all(_movable(rw, n) for n in (q, k, v)):
             moved = (_moved(rw, n, tables) for n in (q, k, v))
             return {node.outputs[0].name: rw.add(replace(op, layout="bthd"), *moved)[0]}

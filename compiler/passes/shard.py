@@ -186,12 +186,18 @@ def _reshape(pl: _Planner, node: Node, layouts) -> Layout:
     (split,) = layouts
     src, dst = pl.type_of(node.inputs[0]).shape, pl.type_of(node.outputs[0].name).shape
     a = _axis(pl, node, split)
-    if src[:a] != dst[:a] or len(dst) <= a or not isinstance(dst[a], int):
+    # the split dim keeps what precedes it, up to unit dims ([T, 16] -> [1, T, 2, 8])
+    lead = [d for d in src[:a] if d != 1]
+    b = next(
+        (b for b in range(len(dst)) if dst[b] != 1 and [d for d in dst[:b] if d != 1] == lead),
+        None,
+    )
+    if b is None or not isinstance(dst[b], int):
         raise pl.fail(node, f"the reshape {src} -> {dst} moves the split dimension {a}")
-    if dst[a] % pl.tp:
-        raise pl.fail(node, f"dimension {a} of {dst} is not divisible by {pl.tp} ranks")
-    pl.new_ops[id(node)] = replace(node.op, shape=(*dst[:a], dst[a] // pl.tp, *dst[a + 1 :]))
-    return Split(a)
+    if dst[b] % pl.tp:
+        raise pl.fail(node, f"dimension {b} of {dst} is not divisible by {pl.tp} ranks")
+    pl.new_ops[id(node)] = replace(node.op, shape=(*dst[:b], dst[b] // pl.tp, *dst[b + 1 :]))
+    return Split(b)
 
 
 def _rmsnorm(pl: _Planner, node: Node, layouts) -> Layout:

@@ -137,12 +137,12 @@ def test_cuda_target_fuses_norms_into_projections(target, monkeypatch):
     (The cubins are not compiled here: only the graph is checked.)"""
     import compiler.kernels
     from compiler.compile import CompileOptions, build
-    from compiler.frontend.loader import LoadedModel
+    from compiler.frontend.loader import from_transformers
 
     monkeypatch.setattr(compiler.kernels, "compile_graph_kernels", lambda *a: ({}, {}))
     model = tiny_model("llama")
     layers = model.config.num_hidden_layers
-    counts = build(LoadedModel(model, None, "tiny", "-"), CompileOptions(target=target)).graph
+    counts = build(from_transformers(model, None, "tiny", "-"), CompileOptions(target=target)).graph
     counts = counts.op_counts()
     if target == "cpu":
         assert "NormLinear" not in counts and counts["SiluMul"] == layers

@@ -303,6 +303,34 @@ def test_fuse_rope_attention():
     torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
 
 
+def test_fuse_rope_attention_fuses_a_rope_applied_before_the_heads_move():
+    """A custom module ropes q/k as [T, H, D] with [T, 1, D] tables, then kiln.attention
+    views them [1, T, H, D] and transposes: fused all the same, tables viewed [1, T, D]."""
+    attn = ops.PagedAttention(0, 4, 2, 8, 8**-0.5)
+    b = GraphBuilder()
+    yq, yk, yv = (b.input(n, f32("T", h, 8)) for n, h in (("q", 4), ("k", 2), ("v", 2)))
+    cos, sin = b.input("cos", f32("T", 1, 8)), b.input("sin", f32("T", 1, 8))
+    yq, yk = (b.add1(ops.Rope(), t, cos, sin) for t in (yq, yk))
+    q, k, v = (
+        b.add1(ops.Transpose(1, 2), b.add1(ops.Reshape((1, "T", h, 8)), t))
+        for t, h in ((yq, 4), (yk, 2), (yv, 2))
+    )
+    before = b.build((b.add1(attn, q, k, v),))
+    e = GraphBuilder()
+    yq, yk, yv, cos, sin = (e.input(i.value.name, i.value.type) for i in before.inputs)
+    xv = e.add1(ops.Reshape((1, "T", 2, 8)), yv)
+    xq, xk = (e.add1(ops.Reshape((1, "T", h, 8)), t) for t, h in ((yq, 4), (yk, 2)))
+    c, s = (e.add1(ops.Reshape((1, "T", 8)), t) for t in (cos, sin))
+    fused = replace(attn, layout="bthd", rope=True)
+    expected = e.build((e.add1(fused, xq, xk, xv, c, s),))
+    after = eliminate_dead_code(verify(fuse_rope_attention(verify(before))))
+    assert print_graph(after, numbered=True) == print_graph(expected, numbered=True)
+    inputs = random_inputs(before)
+    (a,) = evaluate(before, inputs, attention_context())
+    (b_,) = evaluate(after, inputs, attention_context())
+    torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
+
+
 def test_fuse_rope_attention_moves_partial_rotary_to_token_major():
     """Rope over the first half of each head, the rest passed through: the slices, ropes and
     concats are rebuilt over the untransposed q/k (tables viewed [1, T, 1, 4], once), and the

@@ -1,0 +1,131 @@
+"""Custom architectures: a plain torch module, attention through kiln.attention, compiled."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from custom_decoder import HEADS, HIDDEN, KV_HEADS, VOCAB, decoder, eager_greedy
+from torch import nn
+
+import kiln
+from compiler.artifact import load_artifact
+from compiler.frontend.loader import UnsupportedModelError
+from runtime.batch import build_batch
+from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("custom") / "art"
+    return kiln.compile(decoder(), out, max_model_len=128, name="tiny-decoder", eos_token_ids=[3])
+
+
+def test_attention_is_causal_gqa_attention_in_eager_torch():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(11, h, 8, generator=g) for h in (6, 2, 2))
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+    ).transpose(0, 1)
+    torch.testing.assert_close(kiln.attention(q, k, v, layer=0), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_module_is_optimized_like_a_transformers_model(artifact):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    arch = manifest["architecture"]
+    assert arch["model_type"] == "tiny-decoder" and arch["architectures"] == ["TinyDecoder"]
+    assert (arch["num_layers"], arch["num_heads"], arch["num_kv_heads"]) == (3, HEADS, KV_HEADS)
+    assert (arch["hidden_size"], arch["vocab_size"], arch["tie_word_embeddings"]) == (
+        HIDDEN,
+        VOCAB,
+        False,
+    )
+    assert manifest["max_model_len"] == 128 and manifest["eos_token_ids"] == [3]
+    assert manifest["source"] == "module:TinyDecoder"
+    after = manifest["op_counts"]["after"]
+    # the hand-written norms, rope, SwiGLU and projections were recognized and fused
+    assert after["PagedAttention"] == 3 and after["SiluMul"] == 3
+    assert after["RMSNorm"] + after.get("AddRMSNorm", 0) == 7
+    assert after["Linear"] == 3 * 4 + 1  # merged QKV, merged gate/up, o, down; the head
+    assert "Rope" not in after  # fused into the attention op
+
+
+def test_batched_greedy_equals_the_module_itself(artifact):
+    model = decoder()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (1, 7, 20, 37)]
+    params = kiln.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    # a small token budget: long prompts are chunked and share steps with decodes
+    with kiln.LLM(artifact, num_kv_blocks=48, max_num_batched_tokens=16) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == eager_greedy(model, prompt, 24)
+
+
+def test_logits_match_the_module(artifact):
+    """Two sequences in one flat batch: each gets its own logits, as the module alone gives."""
+    art = load_artifact(artifact)
+    executor = Executor(art.graph, art.params)
+    kv = allocate_kv_cache(kv_cache_spec(art.graph), 4, art.manifest["block_size"])
+    a, b = (torch.arange(n) * 7 % VOCAB for n in (19, 5))
+    batch = build_batch([(a.tolist(), 0, [0, 1]), (b.tolist(), 0, [2])], 16)
+    model = decoder()
+    with torch.no_grad():
+        want = [model(x, torch.arange(len(x)), torch.tensor([len(x) - 1])) for x in (a, b)]
+    got = executor.forward(batch, kv)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
+
+
+def test_custom_module_shards_over_two_ranks(tmp_path):
+    """Its [T, hidden] activations reshape straight to [1, T, heads, D]: the shard pass
+    follows the split heads through the unit dim the module never had."""
+    art = kiln.compile(decoder(), tmp_path / "tp2", max_model_len=64, tensor_parallel_size=2)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    params = kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(art, num_kv_blocks=16) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    model = decoder()
+    assert [o.token_ids for o in outs] == [eager_greedy(model, p, 8) for p in prompts]
+
+
+def test_a_tokenizer_travels_with_the_module(tmp_path):
+    from conftest import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    model = decoder(layers=1, vocab=len(tok))
+    art = kiln.compile(model, tmp_path / "art", max_model_len=64, tokenizer=tok)
+    prompt = "Kilns fire clay"
+    params = kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(art, num_kv_blocks=8) as llm:
+        (out,) = llm.generate([prompt], params, use_tqdm=False)
+    assert out.prompt_token_ids == tok.encode(prompt)
+    assert out.token_ids == eager_greedy(model, out.prompt_token_ids, 6)
+    assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["eos_token_ids"] == [tok.eos_token_id]  # the tokenizer's, none given
+
+
+def test_custom_module_refusals(tmp_path):
+    with pytest.raises(ValueError, match="needs max_model_len"):
+        kiln.compile(decoder(), tmp_path / "a")
+    with pytest.raises(ValueError, match="cast it"):
+        kiln.compile(decoder(), tmp_path / "b", max_model_len=64, dtype="bfloat16")
+
+    class NoAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, HIDDEN)
+            self.head = nn.Linear(HIDDEN, VOCAB)
+
+        def forward(self, token_ids, positions, logits_indices):
+            return self.head(self.embed(token_ids)[logits_indices])
+
+    with pytest.raises(UnsupportedModelError, match=r"kiln\.attention in each layer"):
+        kiln.compile(NoAttention(), tmp_path / "c", max_model_len=64)
+    twice = decoder(layers=2)
+    twice.blocks[1].layer = 0
+    with pytest.raises(UnsupportedModelError, match=r"must be 0..1, each once; got \[0, 0\]"):
+        kiln.compile(twice, tmp_path / "d", max_model_len=64)
+    assert not any(tmp_path.iterdir())  # nothing written for a refused module
