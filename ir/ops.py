@@ -38,9 +38,11 @@ class Linear:
     def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None):
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"Linear: input {x} does not match weight {w}")
+        if x.dtype != w.dtype:  # as torch's linear, which would fail on the module itself
+            raise ValueError(f"Linear: input {x} and weight {w} differ in dtype")
         if bias is not None and bias.shape != (w.shape[0],):
             raise ValueError(f"Linear: bias {bias} does not match weight {w}")
-        return (TensorType((*x.shape[:-1], w.shape[0]), promote(x.dtype, w.dtype)),)
+        return (TensorType((*x.shape[:-1], w.shape[0]), x.dtype),)
 
 
 @op

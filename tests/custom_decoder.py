@@ -67,8 +67,8 @@ class TinyDecoder(nn.Module):
     def forward(self, token_ids, positions, logits_indices):
         angles = positions[:, None].float() * self.inv_freq
         angles = torch.cat((angles, angles), -1)[:, None, :]  # [T, 1, D]: every head
-        cos, sin = angles.cos(), angles.sin()
         x = self.embed(token_ids)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin)
         return self.head(self.norm(x)[logits_indices])

@@ -128,4 +128,10 @@ def test_custom_module_refusals(tmp_path):
     twice.blocks[1].layer = 0
     with pytest.raises(UnsupportedModelError, match=r"must be 0..1, each once; got \[0, 0\]"):
         kiln.compile(twice, tmp_path / "d", max_model_len=64)
+    promoting = decoder(layers=1).to(torch.bfloat16)
+    promoting.forward = lambda token_ids, positions, logits_indices: promoting.head(
+        promoting.embed(token_ids)[logits_indices].float()  # torch itself would refuse this
+    )
+    with pytest.raises(ValueError, match=r"float32\[B, 48\] and weight bfloat16.* differ"):
+        kiln.compile(promoting, tmp_path / "e", max_model_len=64)
     assert not any(tmp_path.iterdir())  # nothing written for a refused module
