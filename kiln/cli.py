@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OUT_OF_MEMORY_ADVICE = (
-    "out of GPU memory: lower --gpu-memory-utilization (the KV cache's share of the free "
-    "memory) or --max-num-seqs (the largest CUDA graph), or pass --enforce-eager"
+    "out of GPU memory: lower --gpu-memory-utilization (what it leaves holds the CUDA "
+    "graphs) or --max-num-seqs (the largest CUDA graph), or pass --enforce-eager"
 )
 
 
@@ -113,8 +113,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
-        help="share of the GPU memory free at start-up that the KV cache takes (the rest: "
-        "activations and CUDA graphs)",
+        help="share of the GPU's memory the engine may use: weights, the activations of "
+        "the largest step (measured at start-up) and the KV cache, which gets the rest; CUDA "
+        "graphs live in what it leaves (default 0.9)",
     )
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV-cache size")
     p.add_argument("--device", help="cpu or cuda[:N] (default: the artifact's target)")

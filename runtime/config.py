@@ -14,7 +14,8 @@ class EngineConfig:
     policy: str = "fcfs"  # or "priority"
     device: str | None = None  # default: "cuda" for a cuda-target artifact, else "cpu"
     # KV-cache size: an explicit block count wins; else a byte budget (CPU, default 2 GiB);
-    # on CUDA, a fraction of the GPU memory left once the weights are in.
+    # on CUDA, what gpu_memory_utilization of the GPU leaves after the weights and the
+    # largest step's activations (runtime/memory.py)
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9

@@ -36,6 +36,7 @@ from torch.distributed.distributed_c10d import _abort_process_group
 from compiler.artifact import Artifact, load_artifact
 from runtime.batch import BatchInputs
 from runtime.config import EngineConfig
+from runtime.memory import MemoryBudgetError
 from runtime.model_runner import ModelRunner, runner_device
 from runtime.scheduler import ScheduledChunk
 
@@ -68,9 +69,20 @@ class RankRunner(ModelRunner):
         return dist.group.WORLD
 
     def _blocks_for(self, config: EngineConfig) -> int:
-        # the ranks share one block table: each allocates what the tightest rank has room for
-        blocks = torch.tensor([super()._blocks_for(config)], device=self.device)
+        # the ranks share one block table: each allocates what the tightest rank has room for;
+        # a rank without room still joins the reduction (0), so no rank waits on it for good
+        try:
+            mine, error = super()._blocks_for(config), None
+        except MemoryBudgetError as e:
+            mine, error = 0, e
+        blocks = torch.tensor([mine], device=self.device)
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
+        if error is not None:
+            raise error
+        if blocks.item() == 0:
+            raise MemoryBudgetError(
+                "another tensor-parallel rank has no room for its KV cache (its log says why)"
+            )
         return int(blocks.item())
 
 

@@ -14,6 +14,9 @@ from runtime.batch import BatchInputs, build_batch, resolve_pending
 from runtime.config import EngineConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
+from runtime.memory import GIB, MemoryProfile, kv_cache_bytes
+from runtime.sampler import SamplingState, sample
+from runtime.sampling_params import SamplingParams
 from runtime.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -51,11 +54,18 @@ def make_runner(artifact: Artifact, config: EngineConfig) -> ModelRunner:
 class ModelRunner:
     tp_group = None  # the process group of the graph's AllReduce nodes (runtime/distributed.py)
     graphs: DecodeGraphs | None = None  # decode CUDA graphs, once captured
+    memory_profile: MemoryProfile | None = None  # cuda: what sized the KV cache
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
         self.device = runner_device(artifact, config)
         self.artifact = artifact
         self.block_size = artifact.manifest["block_size"]
+        if self.device.type == "cuda":  # what this engine finds, before it takes anything
+            self._memory_at_start = (
+                *torch.cuda.mem_get_info(self.device),
+                torch.cuda.memory_allocated(self.device),
+                torch.cuda.memory_reserved(self.device),
+            )
         start = time.perf_counter()
         self.params = {k: v.to(self.device) for k, v in artifact.params.items()}
         log.info("weights on %s in %.1f s", self.device, time.perf_counter() - start)
@@ -108,9 +118,54 @@ class ModelRunner:
     def _blocks_for(self, config: EngineConfig) -> int:
         budget = config.kv_cache_bytes
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * config.gpu_memory_utilization)
+            self.memory_profile = self._profile_memory(config)
+            budget = kv_cache_bytes(self.memory_profile, config.gpu_memory_utilization)
+            log.info(
+                "GPU memory: %s; the KV cache gets %.2f GiB (--gpu-memory-utilization %s of "
+                "%.1f GiB)",
+                self.memory_profile.describe(),
+                budget / GIB,
+                config.gpu_memory_utilization,
+                self.memory_profile.total / GIB,
+            )
         return max(1, budget // (self.spec.bytes_per_token * self.block_size))
+
+    def _profile_memory(self, config: EngineConfig) -> MemoryProfile:
+        """Run the largest step the scheduler can make (max_num_batched_tokens tokens over up
+        to max_num_seqs sequences, each sampled with every filter and logprobs) in a cache of
+        its own, and measure the memory it takes."""
+        free_at_start, total, allocated_at_start, reserved_at_start = self._memory_at_start
+        device = self.device
+        torch.cuda.synchronize(device)
+        weights = torch.cuda.memory_allocated(device) - allocated_at_start
+        seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
+        tokens = min(config.max_num_batched_tokens, seqs * max_model_len(self.artifact, config))
+        lengths = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
+        tables, first = [], 0
+        for n in lengths:
+            tables.append(list(range(first, first + -(-n // self.block_size))))
+            first += len(tables[-1])
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        kv = allocate_kv_cache(self.spec, first, self.block_size, device)
+        batch = build_batch(
+            [([0] * n, 0, t) for n, t in zip(lengths, tables, strict=True)],
+            self.block_size,
+            device=device,
+        )
+        params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, logprobs=5)
+        states = [SamplingState(params, [0], [], (), None) for _ in lengths]
+        sample(self.executor.forward(batch, kv), states)
+        torch.cuda.synchronize(device)
+        cache = first * self.block_size * self.spec.bytes_per_token
+        activations = torch.cuda.max_memory_allocated(device) - before - cache
+        del kv, batch
+        torch.cuda.empty_cache()
+        used = free_at_start - torch.cuda.mem_get_info(device)[0]
+        in_torch = torch.cuda.memory_reserved(device) - reserved_at_start
+        return MemoryProfile(
+            total, free_at_start, weights, activations, non_torch=max(0, used - in_torch)
+        )
 
     def execute(
         self, chunks: tuple[ScheduledChunk, ...], carried: torch.Tensor | None = None
