@@ -36,6 +36,21 @@ def runner_device(artifact: Artifact, config: EngineConfig) -> torch.device:
     return device
 
 
+def _memory_snapshot(device: torch.device, params) -> tuple[int, int, int, int]:
+    """(free, total, allocated, reserved) bytes on `device`, counting weights an in-memory
+    artifact already holds there as not yet allocated: they are this engine's."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in params
+        if t.is_cuda and t.device.index == index
+    }
+    held = sum(storages.values())
+    free, total = torch.cuda.mem_get_info(device)
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    return free + held, total, allocated - held, reserved - held
+
+
 def max_model_len(artifact: Artifact, config: EngineConfig) -> int:
     """The configured limit, never more than the artifact was compiled for."""
     compiled = artifact.manifest["max_model_len"]
@@ -61,11 +76,7 @@ class ModelRunner:
         self.artifact = artifact
         self.block_size = artifact.manifest["block_size"]
         if self.device.type == "cuda":  # what this engine finds, before it takes anything
-            self._memory_at_start = (
-                *torch.cuda.mem_get_info(self.device),
-                torch.cuda.memory_allocated(self.device),
-                torch.cuda.memory_reserved(self.device),
-            )
+            self._memory_at_start = _memory_snapshot(self.device, artifact.params.values())
         start = time.perf_counter()
         self.params = {k: v.to(self.device) for k, v in artifact.params.items()}
         log.info("weights on %s in %.1f s", self.device, time.perf_counter() - start)

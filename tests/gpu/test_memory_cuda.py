@@ -33,7 +33,7 @@ def test_the_largest_step_stays_inside_the_measured_profile(artifact):
     weights = sum(t.numel() * t.element_size() for t in runner.params.values())
     kv = runner.num_blocks * runner.block_size * runner.spec.bytes_per_token
     print(f"profile: {p.describe()}; KV cache {kv / 2**30:.2f} GiB of {p.total / 2**30:.1f}")
-    assert abs(p.weights - weights) < 0.02 * weights + (8 << 20)
+    assert abs(p.weights - weights) < 0.05 * weights + (64 << 20)  # weights and buffers
     assert 0 < p.activations < 4 << 30
     assert kv <= kv_cache_bytes(p, 0.5) < kv + runner.block_size * runner.spec.bytes_per_token
     # a full-budget prefill, sampled with filters and logprobs: no more than the profile said
