@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import replace
@@ -46,6 +47,8 @@ def _memory_snapshot(device: torch.device, params) -> tuple[int, int, int, int]:
         if t.is_cuda and t.device.index == index
     }
     held = sum(storages.values())
+    gc.collect()  # this process's garbage and cached blocks are free memory, not another's
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     return free + held, total, allocated - held, reserved - held
