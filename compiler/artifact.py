@@ -37,6 +37,15 @@ MANIFEST_FIELDS = {
     "eos_token_ids": list,
     "files": dict,
 }
+# and what their values may be (the graph, checksummed, must agree on the vocabulary)
+MANIFEST_VALUES = {
+    "target": lambda v: v in ("cpu", "cuda"),
+    "dtype": lambda v: v in TORCH_DTYPES,
+    "max_model_len": lambda v: v >= 2,
+    "block_size": lambda v: v >= 1,
+    "vocab_size": lambda v: v >= 1,
+    "eos_token_ids": lambda v: all(type(i) is int and i >= 0 for i in v),
+}
 SHARD_BYTES = 4 << 30
 
 
@@ -158,10 +167,13 @@ def read_manifest(path: Path) -> dict:
             "recompile with this version of kiln"
         )
     for name, kind in MANIFEST_FIELDS.items():
-        if not isinstance(manifest.get(name), kind):
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
             raise ArtifactError(
                 f"{path}/manifest.json: {name!r} is missing or not {kind.__name__}; recompile"
             )
+        if not MANIFEST_VALUES.get(name, lambda v: True)(value):
+            raise ArtifactError(f"{path}/manifest.json: bad {name} {value!r}; recompile")
     return manifest
 
 
@@ -199,6 +211,12 @@ def load_artifact(path: Path, verify_hashes: bool = True, rank: int = 0) -> Arti
         if shard.rpartition("/")[0] == weights and shard.endswith(".safetensors"):
             params.update(load_file(path / shard))
     _check_params(graph, params)
+    vocab, eos = manifest["vocab_size"], manifest["eos_token_ids"]
+    if graph.type_of(graph.outputs[0]).shape[-1] != vocab or any(i >= vocab for i in eos):
+        raise ArtifactError(
+            f"{path}/manifest.json: vocab_size {vocab} or eos_token_ids {eos} do not match "
+            "the graph's logits; recompile"
+        )
     log.info("%s: graph and weights loaded in %.1f s", path, time.perf_counter() - start)
     gen = json.loads((path / "generation_config.json").read_text())
     return Artifact(path, manifest, graph, params, gen if isinstance(gen, dict) else {})

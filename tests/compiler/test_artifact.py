@@ -88,6 +88,29 @@ def test_manifest_fields_the_runtime_reads_are_checked(artifact, tmp_path, field
         load_artifact(tampered(artifact, tmp_path, garble))
 
 
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("target", "tpu", "bad target"),
+        ("dtype", "int3", "bad dtype"),
+        ("max_model_len", 0, "bad max_model_len"),
+        ("block_size", -16, "bad block_size"),
+        ("block_size", True, "'block_size' is missing or not int"),
+        ("eos_token_ids", [2, -1], "bad eos_token_ids"),
+        ("eos_token_ids", [10**6], "do not match the graph's logits"),
+        ("vocab_size", 7, "do not match the graph's logits"),
+    ],
+)
+def test_manifest_values_are_checked(artifact, tmp_path, field, value, error):
+    def garble(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest[field] = value
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ArtifactError, match=error):
+        load_artifact(tampered(artifact, tmp_path, garble))
+
+
 def test_compile_never_replaces_what_is_not_an_artifact(artifact, tmp_path):
     source = tmp_path / "src"
     tiny_model("qwen2").save_pretrained(source, safe_serialization=True)
