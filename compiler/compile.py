@@ -115,7 +115,8 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
         "max_model_len": options.max_model_len or loaded.facts.max_model_len,
         "block_size": options.block_size,
         "vocab_size": architecture["vocab_size"],
-        "eos_token_ids": list(loaded.facts.eos_token_ids),
+        # an id past the logits can never be sampled (and the loader would refuse it)
+        "eos_token_ids": [i for i in loaded.facts.eos_token_ids if i < architecture["vocab_size"]],
         "op_counts": {"before": before, "after": graph.op_counts()},
     }
     files: dict[str, bytes] = {}

@@ -20,7 +20,8 @@ from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("custom") / "art"
-    return kiln.compile(decoder(), out, max_model_len=128, name="tiny-decoder", eos_token_ids=[3])
+    eos = [3, VOCAB + 4]
+    return kiln.compile(decoder(), out, max_model_len=128, name="tiny-decoder", eos_token_ids=eos)
 
 
 def test_attention_is_causal_gqa_attention_in_eager_torch():
@@ -42,7 +43,8 @@ def test_custom_module_is_optimized_like_a_transformers_model(artifact):
         VOCAB,
         False,
     )
-    assert manifest["max_model_len"] == 128 and manifest["eos_token_ids"] == [3]
+    assert manifest["max_model_len"] == 128
+    assert manifest["eos_token_ids"] == [3]  # VOCAB + 4 is past the logits: never sampled
     assert manifest["source"] == "module:TinyDecoder"
     after = manifest["op_counts"]["after"]
     # the hand-written norms, rope, SwiGLU and projections were recognized and fused
