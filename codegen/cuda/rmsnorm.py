@@ -35,11 +35,11 @@ BLOCK_THREADS = 64 if CUDASIM else 128
 SHUFFLE = 4 if CUDASIM else 32
 
 
-def _row_sum(nt: int):
+def row_sum(nt: int):
     """Device function: the sum of `value` over the nt (a power of two) threads of a row."""
 
     @cuda.jit(device=True)
-    def row_sum(buf, value):
+    def summed(buf, value):
         """buf: a shared array of blockDim.x; rows are aligned runs of nt threads."""
         tid = cuda.threadIdx.x
         stride = nt // 2
@@ -54,7 +54,7 @@ def _row_sum(nt: int):
             stride //= 2
         return value
 
-    return row_sum
+    return summed
 
 
 def _geometry(hidden: int) -> tuple[int, int, int]:
@@ -80,7 +80,7 @@ def _normalizer(hidden: int, eps: float, x_dtype: str, w_dtype: str, out_dtype: 
     nt, ept, _ = _geometry(hidden)
     inv_hidden, eps32 = np.float32(1.0 / hidden), np.float32(eps)
     load_w, scale = LOAD[w_dtype], scaled(x_dtype, w_dtype, out_dtype)
-    row_sum = _row_sum(nt)
+    total = row_sum(nt)
 
     @cuda.jit(device=True)
     def write_normalized(out, w, row, live, lane, vals, buf):
@@ -91,7 +91,7 @@ def _normalizer(hidden: int, eps: float, x_dtype: str, w_dtype: str, out_dtype: 
             i = lane + uint32(j * nt)
             ws[j] = load_w(w[i]) if i < hidden else float32(0.0)  # in flight during the sum
             sumsq += vals[j] * vals[j]
-        rstd = float32(1.0) / math.sqrt(row_sum(buf, sumsq) * inv_hidden + eps32)
+        rstd = float32(1.0) / math.sqrt(total(buf, sumsq) * inv_hidden + eps32)
         if live:
             for j in range(ept):
                 i = lane + uint32(j * nt)

@@ -15,6 +15,7 @@ from ir.ops import (
     Embedding,
     FusedElementwise,
     GatherLastTokens,
+    LayerNorm,
     NormLinear,
     PagedAttention,
     RMSNorm,
@@ -33,6 +34,8 @@ def cases():
         (Embedding(), (TensorType((100, 40), bf), TensorType((1, "T"), "int64"))),
         (RMSNorm(1e-6), (x, TensorType((40,), bf))),
         (AddRMSNorm(1e-6), (x, x, TensorType((40,), "float32"))),
+        (LayerNorm(1e-5), (x, TensorType((40,), bf), TensorType((40,), bf))),
+        (LayerNorm(1e-5), (x, TensorType((40,), "float32"))),  # no bias
         (SiluMul(), (x, x)),
         (FusedElementwise(expr, "float16"), (x, TensorType((40,), "float32"))),
         (GatherLastTokens(), (x, TensorType(("B",), "int64"))),

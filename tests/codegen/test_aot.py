@@ -17,7 +17,7 @@ from ir.reference import RefContext, run_op
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 AOT_PREFILL = str(HERE / "aot_prefill.py")  # a prefill builder's kernel compiled, described
-FAMILIES = {"Embedding", "RMSNorm", "AddRMSNorm", "SiluMul", "FusedElementwise"}
+FAMILIES = {"Embedding", "RMSNorm", "AddRMSNorm", "LayerNorm", "SiluMul", "FusedElementwise"}
 FAMILIES |= {"GatherLastTokens", "PagedAttention", "NormLinear"}
 
 

@@ -13,7 +13,7 @@ from compiler.frontend import trace_model
 from compiler.frontend.convert import UnsupportedOpError
 from compiler.frontend.loader import UnsupportedModelError, check_config, load_model
 from compiler.pipeline import CUDA_PASSES, run_pipeline, run_target_passes
-from ir.ops import PagedAttention
+from ir.ops import LayerNorm, PagedAttention
 from runtime.batch import build_batch
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 
@@ -85,18 +85,24 @@ def test_scalar_minus_tensor_keeps_its_sign():
 
 
 @pytest.mark.parametrize("family", list(LAYERNORM_FAMILIES))
-def test_layernorm_families_attend_with_kernels_on_cuda(family):
+def test_layernorm_families_attend_and_normalize_with_kernels_on_cuda(family):
     """The cuda target's plan gives every attention its kernels (the reference attention
-    reads the batch back to the host, which a decode CUDA graph cannot capture); ops without
-    a kernel (LayerNorm, Rope, Concat) stay torch ops."""
+    reads the batch back to the host, which a decode CUDA graph cannot capture) and every
+    LayerNorm its kernel; ops without a kernel (Rope, Concat) stay torch ops."""
     from codegen.plan import kernel_plan
     from codegen.registry import BuildConstants
 
     model = tiny_model(family).to(torch.bfloat16)
     graph = run_target_passes(run_pipeline(*trace_model(model))[0], CUDA_PASSES, None)
     plan = kernel_plan(graph, BuildConstants())
+    layers = model.config.num_hidden_layers
     attn = {i for i, n in enumerate(graph.nodes) if isinstance(n.op, PagedAttention)}
-    assert len(attn) == model.config.num_hidden_layers and attn <= set(plan)
+    assert len(attn) == layers and attn <= set(plan)
+    norms = {i for i, n in enumerate(graph.nodes) if isinstance(n.op, LayerNorm)}
+    assert len(norms) == LAYERNORM_FAMILIES[family] * layers + 1 and norms <= set(plan)
+    # each norm's one kernel binds every input it has (these models' norms all have biases)
+    bound = {i: [p.name for k in plan[i].generated for p in k.params] for i in norms}
+    assert all(names == ["out0", "in0", "in1", "in2"] for names in bound.values())
 
 
 def test_split_and_chunk_pieces_are_slices():

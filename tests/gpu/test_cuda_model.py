@@ -49,7 +49,7 @@ def teacher_forced(engine, ids: torch.Tensor) -> torch.Tensor:
     [
         ("qwen3-0.6b", {}),
         ("llama-3.1-8b", {"num_hidden_layers": 4}),
-        ("phi-2", {"num_hidden_layers": 4}),  # LayerNorm, partial rotary: torch ops there
+        ("phi-2", {"num_hidden_layers": 4}),  # partial rotary: torch ops there
         ("pythia-410m", {}),
     ],
     ids=["qwen3-0.6b", "llama-3.1-8b-4layers", "phi-2-4layers", "pythia-410m"],
