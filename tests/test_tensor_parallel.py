@@ -53,7 +53,8 @@ def artifacts(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture(scope="module")
 def optimized() -> dict[str, tuple[Graph, dict[str, torch.Tensor]]]:
-    return {f: run_pipeline(*trace_model(tiny_model(f))) for f in ("llama", "qwen2", "phi")}
+    families = ("llama", "qwen2", "phi", "gpt_neox")
+    return {f: run_pipeline(*trace_model(tiny_model(f))) for f in families}
 
 
 def greedy(n: int) -> kiln.SamplingParams:
@@ -254,8 +255,9 @@ def context(batch, caches) -> RefContext:
 
 
 # phi: q/k/v and fc1 merged into one column-parallel projection, partial rotary (slices,
-# ropes and concats of split heads), biases on the row-parallel dense and fc2
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
+# ropes and concats of split heads), biases on the row-parallel dense and fc2; gpt_neox: a
+# per-head [q|k|v] projection and a lone up-projection, each one column-parallel segment
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi", "gpt_neox"])
 def test_sharded_ranks_compute_the_unsharded_logits(optimized, family):
     assert_ranks_compute_the_unsharded_logits(*optimized[family])
 
@@ -319,8 +321,10 @@ def linear_then(op) -> Graph:
 
 def test_shard_refuses_unrecognized_linears():
     w = {"w": torch.zeros(4, 8)}
-    with pytest.raises(ShardError, match="not a column-parallel projection"):
+    with pytest.raises(ShardError, match="graph output %unary would be split"):
         shard(linear_then(ops.Unary("silu")), w, 2)
+    with pytest.raises(ShardError, match=r"cannot shard Mean .* cannot take a tensor-parallel"):
+        shard(linear_then(ops.Mean((-1,), True)), w, 2)
     with pytest.raises(ShardError, match="graph output %slice would be split"):
         shard(linear_then(ops.Slice(-1, 0, 4)), w, 2)
 

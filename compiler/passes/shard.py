@@ -7,7 +7,9 @@ connect to, never by weight names:
 - column-parallel: a Linear over a replicated input whose output only feeds Slices of its
   last dim (merged q/k/v, merged gate/up). Each slice is a segment split evenly over the
   ranks: rank r's weight (and bias) is the concat of the r-th part of every segment, and
-  the slice offsets shrink to match.
+  the slice offsets shrink to match. Any other Linear over a replicated input but the LM head
+  is column-parallel as one segment (a per-head fused q/k/v, a lone up-projection) whose
+  split last dim its users must take.
 - split values then flow through Reshapes that split their leading split dim (heads),
   RMSNorm over an unsplit last dim (q/k norms), Slices and Concats along another dim than
   the split one and Ropes whose replicated tables broadcast over it (partial rotary),
@@ -118,12 +120,11 @@ class _Planner:
         last = self.type_of(node.outputs[0].name).rank - 1
         if slices and all(_is_slice(u, last) for u in slices):
             self._column_parallel(node, w, bias[0] if bias else None, slices)
-        elif not self._reaches_outputs_only(node.outputs[0].name):
-            raise self.fail(
-                node,
-                "not a column-parallel projection (only sliced), a "
-                "row-parallel one (split input) or the LM head",
-            )
+        elif slices and not self._reaches_outputs_only(node.outputs[0].name):
+            # one segment (GPT-NeoX's per-head [q|k|v] projection, a lone up-projection): its
+            # users' rules decide whether a split last dim can flow on
+            self._column_parallel(node, w, bias[0] if bias else None, [])
+            self.layouts[node.outputs[0].name] = Split(last)
 
     def _reaches_outputs_only(self, name: str) -> bool:
         users = self.users.get(name, [])
@@ -135,7 +136,7 @@ class _Planner:
 
     def _column_parallel(self, node: Node, w: str, bias: str | None, slices: list[Node]) -> None:
         width = self.type_of(node.outputs[0].name).shape[-1]
-        bounds = tuple(sorted({_bounds(u.op, width) for u in slices}))
+        bounds = tuple(sorted({_bounds(u.op, width) for u in slices})) or ((0, width),)
         if [s for s, _ in bounds] != [0, *(e for _, e in bounds[:-1])] or bounds[-1][1] != width:
             raise self.fail(node, f"its slices {bounds} do not tile its {width} outputs")
         for s, e in bounds:
