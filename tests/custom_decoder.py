@@ -74,9 +74,9 @@ class TinyDecoder(nn.Module):
         return self.head(self.norm(x)[logits_indices])
 
 
-def decoder(seed: int = 0, **kwargs) -> TinyDecoder:
+def decoder(seed: int = 0, cls: type[nn.Module] = TinyDecoder, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    model = TinyDecoder(**kwargs)
+    model = cls(**kwargs)
     with torch.no_grad():  # sharper logits than nn's default init: fewer near-ties
         for p in model.parameters():
             if p.dim() == 2:
@@ -94,3 +94,39 @@ def eager_greedy(model, prompt: list[int], n: int) -> list[int]:
             logits = model(t, torch.arange(len(ids), device=device), last)
             ids.append(int(logits[0].argmax()))
     return ids[len(prompt) :]
+
+
+class ParallelBlock(nn.Module):
+    """GPT-J-like: one LayerNorm feeding attention (q/k/v from one Linear, split by the
+    module) and a GELU MLP side by side, both added to the residual."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.qkv = nn.Linear(HIDDEN, 3 * HEADS * HEAD_DIM)
+        self.o = nn.Linear(HEADS * HEAD_DIM, HIDDEN)
+        self.fc, self.proj = nn.Linear(HIDDEN, FFN), nn.Linear(FFN, HIDDEN)
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = (t.view(-1, HEADS, HEAD_DIM) for t in self.qkv(h).split(HEADS * HEAD_DIM, -1))
+        a = kiln.attention(q, k, v, self.layer).reshape(-1, HEADS * HEAD_DIM)
+        return x + self.o(a) + self.proj(F.gelu(self.fc(h), approximate="tanh"))
+
+
+class ParallelDecoder(nn.Module):
+    """Learned absolute positions, no rope, LayerNorm, parallel residual, biases."""
+
+    def __init__(self, layers: int = 2) -> None:
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(128, HIDDEN)
+        self.blocks = nn.ModuleList(ParallelBlock(i) for i in range(layers))
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, token_ids, positions, logits_indices):
+        x = self.embed(token_ids) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[logits_indices])

@@ -77,14 +77,24 @@ def trace_model(
         graph, params = to_ir(program)
     except UnsupportedOpError as e:
         raise UnsupportedOpError(f"{arch}: unsupported: {e}") from e
-    _check_layers(arch, graph)
+    _check_graph(arch, graph)
     log.info("traced %s: %d nodes, %d params", arch, len(graph.nodes), len(params))
     return verify(graph, after="trace"), params
 
 
-def _check_layers(arch: str, graph: Graph) -> None:
-    """One attention op per layer, numbered 0..L-1: the KV cache holds one slab per number."""
-    layers = sorted(n.op.layer for n in graph.nodes if isinstance(n.op, PagedAttention))
+def _check_graph(arch: str, graph: Graph) -> None:
+    """Logits [B, vocab] (a row per sampled sequence, as `logits_indices` picks them) and one
+    attention op per layer, numbered 0..L-1, of one KV shape: the cache holds a slab each."""
+    logits = graph.type_of(graph.outputs[0])
+    if logits.rank != 2 or logits.shape[0] != "B":
+        raise UnsupportedModelError(
+            f"{arch}: returns {logits}; the logits must be [B, vocab], the rows logits_indices "
+            "picks (one per sequence to sample), not one per token"
+        )
+    attention = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
+    if len({(a.num_kv_heads, a.head_dim) for a in attention}) > 1:
+        raise UnsupportedModelError(f"{arch}: layers with different KV heads or head_dim")
+    layers = sorted(a.layer for a in attention)
     if not layers:
         raise UnsupportedModelError(
             f"{arch}: no attention traced (a custom module calls kiln.attention in each layer)"
@@ -110,6 +120,8 @@ def to_ir(program: ExportedProgram) -> tuple[Graph, dict[str, torch.Tensor]]:
     for node in fx_graph.nodes:
         if node.op == "call_function" and node in live:
             convert_node(cx, node)
+    if len(output.args[0]) != 1:
+        raise UnsupportedOpError(f"{len(output.args[0])} outputs; the logits [B, vocab] only")
     (result,) = output.args[0]
     return cx.builder.build((cx.env[result],)), params
 

@@ -2,7 +2,9 @@
 
 Pre: any verified graph. Post: for each input, its parameter Linears of equal weight dtype
 and bias presence are one Linear over Concat(weights) (a params-only node that
-fold_constants turns into a pre-packed weight), followed by one Slice per former output.
+fold_constants turns into a pre-packed weight), followed by one Slice per former output;
+a last-dim Slice of such a Slice (a model's own split of a fused projection) becomes one
+Slice of the merged Linear.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from compiler.passes.rewrite import Rewriter, rewrite
 from ir import ops
 from ir.graph import Graph, Node
+from ir.types import normalize_dim
 
 
 def _operands(node: Node) -> tuple[str, str, str | None]:
@@ -54,4 +57,22 @@ def merge_projections(graph: Graph) -> Graph:
         return renames
 
     # absorbed nodes come after their group's first node, so their renames already exist
-    return rewrite(graph, rule)
+    return rewrite(rewrite(graph, rule), _join_slices)
+
+
+def _join_slices(node: Node, rw: Rewriter) -> dict[str, str] | None:
+    """A slice of a merged projection's slice (q/k/v the model split itself off one Linear):
+    one slice of the projection, which the shard pass can segment."""
+    op = node.op
+    inner = rw.producer(node.inputs[0], ops.Slice) if isinstance(op, ops.Slice) else None
+    if inner is None or rw.producer(inner.inputs[0], ops.Linear) is None:
+        return None
+    rank = node.outputs[0].type.rank
+    if {normalize_dim(op.dim, rank), normalize_dim(inner.op.dim, rank)} != {rank - 1}:
+        return None
+    if op.step != 1 or inner.op.step != 1:
+        return None
+    base, _, _ = slice(inner.op.start, inner.op.end).indices(rw.type_of(inner.inputs[0]).shape[-1])
+    start, end, _ = slice(op.start, op.end).indices(rw.type_of(node.inputs[0]).shape[-1])
+    joined = ops.Slice(-1, base + start, base + end)
+    return {node.outputs[0].name: rw.add(joined, inner.inputs[0])[0]}

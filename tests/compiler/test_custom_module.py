@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from custom_decoder import HEADS, HIDDEN, KV_HEADS, VOCAB, decoder, eager_greedy
+from custom_decoder import (
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    VOCAB,
+    ParallelDecoder,
+    decoder,
+    eager_greedy,
+)
 from torch import nn
 
 import kiln
@@ -92,6 +100,21 @@ def test_custom_module_shards_over_two_ranks(tmp_path):
     assert [o.token_ids for o in outs] == [eager_greedy(model, p, 8) for p in prompts]
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_parallel_residual_decoder(tp, tmp_path):
+    """LayerNorm, learned positions, GELU; the module splits q/k/v off one Linear, which the
+    compiler merges with the MLP's (one input): the two slicings become one, so it shards."""
+    model = decoder(cls=ParallelDecoder)
+    art = kiln.compile(model, tmp_path / "art", max_model_len=64, tensor_parallel_size=tp)
+    after = json.loads((art / "manifest.json").read_text())["op_counts"]["after"]
+    assert after["Linear"] == 2 * 3 + 1 and after["LayerNorm"] == 2 + 1  # [qkv|fc], o, proj
+    prompts = [[4], [9, 8, 7, 6, 5, 4, 3], list(range(10, 40))]
+    params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(art, num_kv_blocks=16, max_num_batched_tokens=16) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
+
+
 def test_a_tokenizer_travels_with_the_module(tmp_path):
     from conftest import smollm2_tokenizer
 
@@ -136,4 +159,28 @@ def test_custom_module_refusals(tmp_path):
     )
     with pytest.raises(ValueError, match=r"float32\[B, 48\] and weight bfloat16.* differ"):
         kiln.compile(promoting, tmp_path / "e", max_model_len=64)
+    for mode, error in [
+        ("all rows", r"returns float32\[T, 96\]; the logits must be \[B, vocab\]"),
+        ("two outputs", "2 outputs; the logits"),
+        ("two kv shapes", "layers with different KV heads or head_dim"),
+    ]:
+        with pytest.raises(ValueError, match=error):  # the CLI: one line, exit status 2
+            kiln.compile(Odd(mode), tmp_path / "f", max_model_len=64)
     assert not any(tmp_path.iterdir())  # nothing written for a refused module
+
+
+class Odd(nn.Module):
+    """Self-attention over the embeddings, each layer its own head size, then the head."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
+
+    def forward(self, token_ids, positions, logits_indices):
+        x = self.embed(token_ids)
+        for layer, d in enumerate((8, 4) if self.mode == "two kv shapes" else (8, 8)):
+            q = x.view(-1, 16 // d, d)
+            x = x + kiln.attention(q, q, q, layer).reshape(-1, 16)
+        logits = self.head(x if self.mode == "all rows" else x[logits_indices])
+        return (logits, logits) if self.mode == "two outputs" else logits

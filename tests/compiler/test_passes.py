@@ -190,6 +190,25 @@ def test_merge_projections_then_fold():
     assert len(new_params) == 1 and next(iter(new_params.values())).shape == (16, 8)
 
 
+def test_merge_projections_joins_a_models_own_slices():
+    """q/k/v split by the model off one Linear that merges with another (a parallel block's
+    MLP): each piece becomes one slice of the merged Linear; a strided slice stays."""
+    b = GraphBuilder()
+    x = b.input("x", f32("T", 8))
+    wqkv, wfc = b.input("wqkv", f32(12, 8), kind="param"), b.input("wfc", f32(6, 8), kind="param")
+    qkv = b.add1(ops.Linear(), x, wqkv)
+    q, kv = b.add1(ops.Slice(-1, 0, 4), qkv), b.add1(ops.Slice(1, 4, 99), qkv)
+    strided = b.add1(ops.Slice(-1, 0, 12, 2), qkv)
+    before = b.build((q, kv, strided, b.add1(ops.Linear(), x, wfc)))
+    e = GraphBuilder()
+    x = e.input("x", f32("T", 8))
+    wqkv, wfc = e.input("wqkv", f32(12, 8), kind="param"), e.input("wfc", f32(6, 8), kind="param")
+    y = e.add1(ops.Linear(), x, e.add1(ops.Concat(0), wqkv, wfc))
+    qkv, fc = e.add1(ops.Slice(-1, 0, 12), y), e.add1(ops.Slice(-1, 12, 18), y)
+    q, kv = e.add1(ops.Slice(-1, 0, 4), y), e.add1(ops.Slice(-1, 4, 12), y)
+    check(merge_projections, before, e.build((q, kv, e.add1(ops.Slice(-1, 0, 12, 2), qkv), fc)))
+
+
 def test_fuse_add_rmsnorm_redirects_later_uses():
     b = GraphBuilder()
     x, r = b.input("x", f32(1, "T", 8)), b.input("r", f32(1, "T", 8))
