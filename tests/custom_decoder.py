@@ -22,17 +22,24 @@ class RMSNorm(nn.Module):
 
 
 def rotate(x, cos, sin):
+    """Rotate-half rope (Llama's); cos/sin [T, 1, D], each frequency twice."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
     return x * cos + rotated * sin
 
 
+def rotate_pairs(x, cos, sin):
+    """Interleaved rope (GPT-J's): pairs (x0, x1), (x2, x3), ...; cos/sin [T, 1, D/2]."""
+    even, odd = x[..., ::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
+
+
 class Block(nn.Module):
     """Pre-norm attention (GQA, rotate-half rope) and a SwiGLU MLP, with residuals."""
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, layer: int, rope=rotate) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.rope = layer, rope
         self.attn_norm, self.mlp_norm = RMSNorm(HIDDEN), RMSNorm(HIDDEN)
         self.q = nn.Linear(HIDDEN, HEADS * HEAD_DIM, bias=False)
         self.k = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False)
@@ -44,8 +51,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin):
         h = self.attn_norm(x)
-        q = rotate(self.q(h).view(-1, HEADS, HEAD_DIM), cos, sin)
-        k = rotate(self.k(h).view(-1, KV_HEADS, HEAD_DIM), cos, sin)
+        q = self.rope(self.q(h).view(-1, HEADS, HEAD_DIM), cos, sin)
+        k = self.rope(self.k(h).view(-1, KV_HEADS, HEAD_DIM), cos, sin)
         v = self.v(h).view(-1, KV_HEADS, HEAD_DIM)
         x = x + self.o(kiln.attention(q, k, v, self.layer).reshape(-1, HEADS * HEAD_DIM))
         h = self.mlp_norm(x)
@@ -55,10 +62,12 @@ class Block(nn.Module):
 class TinyDecoder(nn.Module):
     """A decoder written from scratch: no transformers class, no config."""
 
-    def __init__(self, layers: int = 3, vocab: int = VOCAB) -> None:
+    def __init__(self, layers: int = 3, vocab: int = VOCAB, interleaved: bool = False) -> None:
         super().__init__()
+        self.interleaved = interleaved
         self.embed = nn.Embedding(vocab, HIDDEN)
-        self.blocks = nn.ModuleList(Block(i) for i in range(layers))
+        rope = rotate_pairs if interleaved else rotate
+        self.blocks = nn.ModuleList(Block(i, rope) for i in range(layers))
         self.norm = RMSNorm(HIDDEN)
         self.head = nn.Linear(HIDDEN, vocab, bias=False)
         inv_freq = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
@@ -66,7 +75,9 @@ class TinyDecoder(nn.Module):
 
     def forward(self, token_ids, positions, logits_indices):
         angles = positions[:, None].float() * self.inv_freq
-        angles = torch.cat((angles, angles), -1)[:, None, :]  # [T, 1, D]: every head
+        if not self.interleaved:
+            angles = torch.cat((angles, angles), -1)
+        angles = angles[:, None, :]  # every head
         x = self.embed(token_ids)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.blocks:

@@ -266,6 +266,21 @@ def _cat(cx, node, xs, dim=0):
     return cx.add(ops.Concat(dim), *(cx.value(x) for x in xs))
 
 
+@converter(aten.stack.default)
+def _stack(cx, node, xs, dim=0):
+    """Each input viewed with a new unit dim at `dim`, then concatenated along it."""
+    shape = cx.type_of(node).shape
+    d = dim % len(shape)
+    unit = (*shape[:d], 1, *shape[d + 1 :])
+    return cx.add(ops.Concat(d), *(cx.add(ops.Reshape(unit), cx.value(x)) for x in xs))
+
+
+@converter(aten.t.default)
+def _t(cx, node, x):
+    rank = len(x.meta["val"].shape)
+    return cx.add(ops.Transpose(0, 1), cx.value(x)) if rank == 2 else cx.value(x)
+
+
 @converter(aten.index.Tensor)
 def _index(cx, node, x, indices):
     given = [i for i, t in enumerate(indices) if t is not None]

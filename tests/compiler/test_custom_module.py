@@ -115,6 +115,17 @@ def test_a_parallel_residual_decoder(tp, tmp_path):
     assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
 
 
+def test_interleaved_rope_through_torch_stack(tmp_path):
+    """GPT-J's rope: strided slices and torch.stack (a new dim, then a concat) convert."""
+    model = decoder(layers=2, interleaved=True)
+    art = kiln.compile(model, tmp_path / "art", max_model_len=64)
+    prompts = [[4], list(range(10, 33))]
+    params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(art, num_kv_blocks=16, max_num_batched_tokens=16) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
+
+
 def test_a_tokenizer_travels_with_the_module(tmp_path):
     from conftest import smollm2_tokenizer
 
@@ -163,6 +174,7 @@ def test_custom_module_refusals(tmp_path):
         ("all rows", r"returns float32\[T, 96\]; the logits must be \[B, vocab\]"),
         ("two outputs", "2 outputs; the logits"),
         ("two kv shapes", "layers with different KV heads or head_dim"),
+        ("matmul", r"matmul other than an outer product \(use nn.Linear\)"),
     ]:
         with pytest.raises(ValueError, match=error):  # the CLI: one line, exit status 2
             kiln.compile(Odd(mode), tmp_path / "f", max_model_len=64)
@@ -182,5 +194,7 @@ class Odd(nn.Module):
         for layer, d in enumerate((8, 4) if self.mode == "two kv shapes" else (8, 8)):
             q = x.view(-1, 16 // d, d)
             x = x + kiln.attention(q, q, q, layer).reshape(-1, 16)
+        if self.mode == "matmul":
+            return x[logits_indices] @ self.head.weight.t()
         logits = self.head(x if self.mode == "all rows" else x[logits_indices])
         return (logits, logits) if self.mode == "two outputs" else logits
