@@ -43,14 +43,16 @@ def random_inputs(graph, seed=0):
     return out
 
 
-def check(pass_fn, before, expected, atol=1e-6):
+def check(pass_fn, before, expected, atol=1e-6, context=lambda: RefContext(sizes=SIZES)):
+    """The pass turns `before` into `expected`, and both compute the same (each evaluation
+    in a fresh `context()`: attention writes its KV cache)."""
     after = eliminate_dead_code(verify(pass_fn(verify(before))))
     assert print_graph(after, numbered=True) == print_graph(
         eliminate_dead_code(expected), numbered=True
     )
     inputs = random_inputs(before)
-    ctx = RefContext(sizes=SIZES)
-    for a, b in zip(evaluate(before, inputs, ctx), evaluate(after, inputs, ctx), strict=True):
+    ours, theirs = (evaluate(g, inputs, context()) for g in (before, after))
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
@@ -314,12 +316,7 @@ def test_fuse_rope_attention():
     names = [e.input(i.value.name, i.value.type) for i in before.inputs]
     fused = ops.PagedAttention(0, 4, 2, 8, 8**-0.5, layout="bthd", rope=True)
     expected = e.build((e.add1(fused, *names),))
-    after = eliminate_dead_code(verify(fuse_rope_attention(verify(before))))
-    assert print_graph(after, numbered=True) == print_graph(expected, numbered=True)
-    inputs = random_inputs(before)
-    (a,) = evaluate(before, inputs, attention_context())
-    (b_,) = evaluate(after, inputs, attention_context())
-    torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
+    check(fuse_rope_attention, before, expected, context=attention_context)
 
 
 def test_fuse_rope_attention_fuses_a_rope_applied_before_the_heads_move():
@@ -342,12 +339,7 @@ def test_fuse_rope_attention_fuses_a_rope_applied_before_the_heads_move():
     c, s = (e.add1(ops.Reshape((1, "T", 8)), t) for t in (cos, sin))
     fused = replace(attn, layout="bthd", rope=True)
     expected = e.build((e.add1(fused, xq, xk, xv, c, s),))
-    after = eliminate_dead_code(verify(fuse_rope_attention(verify(before))))
-    assert print_graph(after, numbered=True) == print_graph(expected, numbered=True)
-    inputs = random_inputs(before)
-    (a,) = evaluate(before, inputs, attention_context())
-    (b_,) = evaluate(after, inputs, attention_context())
-    torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
+    check(fuse_rope_attention, before, expected, context=attention_context)
 
 
 def test_fuse_rope_attention_moves_partial_rotary_to_token_major():
@@ -379,12 +371,7 @@ def test_fuse_rope_attention_moves_partial_rotary_to_token_major():
 
     q, k = moved(xq), moved(xk)
     expected = e.build((e.add1(replace(attn, layout="bthd"), q, k, xv),))
-    after = eliminate_dead_code(verify(fuse_rope_attention(verify(before))))
-    assert print_graph(after, numbered=True) == print_graph(expected, numbered=True)
-    inputs = random_inputs(before)
-    (a,) = evaluate(before, inputs, attention_context())
-    (b_,) = evaluate(after, inputs, attention_context())
-    torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
+    check(fuse_rope_attention, before, expected, context=attention_context)
 
 
 def test_fuse_norm_linear_leaves_an_odd_width_pair():
