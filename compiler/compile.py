@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from compiler.artifact import check_output, write_artifact
 from compiler.frontend import LoadedModel, load_model, trace_model
+from compiler.frontend.loader import from_memory
 from compiler.frontend.module import from_module
 from compiler.passes.shard import shard
 from compiler.pipeline import CUDA_PASSES, PIPELINE, run_pipeline, run_target_passes
@@ -51,15 +53,22 @@ def compile_model(source: str, out: Path, options: CompileOptions = CompileOptio
 
 
 def compile_module(model: torch.nn.Module, out: Path, options: CompileOptions, **described):
-    """Compile a custom architecture (compiler/frontend/module.py); `described`: its facts."""
-    if options.max_model_len is None:
-        raise ValueError("compiling a module needs max_model_len (the longest sequence served)")
+    """Compile a model in memory: a transformers `…ForCausalLM` (`described` may name its
+    tokenizer), or a custom architecture (compiler/frontend/module.py; `described`: its facts).
+    """
     if options.dtype is not None:
         raise ValueError(
             "a module compiles in its parameters' dtype: cast it (module.to(dtype)) instead "
             "of passing dtype"
         )
     check_output(Path(out).resolve())
+    if isinstance(model, PreTrainedModel):
+        if set(described) - {"tokenizer"}:
+            given = sorted(set(described) - {"tokenizer"})
+            raise ValueError(f"a transformers model's configs give {given}: do not pass them")
+        return compile_loaded(from_memory(model, **described), out, options)
+    if options.max_model_len is None:
+        raise ValueError("compiling a module needs max_model_len (the longest sequence served)")
     return compile_loaded(from_module(model, options.max_model_len, **described), out, options)
 
 

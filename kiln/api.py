@@ -23,11 +23,13 @@ MODULE_OPTIONS = ("tokenizer", "eos_token_ids", "name", "generation_defaults")
 def compile(source: str | torch.nn.Module, out: str | Path, **options) -> Path:
     """Compile `source` into an artifact at `out`; returns `out`.
 
-    `source`: an HF directory, a .gguf file or builtin:NAME; or a custom architecture, a
-    `torch.nn.Module` in the flat-batch convention (`forward(token_ids, positions,
-    logits_indices) -> logits`, attention through `kiln.attention`; see
-    compiler/frontend/module.py), which needs `max_model_len` and may take `tokenizer`,
-    `eos_token_ids`, `name` and `generation_defaults`. Other options: CompileOptions' fields.
+    `source`: an HF directory, a .gguf file or builtin:NAME; a transformers `…ForCausalLM`
+    in memory (may take `tokenizer`); or a custom architecture, a `torch.nn.Module` in the
+    flat-batch convention (`forward(token_ids, positions, logits_indices) -> logits`,
+    attention through `kiln.attention`; see compiler/frontend/module.py), which needs
+    `max_model_len` and may take `tokenizer`, `eos_token_ids`, `name` and
+    `generation_defaults`. A model in memory compiles in its parameters' dtype. Other
+    options: CompileOptions' fields.
     """
     # imported here: the compiler pulls in transformers' model classes, which serving and
     # offline generation never need (seconds of `kiln run` start-up)

@@ -62,6 +62,38 @@ def from_transformers(model, tokenizer, source: str, source_sha256: str) -> Load
     )
 
 
+def from_memory(model: torch.nn.Module, tokenizer=None) -> LoadedModel:
+    """A transformers `…ForCausalLM` already in memory, compiled as its directory would be.
+
+    `tokenizer`: a transformers tokenizer, a directory holding one, or None (token ids only).
+    """
+    name = type(model).__name__
+    if not name.endswith("ForCausalLM"):
+        raise UnsupportedModelError(
+            f"{name}: kiln compiles a transformers …ForCausalLM (a model with its LM head)"
+        )
+    check_config(model.config)
+    source = f"transformers:{name}"
+    return from_transformers(model.eval(), as_tokenizer(tokenizer), source, state_sha256(model))
+
+
+def as_tokenizer(tokenizer):
+    """A tokenizer as given, or loaded from the directory named (no remote code)."""
+    if isinstance(tokenizer, str | Path):
+        return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+    return tokenizer
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """Of a module's named parameters and buffers: an in-memory source's hash."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def resolve_source(source: str) -> Path:
     """A path, or `builtin:NAME` for a model shipped in a PyPI package (e.g. builtin:smollm2)."""
     if source.startswith("builtin:"):

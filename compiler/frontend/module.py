@@ -10,9 +10,6 @@ the frontend converts and the passes optimize as they do a transformers model's.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import torch
 
 from compiler.frontend import attention as attention_op
@@ -21,6 +18,8 @@ from compiler.frontend.loader import (
     LoadedModel,
     ModelFacts,
     UnsupportedModelError,
+    as_tokenizer,
+    state_sha256,
 )
 
 
@@ -83,10 +82,7 @@ def from_module(
     unknown = set(generation_defaults or {}) - set(GENERATION_KEYS)
     if unknown:
         raise ValueError(f"unknown generation defaults {sorted(unknown)}; known: {GENERATION_KEYS}")
-    if isinstance(tokenizer, str | Path):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+    tokenizer = as_tokenizer(tokenizer)
     eos = {int(i) for i in eos_token_ids}
     if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
@@ -99,14 +95,4 @@ def from_module(
         generation_defaults=dict(generation_defaults or {}),
         hf_forward=False,
     )
-    return LoadedModel(model.eval(), tokenizer, f"module:{cls}", _state_sha256(model), facts)
-
-
-def _state_sha256(model: torch.nn.Module) -> str:
-    """Of the module's named parameters and buffers: the artifact's source hash."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return LoadedModel(model.eval(), tokenizer, f"module:{cls}", state_sha256(model), facts)

@@ -195,3 +195,26 @@ def test_unconvertible_op_is_named():
 
     with pytest.raises(UnsupportedOpError, match="cumsum"):
         trace_model(Odd())
+
+
+def test_a_transformers_model_in_memory_compiles_as_its_directory(tmp_path):
+    import kiln
+    from compiler.artifact import load_artifact
+    from ir.printer import print_graph
+
+    model = tiny_model("qwen3")
+    model.save_pretrained(tmp_path / "src", safe_serialization=True)
+    from_dir = load_artifact(kiln.compile(str(tmp_path / "src"), tmp_path / "a"))
+    in_memory = load_artifact(kiln.compile(model, tmp_path / "b"))
+    assert in_memory.manifest["source"] == "transformers:Qwen3ForCausalLM"
+    for key in ("architecture", "max_model_len", "eos_token_ids", "op_counts", "dtype"):
+        assert in_memory.manifest[key] == from_dir.manifest[key], key
+    assert print_graph(in_memory.graph) == print_graph(from_dir.graph)
+    assert in_memory.params.keys() == from_dir.params.keys()
+    assert all(torch.equal(in_memory.params[k], from_dir.params[k]) for k in from_dir.params)
+    with pytest.raises(UnsupportedModelError, match="ForCausalLM"):  # no LM head
+        kiln.compile(model.model, tmp_path / "c")
+    with pytest.raises(ValueError, match="eos_token_ids"):  # the configs say it
+        kiln.compile(model, tmp_path / "d", eos_token_ids=[1])
+    with pytest.raises(ValueError, match=r"module\.to\(dtype\)"):
+        kiln.compile(model, tmp_path / "e", dtype="bfloat16")

@@ -1,5 +1,6 @@
 """Tensor parallelism over two GPUs (NCCL): TP=2 gives TP=1's greedy tokens, with decode
-steps replayed from CUDA graphs that hold the all-reduces, and with every step eager."""
+steps replayed from CUDA graphs that hold the all-reduces, and with every step eager; every
+family that shards (and a custom module) does so in float32."""
 
 from __future__ import annotations
 
@@ -69,6 +70,36 @@ def test_tp2_on_two_gpus_gives_tp1_greedy_tokens(tmp_path):
         assert report["mean_err_std"] < 0.02
         assert report["within_tolerance"], report["divergences"]  # flips only at near-ties
         assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # workers gone
+
+
+def tiny_source(kind: str) -> torch.nn.Module:
+    from conftest import tiny_model
+    from custom_decoder import decoder
+
+    return decoder(layers=3) if kind == "custom" else tiny_model(kind)
+
+
+# phi: merged q/k/v + fc1, partial rotary, row-parallel biases; gpt_neox: parallel residual,
+# LayerNorm; custom: a decoder written from scratch (kiln.attention)
+@pytest.mark.parametrize("kind", ["phi", "gpt_neox", "custom"])
+def test_tp2_families_in_float32_give_tp1_greedy_tokens(kind, tmp_path):
+    import kiln
+
+    model = tiny_source(kind)  # float32 parameters: a float32 artifact
+    options = dict(target="cuda", max_model_len=128)
+    tp1 = kiln.compile(model, tmp_path / "tp1", **options)
+    tp2 = kiln.compile(model, tmp_path / "tp2", tensor_parallel_size=2, **options)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (1, 7, 30, 61)]
+    params = kiln.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    engine = dict(num_kv_blocks=64, max_num_batched_tokens=32)  # chunked, mixed prefills
+    with kiln.LLM(tp1, **engine) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with kiln.LLM(tp2, **engine) as llm:
+        assert llm.engine.runner.graphs is not None  # decode steps replay graphs
+        got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    print(f"TP=2 {kind} float32: {sum(a == b for a, b in zip(got, want))}/4 equal to TP=1")
+    assert got == want and all(len(t) == 24 for t in want)
 
 
 @pytest.mark.timeout(300, method="thread")  # a hang ends the session with every stack
