@@ -52,8 +52,9 @@ def smollm2_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    spec = {**TINY, **FAMILIES[family]}
+def tiny_model(family: str, seed: int = 0, **config) -> torch.nn.Module:
+    """A family's tiny model; `config` overrides its config (head counts, say)."""
+    spec = {**TINY, **FAMILIES[family], **config}
     config = AutoConfig.for_model(**spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()

@@ -95,6 +95,18 @@ def test_tp2_greedy_tokens_equal_tp1(artifacts, family):
     assert_gone(pids)
 
 
+def test_tp2_of_a_single_kv_head_model_gives_tp1_tokens(tmp_path):
+    """MQA: the one KV head replicated on both ranks, each caching it for its query heads."""
+    model = tiny_model("qwen3", num_key_value_heads=1)
+    tp1 = kiln.compile(model, tmp_path / "tp1")
+    tp2 = kiln.compile(model, tmp_path / "tp2", tensor_parallel_size=2)
+    with kiln.LLM(tp1, num_kv_blocks=64, max_num_batched_tokens=48) as llm:
+        expected = [o.token_ids for o in llm.generate(prompts(3), greedy(24), use_tqdm=False)]
+    with kiln.LLM(tp2, num_kv_blocks=64, max_num_batched_tokens=48) as llm:
+        outs = llm.generate(prompts(3), greedy(24), use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+
+
 def test_tp2_with_asynchronous_steps_gives_tp1_tokens(artifacts):
     """Each step launched before the last one's tokens are read back: rank 0 sends the
     workers inputs that take those tokens from its device."""
@@ -262,8 +274,8 @@ def test_sharded_ranks_compute_the_unsharded_logits(optimized, family):
     assert_ranks_compute_the_unsharded_logits(*optimized[family])
 
 
-def assert_ranks_compute_the_unsharded_logits(graph: Graph, params) -> None:
-    sharded, ranks = shard(graph, params, 2)
+def assert_ranks_compute_the_unsharded_logits(graph: Graph, params, tp: int = 2) -> None:
+    sharded, ranks = shard(graph, params, tp)
     full = Executor(graph, params)
     full_cache = allocate_kv_cache(kv_cache_spec(graph), 4, 16)
     rank_caches = [allocate_kv_cache(kv_cache_spec(sharded), 4, 16) for _ in ranks]
@@ -284,8 +296,35 @@ def test_shard_refuses_what_it_cannot_split(optimized):
     graph, params = optimized["llama"]  # 4 heads, 2 KV heads
     with pytest.raises(ShardError, match="num_heads=4 is not divisible by tensor_parallel_size=3"):
         shard(graph, params, 3)
-    with pytest.raises(ShardError, match="num_kv_heads=2 is not divisible"):
-        shard(graph, params, 4)
+    graph, params = run_pipeline(*trace_model(tiny_model("llama", num_attention_heads=12)))
+    with pytest.raises(ShardError, match="num_kv_heads=2 neither is divisible by nor divides"):
+        shard(graph, params, 3)  # 12 heads split, but 2 KV heads cannot be shared by 3 ranks
+
+
+# fewer KV heads than ranks: each KV head replicated on tp // num_kv_heads ranks (vLLM's
+# rule); qwen3's k norm sits between its k slice and the attention
+@pytest.mark.parametrize(
+    ("family", "kv_heads", "tp"), [("llama", 1, 2), ("llama", 2, 4), ("qwen3", 1, 4)]
+)
+def test_fewer_kv_heads_than_ranks_are_replicated(family, kv_heads, tp):
+    graph, params = run_pipeline(*trace_model(tiny_model(family, num_key_value_heads=kv_heads)))
+    sharded, ranks = shard(graph, params, tp)
+    for node in (n for n in sharded.nodes if isinstance(n.op, ops.PagedAttention)):
+        assert (node.op.num_heads, node.op.num_kv_heads) == (4 // tp, 1)
+    qkv = next(  # layer 0's merged q/k/v projection: three segments
+        n.inputs[1]
+        for n in graph.nodes
+        if isinstance(n.op, ops.Linear) and len(column_bounds(graph, n.inputs[1])) == 3
+    )
+    (_, q_end), (_, k_end), _ = column_bounds(graph, qkv)
+    head_dim = (k_end - q_end) // kv_heads
+    for r, rank in enumerate(ranks):  # q rows, then KV head r * kv_heads // tp's k and v rows
+        head = r * kv_heads // tp
+        q = params[qkv][r * q_end // tp : (r + 1) * q_end // tp]
+        k = params[qkv][q_end + head * head_dim :][:head_dim]
+        v = params[qkv][k_end + head * head_dim :][:head_dim]
+        assert torch.equal(rank[qkv], torch.cat([q, k, v]))
+    assert_ranks_compute_the_unsharded_logits(graph, params, tp)
 
 
 def test_a_row_parallel_bias_is_added_once_after_the_sum(optimized):

@@ -10,6 +10,10 @@ connect to, never by weight names:
   the slice offsets shrink to match. Any other Linear over a replicated input but the LM head
   is column-parallel as one segment (a per-head fused q/k/v, a lone up-projection) whose
   split last dim its users must take.
+- KV heads fewer than the ranks (MQA, or GQA at a large tp) are replicated, as vLLM does:
+  a k or v segment (one that reaches an attention op's k/v through reshapes, norms and
+  ropes) is cut into num_kv_heads parts, rank r holding part r * num_kv_heads // tp, so
+  each rank attends with one KV head that its query heads share.
 - split values then flow through Reshapes that split their leading split dim (heads),
   RMSNorm over an unsplit last dim (q/k norms), Slices and Concats along another dim than
   the split one and Ropes whose replicated tables broadcast over it (partial rotary),
@@ -22,7 +26,8 @@ connect to, never by weight names:
   whose output only reaches graph outputs through reshapes/casts) are kept whole on every
   rank: no logits all-gather, and the LM head runs on the last tokens only.
 
-Anything else is refused with ShardError: heads or KV heads not divisible by tp, other
+Anything else is refused with ShardError: heads not divisible by tp, KV heads neither
+divisible by tp nor dividing it, other
 uses of a split value, a Linear that fits none of the patterns, a cut weight shared with
 another node.
 """
@@ -48,36 +53,47 @@ class ShardError(ValueError):
     pass
 
 
+def _chunk(rank: int, parts: int, tp: int) -> int:
+    """Which of `parts` equal chunks rank r holds: its own when parts == tp, else (parts
+    dividing tp: replicated KV heads) one shared by tp // parts consecutive ranks."""
+    return rank * parts // tp
+
+
 @dataclass(frozen=True, slots=True)
 class Split:
-    """Rank r holds the r-th of tp equal contiguous chunks of `axis`."""
+    """`axis` is cut into `parts` equal contiguous chunks; rank r holds _chunk(r, parts, tp)."""
 
     axis: int
+    parts: int
 
 
 @dataclass(frozen=True, slots=True)
 class Segments:
-    """A column-parallel output: rank r holds the r-th chunk of every [start, end) segment."""
+    """A column-parallel output: [start, end) segments, each cut into its own number of parts
+    (tp, or num_kv_heads for a replicated k or v); rank r holds its chunk of every one."""
 
     bounds: tuple[tuple[int, int], ...]
+    parts: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """How a weight is divided: each [start, end) segment of `dim` split evenly over ranks."""
+    """How a weight is divided: each [start, end) segment of `dim` as Segments says."""
 
     dim: int
     bounds: tuple[tuple[int, int], ...]
+    parts: tuple[int, ...]
 
     def part(self, t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
         pieces = [
-            t.narrow(self.dim, s + rank * (e - s) // tp, (e - s) // tp) for s, e in self.bounds
+            t.narrow(self.dim, s + _chunk(rank, p, tp) * (e - s) // p, (e - s) // p)
+            for (s, e), p in zip(self.bounds, self.parts, strict=True)
         ]
         return torch.cat(pieces, self.dim).contiguous()
 
-    def shape(self, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         out = list(shape)
-        out[self.dim] = sum((e - s) // tp for s, e in self.bounds)
+        out[self.dim] = sum((e - s) // p for (s, e), p in zip(self.bounds, self.parts, strict=True))
         return tuple(out)
 
 
@@ -124,7 +140,7 @@ class _Planner:
             # one segment (GPT-NeoX's per-head [q|k|v] projection, a lone up-projection): its
             # users' rules decide whether a split last dim can flow on
             self._column_parallel(node, w, bias[0] if bias else None, [])
-            self.layouts[node.outputs[0].name] = Split(last)
+            self.layouts[node.outputs[0].name] = Split(last, self.tp)
 
     def _reaches_outputs_only(self, name: str) -> bool:
         users = self.users.get(name, [])
@@ -136,16 +152,32 @@ class _Planner:
 
     def _column_parallel(self, node: Node, w: str, bias: str | None, slices: list[Node]) -> None:
         width = self.type_of(node.outputs[0].name).shape[-1]
-        bounds = tuple(sorted({_bounds(u.op, width) for u in slices})) or ((0, width),)
+        parts_of = {_bounds(u.op, width): self._parts(u) for u in slices}
+        bounds = tuple(sorted(parts_of)) or ((0, width),)
         if [s for s, _ in bounds] != [0, *(e for _, e in bounds[:-1])] or bounds[-1][1] != width:
             raise self.fail(node, f"its slices {bounds} do not tile its {width} outputs")
-        for s, e in bounds:
-            if (e - s) % self.tp:
-                raise self.fail(node, f"segment [{s}, {e}) is not divisible by {self.tp} ranks")
-        for p in (w, bias):
-            if p is not None:
-                self._cut(node, p, Cut(0, bounds))
-        self.layouts[node.outputs[0].name] = Segments(bounds)
+        parts = tuple(parts_of.get(b, self.tp) for b in bounds)
+        for (s, e), p in zip(bounds, parts, strict=True):
+            if (e - s) % p:
+                raise self.fail(node, f"segment [{s}, {e}) is not divisible into {p} parts")
+        for param in (w, bias):
+            if param is not None:
+                self._cut(node, param, Cut(0, bounds, parts))
+        self.layouts[node.outputs[0].name] = Segments(bounds, parts)
+
+    def _parts(self, node: Node) -> int:
+        """num_kv_heads where `node` is a k or v that reaches attention with fewer KV heads than
+        ranks (through reshapes, norms and ropes, each its only user), else tp."""
+        while True:
+            users = self.users.get(node.outputs[0].name, [])
+            if len(users) != 1:
+                return self.tp
+            name, (node,) = node.outputs[0].name, users
+            if isinstance(node.op, ops.PagedAttention):
+                kv = node.op.num_kv_heads
+                return kv if name in node.inputs[1:3] and kv < self.tp else self.tp
+            if not isinstance(node.op, ops.Reshape | ops.RMSNorm | ops.Rope | ops.Cast):
+                return self.tp
 
     def _cut(self, node: Node, param: str, cut: Cut) -> None:
         if param not in self.params or len(self.users[param]) != 1:
@@ -175,30 +207,35 @@ def _slice(pl: _Planner, node: Node, layouts) -> Layout:
     (seg,) = layouts
     if isinstance(seg, Split):
         return _along_other_dim(pl, node, seg)
-    bounds = seg.bounds
-    i = bounds.index(_bounds(node.op, pl.type_of(node.inputs[0]).shape[-1]))
-    start = sum(e - s for s, e in bounds[:i]) // pl.tp
-    end = start + (bounds[i][1] - bounds[i][0]) // pl.tp
+    widths = [(e - s) // p for (s, e), p in zip(seg.bounds, seg.parts, strict=True)]
+    i = seg.bounds.index(_bounds(node.op, pl.type_of(node.inputs[0]).shape[-1]))
+    start, end = sum(widths[:i]), sum(widths[: i + 1])
     pl.new_ops[id(node)] = replace(node.op, start=start, end=end)
-    return Split(pl.type_of(node.outputs[0].name).rank - 1)
+    return Split(pl.type_of(node.outputs[0].name).rank - 1, seg.parts[i])
 
 
 def _reshape(pl: _Planner, node: Node, layouts) -> Layout:
     (split,) = layouts
     src, dst = pl.type_of(node.inputs[0]).shape, pl.type_of(node.outputs[0].name).shape
     a = _axis(pl, node, split)
-    # the split dim keeps what precedes it, up to unit dims ([T, 16] -> [1, T, 2, 8])
+    # the split dim keeps what precedes it, up to unit dims ([T, 16] -> [1, T, 2, 8]); one
+    # part (a lone KV head, replicated) may be a unit dim itself ([T, 8] -> [1, T, 1, 8])
     lead = [d for d in src[:a] if d != 1]
     b = next(
-        (b for b in range(len(dst)) if dst[b] != 1 and [d for d in dst[:b] if d != 1] == lead),
+        (
+            b
+            for b in range(len(dst))
+            if (dst[b] != 1 or split.parts == 1) and [d for d in dst[:b] if d != 1] == lead
+        ),
         None,
     )
     if b is None or not isinstance(dst[b], int):
         raise pl.fail(node, f"the reshape {src} -> {dst} moves the split dimension {a}")
-    if dst[b] % pl.tp:
-        raise pl.fail(node, f"dimension {b} of {dst} is not divisible by {pl.tp} ranks")
-    pl.new_ops[id(node)] = replace(node.op, shape=(*dst[:b], dst[b] // pl.tp, *dst[b + 1 :]))
-    return Split(b)
+    if dst[b] % split.parts:
+        raise pl.fail(node, f"dimension {b} of {dst} is not divisible into {split.parts} parts")
+    shape = (*dst[:b], dst[b] // split.parts, *dst[b + 1 :])
+    pl.new_ops[id(node)] = replace(node.op, shape=shape)
+    return Split(b, split.parts)
 
 
 def _rmsnorm(pl: _Planner, node: Node, layouts) -> Layout:
@@ -236,12 +273,13 @@ def _rope(pl: _Planner, node: Node, layouts) -> Layout:
 def _attention(pl: _Planner, node: Node, layouts) -> Layout:
     op = node.op
     head_axis = 1 if op.layout == "bhtd" else 2
-    if layouts[:3] != [Split(head_axis)] * 3 or any(layouts[3:]):
+    kv = Split(head_axis, min(op.num_kv_heads, pl.tp))  # fewer KV heads: replicated
+    if layouts[:3] != [Split(head_axis, pl.tp), kv, kv] or any(layouts[3:]):
         raise pl.fail(node, "q, k and v must all be split over heads, cos/sin replicated")
     pl.new_ops[id(node)] = replace(
-        op, num_heads=op.num_heads // pl.tp, num_kv_heads=op.num_kv_heads // pl.tp
+        op, num_heads=op.num_heads // pl.tp, num_kv_heads=op.num_kv_heads // kv.parts
     )
-    return Split(2)  # the output is [1, T, H, D] in both layouts
+    return Split(2, pl.tp)  # the output is [1, T, H, D] in both layouts
 
 
 def _elementwise(pl: _Planner, node: Node, layouts) -> Layout:
@@ -254,9 +292,9 @@ def _elementwise(pl: _Planner, node: Node, layouts) -> Layout:
 
 def _row_parallel(pl: _Planner, node: Node, layouts) -> None:
     x, w = node.inputs[:2]
-    if layouts[0] != Split(pl.type_of(x).rank - 1) or any(layouts[1:]):
+    if layouts[0] != Split(pl.type_of(x).rank - 1, pl.tp) or any(layouts[1:]):
         raise pl.fail(node, "its input is not split over its last dimension")
-    pl._cut(node, w, Cut(1, ((0, pl.type_of(w).shape[1]),)))
+    pl._cut(node, w, Cut(1, ((0, pl.type_of(w).shape[1]),), (pl.tp,)))
     pl.row_parallel.add(id(node))
 
 
@@ -303,15 +341,17 @@ def shard(
 
 
 def _check_heads(graph: Graph, tp: int) -> None:
-    for node in graph.nodes:
-        op = node.op
-        if isinstance(op, ops.PagedAttention):
-            for field in ("num_heads", "num_kv_heads"):
-                if getattr(op, field) % tp:
-                    raise ShardError(
-                        f"attention layer {op.layer}: {field}={getattr(op, field)} is not "
-                        f"divisible by tensor_parallel_size={tp}"
-                    )
+    for op in (n.op for n in graph.nodes if isinstance(n.op, ops.PagedAttention)):
+        where = f"attention layer {op.layer}"
+        if op.num_heads % tp:
+            raise ShardError(
+                f"{where}: num_heads={op.num_heads} is not divisible by tensor_parallel_size={tp}"
+            )
+        if op.num_kv_heads % tp and tp % op.num_kv_heads:
+            raise ShardError(
+                f"{where}: num_kv_heads={op.num_kv_heads} neither is divisible by nor divides "
+                f"tensor_parallel_size={tp} (KV heads are split, or replicated when fewer)"
+            )
 
 
 def _rank_part(t: torch.Tensor, cut: Cut | None, rank: int, tp: int) -> torch.Tensor:
@@ -320,7 +360,7 @@ def _rank_part(t: torch.Tensor, cut: Cut | None, rank: int, tp: int) -> torch.Te
 
 def _rebuild(pl: _Planner) -> Graph:
     graph = pl.graph
-    inputs = tuple(_cut_input(i, pl.cuts.get(i.value.name), pl.tp) for i in graph.inputs)
+    inputs = tuple(_cut_input(i, pl.cuts.get(i.value.name)) for i in graph.inputs)
     b = GraphBuilder(inputs, taken={v.name for n in graph.nodes for v in n.outputs})
     for node in graph.nodes:
         op = pl.new_ops.get(id(node), node.op)
@@ -338,8 +378,8 @@ def _rebuild(pl: _Planner) -> Graph:
     return b.build(graph.outputs)
 
 
-def _cut_input(inp: Input, cut: Cut | None, tp: int) -> Input:
+def _cut_input(inp: Input, cut: Cut | None) -> Input:
     if cut is None:
         return inp
     t = inp.value.type
-    return Input(Value(inp.value.name, t.with_shape(cut.shape(t.shape, tp))), inp.kind)
+    return Input(Value(inp.value.name, t.with_shape(cut.shape(t.shape))), inp.kind)
