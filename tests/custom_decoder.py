@@ -62,9 +62,15 @@ class Block(nn.Module):
 class TinyDecoder(nn.Module):
     """A decoder written from scratch: no transformers class, no config."""
 
-    def __init__(self, layers: int = 3, vocab: int = VOCAB, interleaved: bool = False) -> None:
+    def __init__(
+        self,
+        layers: int = 3,
+        vocab: int = VOCAB,
+        interleaved: bool = False,
+        logit_softcap: float | None = None,
+    ) -> None:
         super().__init__()
-        self.interleaved = interleaved
+        self.interleaved, self.logit_softcap = interleaved, logit_softcap
         self.embed = nn.Embedding(vocab, HIDDEN)
         rope = rotate_pairs if interleaved else rotate
         self.blocks = nn.ModuleList(Block(i, rope) for i in range(layers))
@@ -82,7 +88,10 @@ class TinyDecoder(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.head(self.norm(x)[logits_indices])
+        logits = self.head(self.norm(x)[logits_indices])
+        if self.logit_softcap is None:
+            return logits
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)  # Gemma-2's
 
 
 def decoder(seed: int = 0, cls: type[nn.Module] = TinyDecoder, **kwargs) -> nn.Module:

@@ -23,8 +23,9 @@ connect to, never by weight names:
   split, and a new AllReduce sums the partial outputs; a bias is added after the sum
   (once, not on every rank's partial output).
 - replicated: everything over replicated values. The embedding and the LM head (a Linear
-  whose output only reaches graph outputs through reshapes/casts) are kept whole on every
-  rank: no logits all-gather, and the LM head runs on the last tokens only.
+  whose output only reaches graph outputs through reshapes, casts and elementwise ops of the
+  logits alone, such as a softcap) are kept whole on every rank: no logits all-gather, and
+  the LM head runs on the last tokens only.
 
 Anything else is refused with ShardError: heads not divisible by tp, KV heads neither
 divisible by tp nor dividing it, other
@@ -46,7 +47,9 @@ from ir.types import TensorType, normalize_dim
 from ir.verify import verify
 
 ELEMENTWISE = (ops.SiluMul, ops.FusedElementwise, ops.Unary, ops.Binary, ops.BinaryScalar, ops.Cast)
-VIEWS = (ops.Reshape, ops.Cast)  # what may sit between the LM head and the graph output
+# what may sit between the LM head and the graph output: views, and elementwise ops of the
+# logits and weights alone (a logit softcap)
+HEAD_TAIL = (ops.Reshape, *ELEMENTWISE)
 
 
 class ShardError(ValueError):
@@ -147,7 +150,10 @@ class _Planner:
         if name in self.graph.outputs:
             return not users
         return bool(users) and all(
-            isinstance(u.op, VIEWS) and self._reaches_outputs_only(u.outputs[0].name) for u in users
+            isinstance(u.op, HEAD_TAIL)
+            and set(u.inputs) - {name, None} <= self.params
+            and self._reaches_outputs_only(u.outputs[0].name)
+            for u in users
         )
 
     def _column_parallel(self, node: Node, w: str, bias: str | None, slices: list[Node]) -> None:

@@ -100,6 +100,18 @@ def test_custom_module_shards_over_two_ranks(tmp_path):
     assert [o.token_ids for o in outs] == [eager_greedy(model, p, 8) for p in prompts]
 
 
+def test_a_logit_softcap_after_the_lm_head_shards(tmp_path):
+    """tanh capping the logits (elementwise ops of the LM head's output alone): the head
+    stays whole on every rank, no logits to gather."""
+    model = decoder(layers=2, logit_softcap=2.0)
+    art = kiln.compile(model, tmp_path / "art", max_model_len=64, tensor_parallel_size=2)
+    prompts = [[4], list(range(10, 33))]
+    params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(art, num_kv_blocks=16, max_num_batched_tokens=16) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_a_parallel_residual_decoder(tp, tmp_path):
     """LayerNorm, learned positions, GELU; the module splits q/k/v off one Linear, which the
