@@ -351,21 +351,26 @@ def test_a_row_parallel_bias_is_added_once_after_the_sum(optimized):
     assert_ranks_compute_the_unsharded_logits(with_bias, params)
 
 
-def linear_then(op) -> Graph:
+def linear_then(op, *operands: str) -> Graph:
+    """x @ w, then `op` of it and the runtime inputs `operands` ([1, T, 4] each)."""
     b = GraphBuilder()
     x = b.input("x", TensorType((1, "T", 8), "float32"))
     y = b.add1(ops.Linear(), x, b.input("w", TensorType((4, 8), "float32"), kind="param"))
-    return b.build((b.add1(op, y),))
+    others = [b.input(n, TensorType((1, "T", 4), "float32")) for n in operands]
+    return b.build((b.add1(op, y, *others),))
 
 
 def test_shard_refuses_unrecognized_linears():
     w = {"w": torch.zeros(4, 8)}
-    with pytest.raises(ShardError, match="graph output %unary would be split"):
-        shard(linear_then(ops.Unary("silu")), w, 2)
+    with pytest.raises(ShardError, match="Binary -> %binary: mixing split and replicated"):
+        shard(linear_then(ops.Binary("mul"), "z"), w, 2)
     with pytest.raises(ShardError, match=r"cannot shard Mean .* cannot take a tensor-parallel"):
         shard(linear_then(ops.Mean((-1,), True)), w, 2)
     with pytest.raises(ShardError, match="graph output %slice would be split"):
         shard(linear_then(ops.Slice(-1, 0, 4)), w, 2)
+    # elementwise ops of its output alone up to the graph output: an LM head, kept whole
+    graph, ranks = shard(linear_then(ops.Unary("tanh")), w, 2)
+    assert all(r["w"] is w["w"] for r in ranks) and "AllReduce" not in graph.op_counts()
 
 
 def test_artifact_holds_weights_per_rank(artifacts, optimized):
