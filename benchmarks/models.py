@@ -72,6 +72,20 @@ CONFIGS = {
         use_parallel_residual=True,
         tie_word_embeddings=False,
     ),
+    "olmo-1b": dict(  # LayerNorm without affine parameters, float32 rope tables
+        model_type="olmo",
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        pad_token_id=1,
+        eos_token_id=50279,
+        tie_word_embeddings=True,
+    ),
 }
 
 

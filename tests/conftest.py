@@ -38,6 +38,8 @@ FAMILIES = {
     "phi": dict(model_type="phi", tie_word_embeddings=False),
     # LayerNorm, a 1/4 rotary fraction, MHA through one fused QKV projection chunked per head
     "gpt_neox": dict(model_type="gpt_neox", tie_word_embeddings=False, num_key_value_heads=4),
+    # LayerNorm without weight or bias (a weight of ones in the graph), otherwise Llama-like
+    "olmo": dict(model_type="olmo", tie_word_embeddings=False, eos_token_id=1, pad_token_id=1),
 }
 
 

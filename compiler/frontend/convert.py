@@ -45,11 +45,18 @@ def converter(*targets) -> Callable:
 @dataclass
 class Converter:
     """State of one conversion: fx node -> IR value name (a tuple of names for an op that
-    returns a list of tensors, e.g. chunk), symbol -> "T"/"B"."""
+    returns a list of tensors, e.g. chunk), symbol -> "T"/"B", and the params it created."""
 
     builder: GraphBuilder
     symbols: dict[str, str]
     env: dict[fx.Node, str | tuple[str, ...]] = field(default_factory=dict)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def constant(self, hint: str, tensor: torch.Tensor) -> str:
+        """A param the model does not hold (a weightless LayerNorm's ones)."""
+        name = self.builder.fresh(hint)
+        self.constants[name] = tensor
+        return self.builder.input(name, self.tensor_type(tensor), kind="param")
 
     def value(self, x) -> str:
         return self.env[x]
@@ -171,10 +178,13 @@ def _gelu(cx, node, x, approximate="none"):
 def _layer_norm(cx, node, x, shape, weight=None, bias=None, eps=1e-5, *unused):
     if len(shape) != 1:
         raise UnsupportedOpError(f"layer_norm over {len(shape)} dimensions (only the last)")
-    if weight is None:
-        raise UnsupportedOpError("layer_norm without a weight (elementwise_affine=False)")
+    if weight is None:  # OLMo's: no affine parameters, a weight of ones
+        ones = torch.ones(shape[0], dtype=x.meta["val"].dtype)
+        weight = cx.constant("layer_norm_ones", ones)
+    else:
+        weight = cx.value(weight)
     bias = cx.value(bias) if bias is not None else None
-    return cx.add(ops.LayerNorm(float(eps)), cx.value(x), cx.value(weight), bias)
+    return cx.add(ops.LayerNorm(float(eps)), cx.value(x), weight, bias)
 
 
 @converter(aten.to.dtype, aten.to.device, aten._to_copy.default, aten.to.dtype_layout)

@@ -157,8 +157,8 @@ def check_config(config) -> None:
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise UnsupportedModelError(
             f"{config.model_type}: architecture {archs} is not supported (kiln compiles "
-            "…ForCausalLM decoders: Llama, Qwen2, Qwen3, Mistral, Phi, GPT-NeoX and their kin; "
-            "other architectures as a torch module, through kiln.compile)"
+            "…ForCausalLM decoders: Llama, Qwen2, Qwen3, Mistral, Phi, GPT-NeoX, OLMo and their "
+            "kin; other architectures as a torch module, through kiln.compile)"
         )
     rope = getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type")) == "dynamic":

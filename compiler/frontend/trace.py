@@ -123,7 +123,7 @@ def to_ir(program: ExportedProgram) -> tuple[Graph, dict[str, torch.Tensor]]:
     if len(output.args[0]) != 1:
         raise UnsupportedOpError(f"{len(output.args[0])} outputs; the logits [B, vocab] only")
     (result,) = output.args[0]
-    return cx.builder.build((cx.env[result],)), params
+    return cx.builder.build((cx.env[result],)), {**params, **cx.constants}
 
 
 def _user_input_names(program: ExportedProgram) -> list[str]:

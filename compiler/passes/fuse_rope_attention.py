@@ -2,7 +2,8 @@
 
 Pre: Rope raised; attention in layout "bhtd" with q = Rope(Transpose(Xq, 1, 2), c, s),
 k = Rope(Transpose(Xk, 1, 2), c, s), v = Transpose(Xv, 1, 2), c/s = Reshape([1, T, D] ->
-[1, 1, T, D]), each Rope's output of its input's type (no promotion to the tables' dtype).
+[1, 1, T, D]), each Rope's output of its input's type, or promoted to the tables' dtype and
+cast straight back (OLMo's float32 tables: the prologue rotates in the promoted dtype too).
 Post: PagedAttention(layout="bthd", rope=True)(Xq, Xk, Xv, cos, sin). Otherwise, when q, k
 and v are each computed from a Transpose(X, 1, 2) by ops over the last dimension alone
 (Slice, Concat, a Rope as above: partial rotary rotates a slice of each head), those ops are
@@ -102,6 +103,14 @@ def _rotated_before(rw: Rewriter, op: ops.PagedAttention, q: str, k: str, xv: st
     return rw.add(replace(op, layout="bthd", rope=True), xq, xk, xv, cos, sin)[0]
 
 
+def _rope_of(rw: Rewriter, name: str) -> Node | None:
+    """The Rope computing `name` in its own dtype: Rope(x) of x's type, or Cast(Rope(x)) to
+    x's dtype (the rope promoted to its tables' dtype, then rounded back)."""
+    cast = rw.producer(name, ops.Cast)
+    rope = rw.producer(cast.inputs[0] if cast else name, ops.Rope)
+    return rope if rope and rw.type_of(rope.inputs[0]) == rw.type_of(name) else None
+
+
 def fuse_rope_attention(graph: Graph) -> Graph:
     tables: dict[str, str] = {}  # shared by the layers: one view of each table
 
@@ -111,14 +120,8 @@ def fuse_rope_attention(graph: Graph) -> Graph:
             return None
         q, k, v = node.inputs[:3]
         xv = _untransposed(rw, v)
-        rq, rk = rw.producer(q, ops.Rope), rw.producer(k, ops.Rope)
-        # the fused prologue rotates in q's and k's own dtype: no rope that promotes them
-        same = (
-            rq
-            and rk
-            and all(rw.type_of(r.inputs[0]) == rw.type_of(n) for r, n in ((rq, q), (rk, k)))
-        )
-        if same and rq.inputs[1:] == rk.inputs[1:] and xv:
+        rq, rk = _rope_of(rw, q), _rope_of(rw, k)
+        if rq and rk and rq.inputs[1:] == rk.inputs[1:] and xv:
             xq, xk = _untransposed(rw, rq.inputs[0]), _untransposed(rw, rk.inputs[0])
             cos, sin = _table(rw, rq.inputs[1]), _table(rw, rq.inputs[2])
             if xq and xk and cos and sin:

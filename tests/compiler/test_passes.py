@@ -290,9 +290,9 @@ def test_fuse_elementwise_builds_expression_tree(dtype):
     check(fuse_elementwise, before, expected, atol=0)  # explicit casts: bit-exact
 
 
-def attention_context(tokens=5):
-    """One sequence of `tokens` new tokens, block size 4, empty caches."""
-    caches = ((torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8)),)
+def attention_context(tokens=5, dtype=torch.float32):
+    """One sequence of `tokens` new tokens, block size 4, empty caches of `dtype`."""
+    caches = ((torch.zeros(4, 4, 2, 8, dtype=dtype), torch.zeros(4, 4, 2, 8, dtype=dtype)),)
     return RefContext(
         {"T": tokens},
         caches,
@@ -437,6 +437,25 @@ def test_cse_and_canonicalize_keep_the_sign_of_zero():
         xs = {"x": torch.tensor([-0.0, 1.0])}
         ctx = RefContext(sizes=SIZES)
         torch.testing.assert_close(evaluate(after, xs, ctx)[0], evaluate(g, xs, ctx)[0])
+
+
+def test_fuse_rope_attention_fuses_a_promoting_rope_cast_back():
+    """OLMo: bf16 q/k rotated by float32 tables (float32 results) and cast straight back to
+    bf16: the fused prologue rotates in the promoted dtype and rounds once, as the casts do."""
+    attn = ops.PagedAttention(0, 4, 2, 8, 8**-0.5)
+    bf16 = lambda *shape: TensorType(shape, "bfloat16")  # noqa: E731
+    b = GraphBuilder()
+    xq, xk, xv = (b.input(n, bf16(1, "T", h, 8)) for n, h in (("q", 4), ("k", 2), ("v", 2)))
+    cos, sin = b.input("cos", f32(1, "T", 8)), b.input("sin", f32(1, "T", 8))
+    c4, s4 = (b.add1(ops.Reshape((1, 1, "T", 8)), t) for t in (cos, sin))
+    q, k, v = (b.add1(ops.Transpose(1, 2), t) for t in (xq, xk, xv))
+    q, k = (b.add1(ops.Cast("bfloat16"), b.add1(ops.Rope(), t, c4, s4)) for t in (q, k))
+    before = b.build((b.add1(attn, q, k, v),))
+    e = GraphBuilder()
+    names = [e.input(i.value.name, i.value.type) for i in before.inputs]
+    expected = e.build((e.add1(replace(attn, layout="bthd", rope=True), *names),))
+    context = lambda: attention_context(dtype=torch.bfloat16)  # noqa: E731
+    check(fuse_rope_attention, before, expected, atol=0, context=context)
 
 
 def test_fuse_rope_attention_leaves_a_promoting_rope():

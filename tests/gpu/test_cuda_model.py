@@ -51,8 +51,9 @@ def teacher_forced(engine, ids: torch.Tensor) -> torch.Tensor:
         ("llama-3.1-8b", {"num_hidden_layers": 4}),
         ("phi-2", {"num_hidden_layers": 4}),  # partial rotary: torch ops there
         ("pythia-410m", {}),
+        ("olmo-1b", {"num_hidden_layers": 4}),
     ],
-    ids=["qwen3-0.6b", "llama-3.1-8b-4layers", "phi-2-4layers", "pythia-410m"],
+    ids=["qwen3-0.6b", "llama-3.1-8b-4layers", "phi-2-4layers", "pythia-410m", "olmo-1b-4layers"],
 )
 def test_logits_and_argmax_match_transformers(name, overrides, dtype, tmp_path):
     from benchmarks.models import in_memory_artifact, random_model
