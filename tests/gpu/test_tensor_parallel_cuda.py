@@ -76,12 +76,20 @@ def tiny_source(kind: str) -> torch.nn.Module:
     from conftest import tiny_model
     from custom_decoder import decoder
 
+    if kind == "mqa":
+        return tiny_model("qwen3", num_key_value_heads=1)
+    if kind == "softcap":
+        return decoder(layers=2, logit_softcap=2.0)
     return decoder(layers=3) if kind == "custom" else tiny_model(kind)
 
 
 # phi: merged q/k/v + fc1, partial rotary, row-parallel biases; gpt_neox: parallel residual,
-# LayerNorm; custom: a decoder written from scratch (kiln.attention)
-@pytest.mark.parametrize("kind", ["phi", "gpt_neox", "custom"])
+# LayerNorm; olmo: weightless LayerNorm; mqa: one KV head, replicated on both ranks; custom:
+# a decoder written from scratch (kiln.attention); softcap: one capping its logits
+KINDS = ["phi", "gpt_neox", "olmo", "mqa", "custom", "softcap"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_tp2_families_in_float32_give_tp1_greedy_tokens(kind, tmp_path):
     import kiln
 
