@@ -312,8 +312,9 @@ class PagedAttention:
     Writes k/v of the new tokens into the layer's cache at `slot_mapping`, then attends
     (GQA, optional sliding window and logit soft-cap). layout "bhtd": q [1, H, T, D] and
     k/v [1, KVH, T, D] as transformers hands them over; "bthd": q [1, T, H, D] (no
-    transposes). With rope, inputs are (q, k, v, cos, sin), cos/sin [1, T, D], and q/k are
-    rotated in the prologue. Output: [1, T, H, D].
+    transposes). With rope, inputs are (q, k, v, cos, sin), cos/sin [1, T, R], and q/k are
+    rotated in the prologue: their first R = rotary_dim columns of each head (partial rotary;
+    None: all D), the rest kept. Output: [1, T, H, D].
     """
 
     layer: int
@@ -325,6 +326,7 @@ class PagedAttention:
     softcap: float | None = None
     layout: str = "bhtd"
     rope: bool = False
+    rotary_dim: int | None = None
 
     def infer(self, q: TensorType, k: TensorType, v: TensorType, cos=None, sin=None):
         h_axis, t_axis = (1, 2) if self.layout == "bhtd" else (2, 1)
@@ -334,6 +336,15 @@ class PagedAttention:
                 raise ValueError(f"PagedAttention: bad operand {t} for layout {self.layout}")
         if self.rope != (cos is not None and sin is not None):
             raise ValueError("PagedAttention: cos/sin operands must match the rope attribute")
+        if self.rotary_dim is not None and not (
+            self.rope and 0 < self.rotary_dim < self.head_dim and self.rotary_dim % 2 == 0
+        ):
+            raise ValueError(
+                f"PagedAttention: rotary_dim {self.rotary_dim} needs rope and an even width "
+                f"below head_dim {self.head_dim}"
+            )
+        if self.rope and any(t.shape[-1] != (self.rotary_dim or self.head_dim) for t in (cos, sin)):
+            raise ValueError(f"PagedAttention: cos/sin {cos}, {sin} do not span the rotary dims")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("PagedAttention: num_heads must be a multiple of num_kv_heads")
         tokens = q.shape[t_axis]

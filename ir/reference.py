@@ -230,8 +230,9 @@ def _paged_attention(op, ctx, q, k, v, cos=None, sin=None):
     else:
         q, k, v = q[0], k[0], v[0]
     if op.rope:
-        c, s = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, D]
-        q, k = rope(q, c, s).to(q.dtype), rope(k, c, s).to(k.dtype)
+        c, s = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, R]
+        r = op.rotary_dim or op.head_dim
+        q, k = (torch.cat([rope(t[..., :r], c, s).to(t.dtype), t[..., r:]], -1) for t in (q, k))
     k_cache, v_cache = ctx.kv_caches[op.layer]
     write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
     plan = ctx.memo.get(("attention", op.sliding_window))

@@ -12,6 +12,9 @@ Index arithmetic is unsigned 32-bit (tokens x threads a token < 2^32), its divis
 compile-time constants; the caches are seen as [slot, kv head, dim] (blocks and their
 offsets merged), so a slot needs no division.
 
+Partial rotary (rotary_dim R < dim): threads d < R/2 rotate the pair (d, d + R/2), the
+others copy the pair (R + j, R + j + (dim - R)/2), j = d - R/2.
+
 Negative slots (padding) write nothing. Rope rounds each product and the sum to the
 operands' dtype, as the reference's torch ops do, so the cache matches the reference bit for
 bit: the products and the sum are explicitly rounded float32 operations, which the compiler
@@ -180,6 +183,9 @@ def build_kv_write(
     c_q, c_k = promote(q.dtype, cos.dtype), promote(k.dtype, cos.dtype)
     q_rows_fn = _rows(per, load_q, _rounder(c_q, q.dtype), _rotator(c_q))
     k_rows_fn = _rows(per, load_k, _rounder(c_k, k.dtype, q.dtype), _rotator(c_k))
+    q_copy = _rows(per, load_q, _rounder(q.dtype))
+    rotary = op.rotary_dim or dim
+    U_ROT, U_ROTARY, U_REST = (np.uint32(n) for n in (rotary // 2, rotary, (dim - rotary) // 2))
 
     @cuda.jit
     def rope_kv_cache_write(q_rot, k_cache, v_cache, q, k, v, cos, sin, slot_mapping):
@@ -189,10 +195,19 @@ def build_kv_write(
         slot = int64(slot_mapping[t])
         write, row = slot >= 0, uint64(max(slot, 0))
         e = d + U_LANES
+        x = float32(0.0)
         if kind == 2:  # v: no rope
-            x = float32(0.0)
             copy_rows(v, t, v_cache, row, h0, U_KV_HEADS, d, e, True, write, x, x, x, x)
             return
+        if d >= U_ROT:  # partial rotary: columns past the rotated ones, copied
+            c = U_ROTARY + (d - U_ROT)
+            f = c + U_REST
+            if kind == 0:
+                q_copy(q, t, q_rot, t, h0, U_HEADS, c, f, True, True, x, x, x, x)
+            else:
+                copy_rows(k, t, k_cache, row, h0, U_KV_HEADS, c, f, True, write, x, x, x, x)
+            return
+        e = d + U_ROT
         c0, c1 = load_cs(cos[t, d]), load_cs(cos[t, e])
         s0, s1 = load_cs(sin[t, d]), load_cs(sin[t, e])
         if kind == 0:
@@ -202,6 +217,6 @@ def build_kv_write(
 
     params = (Param("q_rot", q.dtype, 3), *cache, Param("in0", q.dtype, 3, "A"), *kv)
     params += (Param("in3", cos.dtype, 2), Param("in4", cos.dtype, 2), slots)
-    key = (heads, kv_heads, dim, q.dtype, k.dtype, cos.dtype, per, nt)
+    key = (heads, kv_heads, dim, rotary, q.dtype, k.dtype, cos.dtype, per, nt)
     name = kernel_name("rope_kv_cache_write", *key)
     return Kernel(name, rope_kv_cache_write, params, (nt,), grid)

@@ -68,10 +68,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_kv_write(
-    heads, kv_heads, dim, tokens, dtype, cs_dtype=None, k_dtype=None, block=4, device="cpu"
+    heads,
+    kv_heads,
+    dim,
+    tokens,
+    dtype,
+    cs_dtype=None,
+    k_dtype=None,
+    block=4,
+    device="cpu",
+    rotary_dim=None,
 ):
     """The prologue alone (rotated q, and k/v in the cache) against the reference, bit for bit;
-    no cos/sin dtype: no rope. A few tokens are padding (slot -1) and write nothing."""
+    no cos/sin dtype: no rope. A few tokens are padding (slot -1) and write nothing.
+    rotary_dim: rope on that many leading columns of each head only."""
     k_dtype = k_dtype or dtype
     q = rand(1, tokens, heads, dim, dtype=dtype, device=device)
     k, v = (rand(1, tokens, kv_heads, dim, dtype=k_dtype, device=device) for _ in "kv")
@@ -82,8 +92,18 @@ def check_kv_write(
     k_cache, v_cache, q_rot = cache.clone(), cache.clone(), poisoned(q.shape[1:], dtype, device)
     inputs = [q, k, v]
     if cs_dtype is not None:
-        inputs += [rand(1, tokens, dim, dtype=cs_dtype, device=device) for _ in "cs"]
-    op = PagedAttention(0, heads, kv_heads, dim, dim**-0.5, layout="bthd", rope=bool(inputs[3:]))
+        width = rotary_dim or dim
+        inputs += [rand(1, tokens, width, dtype=cs_dtype, device=device) for _ in "cs"]
+    op = PagedAttention(
+        0,
+        heads,
+        kv_heads,
+        dim,
+        dim**-0.5,
+        layout="bthd",
+        rope=bool(inputs[3:]),
+        rotary_dim=rotary_dim,
+    )
     types = tuple(typed(t, {1: "T"}) for t in inputs)
     prologue = build_kernels(op, types, BuildConstants(block_size=block)).kernels[0]
     tensors = {f"in{i}": t for i, t in enumerate(inputs)}
@@ -93,7 +113,8 @@ def check_kv_write(
     q, k, v = (t.cpu()[0] for t in inputs[:3])
     if op.rope:
         c, s = (t.cpu()[0][:, None, :] for t in inputs[3:])
-        q, k = rope(q, c, s).to(q.dtype), rope(k, c, s).to(k.dtype)
+        r = rotary_dim or dim
+        q, k = (torch.cat([rope(t[..., :r], c, s).to(t.dtype), t[..., r:]], -1) for t in (q, k))
         assert torch.equal(bits(q_rot), bits(q))
     ref_k, ref_v = cache.cpu().clone(), cache.cpu().clone()
     kept = slots.cpu() >= 0  # padding writes nothing
@@ -108,6 +129,14 @@ def test_rope_kv_write(dtype, tokens):
     # 6 q, 3 k and 3 v heads in groups of 4 rows: the second group of each tensor is cut
     # short; 5 column pairs a row, 20 threads a token: blocks of 32 hold parts of 2 tokens
     check_kv_write(6, 3, 10, tokens, dtype, cs_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_partial_rotary_kv_write(dtype):
+    # Phi's 0.4 and GPT-NeoX's 0.25 of a head: 8 of 20 columns rotated (pairs d, d + 4), the
+    # other 12 copied; bf16 q/k with float32 tables too
+    check_kv_write(4, 2, 20, 6, dtype, cs_dtype=dtype, rotary_dim=8)
+    check_kv_write(2, 2, 16, 3, dtype, cs_dtype="float32", rotary_dim=4)
 
 
 def test_rope_kv_write_float32_tables():
@@ -164,3 +193,7 @@ def test_small_kernels_gpu(dtype):
         check_kv_write(32, 8, 128, 517, dtype, cs_dtype=cs_dtype, block=16, device="cuda")
     check_kv_write(16, 8, 128, 1, dtype, cs_dtype=dtype, block=16, device="cuda")
     check_kv_write(16, 8, 128, 300, dtype, block=16, device="cuda")
+    for head, rotary in ((80, 32), (64, 16)):  # Phi-2's 0.4 and Pythia's 0.25 of a head
+        check_kv_write(
+            32, 32, head, 517, dtype, "float32", block=16, device="cuda", rotary_dim=rotary
+        )
