@@ -11,6 +11,9 @@ rebuilt over X in layout [1, T, H, D] (the rope tables viewed as [1, T, 1, d]) a
 switches to layout "bthd": the rope stays a node of its own. A rope applied before the
 heads move (q = Transpose(Reshape(Rope(Yq, c, s) -> [1, T, H, D]), 1, 2), c/s [T, 1, D]: a
 custom module's rope ahead of kiln.attention) fuses too, with Yq and c/s viewed token-major.
+Then partial rotary moved token-major, q = Concat(Rope(Slice(Xq, 0, R)), Slice(Xq, R, D))
+(each over the last dim, the same for k, tables [1, T, 1, R] views of [1, T, R] ones),
+fuses as PagedAttention(rope=True, rotary_dim=R)(Xq, Xk, v, cos, sin).
 """
 
 from __future__ import annotations
@@ -111,6 +114,63 @@ def _rope_of(rw: Rewriter, name: str) -> Node | None:
     return rope if rope and rw.type_of(rope.inputs[0]) == rw.type_of(name) else None
 
 
+def _last_dim_slice(rw: Rewriter, name: str, start: int, end: int) -> Node | None:
+    node = rw.producer(name, ops.Slice)
+    if node is None or normalize_dim(node.op.dim, rw.type_of(name).rank) != 3:
+        return None
+    width = rw.type_of(node.inputs[0]).shape[-1]
+    bounds = slice(node.op.start, node.op.end, node.op.step).indices(width)
+    return node if bounds == (start, end, 1) else None
+
+
+def _same_value(rw: Rewriter, a: str, b: str) -> bool:
+    """`a` is `b`, or both come from one op on the same inputs (the move's copies)."""
+    if a == b:
+        return True
+    na, nb = rw.producer(a), rw.producer(b)
+    return bool(na and nb and na.op == nb.op and na.inputs == nb.inputs)
+
+
+def _partial_rotary(rw: Rewriter, name: str) -> tuple[str, Node] | None:
+    """(X, its Rope) when `name` [1, T, H, D] = Concat(Rope(Slice(X, 0, R)), Slice(X, R, D))
+    over the last dim, the Rope in X's dtype (or cast back to it)."""
+    cat = rw.producer(name, ops.Concat)
+    if cat is None or len(cat.inputs) != 2 or normalize_dim(cat.op.dim, 4) != 3:
+        return None
+    rope = _rope_of(rw, cat.inputs[0])
+    r, dim = rw.type_of(cat.inputs[0]).shape[-1], rw.type_of(name).shape[-1]
+    head = _last_dim_slice(rw, rope.inputs[0], 0, r) if rope else None
+    tail = _last_dim_slice(rw, cat.inputs[1], r, dim)
+    if head and tail and _same_value(rw, head.inputs[0], tail.inputs[0]):
+        return head.inputs[0], rope
+    return None
+
+
+def _flat_table(rw: Rewriter, view: str) -> str | None:
+    """[1, T, 1, R] view of a [1, T, R] rope table -> the table."""
+    r = rw.producer(view, ops.Reshape)
+    if r is None:
+        return None
+    src = rw.type_of(r.inputs[0]).shape
+    flat = len(src) == 3 and rw.type_of(view).shape == (1, src[1], 1, src[2])
+    return r.inputs[0] if flat else None
+
+
+def _fuse_partial_rotary(node: Node, rw: Rewriter) -> dict[str, str] | None:
+    op = node.op
+    if not isinstance(op, ops.PagedAttention) or op.layout != "bthd" or op.rope:
+        return None
+    pq, pk = _partial_rotary(rw, node.inputs[0]), _partial_rotary(rw, node.inputs[1])
+    if not (pq and pk) or pq[1].inputs[1:] != pk[1].inputs[1:]:
+        return None
+    tables = [_flat_table(rw, c) for c in pq[1].inputs[1:]]
+    if None in tables:
+        return None
+    r = rw.type_of(tables[0]).shape[-1]
+    fused = replace(op, rope=True, rotary_dim=r)
+    return {node.outputs[0].name: rw.add(fused, pq[0], pk[0], node.inputs[2], *tables)[0]}
+
+
 def fuse_rope_attention(graph: Graph) -> Graph:
     tables: dict[str, str] = {}  # shared by the layers: one view of each table
 
@@ -134,4 +194,4 @@ def fuse_rope_attention(graph: Graph) -> Graph:
             return {node.outputs[0].name: rw.add(replace(op, layout="bthd"), *moved)[0]}
         return None
 
-    return rewrite(graph, rule)
+    return rewrite(rewrite(graph, rule), _fuse_partial_rotary)

@@ -44,7 +44,7 @@ def test_compiled_graph_matches_transformers(family):
 
 
 LAYERNORM_FAMILIES = {"phi": 1, "gpt_neox": 2, "olmo": 2}  # family -> LayerNorms per layer
-PARTIAL_ROTARY = ("phi", "gpt_neox")
+PARTIAL = ("phi", "gpt_neox")  # partial rotary
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in LAYERNORM_FAMILIES])
@@ -62,19 +62,21 @@ def test_fusions_happen(family):
 
 @pytest.mark.parametrize("family", list(LAYERNORM_FAMILIES))
 def test_layernorm_families_keep_their_norms_and_lose_their_transposes(family):
-    """Every LayerNorm is one node (OLMo's, weightless, with a weight of ones); partial
-    rotary keeps its Ropes as nodes, rebuilt in the token-major layout the attention kernels
-    take, and full rotary fuses into the attention."""
+    """Every LayerNorm is one node (OLMo's, weightless, with a weight of ones); rope, full or
+    partial (Phi's 0.4, GPT-NeoX's 0.25 of a head), fuses into the attention."""
     model = tiny_model(family)
     graph, _ = run_pipeline(*trace_model(model))
     counts = graph.op_counts()
     layers = model.config.num_hidden_layers
     assert counts["LayerNorm"] == LAYERNORM_FAMILIES[family] * layers + 1  # + the final norm
     attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
-    partial = family in PARTIAL_ROTARY
-    assert len(attn) == layers and all(a.layout == "bthd" and a.rope != partial for a in attn)
-    assert counts.get("Rope", 0) == (2 * layers if partial else 0)
-    assert "Transpose" not in counts and "Mean" not in counts
+    assert len(attn) == layers and all(a.layout == "bthd" and a.rope for a in attn)
+    if family in PARTIAL:  # tiny configs: 12-wide heads, phi rotates 6 columns, GPT-NeoX 4
+        assert {a.rotary_dim for a in attn} == {6 if family == "phi" else 4}
+    else:
+        assert all(a.rotary_dim is None for a in attn)
+    assert not {"Rope", "Transpose", "Mean"} & set(counts)
+    assert counts["Concat"] == 1  # the rope tables' [freqs | freqs], once for every layer
 
 
 def test_scalar_minus_tensor_keeps_its_sign():
@@ -92,7 +94,7 @@ def test_scalar_minus_tensor_keeps_its_sign():
 def test_layernorm_families_attend_and_normalize_with_kernels_on_cuda(family):
     """The cuda target's plan gives every attention its kernels (the reference attention
     reads the batch back to the host, which a decode CUDA graph cannot capture) and every
-    LayerNorm its kernel; ops without a kernel (Rope, Concat) stay torch ops."""
+    LayerNorm its kernel."""
     from codegen.plan import kernel_plan
     from codegen.registry import BuildConstants
 

@@ -342,32 +342,42 @@ def test_fuse_rope_attention_fuses_a_rope_applied_before_the_heads_move():
     check(fuse_rope_attention, before, expected, context=attention_context)
 
 
-def test_fuse_rope_attention_moves_partial_rotary_to_token_major():
-    """Rope over the first half of each head, the rest passed through: the slices, ropes and
-    concats are rebuilt over the untransposed q/k (tables viewed [1, T, 1, 4], once), and the
-    attention takes layout "bthd" without a rope prologue."""
+@pytest.mark.parametrize("leading", [True, False])
+def test_fuse_rope_attention_partial_rotary(leading):
+    """Rope over half of each head, the rest passed through. The first half (Phi, GPT-NeoX):
+    fused, PagedAttention(rotary_dim=4) over the untransposed q/k. The last half (no kernel
+    for it): the slices, ropes and concats are rebuilt over the untransposed q/k (tables
+    viewed [1, T, 1, 4], once) and the attention takes layout "bthd" without a prologue."""
     attn = ops.PagedAttention(0, 4, 2, 8, 8**-0.5)
     b = GraphBuilder()
     xq, xk, xv = (b.input(n, f32(1, "T", h, 8)) for n, h in (("q", 4), ("k", 2), ("v", 2)))
     cos, sin = b.input("cos", f32(1, "T", 4)), b.input("sin", f32(1, "T", 4))
     c4, s4 = (b.add1(ops.Reshape((1, 1, "T", 4)), t) for t in (cos, sin))
+    rot, rest = (0, 4), (4, 8)
+    if not leading:
+        rot, rest = rest, rot
 
     def partial(t):
-        rot, rest = b.add1(ops.Slice(3, 0, 4), t), b.add1(ops.Slice(3, 4, 8), t)
-        return b.add1(ops.Concat(-1), b.add1(ops.Rope(), rot, c4, s4), rest)
+        roped = b.add1(ops.Rope(), b.add1(ops.Slice(3, *rot), t), c4, s4)
+        kept = b.add1(ops.Slice(3, *rest), t)
+        return b.add1(ops.Concat(-1), *((roped, kept) if leading else (kept, roped)))
 
     q, k, v = (b.add1(ops.Transpose(1, 2), t) for t in (xq, xk, xv))
     before = b.build((b.add1(attn, partial(q), partial(k), v),))
     e = GraphBuilder()
     xq, xk, xv, cos, sin = (e.input(i.value.name, i.value.type) for i in before.inputs)
+    if leading:
+        fused = replace(attn, layout="bthd", rope=True, rotary_dim=4)
+        expected = e.build((e.add1(fused, xq, xk, xv, cos, sin),))
+        check(fuse_rope_attention, before, expected, context=attention_context)
+        return
     tables: list[str] = []
 
     def moved(x):
-        rot = e.add1(ops.Slice(-1, 0, 4), x)
+        kept, sliced = e.add1(ops.Slice(-1, *rest), x), e.add1(ops.Slice(-1, *rot), x)
         if not tables:
             tables.extend(e.add1(ops.Reshape((1, "T", 1, 4)), t) for t in (cos, sin))
-        roped = e.add1(ops.Rope(), rot, *tables)
-        return e.add1(ops.Concat(-1), roped, e.add1(ops.Slice(-1, 4, 8), x))
+        return e.add1(ops.Concat(-1), kept, e.add1(ops.Rope(), sliced, *tables))
 
     q, k = moved(xq), moved(xk)
     expected = e.build((e.add1(replace(attn, layout="bthd"), q, k, xv),))
