@@ -18,6 +18,8 @@ ERROR_TYPES = {
     500: "server_error",
     503: "service_unavailable_error",
 }
+# /v1/completions without max_tokens (OpenAI's and vLLM's default); chat: what fits
+COMPLETION_MAX_TOKENS = 16
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 _FLOAT_FIELDS = (
     "temperature",
@@ -193,15 +195,22 @@ def _prompt(
     info: ModelInfo,
     sampling: dict[str, Any],
     names: dict[str, str],
+    default_max_tokens: int | None = None,
 ) -> Prompt:
-    """One prompt's params; `names` maps SamplingParams fields to the request's field names."""
+    """One prompt's params; `names` maps SamplingParams fields to the request's field names.
+    Without max_tokens in the request: the model's default, else `default_max_tokens`, else
+    (None) as many as fit, each capped at what fits."""
     prompt_param = "messages" if "messages" in body else "prompt"
     if len(ids) >= info.max_model_len:
-        msg = f"the prompt is {len(ids)} tokens; this model's max_model_len is {info.max_model_len}"
+        msg = (
+            f"the prompt is {len(ids)} tokens; this model's max_model_len is "
+            f"{info.max_model_len}, which leaves no room for a completion token"
+        )
         raise bad(msg, prompt_param)
     requested, key = _max_tokens(body)
     room = info.max_model_len - len(ids)
-    max_tokens = requested if requested is not None else min(sampling.get("max_tokens", room), room)
+    default = sampling.get("max_tokens", default_max_tokens or room)
+    max_tokens = requested if requested is not None else min(default, room)
     try:
         params = SamplingParams(**(sampling | {"max_tokens": max_tokens}))
     except ValueError as exc:
@@ -261,7 +270,10 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     special = _get(body, "add_special_tokens", bool, True)
     items = [_completion_prompt(p, info, special, echo) for p in _completion_items(body)]
     names = {"max_tokens": _max_tokens(body)[1]}
-    prompts = tuple(_prompt(ids, text, body, info, sampling, names) for ids, text in items)
+    prompts = tuple(
+        _prompt(ids, text, body, info, sampling, names, COMPLETION_MAX_TOKENS)
+        for ids, text in items
+    )
     n = prompts[0].params.n
     return GenerateRequest(False, prompts, n, stream, include_usage, echo, logprobs)
 

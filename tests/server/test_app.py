@@ -155,8 +155,10 @@ def test_completion_text_usage_and_defaults(client, engine, tok) -> None:
     (call,) = engine.calls
     assert call.prompt_token_ids == ids and call.prompt == FOX
     assert (call.params.temperature, call.params.top_p) == (0.6, 0.9)  # the model's defaults
-    client.completions.create(model=NAME, prompt=[1, 2, 3])  # no max_tokens: fill the context
-    assert engine.calls[-1].params.max_tokens == MAX_LEN - 3
+    client.completions.create(model=NAME, prompt=[1, 2, 3])  # no max_tokens: OpenAI's 16
+    assert engine.calls[-1].params.max_tokens == 16
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}])
+    assert engine.calls[-1].params.max_tokens == MAX_LEN - len(engine.calls[-1].prompt_token_ids)
 
 
 def test_completion_many_prompts_times_n(client, tok) -> None:

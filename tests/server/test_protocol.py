@@ -12,6 +12,7 @@ from runtime.sampling_params import SamplingParams
 from server.protocol import (
     ModelInfo,
     ProtocolError,
+    chat_prompt,
     parse_body,
     parse_chat,
     parse_completion,
@@ -310,18 +311,24 @@ def test_model_without_tokenizer_takes_token_ids_only(bare: ModelInfo) -> None:
 
 def test_defaults_come_from_the_model_then_sampling_params(info: ModelInfo) -> None:
     params = parse_completion({"prompt": [1, 2, 3]}, info).prompts[0].params
-    expected = SamplingParams(max_tokens=MAX_LEN - 3, temperature=0.6, top_p=0.9)
+    expected = SamplingParams(max_tokens=16, temperature=0.6, top_p=0.9)
     assert params == expected
     params = parse_chat(chat(temperature=0, top_p=1), info).prompts[0].params
     assert (params.temperature, params.top_p, params.greedy) == (0.0, 1.0, True)
 
 
-def test_default_max_tokens_fills_the_context_per_prompt(info: ModelInfo) -> None:
-    req = parse_completion({"prompt": [[1] * 5, [2] * 40]}, info)
-    assert [p.params.max_tokens for p in req.prompts] == [MAX_LEN - 5, MAX_LEN - 40]
+def test_default_max_tokens_is_16_for_completions_and_what_fits_for_chat(info: ModelInfo):
+    """OpenAI's and vLLM's defaults; the model's own default first; each capped at what fits
+    in max_model_len."""
+    req = parse_completion({"prompt": [[1] * 5, [2] * 50]}, info)
+    assert [p.params.max_tokens for p in req.prompts] == [16, MAX_LEN - 50]
     capped = dataclasses.replace(info, default_params={"max_tokens": 30})
     req = parse_completion({"prompt": [[1] * 5, [2] * 40]}, capped)
     assert [p.params.max_tokens for p in req.prompts] == [30, MAX_LEN - 40]
+    messages = {"model": "smol", "messages": HELLO}
+    ids = chat_prompt(messages, info, special_default=False)
+    assert parse_chat(messages, info).prompts[0].params.max_tokens == MAX_LEN - len(ids)
+    assert parse_chat(messages, capped).prompts[0].params.max_tokens == 30
 
 
 def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
