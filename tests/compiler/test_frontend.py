@@ -225,3 +225,23 @@ def test_a_transformers_model_in_memory_compiles_as_its_directory(tmp_path):
         kiln.compile(model, tmp_path / "d", eos_token_ids=[1])
     with pytest.raises(ValueError, match=r"module\.to\(dtype\)"):
         kiln.compile(model, tmp_path / "e", dtype="bfloat16")
+
+
+def test_generation_config_defaults_reach_the_artifact(tmp_path):
+    """Sampling defaults from generation_config.json, max_new_tokens as max_tokens (vLLM's
+    reading): they become kiln.LLM's and the server's defaults."""
+    import kiln
+
+    model = tiny_model("llama")
+    model.generation_config.update(max_new_tokens=7, do_sample=True, temperature=0.3, top_k=5)
+    model.save_pretrained(tmp_path / "src", safe_serialization=True)
+    art = kiln.compile(str(tmp_path / "src"), tmp_path / "art")
+    with kiln.LLM(art, num_kv_blocks=16) as llm:
+        assert llm.engine.artifact.generation_config == {
+            "do_sample": True,
+            "temperature": 0.3,
+            "top_k": 5,
+            "max_tokens": 7,
+        }
+        params = llm.default_params()
+    assert (params.max_tokens, params.temperature, params.top_k) == (7, 0.3, 5)
