@@ -187,6 +187,23 @@ def _layer_norm(cx, node, x, shape, weight=None, bias=None, eps=1e-5, *unused):
     return cx.add(ops.LayerNorm(float(eps)), cx.value(x), weight, bias)
 
 
+@converter(aten.rms_norm.default)
+def _rms_norm(cx, node, x, shape, weight=None, eps=None):
+    """torch.nn.RMSNorm / F.rms_norm: normalized and scaled in float32, rounded once to x's
+    dtype (torch's; kiln's RMSNorm rounds before the weight, so it runs on float32 here);
+    eps None is torch's, the dtype's machine epsilon."""
+    if len(shape) != 1:
+        raise UnsupportedOpError(f"rms_norm over {len(shape)} dimensions (only the last)")
+    dtype = x.meta["val"].dtype
+    if weight is None:
+        weight = cx.constant("rms_norm_ones", torch.ones(shape[0]))
+    else:
+        weight = cx.add(ops.Cast("float32"), cx.value(weight))
+    eps = torch.finfo(dtype).eps if eps is None else float(eps)
+    y = cx.add(ops.RMSNorm(eps), cx.add(ops.Cast("float32"), cx.value(x)), weight)
+    return cx.add(ops.Cast(DTYPE_NAMES[dtype]), y)
+
+
 @converter(aten.to.dtype, aten.to.device, aten._to_copy.default, aten.to.dtype_layout)
 def _to(cx, node, x, *args, **kwargs):
     src, dst = node.args[0].meta["val"].dtype, node.meta["val"].dtype

@@ -13,6 +13,7 @@ from custom_decoder import (
     KV_HEADS,
     VOCAB,
     ParallelDecoder,
+    TinyDecoder,
     decoder,
     eager_greedy,
 )
@@ -86,6 +87,41 @@ def test_logits_match_the_module(artifact):
         want = [model(x, torch.arange(len(x)), torch.tensor([len(x) - 1])) for x in (a, b)]
     got = executor.forward(batch, kv)
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_rms_norm_modules(dtype, tmp_path):
+    """torch.nn.RMSNorm in the blocks, a weightless one with torch's default eps before the
+    head: in float32 the module's greedy tokens; in bf16 its logits to rounding
+    (torch's rms_norm scales in float32 and rounds once)."""
+
+    class TorchNorms(TinyDecoder):
+        def __init__(self) -> None:
+            super().__init__(layers=2)
+            for block in self.blocks:
+                block.attn_norm, block.mlp_norm = nn.RMSNorm(HIDDEN, 1e-6), nn.RMSNorm(HIDDEN)
+                for norm in (block.attn_norm, block.mlp_norm):
+                    nn.init.normal_(norm.weight, 1.0, 0.1)
+            self.norm = nn.RMSNorm(HIDDEN, elementwise_affine=False)
+
+    model = decoder(cls=TorchNorms).to(dtype)
+    art = kiln.compile(model, tmp_path / "art", max_model_len=64)
+    after = json.loads((art / "manifest.json").read_text())["op_counts"]["after"]
+    assert after.get("RMSNorm", 0) + after.get("AddRMSNorm", 0) == 5
+    prompt = list(range(10, 33))
+    if dtype == torch.float32:
+        params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        with kiln.LLM(art, num_kv_blocks=16) as llm:
+            (out,) = llm.generate([prompt], params, use_tqdm=False)
+        assert out.token_ids == eager_greedy(model, prompt, 10)
+        return
+    loaded = load_artifact(art)
+    kv = allocate_kv_cache(kv_cache_spec(loaded.graph), 4, loaded.manifest["block_size"])
+    got = Executor(loaded.graph, loaded.params).forward(build_batch([(prompt, 0, [0, 1])], 16), kv)
+    x = torch.tensor(prompt)
+    with torch.no_grad():
+        want = model(x, torch.arange(len(x)), torch.tensor([len(x) - 1]))
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.float().std().item())
 
 
 def test_custom_module_shards_over_two_ranks(tmp_path):
