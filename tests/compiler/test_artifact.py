@@ -172,3 +172,17 @@ def test_cuda_target_fuses_norms_into_projections(target, monkeypatch):
     else:  # layer 0's first norm has no residual add: it stays an RMSNorm before its QKV
         assert counts["NormLinear"] == 2 * layers - 1
         assert "SiluMul" not in counts and counts["AddRMSNorm"] == 1  # the final norm
+
+
+def test_cuda_target_without_nvidia_compilers_fails_before_loading(tmp_path, monkeypatch):
+    """No NVRTC/NVVM/nvJitLink: one line naming the install, before the model is read."""
+    import cuda.pathfinder
+
+    from codegen.aot import ToolchainError
+
+    def missing(lib):
+        raise cuda.pathfinder.DynamicLibNotFoundError(f"no {lib}")
+
+    monkeypatch.setattr(cuda.pathfinder, "load_nvidia_dynamic_lib", missing)
+    with pytest.raises(ToolchainError, match=r"nvvm, nvrtc, nvJitLink .*kiln-llm\[cuda\]"):
+        kiln.compile(str(tmp_path / "no-such-model"), tmp_path / "art", target="cuda")
