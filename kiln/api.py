@@ -45,6 +45,12 @@ class LLM:
     """Offline generation, vLLM-style: `LLM(artifact).generate(prompts, params)`."""
 
     def __init__(self, artifact: str | Path, **engine_options) -> None:
+        """`engine_options`: EngineConfig's fields (num_kv_blocks, kv_cache_bytes,
+        gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
+        cuda_graphs, async_scheduling, enable_prefix_caching, ...)."""
+        known = {f.name for f in fields(EngineConfig)}
+        if unknown := sorted(set(engine_options) - known):
+            raise TypeError(f"unknown engine options {unknown}; known: {sorted(known)}")
         self.engine = Engine(load_artifact(Path(artifact)), EngineConfig(**engine_options))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

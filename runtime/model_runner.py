@@ -55,9 +55,15 @@ def _memory_snapshot(device: torch.device, params) -> tuple[int, int, int, int]:
 
 
 def max_model_len(artifact: Artifact, config: EngineConfig) -> int:
-    """The configured limit, never more than the artifact was compiled for."""
+    """The configured limit (default: the artifact's); more than the artifact was compiled
+    for is refused, as vLLM refuses more than the model's."""
     compiled = artifact.manifest["max_model_len"]
-    return min(config.max_model_len or compiled, compiled)
+    if config.max_model_len is not None and config.max_model_len > compiled:
+        raise ValueError(
+            f"max_model_len {config.max_model_len} is more than the {compiled} tokens "
+            f"{artifact.path} was compiled for (kiln compile --max-model-len)"
+        )
+    return config.max_model_len or compiled
 
 
 def make_runner(artifact: Artifact, config: EngineConfig) -> ModelRunner:

@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_model
 
 import kiln
+from compiler.artifact import load_artifact
 from runtime.async_engine import AsyncEngine
 from runtime.outputs import merge_update
 
@@ -168,6 +169,16 @@ def test_logit_bias_and_penalties_change_outputs(artifact):
     # prompt tokens (3..19) are penalized too: the greedy path leaves them
     repeated = [t for t in base if 3 <= t < 20]
     assert repeated and run(repetition_penalty=5.0) != base
+
+
+def test_max_model_len_beyond_the_artifact_is_refused(artifact):
+    compiled = load_artifact(artifact).manifest["max_model_len"]
+    with kiln.LLM(artifact, num_kv_blocks=4, max_model_len=compiled - 1) as llm:
+        assert llm.engine.max_model_len == compiled - 1
+    with pytest.raises(ValueError, match=f"more than the {compiled} tokens .* was compiled for"):
+        kiln.LLM(artifact, num_kv_blocks=4, max_model_len=compiled + 1)
+    with pytest.raises(TypeError, match=r"kv_cache_gib.*num_kv_blocks"):  # names the options
+        kiln.LLM(artifact, kv_cache_gib=1)
 
 
 def test_requests_that_can_never_fit_are_rejected(artifact):
