@@ -39,23 +39,35 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        for name, ok in (
-            ("max_tokens", self.max_tokens >= 1),
-            ("temperature", 0.0 <= self.temperature <= 2.0),
-            ("top_p", 0.0 < self.top_p <= 1.0),
-            ("top_k", self.top_k >= -1),
-            ("min_p", 0.0 <= self.min_p <= 1.0),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0),
-            ("repetition_penalty", self.repetition_penalty > 0.0),
-            ("n", self.n >= 1),
-            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS),
-            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
-            ("logit_bias", all(math.isfinite(v) for v in self.logit_bias.values())),
+        for name, ok, rule in (
+            ("max_tokens", self.max_tokens >= 1, ">= 1"),
+            ("temperature", 0.0 <= self.temperature <= 2.0, "in [0, 2]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", self.top_k >= -1, "-1 or 0 (off), or >= 1"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty > 0.0, "> 0"),
+            ("n", self.n >= 1, ">= 1"),
+            (
+                "min_tokens",
+                0 <= self.min_tokens <= self.max_tokens,
+                f"in [0, max_tokens = {self.max_tokens}]",
+            ),
+            (
+                "logprobs",
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"in [0, {MAX_LOGPROBS}]",
+            ),
+            (
+                "seed",
+                self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
+            ),
+            ("logit_bias", all(math.isfinite(v) for v in self.logit_bias.values()), "finite"),
         ):
             if not ok:
-                raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
+                raise ValueError(f"invalid {name}: {getattr(self, name)!r} (must be {rule})")
 
     @property
     def greedy(self) -> bool:

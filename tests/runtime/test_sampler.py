@@ -288,3 +288,11 @@ def test_a_sampled_token_tied_with_the_top_one_keeps_one_alternative():
         ranks = {t: lp.rank for t, lp in token.logprobs.items()}
         assert sorted(ranks.values())[0] == 1 and sum(r <= 1 for r in ranks.values()) == 1
         assert ranks[token.token_id] in (1, 2)  # 2: the other one came first in the top 1
+
+
+def test_invalid_sampling_params_say_the_rule():
+    rule = r"invalid min_tokens: 10 \(must be in \[0, max_tokens = 4\]\)"
+    with pytest.raises(ValueError, match=rule):
+        SamplingParams(max_tokens=4, min_tokens=10)
+    with pytest.raises(ValueError, match=r"invalid top_p: 0\.0 \(must be in \(0, 1\]\)"):
+        SamplingParams(top_p=0.0)
