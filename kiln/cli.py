@@ -72,7 +72,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--arch", default="sm_90", help="cuda target: GPU architecture (no GPU needed)")
-    c.add_argument("--max-model-len", type=int)
+    c.add_argument(
+        "--max-model-len", type=int, help="longest sequence served (default: the model's)"
+    )
     c.add_argument("--dump-ir", type=Path, metavar="DIR", help="write the IR after each pass")
     c.add_argument(
         "--tensor-parallel-size", type=int, default=1, metavar="N", help="shard over N GPUs"
@@ -108,7 +110,9 @@ def parser() -> argparse.ArgumentParser:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int)
+    p.add_argument(
+        "--max-model-len", type=int, help="at most the artifact's (default: the artifact's)"
+    )
     p.add_argument(
         "--gpu-memory-utilization",
         type=float,
