@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -77,7 +77,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); results in input order."""
+        """Generate for every prompt (strings or token-id lists); results in input order.
+        Without `sampling_params`: default_params(), max_tokens capped at what fits."""
         prompts = _as_list(prompts)
         params = sampling_params if sampling_params is not None else self.default_params()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -90,6 +91,9 @@ class LLM:
                 text, ids = (
                     (prompt, self._encode(prompt)) if isinstance(prompt, str) else (None, prompt)
                 )
+                room = self.engine.max_model_len - len(ids)
+                if sampling_params is None and 0 < room < p.max_tokens:  # as the server's
+                    p = replace(p, max_tokens=room)
                 self.engine.add_request(request_id, ids, p, prompt=text)
                 order.append(request_id)
         except Exception:

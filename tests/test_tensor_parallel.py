@@ -274,6 +274,17 @@ def test_sharded_ranks_compute_the_unsharded_logits(optimized, family):
     assert_ranks_compute_the_unsharded_logits(*optimized[family])
 
 
+def test_a_lone_k_projection_of_one_kv_head_is_replicated():
+    """k without the bias q and v have: not merged with them, its own Linear, whose one
+    segment is cut into num_kv_heads parts as a merged k slice would be."""
+    model = tiny_model("qwen2", num_key_value_heads=1)
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.bias = None
+    graph, params = run_pipeline(*trace_model(model))
+    assert graph.op_counts()["Linear"] > 4 * 2 + 1  # k stayed apart
+    assert_ranks_compute_the_unsharded_logits(graph, params, 2)
+
+
 def assert_ranks_compute_the_unsharded_logits(graph: Graph, params, tp: int = 2) -> None:
     sharded, ranks = shard(graph, params, tp)
     full = Executor(graph, params)

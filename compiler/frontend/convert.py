@@ -191,7 +191,8 @@ def _layer_norm(cx, node, x, shape, weight=None, bias=None, eps=1e-5, *unused):
 def _rms_norm(cx, node, x, shape, weight=None, eps=None):
     """torch.nn.RMSNorm / F.rms_norm: normalized and scaled in float32, rounded once to x's
     dtype (torch's; kiln's RMSNorm rounds before the weight, so it runs on float32 here);
-    eps None is torch's, the dtype's machine epsilon."""
+    eps None is torch's: the machine epsilon of the dtype it computes in (float32 for half
+    types)."""
     if len(shape) != 1:
         raise UnsupportedOpError(f"rms_norm over {len(shape)} dimensions (only the last)")
     dtype = x.meta["val"].dtype
@@ -199,7 +200,7 @@ def _rms_norm(cx, node, x, shape, weight=None, eps=None):
         weight = cx.constant("rms_norm_ones", torch.ones(shape[0]))
     else:
         weight = cx.add(ops.Cast("float32"), cx.value(weight))
-    eps = torch.finfo(dtype).eps if eps is None else float(eps)
+    eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps if eps is None else float(eps)
     y = cx.add(ops.RMSNorm(eps), cx.add(ops.Cast("float32"), cx.value(x)), weight)
     return cx.add(ops.Cast(DTYPE_NAMES[dtype]), y)
 

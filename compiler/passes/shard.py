@@ -143,7 +143,8 @@ class _Planner:
             # one segment (GPT-NeoX's per-head [q|k|v] projection, a lone up-projection): its
             # users' rules decide whether a split last dim can flow on
             self._column_parallel(node, w, bias[0] if bias else None, [])
-            self.layouts[node.outputs[0].name] = Split(last, self.tp)
+            (parts,) = self.layouts[node.outputs[0].name].parts  # a lone k or v: kv heads
+            self.layouts[node.outputs[0].name] = Split(last, parts)
 
     def _reaches_outputs_only(self, name: str) -> bool:
         users = self.users.get(name, [])
@@ -162,7 +163,7 @@ class _Planner:
         bounds = tuple(sorted(parts_of)) or ((0, width),)
         if [s for s, _ in bounds] != [0, *(e for _, e in bounds[:-1])] or bounds[-1][1] != width:
             raise self.fail(node, f"its slices {bounds} do not tile its {width} outputs")
-        parts = tuple(parts_of.get(b, self.tp) for b in bounds)
+        parts = tuple(parts_of.get(b, self.tp) for b in bounds) if slices else (self._parts(node),)
         for (s, e), p in zip(bounds, parts, strict=True):
             if (e - s) % p:
                 raise self.fail(node, f"segment [{s}, {e}) is not divisible into {p} parts")

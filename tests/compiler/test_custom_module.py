@@ -22,6 +22,7 @@ from torch import nn
 import kiln
 from compiler.artifact import load_artifact
 from compiler.frontend.loader import UnsupportedModelError
+from ir import ops
 from runtime.batch import build_batch
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 
@@ -108,6 +109,10 @@ def test_torch_rms_norm_modules(dtype, tmp_path):
     art = kiln.compile(model, tmp_path / "art", max_model_len=64)
     after = json.loads((art / "manifest.json").read_text())["op_counts"]["after"]
     assert after.get("RMSNorm", 0) + after.get("AddRMSNorm", 0) == 5
+    # eps None: torch's, float32's epsilon in every dtype here (it computes in float32)
+    loaded = load_artifact(art)
+    eps = {n.op.eps for n in loaded.graph.nodes if isinstance(n.op, ops.RMSNorm | ops.AddRMSNorm)}
+    assert eps == {1e-6, torch.finfo(torch.float32).eps}
     prompt = list(range(10, 33))
     if dtype == torch.float32:
         params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -115,7 +120,6 @@ def test_torch_rms_norm_modules(dtype, tmp_path):
             (out,) = llm.generate([prompt], params, use_tqdm=False)
         assert out.token_ids == eager_greedy(model, prompt, 10)
         return
-    loaded = load_artifact(art)
     kv = allocate_kv_cache(kv_cache_spec(loaded.graph), 4, loaded.manifest["block_size"])
     got = Executor(loaded.graph, loaded.params).forward(build_batch([(prompt, 0, [0, 1])], 16), kv)
     x = torch.tensor(prompt)

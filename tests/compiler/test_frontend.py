@@ -235,7 +235,7 @@ def test_generation_config_defaults_reach_the_artifact(tmp_path):
     model = tiny_model("llama")
     model.generation_config.update(max_new_tokens=7, do_sample=True, temperature=0.3, top_k=5)
     model.save_pretrained(tmp_path / "src", safe_serialization=True)
-    art = kiln.compile(str(tmp_path / "src"), tmp_path / "art")
+    art = kiln.compile(str(tmp_path / "src"), tmp_path / "art", max_model_len=64)
     with kiln.LLM(art, num_kv_blocks=16) as llm:
         assert llm.engine.artifact.generation_config == {
             "do_sample": True,
@@ -244,4 +244,7 @@ def test_generation_config_defaults_reach_the_artifact(tmp_path):
             "max_tokens": 7,
         }
         params = llm.default_params()
+        # without params, each prompt's default is capped at what fits (61 + 3 = 64)
+        (out,) = llm.generate([[5] * 61], use_tqdm=False)
     assert (params.max_tokens, params.temperature, params.top_k) == (7, 0.3, 5)
+    assert 1 <= len(out.outputs[0].token_ids) <= 3
