@@ -19,7 +19,6 @@ from codegen.numba_shim import CUDASIM, cuda
 from codegen.registry import Kernel, Param
 
 DEFAULT_ARCH = "sm_90"
-TOOLCHAIN = ("nvvm", "nvrtc", "nvJitLink")  # NVIDIA's libraries building kernels needs
 # numba's kernel ABI flattens each array argument into these 8-byte fields, in this order,
 # followed by ndim shape and ndim stride fields (all int64, strides in bytes).
 ARRAY_FIELDS = ("meminfo", "parent", "nitems", "itemsize", "data")
@@ -57,27 +56,6 @@ class CompiledKernel:
             "params": [[p.name, p.dtype, p.ndim, p.layout] for p in self.params],
             "param_fields": list(self.param_fields()),
         }
-
-
-class ToolchainError(OSError):
-    """NVIDIA's compiler libraries are missing: the cuda target cannot build kernels."""
-
-
-def check_toolchain() -> None:
-    """Raise ToolchainError, naming the install, unless every TOOLCHAIN library loads."""
-    from cuda.pathfinder import DynamicLibNotFoundError, load_nvidia_dynamic_lib
-
-    missing = []
-    for lib in TOOLCHAIN:
-        try:
-            load_nvidia_dynamic_lib(lib)
-        except DynamicLibNotFoundError:
-            missing.append(lib)
-    if missing:
-        raise ToolchainError(
-            f"the cuda target needs NVIDIA's {', '.join(missing)} (no GPU needed): "
-            "pip install 'kiln-llm[cuda]' (numba-cuda[cu13])"
-        )
 
 
 def array_fields(ndim: int) -> tuple[str, ...]:

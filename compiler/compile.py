@@ -50,7 +50,7 @@ def preflight(out: Path, options: CompileOptions) -> None:
     for the cuda target NVIDIA's compiler libraries."""
     check_output(Path(out).resolve())
     if options.target == "cuda":
-        from codegen.aot import check_toolchain
+        from codegen.toolchain import check_toolchain
 
         check_toolchain()
 
@@ -66,13 +66,12 @@ def compile_module(model: torch.nn.Module, out: Path, options: CompileOptions, *
     """Compile a model in memory: a transformers `…ForCausalLM` (`described` may name its
     tokenizer), or a custom architecture (compiler/frontend/module.py; `described`: its facts).
     """
-    if options.dtype is not None:
-        raise ValueError(
-            "a module compiles in its parameters' dtype: cast it (module.to(dtype)) instead "
-            "of passing dtype"
-        )
+    hf = isinstance(model, PreTrainedModel)
+    if options.dtype is not None:  # .to() would cast a transformers model's rope buffers too
+        how = "load it in that dtype (from_pretrained(..., dtype=...))" if hf else "cast it"
+        raise ValueError(f"a model in memory compiles in its parameters' dtype: {how}")
     preflight(out, options)
-    if isinstance(model, PreTrainedModel):
+    if hf:
         if set(described) - {"tokenizer"}:
             given = sorted(set(described) - {"tokenizer"})
             raise ValueError(f"a transformers model's configs give {given}: do not pass them")

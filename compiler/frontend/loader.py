@@ -62,7 +62,7 @@ def from_transformers(model, tokenizer, source: str, source_sha256: str) -> Load
         source_sha256,
         ModelFacts(
             model_type=config.model_type,
-            architectures=tuple(getattr(config, "architectures", None) or ()),
+            architectures=tuple(getattr(config, "architectures", None) or (type(model).__name__,)),
             max_model_len=config.max_position_embeddings,
             eos_token_ids=_eos_token_ids(model, tokenizer),
             generation_defaults=_generation_defaults(model),
@@ -72,7 +72,8 @@ def from_transformers(model, tokenizer, source: str, source_sha256: str) -> Load
 
 
 def from_memory(model: torch.nn.Module, tokenizer=None) -> LoadedModel:
-    """A transformers `…ForCausalLM` already in memory, compiled as its directory would be.
+    """A transformers `…ForCausalLM` already in memory, compiled as its saved directory would
+    be when loaded in the dtype it has.
 
     `tokenizer`: a transformers tokenizer, a directory holding one, or None (token ids only).
     """

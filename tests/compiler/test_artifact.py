@@ -175,14 +175,25 @@ def test_cuda_target_fuses_norms_into_projections(target, monkeypatch):
 
 
 def test_cuda_target_without_nvidia_compilers_fails_before_loading(tmp_path, monkeypatch):
-    """No NVRTC/NVVM/nvJitLink: one line naming the install, before the model is read."""
+    """No NVRTC/NVVM/nvJitLink, or no numba-cuda: one line naming the install, before the
+    model is read."""
+    import importlib.util
+
     import cuda.pathfinder
 
-    from codegen.aot import ToolchainError
+    from codegen.toolchain import ToolchainError
 
     def missing(lib):
         raise cuda.pathfinder.DynamicLibNotFoundError(f"no {lib}")
 
+    source = str(tmp_path / "no-such-model")
     monkeypatch.setattr(cuda.pathfinder, "load_nvidia_dynamic_lib", missing)
     with pytest.raises(ToolchainError, match=r"nvvm, nvrtc, nvJitLink .*kiln-llm\[cuda\]"):
-        kiln.compile(str(tmp_path / "no-such-model"), tmp_path / "art", target="cuda")
+        kiln.compile(source, tmp_path / "art", target="cuda")
+    monkeypatch.undo()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "numba_cuda" else find_spec(name)
+    )
+    with pytest.raises(ToolchainError, match=r"needs numba-cuda .*kiln-llm\[cuda\]"):
+        kiln.compile(source, tmp_path / "art", target="cuda")

@@ -223,8 +223,11 @@ def test_a_transformers_model_in_memory_compiles_as_its_directory(tmp_path):
         kiln.compile(model.model, tmp_path / "c")
     with pytest.raises(ValueError, match="eos_token_ids"):  # the configs say it
         kiln.compile(model, tmp_path / "d", eos_token_ids=[1])
-    with pytest.raises(ValueError, match=r"module\.to\(dtype\)"):
+    with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., dtype=\.\.\.\)"):
         kiln.compile(model, tmp_path / "e", dtype="bfloat16")
+    unsaved = tiny_model("qwen3")  # from_config: its config names no architecture
+    art = load_artifact(kiln.compile(unsaved, tmp_path / "f"))
+    assert art.manifest["architecture"]["architectures"] == ["Qwen3ForCausalLM"]
 
 
 def test_generation_config_defaults_reach_the_artifact(tmp_path):
