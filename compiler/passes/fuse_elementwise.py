@@ -1,10 +1,10 @@
 """Fuse trees of elementwise ops into FusedElementwise nodes holding an expression tree.
 
 Pre: any verified graph. Post: every fusible elementwise node (floats only, scalars exact in
-their operand's dtype) whose value feeds exactly one other fusible node is folded into that
-node's tree; trees of two or more ops become one FusedElementwise. Intermediate results
-narrower than float32 keep an explicit cast, so the fused tree rounds exactly where the
-unfused ops did.
+their operand's dtype or multiplying it) whose value feeds exactly one other fusible node is
+folded into that node's tree; trees of two or more ops become one FusedElementwise.
+Intermediate results narrower than float32 keep an explicit cast, so the fused tree rounds
+exactly where the unfused ops did.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ def _exact(scalar: float, dtype: str) -> bool:
 def _fusible(node: Node, type_of: Callable[[str], TensorType]) -> bool:
     """An elementwise node over floats (the tree computes in float32: integer arithmetic past
     2**24 would round; a cast of integers to float32 reads them as the tree does) whose
-    scalar, if any, is exact in its operand's dtype: torch rounds a scalar to a bf16 or fp16
-    operand's dtype for some ops (add, sub, pow, scalar first) and not for others, so such a
-    node keeps torch's own op."""
+    scalar, if any, is exact in its operand's dtype or multiplies it: torch rounds a scalar
+    to a bf16 or fp16 operand's dtype for some ops on the CPU and not on a GPU (add, sub,
+    pow, scalar first), divides by one as a multiplication by its reciprocal on a GPU only,
+    and multiplies by it in float32 on both, as the tree does (GELU-tanh's 0.044715)."""
     op = node.op
     if not isinstance(op, ELEMENTWISE) or node.outputs[0].type.dtype not in FLOATS:
         return False
@@ -41,7 +42,11 @@ def _fusible(node: Node, type_of: Callable[[str], TensorType]) -> bool:
     dtypes = [type_of(x).dtype for x in node.inputs]
     if any(d not in FLOATS for d in dtypes):
         return False
-    return not isinstance(op, ops.BinaryScalar) or _exact(op.scalar, dtypes[0])
+    if not isinstance(op, ops.BinaryScalar) or (op.fn == "mul" and not op.scalar_first):
+        return True
+    if op.fn == "pow" and dtypes[0] != "float32" and op.scalar != 2.0:  # CPU: x**3 = (x*x)*x
+        return False  # rounded after each product in bf16, in float32 on a GPU
+    return _exact(op.scalar, dtypes[0])
 
 
 def _absorbable(graph: Graph) -> set[str]:

@@ -414,6 +414,25 @@ def test_fuse_elementwise_keeps_torch_rounding_of_inexact_narrow_scalars():
     assert evaluate(after, xs, ctx)[0][0] == torch.exp(1 / (xs["x"][0] - 1.01))  # inf
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fuse_elementwise_fuses_gelu_tanh_with_its_inexact_multipliers(dtype):
+    """GELU-tanh written out (Phi's gelu_new): torch multiplies a narrow tensor by a scalar in
+    float32, as the fused tree does, so 0.044715 and sqrt(2/pi) fuse: one node, bit-exact.
+    x**3 stays torch's (bf16 on the CPU rounds x*x first; a GPU does not)."""
+    t = TensorType((1, "T", 24), dtype)
+    b = GraphBuilder()
+    x = b.input("x", t)
+    cube = b.add1(ops.BinaryScalar("mul", 0.044715), b.add1(ops.BinaryScalar("pow", 3.0), x))
+    inner = b.add1(ops.BinaryScalar("mul", 0.7978845608028654), b.add1(ops.Binary("add"), x, cube))
+    tanh = b.add1(ops.BinaryScalar("add", 1.0), b.add1(ops.Unary("tanh"), inner))
+    before = b.build((b.add1(ops.Binary("mul"), b.add1(ops.BinaryScalar("mul", 0.5), x), tanh),))
+    after = eliminate_dead_code(verify(fuse_elementwise(verify(before))))
+    assert [type(n.op).__name__ for n in after.nodes] == ["BinaryScalar", "FusedElementwise"]
+    xs = {"x": (4 * torch.randn(1, 999, 24)).to(TORCH_DTYPES[dtype])}
+    ctx = RefContext(sizes={"T": 999})
+    assert torch.equal(evaluate(after, xs, ctx)[0], evaluate(before, xs, ctx)[0])
+
+
 def test_fuse_elementwise_leaves_integer_ops():
     # the fused tree computes in float32: 2**24 + 1 would round
     t = TensorType((3,), "int64")
