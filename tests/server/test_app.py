@@ -547,7 +547,9 @@ def test_hundreds_of_abandoned_requests_then_a_prompt_answer(url, client, engine
                 await r.read()
 
     async def main() -> None:
-        timeout = aiohttp.ClientTimeout(total=0.3)
+        # 1 s: on a busy CI core 200 requests need a while to reach the engine; each would
+        # take 2 s (200 tokens, 10 ms each), so every one is still abandoned mid-generation
+        timeout = aiohttp.ClientTimeout(total=1.0)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             await asyncio.gather(*(abandon(session, i) for i in range(200)))
