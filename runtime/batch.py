@@ -17,7 +17,9 @@ class BatchInputs:
     query_start: torch.Tensor  # [B + 1] int32: sequence b owns tokens [qs[b], qs[b+1])
     context_lens: torch.Tensor  # [B] int32: cached + new tokens of each sequence
     block_tables: torch.Tensor  # [B, max_blocks] int32: each sequence's blocks, in order
-    logits_indices: torch.Tensor  # [B] int64: index in T of each sequence's last token
+    # [R] int64: the rows of the logits, as indices in T: each sampled sequence's last token,
+    # then any tokens whose logits score the prompt (prompt logprobs)
+    logits_indices: torch.Tensor
     max_context_len: int = 0  # max(context_lens), known on the host (kernel launch geometry)
     max_query_len: int = 0  # most new tokens of one sequence: 1 for a decode-only batch
 
@@ -30,8 +32,8 @@ class BatchInputs:
         return self.query_start.shape[0] - 1
 
     @property
-    def num_sampled(self) -> int:
-        """Sequences whose logits are wanted: B, the rows of the logits."""
+    def num_logits(self) -> int:
+        """R, the rows of the logits."""
         return self.logits_indices.shape[0]
 
 
@@ -39,11 +41,13 @@ def build_batch(
     chunks: list[tuple[list[int], int, list[int]]],
     block_size: int,
     sample: list[bool] | None = None,
+    prompt_logits: list[int] | None = None,
     device="cpu",
 ) -> BatchInputs:
     """Batch from (tokens to compute, position of the first one, block table) per sequence.
 
-    Logits are gathered for the sequences whose `sample` flag is set (default: all).
+    Logits are gathered for the last token of the sequences whose `sample` flag is set
+    (default: all), then for the first `prompt_logits[b]` tokens of each sequence b.
     """
     token_ids, positions, slots, starts, lens = [], [], [], [0], []
     sample = sample if sample is not None else [True] * len(chunks)
@@ -57,6 +61,8 @@ def build_batch(
     width = max(len(t) for _, _, t in chunks)
     tables = [x for _, _, t in chunks for x in t + [0] * (width - len(t))]
     sampled = [end - 1 for end, keep in zip(starts[1:], sample, strict=True) if keep]
+    for first, count in zip(starts[:-1], prompt_logits or [0] * len(chunks), strict=True):
+        sampled += range(first, first + count)
     max_context_len = max(lens)
     wide, narrow = _to_device(
         (token_ids, positions, slots, sampled), (starts, lens, tables), torch.device(device)

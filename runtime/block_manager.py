@@ -95,10 +95,11 @@ class BlockManager:
         """Longest run of the seq's leading full blocks in the cache; no state changes.
 
         The last token is never served from the cache: the forward must compute it so that
-        there are logits to sample from.
+        there are logits to sample from. Nor is any token of a seq that wants prompt logprobs:
+        each needs its logits.
         """
         blocks: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and seq.params.prompt_logprobs is None:
             parent, bs = b"", self.block_size
             for i in range((seq.num_tokens - 1) // bs):
                 parent = hash_block(parent, seq.token_slice(i * bs, (i + 1) * bs))

@@ -226,12 +226,12 @@ class Workers:
             _abort_process_group()
 
 
-HEADER_LEN = 7  # command, tokens, chunks, table width, sampled seqs, max context, max query
+HEADER_LEN = 7  # command, tokens, chunks, table width, logits rows, max context, max query
 
 
 def _fields(header: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """BatchInputs' tensors in packing order: name, shape, dtype."""
-    _, tokens, chunks, width, sampled = header[:5]
+    _, tokens, chunks, width, rows = header[:5]
     i32, i64 = torch.int32, torch.int64
     return [
         ("token_ids", (tokens,), i64),
@@ -240,7 +240,7 @@ def _fields(header: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]
         ("query_start", (chunks + 1,), i32),
         ("context_lens", (chunks,), i32),
         ("block_tables", (chunks, width), i32),
-        ("logits_indices", (sampled,), i64),
+        ("logits_indices", (rows,), i64),
     ]
 
 
@@ -249,7 +249,7 @@ def pack_batch(command: int, batch: BatchInputs | None) -> tuple[torch.Tensor, t
     if batch is None:
         return torch.tensor([command] + [0] * (HEADER_LEN - 1)), None
     chunks, width = batch.block_tables.shape
-    header = [command, batch.num_tokens, chunks, width, batch.num_sampled]
+    header = [command, batch.num_tokens, chunks, width, batch.num_logits]
     header += [batch.max_context_len, batch.max_query_len]
     payload = torch.cat([getattr(batch, n).flatten().long() for n, _, _ in _fields(header)])
     return torch.tensor(header), payload

@@ -21,9 +21,16 @@ from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.model_runner import make_runner, max_model_len
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
-from runtime.sampler import SampledToken, SamplingState, make_generator, sample, sample_ids
+from runtime.sampler import (
+    SampledToken,
+    SamplingState,
+    make_generator,
+    prompt_logprobs,
+    sample,
+    sample_ids,
+)
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.sequence import Sequence, pending
 
 log = logging.getLogger(__name__)
@@ -38,10 +45,24 @@ class _Request:
     states: list[SamplingState]
     detoks: list[IncrementalDetokenizer | None]
     stop_reasons: list[int | str | None] = field(default_factory=list)
+    # params.prompt_logprobs: one entry per prompt token scored so far (None: the first);
+    # whichever of the request's sequences reaches a position first scores it
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    def take_prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
+        """The prompt logprobs, once: when all are scored (by a sequence's first token)."""
+        done = self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(
+            self.prompt_token_ids
+        )
+        if not done or self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
 
 
 @dataclass(slots=True)
@@ -131,6 +152,7 @@ class Engine:
             ],
             [self._detokenizer(prompt_token_ids, params) for _ in seqs],
             [None] * len(seqs),
+            None if params.prompt_logprobs is None else [None],
         )
         for seq in seqs:  # equal lengths: if any cannot fit, the first raises, nothing is queued
             self.scheduler.add(seq)
@@ -166,14 +188,17 @@ class Engine:
             self.num_computed_tokens += plan.num_batched_tokens
             seqs = [c.seq for c in plan.chunks if c.sample]
             states = [self.requests[s.request_id].states[s.index] for s in seqs]
+            logits, scoring = logits[: len(seqs)], logits[len(seqs) :]
         # while the GPU runs this step, the last one's tokens: they may end sequences of it
         outputs = self._land(flight) if flight else []
         if not plan.chunks:
             return outputs
         if self.async_scheduling and all(s.params.logprobs is None for s in states):
             self._launch_sampling(plan, seqs, sample_ids(logits, states))
+            self._score_prompts(plan.chunks, scoring)
             return outputs
         tokens = sample(logits, states)
+        self._score_prompts(plan.chunks, scoring)
         self.scheduler.update(
             plan, {s.seq_id: t.token_id for s, t in zip(seqs, tokens, strict=True)}
         )
@@ -195,6 +220,35 @@ class Engine:
             ready = torch.cuda.Event()
             ready.record()
         self._in_flight = _InFlight(live, ids, host, ready)
+
+    def _score_prompts(self, chunks: tuple[ScheduledChunk, ...], logits: torch.Tensor) -> None:
+        """Prompt logprobs from the step's scoring rows (each chunk's `prompt_logits`, in
+        chunk order), for the prompt tokens no sequence of the request has scored yet."""
+        if logits.shape[0] == 0:
+            return
+        picked, tokens, top, owners = [], [], [], []
+        scored: dict[str, int] = {}  # request id -> prompt tokens scored, this step's counted
+        row = 0  # the chunk's first scoring row
+        for chunk in chunks:
+            if not chunk.prompt_logits:
+                continue
+            seq = chunk.seq
+            request = self.requests[seq.request_id]
+            done = scored.get(seq.request_id, len(request.prompt_logprobs))
+            # position p scores prompt token p + 1; a sequence recomputing its prompt after a
+            # preemption, or the request's other samples, reach positions scored already
+            first, end = max(chunk.start, done - 1), chunk.start + chunk.prompt_logits
+            picked += range(row + first - chunk.start, row + end - chunk.start)
+            tokens += seq.prompt_token_ids[first + 1 : end + 1]
+            top += [seq.params.prompt_logprobs] * max(0, end - first)
+            owners += [request] * max(0, end - first)
+            scored[seq.request_id] = max(done, end + 1)
+            row += chunk.prompt_logits
+        if picked:
+            index = torch.tensor(picked, device=logits.device)
+            entries = prompt_logprobs(logits[index], tokens, top)
+            for request, entry in zip(owners, entries, strict=True):
+                request.prompt_logprobs.append(self._decoded(entry))
 
     def _land(self, flight: _InFlight) -> list[RequestOutput]:
         """Read back a step's tokens in place of their stand-ins; the updates they make."""
@@ -266,6 +320,7 @@ class Engine:
             outs,
             finished,
             request.seqs[0].num_cached_tokens,
+            request.take_prompt_logprobs(),
         )
 
     def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:

@@ -110,7 +110,7 @@ class Executor:
         return RefContext(
             sizes={
                 "T": batch.num_tokens,
-                "B": batch.num_sampled,
+                "B": batch.num_logits,
                 "seqs": batch.num_seqs,
                 "max_context_len": batch.max_context_len,
                 "max_query_len": batch.max_query_len,

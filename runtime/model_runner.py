@@ -16,8 +16,8 @@ from runtime.config import EngineConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 from runtime.memory import GIB, MemoryProfile, kv_cache_bytes
-from runtime.sampler import SamplingState, sample
-from runtime.sampling_params import SamplingParams
+from runtime.sampler import SamplingState, prompt_logprobs, sample
+from runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from runtime.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,9 @@ class ModelRunner:
 
     def _profile_memory(self, config: EngineConfig) -> MemoryProfile:
         """Run the largest step the scheduler can make (max_num_batched_tokens tokens over up
-        to max_num_seqs sequences, each sampled with every filter and logprobs) in a cache of
-        its own, and measure the memory it takes."""
+        to max_num_seqs sequences, each sampled with every filter and logprobs, and scoring
+        its prompt for prompt logprobs) in a cache of its own, and measure the memory it
+        takes."""
         free_at_start, total, allocated_at_start, reserved_at_start = self._memory_at_start
         device = self.device
         torch.cuda.synchronize(device)
@@ -171,15 +172,19 @@ class ModelRunner:
         batch = build_batch(
             [([0] * n, 0, t) for n, t in zip(lengths, tables, strict=True)],
             self.block_size,
+            prompt_logits=[n - 1 for n in lengths],
             device=device,
         )
         params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, logprobs=5)
         states = [SamplingState(params, [0], [], (), None) for _ in lengths]
-        sample(self.executor.forward(batch, kv), states)
+        logits = self.executor.forward(batch, kv)
+        sample(logits[: len(lengths)], states)
+        scoring = tokens - len(lengths)
+        prompt_logprobs(logits[len(lengths) :], [0] * scoring, [MAX_LOGPROBS] * scoring)
         torch.cuda.synchronize(device)
         cache = first * self.block_size * self.spec.bytes_per_token
         activations = torch.cuda.max_memory_allocated(device) - before - cache
-        del kv, batch
+        del kv, batch, logits
         torch.cuda.empty_cache()
         used = free_at_start - torch.cuda.mem_get_info(device)[0]
         in_torch = torch.cuda.memory_reserved(device) - reserved_at_start
@@ -190,8 +195,10 @@ class ModelRunner:
     def execute(
         self, chunks: tuple[ScheduledChunk, ...], carried: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits [number of sampling chunks, vocab], in chunk order. `carried`: the tokens
-        the last step sampled, still on the device, for the inputs pending on them."""
+        """Logits [rows, vocab]: one per sampling chunk, then each chunk's `prompt_logits`
+        rows, in chunk order. `carried`: the tokens the last step sampled, still on the
+        device, for the inputs pending on them."""
+        # a decode chunk scores no prompt token: graphs gather only the sampled rows
         if self.graphs is not None and self.graphs.fits(chunks):
             return self.replay(chunks, carried)
         batch = build_batch(
@@ -201,6 +208,7 @@ class ModelRunner:
             ],
             self.block_size,
             sample=[c.sample for c in chunks],
+            prompt_logits=[c.prompt_logits for c in chunks],
             device=self.device,
         )
         if carried is not None:

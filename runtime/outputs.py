@@ -45,6 +45,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # with SamplingParams.prompt_logprobs: per prompt token, its logprob and the top-k (None
+    # for the first, which nothing scores); in the first update once the prompt is computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -71,4 +74,5 @@ def merge_update(acc: RequestOutput | None, update: RequestOutput) -> RequestOut
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished = update.finished
     acc.num_cached_tokens = update.num_cached_tokens
+    acc.prompt_logprobs = update.prompt_logprobs or acc.prompt_logprobs
     return acc

@@ -171,32 +171,60 @@ def _logprobs(
     """Logprobs of the raw model logits: the sampled token and the top-n, ranked from 1."""
     rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     result: list[dict[int, Logprob] | None] = [None] * len(states)
-    if not rows:
-        return result
-    device = raw.device
-    logprobs = torch.log_softmax(raw[torch.tensor(rows, device=device)], dim=-1)
-    sampled = torch.tensor([tokens[i] for i in rows], device=device).unsqueeze(1)
-    sampled_lp = logprobs.gather(1, sampled)
-    # as vLLM ranks them: the sampled token after every token as likely (ties included), so
+    if rows:
+        picked = raw[torch.tensor(rows, device=raw.device)]
+        top = [states[i].params.logprobs for i in rows]
+        ranked = ranked_logprobs(picked, [tokens[i] for i in rows], top)
+        for i, entry in zip(rows, ranked, strict=True):
+            result[i] = entry
+    return result
+
+
+PROMPT_LOGPROBS_ROWS = 512  # rows of prompt logits turned into float32 at a time
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, tokens: list[int], top: list[int]
+) -> list[dict[int, Logprob]]:
+    """Per row of `logits` [R, V] (a prompt position's), the logprob of the prompt token that
+    follows it, `tokens[r]`, and of the `top[r]` most likely tokens; in slices of rows, so a
+    long prompt's float32 logprobs are never all held at once."""
+    out = []
+    for first in range(0, len(tokens), PROMPT_LOGPROBS_ROWS):
+        rows = slice(first, first + PROMPT_LOGPROBS_ROWS)
+        out += ranked_logprobs(logits[rows].float(), tokens[rows], top[rows])
+    return out
+
+
+def ranked_logprobs(
+    logits: torch.Tensor, tokens: list[int], top: list[int]
+) -> list[dict[int, Logprob]]:
+    """Per row of float32 `logits` [R, V]: tokens[r]'s logprob and the top[r] most likely
+    tokens', each with its rank (1: the most likely)."""
+    device = logits.device
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = torch.tensor(tokens, device=device).unsqueeze(1)
+    chosen_lp = logprobs.gather(1, chosen)
+    # as vLLM ranks them: the chosen token after every token as likely (ties included), so
     # one outside the top n ranks past n; the top-k by position, 1..k, so ranks <= n are n
-    sampled_rank = (logprobs >= sampled_lp).sum(-1)
-    top_lp, top_ids = logprobs.topk(max(states[i].params.logprobs for i in rows), dim=-1)
-    top_rank = torch.arange(1, top_lp.shape[1] + 1, device=device).expand_as(top_ids)
+    chosen_rank = (logprobs >= chosen_lp).sum(-1)
+    top_lp, top_ids = logprobs.topk(max(top), dim=-1)
     columns = zip(
-        sampled_lp.squeeze(1).tolist(),
-        sampled_rank.tolist(),
+        tokens,
+        top,
+        chosen_lp.squeeze(1).tolist(),
+        chosen_rank.tolist(),
         top_lp.tolist(),
         top_ids.tolist(),
-        top_rank.tolist(),
         strict=True,
     )
-    for i, (lp, rank, lps, ids, ranks) in zip(rows, columns, strict=True):
-        n = states[i].params.logprobs
-        entry = {tokens[i]: Logprob(lp, rank)}
+    result = []
+    for token, n, lp, rank, lps, ids in columns:
+        entry = {token: Logprob(lp, rank)}
         entry.update(
-            (t, Logprob(v, r)) for t, v, r in zip(ids[:n], lps[:n], ranks[:n], strict=True)
+            (t, Logprob(v, r)) for r, (t, v) in enumerate(zip(ids[:n], lps[:n], strict=True), 1)
         )
-        result[i] = entry
+        result.append(entry)
     return result
 
 

@@ -30,6 +30,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # top-k logprobs to return with each sampled token (<= 20)
+    # top-k logprobs to return with each prompt token after the first (<= 20); such a request
+    # computes its whole prompt, as vLLM's does: no prefix-cache hits
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # leave special tokens (e.g. "<|im_end|>") out of text
@@ -57,6 +60,11 @@ class SamplingParams:
             (
                 "logprobs",
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"in [0, {MAX_LOGPROBS}]",
+            ),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
                 f"in [0, {MAX_LOGPROBS}]",
             ),
             (

@@ -52,6 +52,8 @@ class ScheduledChunk:
     start: int  # first position computed this step (== seq.num_computed_tokens before the step)
     num_tokens: int  # seq.token_ids[start:start + num_tokens] run this step
     sample: bool  # the chunk reaches the end of seq.token_ids: sample a token for it
+    # its first tokens whose logits score the prompt token after each (prompt_logprobs)
+    prompt_logits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +244,7 @@ class Scheduler:
                 fits, returned = self._make_room(seq, num_new, chunks, preempted)
                 budget += returned
             if fits:
-                chunks.append(ScheduledChunk(seq, start, num_new, num_new == num_left))
+                chunks.append(self._chunk(seq, start, num_new))
                 budget -= num_new
         return chunks, preempted, budget
 
@@ -306,4 +308,8 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, start: int, num_tokens: int) -> ScheduledChunk:
-        return ScheduledChunk(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
+        end = start + num_tokens
+        scored = 0  # positions before the prompt's last one: their logits score a prompt token
+        if seq.params.prompt_logprobs is not None:
+            scored = max(0, min(end, seq.num_prompt_tokens - 1) - start)
+        return ScheduledChunk(seq, start, num_tokens, end == seq.num_tokens, scored)

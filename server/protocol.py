@@ -79,8 +79,9 @@ class GenerateRequest:
     n: int
     stream: bool
     include_usage: bool
-    echo: bool  # completions only: prefix each choice with its prompt text
+    echo: bool  # completions only: prefix each choice with its prompt text (and logprobs)
     top_logprobs: int | None  # alternatives shown per token; None: no logprobs
+    echo_only: bool = False  # echo with max_tokens 0: the prompt, and no completion token
 
 
 def bad(message: str, param: str | None = None) -> ProtocolError:
@@ -264,18 +265,22 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     stream, include_usage = _stream_flags(body)
     echo = _get(body, "echo", bool, False)
     logprobs = _get(body, "logprobs", int)
-    if echo and logprobs is not None:
-        raise bad("'echo' with 'logprobs' (prompt logprobs) is not supported", "echo")
     sampling = _sampling_fields(body, info) | {"logprobs": logprobs}
+    if echo:  # the prompt's tokens are listed with logprobs too, as OpenAI and vLLM do
+        sampling["prompt_logprobs"] = logprobs
+    requested, key = _max_tokens(body)
+    # echo with max_tokens 0 scores the prompt alone: one token is generated, and dropped
+    echo_only = echo and requested == 0
+    if echo_only:
+        body = {**body, key: 1}
     special = _get(body, "add_special_tokens", bool, True)
     items = [_completion_prompt(p, info, special, echo) for p in _completion_items(body)]
-    names = {"max_tokens": _max_tokens(body)[1]}
     prompts = tuple(
-        _prompt(ids, text, body, info, sampling, names, COMPLETION_MAX_TOKENS)
+        _prompt(ids, text, body, info, sampling, {"max_tokens": key}, COMPLETION_MAX_TOKENS)
         for ids, text in items
     )
     n = prompts[0].params.n
-    return GenerateRequest(False, prompts, n, stream, include_usage, echo, logprobs)
+    return GenerateRequest(False, prompts, n, stream, include_usage, echo, logprobs, echo_only)
 
 
 def chat_prompt(body: Mapping[str, Any], info: ModelInfo, special_default: bool) -> list[int]:

@@ -157,10 +157,29 @@ class TextOffsets:
         return offset
 
 
+def echo_logprobs(
+    first: str, entries: Sequence[TokenLogprob], offsets: list[int]
+) -> dict[str, list]:
+    """The completions format of a prompt's logprobs: its first token, `first`, which nothing
+    scores, with a null logprob and top, then the other tokens; `offsets`: all of theirs."""
+    rest = completion_logprobs(entries, offsets[1:])
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": offsets,
+    }
+
+
+def concat(logprobs: Sequence[dict[str, list] | None]) -> dict[str, list] | None:
+    """Completion-format logprobs one after another, as one (None: none of them)."""
+    given = [lp for lp in logprobs if lp is not None]
+    return {k: [x for lp in given for x in lp[k]] for k in given[0]} if given else None
+
+
 def join(index: int, pieces: Sequence[Piece]) -> Piece:
     """All the pieces of one choice, in order, as one."""
-    logprobs = [p.logprobs for p in pieces if p.logprobs is not None]
-    merged = {k: [x for lp in logprobs for x in lp[k]] for k in logprobs[0]} if logprobs else None
+    merged = concat([p.logprobs for p in pieces])
     finish = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
     return Piece(index, "".join(p.text for p in pieces), merged, finish)
 
@@ -207,7 +226,8 @@ def _head(meta: Meta, kind: str) -> dict[str, Any]:
 
 
 class Pieces:
-    """Turns engine deltas into per-choice pieces: echo once, running text offsets, usage."""
+    """Turns engine deltas into per-choice pieces: echo (and the prompt's logprobs) once,
+    running text offsets, usage."""
 
     def __init__(
         self,
@@ -220,18 +240,26 @@ class Pieces:
         self.token_text = token_text
         self.token_bytes = token_bytes
         self.offsets: dict[int, TextOffsets] = {}  # choice -> where its tokens start
+        self.scored: dict[int, list] = {}  # prompt -> its prompt logprobs, once they come
         self.completion_tokens = 0
 
     def of(self, prompt_index: int, out: RequestOutput) -> list[Piece]:
+        if out.prompt_logprobs is not None:  # they come before any choice's first token
+            self.scored[prompt_index] = out.prompt_logprobs
         return [self._piece(prompt_index * self.req.n + c.index, c) for c in out.outputs]
 
     def _piece(self, index: int, c: CompletionOutput) -> Piece:
         req = self.req
+        if req.echo_only:  # the token generated only to run the request is not shown
+            done = c.finish_reason in ("stop", "length")
+            c = CompletionOutput(c.index, finish_reason="length" if done else c.finish_reason)
         self.completion_tokens += len(c.token_ids)
-        echo = ""
+        echo, echoed = "", None
         if index not in self.offsets:
             echo = (req.prompts[index // req.n].text or "") if req.echo else ""
             self.offsets[index] = TextOffsets(len(echo))
+            if req.echo and req.top_logprobs is not None and index // req.n in self.scored:
+                echoed = self._echo_logprobs(index // req.n, echo)
         logprobs = None
         if req.top_logprobs is not None and c.logprobs is not None:
             entries = token_logprobs(
@@ -241,7 +269,18 @@ class Pieces:
                 logprobs = chat_logprobs(entries)
             else:
                 logprobs = completion_logprobs(entries, self._text_offsets(index, c))
-        return Piece(index, echo + c.text, logprobs, c.finish_reason)
+        return Piece(index, echo + c.text, concat([echoed, logprobs]), c.finish_reason)
+
+    def _echo_logprobs(self, prompt_index: int, text: str) -> dict[str, list]:
+        """The prompt's tokens with their logprobs, at their offsets in its echoed text (a
+        special token the tokenizer added, absent from a text prompt, counts as its text)."""
+        ids = self.req.prompts[prompt_index].token_ids
+        scored = self.scored[prompt_index]
+        entries = token_logprobs(
+            ids[1:], scored[1:], self.req.top_logprobs, self.token_text, self._raw_bytes
+        )
+        offsets = TextOffsets(0).delta(text, [self._raw_bytes(t) for t in ids], finished=True)
+        return echo_logprobs(self.token_text(ids[0]), entries, offsets)
 
     def _raw_bytes(self, token: int) -> bytes:
         return self.token_bytes(token, False)

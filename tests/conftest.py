@@ -84,3 +84,17 @@ def smollm2_artifact(tmp_path_factory):
     import kiln
 
     return kiln.compile("builtin:smollm2", tmp_path_factory.mktemp("smollm2") / "art")
+
+
+@pytest.fixture(params=["sync", "async"])
+def scheduling(request, monkeypatch) -> bool:
+    """The engine's scheduling mode, whatever the runner's default (on the CPU: synchronous);
+    a test asks for it to run in both."""
+    overlap = request.param == "async"
+    monkeypatch.setattr(
+        "runtime.engine._async_scheduling",
+        lambda config, runner: (
+            overlap if config.async_scheduling is None else config.async_scheduling
+        ),
+    )
+    return overlap

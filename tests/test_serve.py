@@ -103,6 +103,29 @@ def test_n_stop_and_logprobs(client):
         assert entry.logprob == max(t.logprob for t in entry.top_logprobs)  # greedy: the top one
 
 
+def test_echo_scores_a_continuation_as_generation_would(client):
+    # a loglikelihood as lm-evaluation-harness asks for one: echo, max_tokens 0 or 1, logprobs 1
+    context = "The capital of France is"
+    nxt = client.completions.create(
+        model="smol", prompt=context, max_tokens=1, temperature=0, logprobs=1
+    )
+    answer = nxt.choices[0].logprobs
+    assert answer.tokens == [" Paris"]
+    for max_tokens in (0, 1):
+        scored = client.completions.create(
+            model="smol", prompt=context + " Paris", max_tokens=max_tokens, temperature=0,
+            logprobs=1, echo=True,
+        )  # fmt: skip
+        lp = scored.choices[0].logprobs
+        n = len(lp.tokens) - max_tokens  # the prompt's tokens
+        assert lp.tokens[n - 1] == " Paris" and lp.token_logprobs[0] is None
+        # " Paris" scored inside the prompt: the logprob it had as the greedy next token
+        assert lp.token_logprobs[n - 1] == pytest.approx(answer.token_logprobs[0], abs=1e-4)
+        assert lp.token_logprobs[n - 1] == max(lp.top_logprobs[n - 1].values())
+        assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert scored.usage.completion_tokens == 1
+
+
 def test_bad_input_then_good(client, server):
     stranger = openai.OpenAI(base_url=server[1] + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

@@ -257,7 +257,7 @@ def lockstep(graph: Graph, rank_params, batch, caches) -> list[torch.Tensor]:
 
 def context(batch, caches) -> RefContext:
     return RefContext(
-        {"T": batch.num_tokens, "B": batch.num_sampled},
+        {"T": batch.num_tokens, "B": batch.num_logits},
         caches,
         batch.slot_mapping,
         batch.query_start,

@@ -49,7 +49,7 @@ def check_prefill(
     ref_cache = (k_cache.cpu().nan_to_num(0.0), v_cache.cpu().nan_to_num(0.0))
     sizes = {
         "T": tokens,
-        "B": batch.num_sampled,
+        "B": batch.num_logits,
         "seqs": batch.num_seqs,
         "max_context_len": batch.max_context_len,
         "max_query_len": batch.max_query_len,

@@ -17,18 +17,7 @@ from compiler.artifact import load_artifact
 from runtime.async_engine import AsyncEngine
 from runtime.outputs import merge_update
 
-
-@pytest.fixture(autouse=True, params=["sync", "async"])
-def scheduling(request, monkeypatch) -> bool:
-    """The engine's scheduling mode, whatever the runner's default (on the CPU: synchronous)."""
-    overlap = request.param == "async"
-    monkeypatch.setattr(
-        "runtime.engine._async_scheduling",
-        lambda config, runner: (
-            overlap if config.async_scheduling is None else config.async_scheduling
-        ),
-    )
-    return overlap
+pytestmark = pytest.mark.usefixtures("scheduling")
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,15 @@ class FakeEngine:
                 if finish:
                     live.remove(j)
                 out = CompletionOutput(j, delta, [token], logprobs, finish)
-                yield RequestOutput(request_id, prompt, prompt_token_ids, [out], not live)
+                scored = None
+                if params.prompt_logprobs is not None and step == 0 and j == 0:
+                    k = params.prompt_logprobs
+                    scored = [None] + [
+                        fake_logprobs(t, k, self.vocab_size) for t in prompt_token_ids[1:]
+                    ]
+                yield RequestOutput(
+                    request_id, prompt, prompt_token_ids, [out], not live, 0, scored
+                )
             if not live:
                 return
 

@@ -201,6 +201,58 @@ def test_completion_logprobs(client, tok) -> None:
     assert lp.text_offset == [0, 3, 9]  # "The", " quick", " brown"
 
 
+def test_completion_echo_lists_the_prompt_tokens_with_their_logprobs(client, tok, engine) -> None:
+    r = client.completions.create(model=NAME, prompt=FOX, max_tokens=2, logprobs=2, echo=True)
+    assert engine.calls[-1].params.prompt_logprobs == 2
+    ids = tok.encode(FOX)
+    outputs = ids[:2]  # the fake engine echoes the prompt
+    (choice,) = r.choices
+    assert choice.text == FOX + tok.decode(outputs)
+    lp = choice.logprobs
+    assert lp.tokens == [tok.decode([t]) for t in ids + outputs]
+    # the first prompt token is scored by nothing: null, as OpenAI and vLLM show it
+    assert lp.token_logprobs == [None] + [-0.25] * (len(ids) - 1 + 2)
+    assert lp.top_logprobs[0] is None
+    assert lp.top_logprobs[1:] == [
+        {tok.decode([t]): -0.25, tok.decode([t + 1]): -2.0} for t in ids[1:] + outputs
+    ]
+    # "The", " quick", ...: one token a word, each starting at its space
+    starts = [0] + [i for i, c in enumerate(FOX) if c == " "]
+    assert lp.text_offset == starts + [len(FOX), len(FOX) + 3]
+
+
+def test_completion_echo_with_max_tokens_0_scores_the_prompt_alone(client, tok) -> None:
+    # as lm-evaluation-harness asks for a loglikelihood: token ids, echo, 1 logprob
+    ids = tok.encode(FOX)
+    kwargs = {"model": NAME, "prompt": [ids, ids[:4]], "max_tokens": 0, "echo": True}
+    r = client.completions.create(**kwargs, logprobs=1)
+    for choice, want in zip(r.choices, [ids, ids[:4]], strict=True):
+        assert choice.text == tok.decode(want) and choice.finish_reason == "length"
+        assert choice.logprobs.tokens == [tok.decode([t]) for t in want]
+        assert choice.logprobs.token_logprobs == [None] + [-0.25] * (len(want) - 1)
+    assert r.usage.completion_tokens == 0
+    stream = list(client.completions.create(**kwargs, logprobs=1, stream=True))
+    for choice in r.choices:
+        mine = [c.choices[0] for c in stream if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [t for c in mine for t in c.logprobs.token_logprobs] == (
+            choice.logprobs.token_logprobs
+        )
+    plain = client.completions.create(**kwargs)  # no logprobs asked: none scored
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == tok.decode(ids)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=NAME, prompt=FOX, max_tokens=0)
+
+
+def test_completion_echo_logprobs_with_n_repeat_the_prompt_in_every_choice(client, tok) -> None:
+    r = client.completions.create(model=NAME, prompt=FOX, n=3, max_tokens=1, logprobs=0, echo=True)
+    ids = tok.encode(FOX)
+    for choice in r.choices:
+        assert choice.logprobs.tokens[: len(ids)] == [tok.decode([t]) for t in ids]
+        assert choice.logprobs.token_logprobs[0] is None
+        assert len(choice.logprobs.token_logprobs) == len(ids) + 1
+
+
 def test_completion_offsets_of_characters_split_over_tokens(client, tok) -> None:
     ids = tok.encode(SPLIT)
     assert len(ids) == 13

@@ -291,9 +291,23 @@ def test_unknown_model_is_404(info: ModelInfo) -> None:
     refused(parse_tokenize, {"model": "gpt-5", "prompt": "a"}, info, status=404)
 
 
-def test_suffix_and_echo_with_logprobs_are_400(info: ModelInfo) -> None:
+def test_suffix_is_400(info: ModelInfo) -> None:
     assert refused(parse_completion, completion(suffix="end"), info).param == "suffix"
-    assert refused(parse_completion, completion(echo=True, logprobs=1), info).param == "echo"
+
+
+def test_echo_with_logprobs_asks_for_prompt_logprobs(info: ModelInfo) -> None:
+    req = parse_completion(completion(echo=True, logprobs=3, max_tokens=2), info)
+    assert (req.prompts[0].params.prompt_logprobs, req.prompts[0].params.logprobs) == (3, 3)
+    assert not req.echo_only and req.prompts[0].params.max_tokens == 2
+    assert parse_completion(completion(logprobs=3), info).prompts[0].params.prompt_logprobs is None
+    assert parse_completion(completion(echo=True), info).prompts[0].params.prompt_logprobs is None
+    # max_tokens 0 with echo: the engine runs one token, which the response leaves out
+    for key in ("max_tokens", "max_completion_tokens"):
+        req = parse_completion(completion(echo=True, logprobs=1, **{key: 0}), info)
+        assert req.echo_only and req.prompts[0].params.max_tokens == 1
+    error = refused(parse_completion, completion(max_tokens=0), info)
+    assert (error.param, str(error)) == ("max_tokens", "invalid max_tokens: 0 (must be >= 1)")
+    assert refused(parse_completion, completion(echo=True, logprobs=21), info).param == "logprobs"
 
 
 def test_model_without_tokenizer_takes_token_ids_only(bare: ModelInfo) -> None:
