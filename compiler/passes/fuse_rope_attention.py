@@ -31,13 +31,15 @@ def _untransposed(rw: Rewriter, name: str) -> str | None:
     return t.inputs[0] if t and {t.op.dim0 % 4, t.op.dim1 % 4} == {1, 2} else None
 
 
-def _table(rw: Rewriter, name: str) -> str | None:
-    """[1, 1, T, D] view of a [1, T, D] cos/sin table -> the table."""
-    r = rw.producer(name, ops.Reshape)
+def _table(rw: Rewriter, view: str, unit: int = 1) -> str | None:
+    """View of a [1, T, d] cos/sin table with a unit dim inserted at `unit` ([1, 1, T, d];
+    [1, T, 1, d] at 2) -> the table."""
+    r = rw.producer(view, ops.Reshape)
     if r is None:
         return None
     src = rw.type_of(r.inputs[0]).shape
-    return r.inputs[0] if len(src) == 3 and rw.type_of(name).shape == (1, 1, *src[1:]) else None
+    want = (1, *src[1:unit], 1, *src[unit:])
+    return r.inputs[0] if len(src) == 3 and rw.type_of(view).shape == want else None
 
 
 def _movable(rw: Rewriter, name: str) -> bool:
@@ -146,16 +148,6 @@ def _partial_rotary(rw: Rewriter, name: str) -> tuple[str, Node] | None:
     return None
 
 
-def _flat_table(rw: Rewriter, view: str) -> str | None:
-    """[1, T, 1, R] view of a [1, T, R] rope table -> the table."""
-    r = rw.producer(view, ops.Reshape)
-    if r is None:
-        return None
-    src = rw.type_of(r.inputs[0]).shape
-    flat = len(src) == 3 and rw.type_of(view).shape == (1, src[1], 1, src[2])
-    return r.inputs[0] if flat else None
-
-
 def _fuse_partial_rotary(node: Node, rw: Rewriter) -> dict[str, str] | None:
     op = node.op
     if not isinstance(op, ops.PagedAttention) or op.layout != "bthd" or op.rope:
@@ -163,7 +155,7 @@ def _fuse_partial_rotary(node: Node, rw: Rewriter) -> dict[str, str] | None:
     pq, pk = _partial_rotary(rw, node.inputs[0]), _partial_rotary(rw, node.inputs[1])
     if not (pq and pk) or pq[1].inputs[1:] != pk[1].inputs[1:]:
         return None
-    tables = [_flat_table(rw, c) for c in pq[1].inputs[1:]]
+    tables = [_table(rw, c, unit=2) for c in pq[1].inputs[1:]]
     if None in tables:
         return None
     r = rw.type_of(tables[0]).shape[-1]
