@@ -138,12 +138,13 @@ class _Planner:
         slices = self.users.get(node.outputs[0].name, [])
         last = self.type_of(node.outputs[0].name).rank - 1
         if slices and all(_is_slice(u, last) for u in slices):
-            self._column_parallel(node, w, bias[0] if bias else None, slices)
+            segments = self._column_parallel(node, w, bias[0] if bias else None, slices)
+            self.layouts[node.outputs[0].name] = segments
         elif slices and not self._reaches_outputs_only(node.outputs[0].name):
             # one segment (GPT-NeoX's per-head [q|k|v] projection, a lone up-projection): its
             # users' rules decide whether a split last dim can flow on
-            self._column_parallel(node, w, bias[0] if bias else None, [])
-            (parts,) = self.layouts[node.outputs[0].name].parts  # a lone k or v: kv heads
+            segment = self._column_parallel(node, w, bias[0] if bias else None, [])
+            (parts,) = segment.parts  # a lone k or v: kv heads
             self.layouts[node.outputs[0].name] = Split(last, parts)
 
     def _reaches_outputs_only(self, name: str) -> bool:
@@ -157,7 +158,11 @@ class _Planner:
             for u in users
         )
 
-    def _column_parallel(self, node: Node, w: str, bias: str | None, slices: list[Node]) -> None:
+    def _column_parallel(
+        self, node: Node, w: str, bias: str | None, slices: list[Node]
+    ) -> Segments:
+        """Cuts `w` (and `bias`) into the segments that `slices` take (one segment without
+        slices) and returns the output's layout."""
         width = self.type_of(node.outputs[0].name).shape[-1]
         parts_of = {_bounds(u.op, width): self._parts(u) for u in slices}
         bounds = tuple(sorted(parts_of)) or ((0, width),)
@@ -170,7 +175,7 @@ class _Planner:
         for param in (w, bias):
             if param is not None:
                 self._cut(node, param, Cut(0, bounds, parts))
-        self.layouts[node.outputs[0].name] = Segments(bounds, parts)
+        return Segments(bounds, parts)
 
     def _parts(self, node: Node) -> int:
         """num_kv_heads where `node` is a k or v that reaches attention with fewer KV heads than
