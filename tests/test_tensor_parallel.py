@@ -122,6 +122,23 @@ def test_tp2_with_asynchronous_steps_gives_tp1_tokens(artifacts):
         llm.engine.runner.close()
 
 
+def test_tp2_prompt_logprobs_equal_tp1(artifacts):
+    """A step's scoring rows (prompt logprobs) come after its sampled rows on every rank."""
+    tp1, tp2 = artifacts["llama"]
+    params = kiln.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    with kiln.LLM(tp1, num_kv_blocks=64, max_num_batched_tokens=48) as llm:
+        ref = llm.generate(prompts(4), params, use_tqdm=False)
+    with kiln.LLM(tp2, num_kv_blocks=64, max_num_batched_tokens=48) as llm:
+        outs = llm.generate(prompts(4), params, use_tqdm=False)
+    for want, got in zip(ref, outs, strict=True):
+        assert got.token_ids == want.token_ids
+        assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(want.prompt_token_ids)
+        for a, b in zip(want.prompt_logprobs[1:], got.prompt_logprobs[1:], strict=True):
+            assert a.keys() == b.keys()
+            for t in a:
+                assert b[t].logprob == pytest.approx(a[t].logprob, abs=LOGITS_ATOL)
+
+
 def test_tp2_teacher_forced_logits_equal_tp1(artifacts):
     """Rank 0's `forward` runs one eager batch on every rank: the TP benchmark's parity check
     (benchmarks/tensor_parallel.py) teacher-forces both runs along TP=1's greedy tokens."""
@@ -407,7 +424,8 @@ def test_batch_survives_packing():
         ([rng.randrange(160) for _ in range(n)], start, rng.sample(range(50), k))
         for n, start, k in ((5, 0, 1), (1, 37, 3), (12, 16, 2))
     ]
-    batch = build_batch(chunks, 16, sample=[True, True, False])
+    batch = build_batch(chunks, 16, sample=[True, True, False], prompt_logits=[4, 0, 2])
+    assert batch.num_logits == 2 + 4 + 2
     header, payload = pack_batch(1, batch)
     back = unpack_batch(header.tolist(), payload)
     for f in fields(BatchInputs):  # every field, so one added later cannot be left behind

@@ -192,3 +192,48 @@ def test_every_kernel_node_matches_torch_ops_in_engine_batches(dtype, tmp_path):
         f"over tolerance: {bad}"
     )
     assert not bad
+
+
+def test_prompt_logprobs_on_gpu_match_transformers(tmp_path):
+    """Scoring rows gathered beside sampled ones, in eager steps between graph replays, with
+    asynchronous steps: every prompt token's logprob as transformers' log-softmax gives it."""
+    from benchmarks.models import in_memory_artifact, random_model
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+    from runtime.outputs import merge_update
+    from runtime.sampling_params import SamplingParams
+
+    model = random_model("qwen3-0.6b", "cuda", torch.float32, logit_scale=10.0, num_hidden_layers=4)
+    artifact = in_memory_artifact(model, "qwen3-small", tmp_path)
+    engine = Engine(artifact, EngineConfig(num_kv_blocks=512, max_num_batched_tokens=256))
+    assert engine.async_scheduling and engine.runner.graphs is not None
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (300, 2, 77, 129)]
+    scored = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=5)
+    plain = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, scored if i != 3 else plain)
+    results = {}
+    while engine.has_unfinished():
+        for update in engine.step():
+            results[update.request_id] = merge_update(results.get(update.request_id), update)
+    assert results["3"].prompt_logprobs is None
+    errors, top_agree = [], []
+    for i, p in enumerate(prompts[:3]):
+        got = results[str(i)].prompt_logprobs
+        assert len(got) == len(p) and got[0] is None
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p], device="cuda")).logits[0], -1)
+        for position, entry in enumerate(got[1:]):
+            token = p[position + 1]
+            errors.append(abs(entry[token].logprob - ref[position, token].item()))
+            best = min(entry, key=lambda t: entry[t].rank)
+            top_agree.append(best == ref[position].argmax().item())
+    errors = torch.tensor(errors)
+    agree = sum(top_agree) / len(top_agree)
+    print(
+        f"prompt logprobs vs hf (float32): {len(errors)} tokens, mean |err| "
+        f"{errors.mean():.2e}, max {errors.max():.2e}; top-1 agreement {agree:.4f}"
+    )
+    assert errors.mean().item() < 1e-3 and errors.max().item() < 2e-2
+    assert agree >= 0.99
