@@ -113,6 +113,7 @@ class DecodeGraphs:
         self.carried = self.dev64[3]
         self.copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.memory = 0  # device bytes the capture took (the graphs' pool, their workspaces)
 
     def batch(self, size: int) -> BatchInputs:
         """The static inputs of the graph for `size` sequences (views of the device buffers)."""
@@ -133,6 +134,8 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every bucket, largest first, all sharing one memory pool."""
         start = time.perf_counter()
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info(self.dev64.device)[0]
         largest = self.buckets[-1]
         self._fill((), largest)
         self._upload(largest)
@@ -156,11 +159,13 @@ class DecodeGraphs:
                 graph.reset()
             self.graphs.clear()
             raise
+        self.memory = free_before - torch.cuda.mem_get_info(self.dev64.device)[0]
         log.info(
-            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s; they took %.2f GiB",
             len(self.graphs),
             ", ".join(map(str, self.buckets)),
             time.perf_counter() - start,
+            self.memory / 2**30,
         )
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from runtime.batch import BatchInputs, build_batch, resolve_pending
 from runtime.config import EngineConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
-from runtime.memory import GIB, MemoryProfile, kv_cache_bytes
+from runtime.memory import GIB, MemoryProfile, graphs_outside_margin, kv_cache_bytes
 from runtime.sampler import SamplingState, prompt_logprobs, sample
 from runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from runtime.scheduler import ScheduledChunk
@@ -114,6 +114,11 @@ class ModelRunner:
                 device=self.device,
             )
             self.graphs.capture()
+            if self.memory_profile is not None:  # measured: the KV cache's size was not given
+                utilization, taken = config.gpu_memory_utilization, self.graphs.memory
+                warning = graphs_outside_margin(self.memory_profile, utilization, taken)
+                if warning:
+                    log.warning(warning)
 
     def close(self) -> None:
         """Drop the CUDA graphs (and, tensor parallel, stop the worker processes); the runner

@@ -36,11 +36,14 @@ def test_the_largest_step_stays_inside_the_measured_profile(artifact):
     assert abs(p.weights - weights) < 0.05 * weights + (64 << 20)  # weights and buffers
     assert 0 < p.activations < 4 << 30
     assert kv <= kv_cache_bytes(p, 0.5) < kv + runner.block_size * runner.spec.bytes_per_token
-    # a full-budget prefill, sampled with filters and logprobs: no more than the profile said
+    # a full-budget prefill, sampled with filters and logprobs, its prompt scored (prompt
+    # logprobs: logits for every token): no more than the profile said
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    params = kiln.SamplingParams(max_tokens=2, top_p=0.9, top_k=40, logprobs=5, ignore_eos=True)
+    params = kiln.SamplingParams(
+        max_tokens=2, top_p=0.9, top_k=40, logprobs=5, prompt_logprobs=20, ignore_eos=True
+    )
     for i in range(4):
         engine.add_request(str(i), list(range(7 + i, 1031 + i)), params)
     while engine.has_unfinished():
@@ -49,6 +52,18 @@ def test_the_largest_step_stays_inside_the_measured_profile(artifact):
     peak = torch.cuda.max_memory_allocated() - base
     print(f"serving peak above the resting engine: {peak / 2**20:.0f} MiB")
     assert peak <= p.activations * 1.05
+    engine.close()
+
+
+def test_the_decode_graphs_fit_in_the_margin_left_outside_the_share(artifact, caplog):
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+
+    engine = Engine(artifact, EngineConfig(gpu_memory_utilization=0.9, max_num_seqs=256))
+    graphs, total = engine.runner.graphs, engine.runner.memory_profile.total
+    print(f"decode CUDA graphs ({len(graphs.graphs)}): {graphs.memory / 2**20:.0f} MiB")
+    assert 0 < graphs.memory < 0.1 * total
+    assert "CUDA graphs took" not in caplog.text
     engine.close()
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.memory import GIB, MemoryBudgetError, MemoryProfile, kv_cache_bytes
+from runtime.memory import (
+    GIB,
+    MemoryBudgetError,
+    MemoryProfile,
+    graphs_outside_margin,
+    kv_cache_bytes,
+)
 
 
 def profile(**overrides) -> MemoryProfile:
@@ -29,3 +35,10 @@ def test_no_room_for_a_kv_cache_says_what_took_it():
     with pytest.raises(MemoryBudgetError, match=r"weights 10\.00 GiB, activations 3\.00 GiB"):
         kv_cache_bytes(profile(), 0.14)
     assert issubclass(MemoryBudgetError, ValueError)  # the CLI: one line, exit status 2
+
+
+def test_graphs_larger_than_the_margin_are_reported():
+    assert graphs_outside_margin(profile(), 0.9, 9 * GIB) is None  # a 10 GiB margin
+    warning = graphs_outside_margin(profile(), 0.95, 6 * GIB)
+    assert warning.startswith("the decode CUDA graphs took 6.00 GiB, more than the 5.00 GiB")
+    assert "--gpu-memory-utilization 0.95" in warning
