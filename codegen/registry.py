@@ -18,8 +18,8 @@ import torch
 
 from ir.types import Dim, TensorType
 
-# "T" (tokens), "B" (sampled sequences: logits rows) and, for attention, "seqs" (sequences),
-# "max_context_len" and "max_query_len"
+# "T" (tokens), "B" (logits rows: sampled sequences, then scored prompt tokens) and, for
+# attention, "seqs" (sequences), "max_context_len" and "max_query_len"
 Sizes = Mapping[str, int]
 Grid = Callable[[Sizes], tuple[int, ...]]
 

@@ -99,7 +99,7 @@ class BlockManager:
         each needs its logits.
         """
         blocks: list[int] = []
-        if self.enable_prefix_caching and seq.params.prompt_logprobs is None:
+        if self._looks_up(seq):
             parent, bs = b"", self.block_size
             for i in range((seq.num_tokens - 1) // bs):
                 parent = hash_block(parent, seq.token_slice(i * bs, (i + 1) * bs))
@@ -168,9 +168,13 @@ class BlockManager:
         seq.num_computed_tokens = hit.num_tokens
         if seq.num_output_tokens == 0:
             seq.num_cached_tokens = hit.num_tokens
-        if self.enable_prefix_caching:
+        if self._looks_up(seq):
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += hit.num_tokens
+
+    def _looks_up(self, seq: Sequence) -> bool:
+        """Whether the seq's prompt may come from the prefix cache (and counts as a query)."""
+        return self.enable_prefix_caching and seq.params.prompt_logprobs is None
 
     def _take(self) -> int:
         if self._free:

@@ -244,11 +244,10 @@ class Engine:
             owners += [request] * max(0, end - first)
             scored[seq.request_id] = max(done, end + 1)
             row += chunk.prompt_logits
-        if picked:
-            index = torch.tensor(picked, device=logits.device)
-            entries = prompt_logprobs(logits[index], tokens, top)
-            for request, entry in zip(owners, entries, strict=True):
-                request.prompt_logprobs.append(self._decoded(entry))
+        entries = prompt_logprobs(logits, picked, tokens, top)
+        self._decode_all(entries)
+        for request, entry in zip(owners, entries, strict=True):
+            request.prompt_logprobs.append(entry)
 
     def _land(self, flight: _InFlight) -> list[RequestOutput]:
         """Read back a step's tokens in place of their stand-ins; the updates they make."""
@@ -351,10 +350,17 @@ class Engine:
         return detok.take_delta(finished=request.seqs[index].is_finished)
 
     def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
-        if self.tokenizer is not None:
-            for token_id, lp in logprobs.items():
-                lp.decoded_token = self.tokenizer.decode([token_id])
+        self._decode_all([logprobs])
         return logprobs
+
+    def _decode_all(self, entries: list[dict[int, Logprob]]) -> None:
+        """Each Logprob's token text, decoded alone, in one call to the tokenizer."""
+        if self.tokenizer is None or not entries:
+            return
+        flat = [(token_id, lp) for entry in entries for token_id, lp in entry.items()]
+        texts = self.tokenizer.batch_decode([[token_id] for token_id, _ in flat])
+        for (_, lp), text in zip(flat, texts, strict=True):
+            lp.decoded_token = text
 
     def stats(self) -> dict:
         bm = self.scheduler.block_manager

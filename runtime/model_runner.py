@@ -18,7 +18,7 @@ from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 from runtime.memory import GIB, MemoryProfile, graphs_outside_margin, kv_cache_bytes
 from runtime.sampler import SamplingState, prompt_logprobs, sample
 from runtime.sampling_params import MAX_LOGPROBS, SamplingParams
-from runtime.scheduler import ScheduledChunk
+from runtime.scheduler import MAX_SCORED_TOKENS, ScheduledChunk
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +174,22 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         kv = allocate_kv_cache(self.spec, first, self.block_size, device)
+        scored, left = [], MAX_SCORED_TOKENS  # as many as the scheduler lets a step score
+        for n in lengths:
+            scored.append(min(n - 1, left))
+            left -= scored[-1]
         batch = build_batch(
             [([0] * n, 0, t) for n, t in zip(lengths, tables, strict=True)],
             self.block_size,
-            prompt_logits=[n - 1 for n in lengths],
+            prompt_logits=scored,
             device=device,
         )
         params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, logprobs=5)
         states = [SamplingState(params, [0], [], (), None) for _ in lengths]
         logits = self.executor.forward(batch, kv)
         sample(logits[: len(lengths)], states)
-        scoring = tokens - len(lengths)
-        prompt_logprobs(logits[len(lengths) :], [0] * scoring, [MAX_LOGPROBS] * scoring)
+        rows = list(range(len(lengths), batch.num_logits))
+        prompt_logprobs(logits, rows, [0] * len(rows), [MAX_LOGPROBS] * len(rows))
         torch.cuda.synchronize(device)
         cache = first * self.block_size * self.spec.bytes_per_token
         activations = torch.cuda.max_memory_allocated(device) - before - cache
@@ -221,7 +225,7 @@ class ModelRunner:
         return self.forward(batch)
 
     def forward(self, batch: BatchInputs) -> torch.Tensor:
-        """An eager step: logits of the batch's sampled tokens."""
+        """An eager step: the logits rows `batch.logits_indices` picks."""
         return self.executor.forward(batch, self.kv_caches)
 
     def replay(self, chunks: tuple[ScheduledChunk, ...], carried: torch.Tensor | None):

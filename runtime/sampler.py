@@ -184,15 +184,17 @@ PROMPT_LOGPROBS_ROWS = 512  # rows of prompt logits turned into float32 at a tim
 
 
 def prompt_logprobs(
-    logits: torch.Tensor, tokens: list[int], top: list[int]
+    logits: torch.Tensor, rows: list[int], tokens: list[int], top: list[int]
 ) -> list[dict[int, Logprob]]:
-    """Per row of `logits` [R, V] (a prompt position's), the logprob of the prompt token that
-    follows it, `tokens[r]`, and of the `top[r]` most likely tokens; in slices of rows, so a
-    long prompt's float32 logprobs are never all held at once."""
+    """Per row r of `rows` (a prompt position's row of `logits` [R, V]), the logprob of the
+    prompt token that follows it, `tokens[r]`, and of the `top[r]` most likely tokens. The
+    rows are taken PROMPT_LOGPROBS_ROWS at a time: a long prompt's float32 logprobs are
+    never all held at once."""
     out = []
-    for first in range(0, len(tokens), PROMPT_LOGPROBS_ROWS):
-        rows = slice(first, first + PROMPT_LOGPROBS_ROWS)
-        out += ranked_logprobs(logits[rows].float(), tokens[rows], top[rows])
+    for first in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+        part = slice(first, first + PROMPT_LOGPROBS_ROWS)
+        picked = logits[torch.tensor(rows[part], device=logits.device)].float()
+        out += ranked_logprobs(picked, tokens[part], top[part])
     return out
 
 

@@ -19,6 +19,9 @@ from runtime.sequence import Sequence, SequenceStatus
 logger = logging.getLogger(__name__)
 
 POLICIES = ("fcfs", "priority")
+# prompt tokens one step scores for prompt logprobs, at most: each is a row of logits, which
+# the memory profile reserves room for (model_runner.py)
+MAX_SCORED_TOKENS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,7 @@ class Scheduler:
         )
         self._waiting = _WaitingQueue(config.policy == "priority")
         self._running: list[Sequence] = []
+        self._scoring_left = MAX_SCORED_TOKENS  # of the step being scheduled
 
     @property
     def num_running(self) -> int:
@@ -145,6 +149,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self.block_manager.begin_step()
+        self._scoring_left = MAX_SCORED_TOKENS
         chunks, preempted, budget = self._schedule_running(self.config.max_num_batched_tokens)
         # After a preemption the pool is tight: admitting more would only thrash.
         if not preempted:
@@ -234,8 +239,10 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
-            num_new = min(num_left, budget)
             start = seq.num_computed_tokens
+            num_new = self._scorable(seq, start, min(num_left, budget))
+            if num_new == 0:
+                continue
             # Most decodes land inside the seq's last block without filling it: the block
             # manager would have nothing to do (see BlockManager.allocate), so it is not asked.
             offset = start % bs  # into the last block; 0: that block is full, or there is none
@@ -284,7 +291,8 @@ class Scheduler:
             seq = self._waiting.peek()
             hit = self.block_manager.lookup(seq)
             num_new = min(seq.num_tokens - hit.num_tokens, budget)
-            if not self.block_manager.allocate(seq, num_new, hit):
+            num_new = self._scorable(seq, hit.num_tokens, num_new)
+            if num_new == 0 or not self.block_manager.allocate(seq, num_new, hit):
                 break  # strict order: nobody overtakes the head of the queue
             self._waiting.pop()
             seq.status = SequenceStatus.RUNNING
@@ -292,6 +300,17 @@ class Scheduler:
             chunks.append(self._chunk(seq, seq.num_computed_tokens, num_new))
             budget -= num_new
         return chunks
+
+    def _scorable(self, seq: Sequence, start: int, num_new: int) -> int:
+        """num_new, cut so that the prompt tokens the chunk scores fit in what is left of the
+        step's MAX_SCORED_TOKENS (0: none fit); the chunk's share is taken from it."""
+        if seq.params.prompt_logprobs is None:
+            return num_new
+        scored = min(start + num_new, seq.num_prompt_tokens - 1) - start
+        if scored > self._scoring_left:
+            num_new = scored = self._scoring_left
+        self._scoring_left -= max(scored, 0)
+        return num_new
 
     def _admit(self, seq: Sequence) -> None:
         if self.config.policy == "priority":

@@ -272,7 +272,10 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     # echo with max_tokens 0 scores the prompt alone: one token is generated, and dropped
     echo_only = echo and requested == 0
     if echo_only:
+        if sampling.get("min_tokens", 0) > 0:
+            raise bad(f"'min_tokens' must be 0 when '{key}' is 0", "min_tokens")
         body = {**body, key: 1}
+        sampling["logprobs"] = None  # nobody sees the token: nothing to rank it against
     special = _get(body, "add_special_tokens", bool, True)
     items = [_completion_prompt(p, info, special, echo) for p in _completion_items(body)]
     prompts = tuple(

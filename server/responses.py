@@ -241,6 +241,7 @@ class Pieces:
         self.token_bytes = token_bytes
         self.offsets: dict[int, TextOffsets] = {}  # choice -> where its tokens start
         self.scored: dict[int, list] = {}  # prompt -> its prompt logprobs, once they come
+        self.echoed: dict[int, dict[str, list]] = {}  # prompt -> them in the response format
         self.completion_tokens = 0
 
     def of(self, prompt_index: int, out: RequestOutput) -> list[Piece]:
@@ -273,14 +274,18 @@ class Pieces:
 
     def _echo_logprobs(self, prompt_index: int, text: str) -> dict[str, list]:
         """The prompt's tokens with their logprobs, at their offsets in its echoed text (a
-        special token the tokenizer added, absent from a text prompt, counts as its text)."""
-        ids = self.req.prompts[prompt_index].token_ids
-        scored = self.scored[prompt_index]
-        entries = token_logprobs(
-            ids[1:], scored[1:], self.req.top_logprobs, self.token_text, self._raw_bytes
-        )
-        offsets = TextOffsets(0).delta(text, [self._raw_bytes(t) for t in ids], finished=True)
-        return echo_logprobs(self.token_text(ids[0]), entries, offsets)
+        special token the tokenizer added, absent from a text prompt, counts as its text);
+        built once for the prompt's n choices."""
+        if prompt_index not in self.echoed:
+            ids = self.req.prompts[prompt_index].token_ids
+            scored = self.scored[prompt_index]
+            entries = token_logprobs(
+                ids[1:], scored[1:], self.req.top_logprobs, self.token_text, self._raw_bytes
+            )
+            data = [self._raw_bytes(t) for t in ids]
+            offsets = TextOffsets(0).delta(text, data, finished=True)
+            self.echoed[prompt_index] = echo_logprobs(self.token_text(ids[0]), entries, offsets)
+        return self.echoed[prompt_index]
 
     def _raw_bytes(self, token: int) -> bytes:
         return self.token_bytes(token, False)

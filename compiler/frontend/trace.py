@@ -83,8 +83,9 @@ def trace_model(
 
 
 def _check_graph(arch: str, graph: Graph) -> None:
-    """Logits [B, vocab] (a row per sampled sequence, as `logits_indices` picks them) and one
-    attention op per layer, numbered 0..L-1, of one KV shape: the cache holds a slab each."""
+    """Logits [B, vocab] (the rows `logits_indices` picks: one per sampled sequence, then any
+    scored prompt token) and one attention op per layer, numbered 0..L-1, of one KV shape:
+    the cache holds a slab each."""
     logits = graph.type_of(graph.outputs[0])
     if logits.rank != 2 or logits.shape[0] != "B":
         raise UnsupportedModelError(

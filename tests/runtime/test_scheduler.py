@@ -102,6 +102,27 @@ def test_chunked_prefill_samples_exactly_once_at_the_end(prompt, budget):
     assert spans(step(sched)) == [(0, prompt, 1, True)]
 
 
+def test_scored_prompt_tokens_per_step_are_capped(monkeypatch):
+    monkeypatch.setattr("runtime.scheduler.MAX_SCORED_TOKENS", 10)
+    sched = Scheduler(SchedulerConfig(num_blocks=100, block_size=4, max_num_batched_tokens=64))
+    scored = [make_seq(i, 12) for i in range(2)]
+    for seq in scored:
+        seq.params = SamplingParams(max_tokens=2, prompt_logprobs=1)
+        sched.add(seq)
+    sched.add(make_seq(2, 12))
+    # positions 0..10 of a 12-token prompt score a token, 10 a step; the queue keeps its
+    # order: the unscored prompt waits behind the second scored one
+    out = step(sched)
+    assert spans(out) == [(0, 0, 10, False)]
+    assert [c.prompt_logits for c in out.chunks] == [10]
+    out = step(sched)
+    assert spans(out) == [(0, 10, 2, True), (1, 0, 9, False), (2, 0, 12, True)]
+    assert [c.prompt_logits for c in out.chunks] == [1, 9, 0]
+    out = step(sched)
+    assert spans(out) == [(0, 12, 1, True), (2, 12, 1, True), (1, 9, 3, True)]
+    assert [c.prompt_logits for c in out.chunks] == [0, 0, 2]
+
+
 def test_max_num_seqs():
     sched = Scheduler(SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=2))
     seqs = [make_seq(i, 5, max_tokens=2) for i in range(3)]

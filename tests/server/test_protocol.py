@@ -305,6 +305,14 @@ def test_echo_with_logprobs_asks_for_prompt_logprobs(info: ModelInfo) -> None:
     for key in ("max_tokens", "max_completion_tokens"):
         req = parse_completion(completion(echo=True, logprobs=1, **{key: 0}), info)
         assert req.echo_only and req.prompts[0].params.max_tokens == 1
+        # the prompt is scored; the dropped token needs no logprobs
+        assert (req.prompts[0].params.prompt_logprobs, req.prompts[0].params.logprobs) == (1, None)
+        assert req.top_logprobs == 1
+        error = refused(parse_completion, completion(echo=True, min_tokens=2, **{key: 0}), info)
+        assert (error.param, str(error)) == (
+            "min_tokens",
+            f"'min_tokens' must be 0 when '{key}' is 0",
+        )
     error = refused(parse_completion, completion(max_tokens=0), info)
     assert (error.param, str(error)) == ("max_tokens", "invalid max_tokens: 0 (must be >= 1)")
     assert refused(parse_completion, completion(echo=True, logprobs=21), info).param == "logprobs"
