@@ -2,9 +2,17 @@
 
 from kiln.api import LLM, compile
 from runtime.outputs import CompletionOutput, RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import SamplingParams, StructuredOutputs
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "attention", "compile"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputs",
+    "attention",
+    "compile",
+]
 
 
 def __getattr__(name: str):

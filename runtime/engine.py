@@ -32,6 +32,7 @@ from runtime.sampler import (
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.sequence import Sequence, pending
+from runtime.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model (prefix hits excluded)
+        self.grammars: Grammars | None = None  # structured outputs' compiler, once needed
 
     def add_request(
         self,
@@ -127,6 +129,8 @@ class Engine:
                 )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
+        spec = params.structured_outputs
+        matchers = [self._grammars().matcher(spec) for _ in range(params.n)] if spec else None
         now = time.monotonic()
         seqs = [
             Sequence(
@@ -147,6 +151,7 @@ class Engine:
                     seq.output_token_ids,
                     self.eos_token_ids,
                     None if params.seed is None else make_generator(params.seed + i, device),
+                    matchers[i] if matchers else None,
                 )
                 for i, seq in enumerate(seqs)
             ],
@@ -157,6 +162,14 @@ class Engine:
         for seq in seqs:  # equal lengths: if any cannot fit, the first raises, nothing is queued
             self.scheduler.add(seq)
         self.requests[request_id] = request
+
+    def _grammars(self) -> Grammars:
+        """The compiler of structured outputs, made at the first request that has them."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer, and this model has none")
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self.grammars
 
     def _detokenizer(self, prompt_token_ids, params) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
@@ -193,7 +206,7 @@ class Engine:
         outputs = self._land(flight) if flight else []
         if not plan.chunks:
             return outputs
-        if self.async_scheduling and all(s.params.logprobs is None for s in states):
+        if self.async_scheduling and not any(s.needs_host for s in states):
             self._launch_sampling(plan, seqs, sample_ids(logits, states))
             self._score_prompts(plan.chunks, scoring)
             return outputs
@@ -324,7 +337,9 @@ class Engine:
 
     def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:
         params, detok = seq.params, request.detoks[seq.index]
-        eos = token in self.eos_token_ids and not params.ignore_eos
+        matcher = request.states[seq.index].matcher
+        # a finished grammar allows only a stop token: it ends the output, ignore_eos or not
+        eos = token in self.eos_token_ids and (not params.ignore_eos or matcher is not None)
         by_token = eos or token in params.stop_token_ids
         # as in vLLM, a stop token's own text is output only with include_stop_str_in_output
         text = detok is not None and (not by_token or params.include_stop_str_in_output)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from runtime.outputs import Logprob
 from runtime.sampling_params import SamplingParams
+from runtime.structured import allowed
 
 
 @dataclass(slots=True)
@@ -21,6 +23,7 @@ class SamplingState:
     output_token_ids: list[int]  # appended to by the engine; only read here
     eos_token_ids: tuple[int, ...]  # banned while the output is shorter than min_tokens
     generator: torch.Generator | None  # None: draw from torch's default generator
+    matcher: Any = None  # structured outputs: the grammar matcher (runtime/structured.py)
     # greedy with nothing to adjust or report: the token is the argmax of the raw logits
     plain_greedy: bool = field(init=False)
 
@@ -34,7 +37,14 @@ class SamplingState:
             and p.presence_penalty == 0.0
             and p.min_tokens == 0
             and p.logprobs is None
+            and self.matcher is None
         )
+
+    @property
+    def needs_host(self) -> bool:
+        """Its token is needed on the host as soon as it is picked: for its logprobs, or to
+        advance its grammar before the next step's mask."""
+        return self.params.logprobs is not None or self.matcher is not None
 
 
 # Not frozen: a frozen dataclass builds ~3x slower, and there is one per sampled token.
@@ -75,13 +85,16 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledTok
         return [SampledToken(t, None) for t in argmax_rows(logits).tolist()]
     raw = logits.float()
     tokens = _pick(raw, states).tolist()
+    for state, token in zip(states, tokens, strict=True):
+        if state.matcher is not None:
+            state.matcher.accept_token(token)
     logprobs = _logprobs(raw, tokens, states)
     return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
 
 
 def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """The tokens `sample` picks, as an int64 tensor on the logits' device, without waiting for
-    them; for states that want no logprobs."""
+    them; for states that do not need them on the host (`needs_host`)."""
     if all(s.plain_greedy for s in states):
         return argmax_rows(logits)
     return _pick(logits.float(), states)
@@ -89,6 +102,7 @@ def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tenso
 
 def _pick(raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     processed = apply_penalties(raw, states)
+    _mask_grammars(processed, states)
     token_ids = argmax_rows(processed)
     rows = [i for i, s in enumerate(states) if not s.params.greedy]
     if rows:
@@ -293,6 +307,16 @@ def _apply_frequency_presence(logits: torch.Tensor, states: list[SamplingState])
     presence = _on(device, [states[i].params.presence_penalty for i in rows], torch.float32)
     index = _on(device, rows)
     logits[index] -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
+
+
+def _mask_grammars(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Structured outputs: -inf for every token a sequence's grammar does not allow next."""
+    rows = [i for i, s in enumerate(states) if s.matcher is not None]
+    if not rows:
+        return
+    index = _on(logits.device, rows)
+    ok = allowed([states[i].matcher for i in rows], logits.shape[-1], logits.device)
+    logits[index] = logits[index].masked_fill(~ok, -torch.inf)
 
 
 def _ban_stop_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -9,6 +10,42 @@ MAX_LOGPROBS = 20
 # below it sampling is greedy, as in vLLM: logits / temperature would overflow float32
 GREEDY_TEMPERATURE = 1e-5
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as vLLM takes it
+
+
+STRUCTURED_FIELDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputs:
+    """What the output must match (structured outputs, runtime/structured.py): exactly one
+    of the fields."""
+
+    json: str | None = None  # a JSON schema (a dict is serialized)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # one of these strings
+    grammar: str | None = None  # EBNF (xgrammar's GBNF dialect)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))
+        for name in ("json", "regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"structured outputs: {name} must be a string")
+        if not isinstance(self.json_object, bool):
+            raise ValueError("structured outputs: json_object must be a boolean")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, list | tuple):
+                raise ValueError("structured outputs: choice must be a list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured outputs: choice must be non-empty strings")
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"structured outputs: set exactly one of {', '.join(STRUCTURED_FIELDS)} (got "
+                f"{', '.join(given) or 'none'})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +73,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # leave special tokens (e.g. "<|im_end|>") out of text
+    structured_outputs: StructuredOutputs | None = None  # what the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +111,11 @@ class SamplingParams:
                 f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
             ),
             ("logit_bias", all(math.isfinite(v) for v in self.logit_bias.values()), "finite"),
+            (
+                "min_tokens",
+                self.structured_outputs is None or self.min_tokens == 0,
+                "0 with structured_outputs, whose grammar decides where the output ends",
+            ),
         ):
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r} (must be {rule})")

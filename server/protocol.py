@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import STRUCTURED_FIELDS, SamplingParams, StructuredOutputs
 from server.chat import parse_messages, render_chat
 
 ERROR_TYPES = {
@@ -178,7 +178,38 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
         () if ids is None else tuple(check_token_ids(ids, info, "stop_token_ids"))
     )
     out["logit_bias"] = _logit_bias(body, info)
+    out["structured_outputs"] = _structured_outputs(body)
     return out
+
+
+def _structured_outputs(body: Mapping[str, Any]) -> StructuredOutputs | None:
+    """OpenAI's `response_format`, or vLLM's `structured_outputs` (json, json_object, regex,
+    choice or grammar); the engine compiles it (an invalid schema is its 400)."""
+    fmt = _get(body, "response_format", dict)
+    extra = _get(body, "structured_outputs", dict)
+    if fmt is not None and extra is not None:
+        raise bad("set 'response_format' or 'structured_outputs', not both", "response_format")
+    if extra is not None:
+        unknown = sorted(set(extra) - set(STRUCTURED_FIELDS))
+        if unknown:
+            raise bad(f"unknown structured_outputs fields: {unknown}", "structured_outputs")
+        try:
+            return StructuredOutputs(**extra)
+        except ValueError as exc:
+            raise bad(str(exc), "structured_outputs") from None
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return StructuredOutputs(json_object=True)
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad("'response_format.json_schema.schema' must be an object", "response_format")
+        return StructuredOutputs(json=schema)
+    raise bad(
+        "'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format"
+    )
 
 
 def _max_tokens(body: Mapping[str, Any]) -> tuple[int | None, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import urllib.request
@@ -124,6 +125,29 @@ def test_echo_scores_a_continuation_as_generation_would(client):
         assert lp.token_logprobs[n - 1] == max(lp.top_logprobs[n - 1].values())
         assert all(x <= 0 for x in lp.token_logprobs[1:])
     assert scored.usage.completion_tokens == 1
+
+
+def test_structured_outputs_through_the_openai_client(client):
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["capital", "country"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    out = client.chat.completions.create(
+        model="smol", messages=CHAT, max_tokens=64, temperature=0, response_format=fmt
+    )
+    answer = json.loads(out.choices[0].message.content)
+    assert set(answer) >= {"capital", "country"} and "Paris" in answer["capital"]
+    picked = client.completions.create(
+        model="smol", prompt="The capital of France is", max_tokens=8, temperature=1.0,
+        seed=4, n=3, extra_body={"structured_outputs": {"choice": ["Paris", "Lyon"]}},
+    )  # fmt: skip
+    assert {c.text for c in picked.choices} <= {"Paris", "Lyon"}
+    with pytest.raises(openai.BadRequestError, match="parenthesis is not closed"):
+        client.completions.create(
+            model="smol", prompt="x", extra_body={"structured_outputs": {"regex": "("}}
+        )
 
 
 def test_bad_input_then_good(client, server):

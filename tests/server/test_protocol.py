@@ -8,7 +8,7 @@ import random
 import pytest
 from conftest import smollm2_tokenizer
 
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import SamplingParams, StructuredOutputs
 from server.protocol import (
     ModelInfo,
     ProtocolError,
@@ -441,3 +441,44 @@ def test_tokenize_and_detokenize_bodies(info: ModelInfo) -> None:
     refused(parse_tokenize, {"prompt": 5}, info)
     refused(parse_detokenize, {"tokens": [49152]}, info)
     refused(parse_detokenize, {"tokens": "abc"}, info)
+
+
+# --- structured outputs -----------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize("parse, body", [(parse_chat, chat), (parse_completion, completion)])
+def test_response_format_and_structured_outputs_become_the_spec(info, parse, body) -> None:
+    def spec(**fields):
+        return parse(body(**fields), info).prompts[0].params.structured_outputs
+
+    assert spec() is None and spec(response_format={"type": "text"}) is None
+    assert spec(response_format={"type": "json_object"}) == StructuredOutputs(json_object=True)
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
+    assert spec(response_format=schema) == StructuredOutputs(json=SCHEMA)
+    assert spec(structured_outputs={"regex": "[ab]+"}) == StructuredOutputs(regex="[ab]+")
+    choice = spec(structured_outputs={"choice": ["x", "y"]})
+    assert choice == StructuredOutputs(choice=("x", "y"))
+
+
+@pytest.mark.parametrize(
+    "fields, param, message",
+    [
+        ({"response_format": {"type": "xml"}}, "response_format", "'response_format.type' must"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "must be an object"),
+        ({"response_format": "json"}, "response_format", "'response_format' must be an object"),
+        ({"structured_outputs": {"regex": 1}}, "structured_outputs", "regex must be a string"),
+        ({"structured_outputs": {"jsonn": {}}}, "structured_outputs", "unknown structured"),
+        ({"structured_outputs": {}}, "structured_outputs", "set exactly one of"),
+        (
+            {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+            "response_format",
+            "not both",
+        ),
+        ({"structured_outputs": {"regex": "a"}, "min_tokens": 1}, "min_tokens", "min_tokens"),
+    ],
+)
+def test_bad_structured_outputs_are_400(info, fields, param, message) -> None:
+    error = refused(parse_chat, chat(**fields), info)
+    assert error.param == param and message in str(error)

@@ -1,0 +1,76 @@
+"""Structured outputs: a JSON schema, any JSON object, a regex, a choice of strings or an EBNF
+grammar, enforced token by token with xgrammar's grammar matchers, as vLLM does.
+
+Each step, a constrained sequence's matcher says which tokens may come next (a bitmask over
+the vocabulary); the sampler sets the others' logits to -inf, then the matcher takes the
+token picked. The mask is applied with torch, on whatever device the logits are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from runtime.sampling_params import StructuredOutputs
+
+
+class Grammars:
+    """Compiles structured outputs for one tokenizer, each spec once."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+        try:
+            import xgrammar
+        except ModuleNotFoundError:
+            raise ValueError(
+                "structured outputs need xgrammar: pip install 'kiln-llm[structured]'"
+            ) from None
+        self._xgr = xgrammar
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
+        )
+        self._compiler = xgrammar.GrammarCompiler(info)
+        self._compiled: dict[StructuredOutputs, Any] = {}
+
+    def matcher(self, spec: StructuredOutputs) -> Any:
+        """A fresh matcher (one per sequence); ValueError for a spec that does not compile."""
+        compiled = self._compiled.get(spec)
+        if compiled is None:
+            try:
+                compiled = self._compile(spec)
+            except RuntimeError as exc:  # xgrammar's parse errors
+                message = str(exc).strip().splitlines()[-1]
+                raise ValueError(f"structured outputs: {message}") from None
+            self._compiled[spec] = compiled
+        return self._xgr.GrammarMatcher(compiled)
+
+    def _compile(self, spec: StructuredOutputs) -> Any:
+        c = self._compiler
+        if spec.json is not None:
+            return c.compile_json_schema(spec.json)
+        if spec.json_object:  # an object, as OpenAI's JSON mode gives (not any JSON value)
+            return c.compile_json_schema(json.dumps({"type": "object"}))
+        if spec.regex is not None:
+            return c.compile_regex(spec.regex)
+        if spec.choice is not None:  # JSON string escapes are the grammar's too
+            return c.compile_grammar("root ::= " + " | ".join(map(json.dumps, spec.choice)))
+        return c.compile_grammar(spec.grammar)
+
+
+def allowed(matchers: list[Any], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(matchers), vocab_size] bool: the tokens each matcher allows next."""
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
+    for row, matcher in enumerate(matchers):
+        matcher.fill_next_token_bitmask(bitmask, row)
+    pinned = bitmask.pin_memory() if device.type == "cuda" else bitmask
+    return unpack_bitmask(pinned.to(device, non_blocking=True), vocab_size)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, ceil(V / 32)] int32 (token t allowed: bit t % 32 of word t // 32) -> [B, V] bool."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(1)[:, :vocab_size].bool()

@@ -1,0 +1,154 @@
+"""Structured outputs on SmolLM2 (float32, CPU): sampled at temperature 1, every output
+matches its JSON schema, regex, choice or grammar, where the same sampling unconstrained
+does not; in batches with unconstrained requests, which it leaves unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import xgrammar
+from conftest import tiny_model
+
+import kiln
+from runtime.structured import unpack_bitmask
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+
+
+def matches_schema(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return (
+        isinstance(value, dict)
+        and set(value) == {"city", "population"}
+        and isinstance(value["city"], str)
+        and type(value["population"]) is int
+    )
+
+
+def is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+CASES = [  # (spec, check)
+    (kiln.StructuredOutputs(json=SCHEMA), matches_schema),
+    (kiln.StructuredOutputs(json_object=True), is_object),
+    (kiln.StructuredOutputs(regex=r"\d{3}-\d{4}"), lambda t: re.fullmatch(r"\d{3}-\d{4}", t)),
+    (kiln.StructuredOutputs(choice=["Paris", "Lyon"]), lambda t: t in ("Paris", "Lyon")),
+    (
+        kiln.StructuredOutputs(grammar='root ::= ("yes" | "no") ", " [a-z]+'),
+        lambda t: re.fullmatch(r"(yes|no), [a-z]+", t),
+    ),
+]
+PROMPT = "Tell me about the capital of France."
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_artifact):
+    with kiln.LLM(smollm2_artifact, num_kv_blocks=256) as llm:
+        yield llm
+
+
+def sampled(spec=None, seed=0, n=2, max_tokens=48):
+    return kiln.SamplingParams(
+        max_tokens=max_tokens, temperature=1.0, seed=seed, n=n, structured_outputs=spec
+    )
+
+
+@pytest.mark.parametrize("spec, check", CASES, ids=["schema", "object", "regex", "choice", "ebnf"])
+def test_sampled_outputs_match_their_spec(llm, spec, check):
+    outs = llm.generate([PROMPT] * 2, [sampled(spec, seed=s) for s in (1, 2)], use_tqdm=False)
+    texts = [c.text for out in outs for c in out.outputs]
+    assert all(check(t) for t in texts), texts
+    # ended by the grammar (its stop token), or cut at max_tokens right where it completes
+    for c in (c for out in outs for c in out.outputs):
+        assert c.finish_reason == "stop" or len(c.token_ids) == 48
+    free = llm.generate([PROMPT] * 2, [sampled(None, seed=s) for s in (1, 2)], use_tqdm=False)
+    assert not all(check(c.text) for out in free for c in out.outputs)  # the check can fail
+
+
+@pytest.mark.usefixtures("scheduling")
+def test_constrained_requests_leave_a_batch_unchanged(llm):
+    greedy = kiln.SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = ["The capital of France is", "1, 2, 3,", PROMPT]
+    alone = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    params = [greedy, sampled(CASES[0][0], seed=3, n=1), greedy, sampled(CASES[2][0], n=1)]
+    outs = llm.generate([prompts[0], PROMPT, prompts[1], PROMPT], params, use_tqdm=False)
+    assert [outs[0].token_ids, outs[2].token_ids] == alone[:2]
+    assert matches_schema(outs[1].text) and CASES[2][1](outs[3].text)
+
+
+def test_an_output_cut_by_max_tokens_ends_with_length(llm):
+    out = llm.generate([PROMPT], sampled(CASES[0][0], n=1, max_tokens=3), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 3
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (kiln.StructuredOutputs(json={"type": "bogus"}), 'Unsupported type "bogus"'),
+        (kiln.StructuredOutputs(regex="("), "parenthesis is not closed"),
+        (kiln.StructuredOutputs(grammar="root ::= "), "structured outputs: "),
+    ],
+)
+def test_specs_that_do_not_compile_are_refused_and_nothing_is_queued(llm, spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llm.engine.add_request("bad", [1, 2, 3], sampled(spec))
+    assert not llm.engine.requests and not llm.engine.has_unfinished()
+
+
+def test_a_model_without_tokenizer_refuses_structured_outputs(tmp_path):
+    art = kiln.compile(tiny_model("qwen3"), tmp_path / "art")
+    engine = kiln.LLM(art, num_kv_blocks=16).engine
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        engine.add_request("r", [1, 2], sampled(CASES[1][0]))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({}, "set exactly one of json, json_object, regex, choice, grammar (got none)"),
+        ({"regex": "a", "choice": ["a"]}, "(got regex, choice)"),
+        ({"regex": 5}, "regex must be a string"),
+        ({"choice": "ab"}, "choice must be a list of strings"),
+        ({"choice": ["a", ""]}, "choice must be non-empty strings"),
+        ({"json_object": 1}, "json_object must be a boolean"),
+    ],
+)
+def test_invalid_specs_are_refused(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kiln.StructuredOutputs(**fields)
+
+
+def test_a_schema_given_as_a_dict_is_a_hashable_canonical_string():
+    a = kiln.StructuredOutputs(json={"b": 1, "a": 2})
+    assert {a: 1}[kiln.StructuredOutputs(json='{"a": 2, "b": 1}')] == 1  # one compile for both
+    with pytest.raises(ValueError, match="min_tokens"):
+        kiln.SamplingParams(min_tokens=2, structured_outputs=a)
+
+
+@pytest.mark.parametrize("vocab", [31, 32, 33, 1000, 49157])
+def test_unpacked_bitmask_masks_as_xgrammar_does(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, -(-vocab // 32)), generator=g)
+    bitmask = bitmask.to(torch.int32)
+    logits = torch.randn(3, vocab, generator=g)
+    theirs = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(theirs, bitmask)
+    ours = logits.masked_fill(~unpack_bitmask(bitmask, vocab), -torch.inf)
+    assert torch.equal(ours, theirs)
