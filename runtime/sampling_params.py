@@ -27,8 +27,8 @@ class StructuredOutputs:
     grammar: str | None = None  # EBNF (xgrammar's GBNF dialect)
 
     def __post_init__(self) -> None:
-        if isinstance(self.json, dict):
-            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))
+        if isinstance(self.json, dict):  # in its own order: the output's properties follow it
+            object.__setattr__(self, "json", json.dumps(self.json))
         for name in ("json", "regex", "grammar"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"structured outputs: {name} must be a string")
@@ -76,6 +76,10 @@ class SamplingParams:
     structured_outputs: StructuredOutputs | None = None  # what the output must match
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(
+                self, "structured_outputs", StructuredOutputs(**self.structured_outputs)
+            )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -9,15 +9,19 @@ token picked. The mask is applied with torch, on whatever device the logits are.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import torch
 
 from runtime.sampling_params import StructuredOutputs
 
+# compiled grammars xgrammar keeps for reuse, at most (vLLM's default)
+CACHE_LIMIT_BYTES = 512 << 20
+
 
 class Grammars:
-    """Compiles structured outputs for one tokenizer, each spec once."""
+    """Compiles structured outputs for one tokenizer; xgrammar caches what it compiled."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
         try:
@@ -30,19 +34,16 @@ class Grammars:
         info = xgrammar.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
         )
-        self._compiler = xgrammar.GrammarCompiler(info)
-        self._compiled: dict[StructuredOutputs, Any] = {}
+        self._compiler = xgrammar.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
 
     def matcher(self, spec: StructuredOutputs) -> Any:
         """A fresh matcher (one per sequence); ValueError for a spec that does not compile."""
-        compiled = self._compiled.get(spec)
-        if compiled is None:
-            try:
-                compiled = self._compile(spec)
-            except RuntimeError as exc:  # xgrammar's parse errors
-                message = str(exc).strip().splitlines()[-1]
-                raise ValueError(f"structured outputs: {message}") from None
-            self._compiled[spec] = compiled
+        try:
+            compiled = self._compile(spec)
+        except RuntimeError as exc:  # xgrammar's parse errors, after its log prefix
+            message = str(exc).strip().splitlines()[-1]
+            message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", message)
+            raise ValueError(f"structured outputs: {message}") from None
         return self._xgr.GrammarMatcher(compiled)
 
     def _compile(self, spec: StructuredOutputs) -> Any:
@@ -54,7 +55,8 @@ class Grammars:
         if spec.regex is not None:
             return c.compile_regex(spec.regex)
         if spec.choice is not None:  # JSON string escapes are the grammar's too
-            return c.compile_grammar("root ::= " + " | ".join(map(json.dumps, spec.choice)))
+            literals = (json.dumps(option, ensure_ascii=False) for option in spec.choice)
+            return c.compile_grammar("root ::= " + " | ".join(literals))
         return c.compile_grammar(spec.grammar)
 
 

@@ -9,12 +9,13 @@ import re
 
 import pytest
 import torch
-import xgrammar
 from conftest import tiny_model
 
 import kiln
+from runtime.sampler import SamplingState, sample
 from runtime.structured import unpack_bitmask
 
+xgrammar = pytest.importorskip("xgrammar")
 pytestmark = pytest.mark.slow
 
 SCHEMA = {
@@ -93,6 +94,66 @@ def test_constrained_requests_leave_a_batch_unchanged(llm):
     assert matches_schema(outs[1].text) and CASES[2][1](outs[3].text)
 
 
+def test_a_schemas_properties_come_in_its_order(llm):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    params = kiln.SamplingParams(
+        max_tokens=40, temperature=0.0, structured_outputs=kiln.StructuredOutputs(json=schema)
+    )
+    out = llm.generate(["A person as JSON:"], params, use_tqdm=False)[0]
+    assert list(json.loads(out.text)) == ["name", "age"]
+
+
+def test_a_choice_outside_the_basic_plane_can_be_produced(llm):
+    spec = kiln.StructuredOutputs(choice=["🎉 yes", "ü"])
+    outs = llm.generate([PROMPT] * 3, [sampled(spec, seed=s) for s in range(3)], use_tqdm=False)
+    texts = {c.text for out in outs for c in out.outputs}
+    assert texts == {"🎉 yes", "ü"}
+
+
+def test_preempted_constrained_sequences_resume_their_grammar(smollm2_artifact):
+    spec = CASES[0][0]
+    params = [sampled(spec, seed=s, n=1, max_tokens=40) for s in range(6)]
+    with kiln.LLM(smollm2_artifact, num_kv_blocks=256) as roomy:
+        expected = [o.text for o in roomy.generate([PROMPT] * 6, params, use_tqdm=False)]
+    with kiln.LLM(smollm2_artifact, num_kv_blocks=6, max_num_batched_tokens=64) as tight:
+        schedule, preempted = tight.engine.scheduler.schedule, []
+
+        def counting():
+            out = schedule()
+            preempted.extend(out.preempted)
+            return out
+
+        tight.engine.scheduler.schedule = counting
+        outs = tight.generate([PROMPT] * 6, params, use_tqdm=False)
+    assert preempted, "the pool was meant to be too small"
+    assert [o.text for o in outs] == expected
+
+
+class Refusing:
+    """A matcher that allows every token and then refuses the one picked."""
+
+    def fill_next_token_bitmask(self, bitmask, row):
+        bitmask[row] = -1
+
+    def accept_token(self, token):
+        return False
+
+
+def test_a_token_its_grammar_refuses_is_flagged():
+    params = kiln.SamplingParams(temperature=0.0)
+    states = [
+        SamplingState(params, [0], [], (), None, Refusing()),
+        SamplingState(params, [0], [], (), None),
+    ]
+    sample(torch.randn(2, 40), states)
+    assert [s.grammar_refused for s in states] == [True, False]
+
+
 def test_an_output_cut_by_max_tokens_ends_with_length(llm):
     out = llm.generate([PROMPT], sampled(CASES[0][0], n=1, max_tokens=3), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 3
@@ -101,7 +162,7 @@ def test_an_output_cut_by_max_tokens_ends_with_length(llm):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        (kiln.StructuredOutputs(json={"type": "bogus"}), 'Unsupported type "bogus"'),
+        (kiln.StructuredOutputs(json={"type": "bogus"}), 'outputs: Unsupported type "bogus"'),
         (kiln.StructuredOutputs(regex="("), "parenthesis is not closed"),
         (kiln.StructuredOutputs(grammar="root ::= "), "structured outputs: "),
     ],
@@ -135,11 +196,13 @@ def test_invalid_specs_are_refused(fields, message):
         kiln.StructuredOutputs(**fields)
 
 
-def test_a_schema_given_as_a_dict_is_a_hashable_canonical_string():
+def test_a_schema_given_as_a_dict_is_a_hashable_string_in_its_order():
     a = kiln.StructuredOutputs(json={"b": 1, "a": 2})
-    assert {a: 1}[kiln.StructuredOutputs(json='{"a": 2, "b": 1}')] == 1  # one compile for both
+    assert {a: 1}[kiln.StructuredOutputs(json='{"b": 1, "a": 2}')] == 1
     with pytest.raises(ValueError, match="min_tokens"):
         kiln.SamplingParams(min_tokens=2, structured_outputs=a)
+    given = kiln.SamplingParams(structured_outputs={"regex": "a+"})  # a dict is taken too
+    assert given.structured_outputs == kiln.StructuredOutputs(regex="a+")
 
 
 @pytest.mark.parametrize("vocab", [31, 32, 33, 1000, 49157])
