@@ -304,12 +304,10 @@ class Scheduler:
     def _scorable(self, seq: Sequence, start: int, num_new: int) -> int:
         """num_new, cut so that the prompt tokens the chunk scores fit in what is left of the
         step's MAX_SCORED_TOKENS (0: none fit); the chunk's share is taken from it."""
-        if seq.params.prompt_logprobs is None:
-            return num_new
-        scored = min(start + num_new, seq.num_prompt_tokens - 1) - start
+        scored = _scored(seq, start, num_new)
         if scored > self._scoring_left:
             num_new = scored = self._scoring_left
-        self._scoring_left -= max(scored, 0)
+        self._scoring_left -= scored
         return num_new
 
     def _admit(self, seq: Sequence) -> None:
@@ -328,7 +326,14 @@ class Scheduler:
     @staticmethod
     def _chunk(seq: Sequence, start: int, num_tokens: int) -> ScheduledChunk:
         end = start + num_tokens
-        scored = 0  # positions before the prompt's last one: their logits score a prompt token
-        if seq.params.prompt_logprobs is not None:
-            scored = max(0, min(end, seq.num_prompt_tokens - 1) - start)
-        return ScheduledChunk(seq, start, num_tokens, end == seq.num_tokens, scored)
+        return ScheduledChunk(
+            seq, start, num_tokens, end == seq.num_tokens, _scored(seq, start, num_tokens)
+        )
+
+
+def _scored(seq: Sequence, start: int, num_tokens: int) -> int:
+    """Prompt tokens the chunk [start, start + num_tokens) scores for prompt logprobs: each
+    position before the prompt's last one scores the token after it."""
+    if seq.params.prompt_logprobs is None:
+        return 0
+    return max(0, min(start + num_tokens, seq.num_prompt_tokens - 1) - start)
