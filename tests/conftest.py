@@ -98,3 +98,16 @@ def scheduling(request, monkeypatch) -> bool:
         ),
     )
     return overlap
+
+
+def record_preemptions(engine) -> list:
+    """A list that gathers every sequence the engine's scheduler preempts from now on."""
+    preempted, schedule = [], engine.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        preempted.extend(out.preempted)
+        return out
+
+    engine.scheduler.schedule = recording
+    return preempted

@@ -10,7 +10,7 @@ import random
 from dataclasses import replace
 
 import pytest
-from conftest import tiny_model
+from conftest import record_preemptions, tiny_model
 
 import kiln
 from compiler.artifact import load_artifact
@@ -85,15 +85,7 @@ def test_preemption_and_aborts_leave_outputs_and_pool_intact(artifact):
 def test_preemption_happens_and_changes_nothing(artifact):
     prompts, params = workload(16, seed=2)
     llm = kiln.LLM(artifact, num_kv_blocks=30, max_num_batched_tokens=96)
-    sched = llm.engine.scheduler
-    schedule, preemptions = sched.schedule, []
-
-    def counting():
-        out = schedule()
-        preemptions.extend(out.preempted)
-        return out
-
-    sched.schedule = counting
+    preemptions = record_preemptions(llm.engine)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert preemptions, "the pool was meant to be too small"
     assert [o.token_ids for o in outs] == alone(artifact, prompts, params)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import record_preemptions, tiny_model
 
 import kiln
 
@@ -121,14 +121,7 @@ def test_a_cached_prefix_is_computed_again_for_its_logprobs(model, artifact):
 def test_preempted_prompts_are_scored_once(model, artifact):
     ps = prompts(12, seed=2, lengths=(40, 120))
     llm = kiln.LLM(artifact, num_kv_blocks=24, max_num_batched_tokens=64)
-    schedule, preempted = llm.engine.scheduler.schedule, []
-
-    def counting():
-        out = schedule()
-        preempted.extend(out.preempted)
-        return out
-
-    llm.engine.scheduler.schedule = counting
+    preempted = record_preemptions(llm.engine)
     outs = llm.generate(ps, scored(max_tokens=12), use_tqdm=False)
     assert preempted, "the pool was meant to be too small"
     for p, out in zip(ps, outs, strict=True):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import record_preemptions, tiny_model
 
 import kiln
 from runtime.sampler import SamplingState, sample
@@ -121,14 +121,7 @@ def test_preempted_constrained_sequences_resume_their_grammar(smollm2_artifact):
     with kiln.LLM(smollm2_artifact, num_kv_blocks=256) as roomy:
         expected = [o.text for o in roomy.generate([PROMPT] * 6, params, use_tqdm=False)]
     with kiln.LLM(smollm2_artifact, num_kv_blocks=6, max_num_batched_tokens=64) as tight:
-        schedule, preempted = tight.engine.scheduler.schedule, []
-
-        def counting():
-            out = schedule()
-            preempted.extend(out.preempted)
-            return out
-
-        tight.engine.scheduler.schedule = counting
+        preempted = record_preemptions(tight.engine)
         outs = tight.generate([PROMPT] * 6, params, use_tqdm=False)
     assert preempted, "the pool was meant to be too small"
     assert [o.text for o in outs] == expected
