@@ -22,12 +22,15 @@ from runtime.detokenizer import IncrementalDetokenizer
 from runtime.model_runner import make_runner, max_model_len
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampler import (
+    Ranked,
     SampledToken,
     SamplingState,
+    host_copy,
     make_generator,
     prompt_logprobs,
     sample,
     sample_ids,
+    sampled_logprobs,
 )
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
@@ -73,6 +76,8 @@ class _InFlight:
     seqs: list[tuple[int, Sequence]]  # (row of ids, seq whose last output is pending(row))
     ids: torch.Tensor  # int64 on the runner's device, a row per sampled chunk
     host: torch.Tensor  # their copy on the host, complete once `ready` is
+    # the rows that asked for logprobs and theirs, copied to the host with the ids
+    logprobs: tuple[list[int], Ranked] | None
     ready: torch.cuda.Event | None  # None: a CPU step, copied already
 
 
@@ -207,7 +212,8 @@ class Engine:
         if not plan.chunks:
             return outputs
         if self.async_scheduling and not any(s.needs_host for s in states):
-            self._launch_sampling(plan, seqs, sample_ids(logits, states))
+            ids = sample_ids(logits, states)
+            self._launch_sampling(plan, seqs, ids, sampled_logprobs(logits, ids, states))
             self._score_prompts(plan.chunks, scoring)
             return outputs
         tokens = sample(logits, states)
@@ -219,20 +225,26 @@ class Engine:
         return outputs + self._outputs([s for s, _ in kept], [t for _, t in kept])
 
     def _launch_sampling(
-        self, plan: SchedulerOutput, seqs: list[Sequence], ids: torch.Tensor
+        self,
+        plan: SchedulerOutput,
+        seqs: list[Sequence],
+        ids: torch.Tensor,
+        logprobs: tuple[list[int], Ranked] | None,
     ) -> None:
-        """Record the step with stand-ins for its tokens and start copying them back."""
+        """Record the step with stand-ins for its tokens and start copying them (and their
+        logprobs) back."""
         live = [(row, s) for row, s in enumerate(seqs) if not s.is_finished]
         self.scheduler.update(plan, {s.seq_id: pending(row) for row, s in live})
         if not live:
             return
-        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=ids.is_cuda)
-        host.copy_(ids, non_blocking=True)
+        if logprobs is not None:
+            logprobs = logprobs[0], logprobs[1].to_host()
+        host = host_copy(ids)
         ready = None
         if ids.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
-        self._in_flight = _InFlight(live, ids, host, ready)
+        self._in_flight = _InFlight(live, ids, host, logprobs, ready)
 
     def _score_prompts(self, chunks: tuple[ScheduledChunk, ...], logits: torch.Tensor) -> None:
         """Prompt logprobs from the step's scoring rows (each chunk's `prompt_logits`, in
@@ -267,13 +279,17 @@ class Engine:
         if flight.ready is not None:
             flight.ready.synchronize()
         ids = flight.host.tolist()
+        logprobs = {}
+        if flight.logprobs is not None:
+            rows, ranked = flight.logprobs
+            logprobs = dict(zip(rows, ranked.entries([ids[r] for r in rows]), strict=True))
         seqs, tokens = [], []
         for row, seq in flight.seqs:
             if seq.is_finished:  # aborted while its token was in flight
                 continue
             seq.output_token_ids[-1] = ids[row]
             seqs.append(seq)
-            tokens.append(SampledToken(ids[row], None))
+            tokens.append(SampledToken(ids[row], logprobs.get(row)))
         return self._outputs(seqs, tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -44,9 +44,9 @@ class SamplingState:
 
     @property
     def needs_host(self) -> bool:
-        """Its token is needed on the host as soon as it is picked: for its logprobs, or to
-        advance its grammar before the next step's mask."""
-        return self.params.logprobs is not None or self.matcher is not None
+        """Its token is needed on the host as soon as it is picked: to advance its grammar
+        before the next step's mask."""
+        return self.matcher is not None
 
 
 # Not frozen: a frozen dataclass builds ~3x slower, and there is one per sampled token.
@@ -86,17 +86,24 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledTok
     if all(s.plain_greedy for s in states):  # e.g. an offline greedy batch: skip the row work
         return [SampledToken(t, None) for t in argmax_rows(logits).tolist()]
     raw = logits.float()
-    tokens = _pick(raw, states).tolist()
+    picked = _pick(raw, states)
+    tokens = picked.tolist()
     for state, token in zip(states, tokens, strict=True):
         if state.matcher is not None and not state.matcher.accept_token(token):
             state.grammar_refused = True
-    logprobs = _logprobs(raw, tokens, states)
+    logprobs: list[dict[int, Logprob] | None] = [None] * len(states)
+    ranked = sampled_logprobs(raw, picked, states)
+    if ranked is not None:
+        rows, values = ranked
+        for row, entry in zip(rows, values.entries([tokens[r] for r in rows]), strict=True):
+            logprobs[row] = entry
     return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
 
 
 def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """The tokens `sample` picks, as an int64 tensor on the logits' device, without waiting for
-    them; for states that do not need them on the host (`needs_host`)."""
+    them; for states that do not need them on the host (`needs_host`). Their logprobs, where
+    asked for, come from `sampled_logprobs`."""
     if all(s.plain_greedy for s in states):
         return argmax_rows(logits)
     return _pick(logits.float(), states)
@@ -181,19 +188,18 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     return argmax_rows(probs / noise)
 
 
-def _logprobs(
-    raw: torch.Tensor, tokens: list[int], states: list[SamplingState]
-) -> list[dict[int, Logprob] | None]:
-    """Logprobs of the raw model logits: the sampled token and the top-n, ranked from 1."""
+def sampled_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, states: list[SamplingState]
+) -> tuple[list[int], Ranked] | None:
+    """For the rows whose states ask for logprobs: the rows, and the logprobs of the raw model
+    logits there (the picked `token_ids`' and the top-n), on the logits' device, not waited
+    for. None when no row asks."""
     rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-    result: list[dict[int, Logprob] | None] = [None] * len(states)
-    if rows:
-        picked = raw[torch.tensor(rows, device=raw.device)]
-        top = [states[i].params.logprobs for i in rows]
-        ranked = ranked_logprobs(picked, [tokens[i] for i in rows], top)
-        for i, entry in zip(rows, ranked, strict=True):
-            result[i] = entry
-    return result
+    if not rows:
+        return None
+    index = _on(logits.device, rows)
+    top = [states[i].params.logprobs for i in rows]
+    return rows, rank(logits[index].float(), token_ids[index], top)
 
 
 PROMPT_LOGPROBS_ROWS = 512  # rows of prompt logits turned into float32 at a time
@@ -219,31 +225,60 @@ def ranked_logprobs(
 ) -> list[dict[int, Logprob]]:
     """Per row of float32 `logits` [R, V]: tokens[r]'s logprob and the top[r] most likely
     tokens', each with its rank (1: the most likely)."""
-    device = logits.device
+    return rank(logits, torch.tensor(tokens, device=logits.device), top).entries(tokens)
+
+
+@dataclass(slots=True)
+class Ranked:
+    """Logprobs of R rows of logits: a chosen token's per row, with its rank, and the top
+    max(top) tokens'; on the logits' device until `to_host`."""
+
+    top: list[int]  # per row, how many of the top tokens to report
+    chosen: torch.Tensor  # [R] float32: the chosen token's logprob
+    chosen_rank: torch.Tensor  # [R] int64
+    top_logprobs: torch.Tensor  # [R, max(top)] float32, descending
+    top_ids: torch.Tensor  # [R, max(top)] int64
+
+    def to_host(self) -> Ranked:
+        """A copy in host memory, started behind the work queued on the device (pinned when
+        it is a GPU); read it once that work is done."""
+        return Ranked(self.top, *(host_copy(t) for t in self._tensors()))
+
+    def entries(self, tokens: list[int]) -> list[dict[int, Logprob]]:
+        """Per row, {token: Logprob}: tokens[r] (the chosen one) and the top[r] ranked 1..n."""
+        chosen, ranks, top_lps, top_ids = (t.tolist() for t in self._tensors())
+        columns = zip(tokens, self.top, chosen, ranks, top_lps, top_ids, strict=True)
+        result = []
+        for token, n, lp, r, lps, ids in columns:
+            entry = {token: Logprob(lp, r)}
+            entry.update(
+                (t, Logprob(v, k)) for k, (t, v) in enumerate(zip(ids[:n], lps[:n], strict=True), 1)
+            )
+            result.append(entry)
+        return result
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.chosen, self.chosen_rank, self.top_logprobs, self.top_ids
+
+
+def rank(logits: torch.Tensor, chosen: torch.Tensor, top: list[int]) -> Ranked:
+    """The logprobs of float32 `logits` [R, V] for the `chosen` token of each row ([R] int64,
+    on the logits' device) and for the top max(top) tokens, without waiting for the device."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = torch.tensor(tokens, device=device).unsqueeze(1)
-    chosen_lp = logprobs.gather(1, chosen)
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))
     # as vLLM ranks them: the chosen token after every token as likely (ties included), so
     # one outside the top n ranks past n; the top-k by position, 1..k, so ranks <= n are n
     chosen_rank = (logprobs >= chosen_lp).sum(-1)
     top_lp, top_ids = logprobs.topk(max(top), dim=-1)
-    columns = zip(
-        tokens,
-        top,
-        chosen_lp.squeeze(1).tolist(),
-        chosen_rank.tolist(),
-        top_lp.tolist(),
-        top_ids.tolist(),
-        strict=True,
-    )
-    result = []
-    for token, n, lp, rank, lps, ids in columns:
-        entry = {token: Logprob(lp, rank)}
-        entry.update(
-            (t, Logprob(v, r)) for r, (t, v) in enumerate(zip(ids[:n], lps[:n], strict=True), 1)
-        )
-        result.append(entry)
-    return result
+    return Ranked(top, chosen_lp.squeeze(1), chosen_rank, top_lp, top_ids)
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` in host memory (pinned for a GPU tensor), started behind the work queued
+    on the device; complete once that work is."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:

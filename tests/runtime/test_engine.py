@@ -315,17 +315,49 @@ def test_generated_blocks_are_cached_by_their_real_tokens(artifact):
     assert_idle(llm)
 
 
+def alone_outputs(artifact, prompts, params):
+    llm = kiln.LLM(artifact, num_kv_blocks=64, async_scheduling=False)
+    return [llm.generate([p], [sp], use_tqdm=False)[0].outputs[0] for p, sp in zip(prompts, params)]
+
+
 def test_logprobs_requests_join_and_leave_a_greedy_batch(artifact):
-    # a step with a logprobs request samples synchronously (the raw logits are read at once);
-    # steps around it may be asynchronous: every request's tokens as when it runs alone
+    # greedy and seeded requests with logprobs among plain greedy ones: with asynchronous
+    # scheduling their logprobs travel back with the tokens; every request's tokens and
+    # logprobs as when it runs alone (synchronously)
     prompts, params = workload(6, seed=5)
-    lp = kiln.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)
-    prompts.append(list(range(50, 70)))
-    params.append(lp)
+    for top, sp in ((2, greedy(5)), (0, greedy(4)), (5, kiln.SamplingParams(max_tokens=6, seed=3))):
+        prompts.append([(11 * top + i) % 160 for i in range(20 + top)])
+        params.append(replace(sp, logprobs=top))
     outs = kiln.LLM(artifact, num_kv_blocks=512).generate(prompts, params, use_tqdm=False)
-    assert [o.token_ids for o in outs] == alone(artifact, prompts, params)
-    logprobs = outs[-1].outputs[0].logprobs
-    assert len(logprobs) == 5 and all(len(step) >= 2 for step in logprobs)
+    expected = alone_outputs(artifact, prompts, params)
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+    for out, ref, sp in zip(outs[-3:], expected[-3:], params[-3:]):
+        got = out.outputs[0].logprobs
+        assert len(got) == len(out.token_ids) == len(ref.logprobs)
+        for token, entry, ref_entry in zip(out.token_ids, got, ref.logprobs):
+            assert token in entry and len(entry) >= sp.logprobs
+            assert entry.keys() == ref_entry.keys()
+            for t, lp in entry.items():
+                assert (
+                    lp.rank == ref_entry[t].rank and lp.decoded_token == ref_entry[t].decoded_token
+                )
+                assert lp.logprob == pytest.approx(ref_entry[t].logprob, abs=1e-5)
+
+
+def test_logprobs_come_a_call_later_when_asynchronous(artifact, scheduling):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    params = replace(greedy(3), logprobs=1)
+    llm.engine.add_request("a", list(range(30)), params)
+    updates = []
+    while llm.engine.has_unfinished():
+        updates.append(llm.engine.step())
+    expected = alone_outputs(artifact, [list(range(30))], [params])[0]
+    # a logprobs request keeps the overlap: its first token and logprobs land a call later
+    assert [len(u) for u in updates] == ([0, 1, 1, 1] if scheduling else [1, 1, 1])
+    got = [u[0].outputs[0] for u in updates if u]
+    assert [t for o in got for t in o.token_ids] == expected.token_ids
+    assert [lp for o in got for lp in o.logprobs] == expected.logprobs
+    assert_idle(llm)
 
 
 def test_an_interrupted_step_is_taken_back(artifact):
