@@ -56,6 +56,8 @@ class AsyncEngine:
         """Updates of one request until it finishes; closing the iterator aborts it."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
+        if params.structured_outputs is not None:  # here, not in the engine thread's steps
+            await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
         if request_id in self._streams:  # before anything touches the request that has it
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from runtime.sampler import (
     sample_ids,
     sampled_logprobs,
 )
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import SamplingParams, StructuredOutputs
 from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.sequence import Sequence, pending
 from runtime.structured import Grammars
@@ -107,6 +108,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model (prefix hits excluded)
         self.grammars: Grammars | None = None  # structured outputs' compiler, once needed
+        self._grammars_made = threading.Lock()
 
     def add_request(
         self,
@@ -168,12 +170,19 @@ class Engine:
             self.scheduler.add(seq)
         self.requests[request_id] = request
 
+    def compile_grammar(self, spec: StructuredOutputs) -> None:
+        """Compile a request's structured outputs ahead of `add_request`, which then finds the
+        grammar compiled; ValueError if it does not compile. Safe on any thread: the server
+        calls it off the engine's, whose steps a long compile would hold up."""
+        self._grammars().compile(spec)
+
     def _grammars(self) -> Grammars:
         """The compiler of structured outputs, made at the first request that has them."""
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer, and this model has none")
-        if self.grammars is None:
-            self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        with self._grammars_made:
+            if self.grammars is None:
+                self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self.grammars
 
     def _detokenizer(self, prompt_token_ids, params) -> IncrementalDetokenizer | None:

@@ -38,13 +38,17 @@ class Grammars:
 
     def matcher(self, spec: StructuredOutputs) -> Any:
         """A fresh matcher (one per sequence); ValueError for a spec that does not compile."""
+        return self._xgr.GrammarMatcher(self.compile(spec))
+
+    def compile(self, spec: StructuredOutputs) -> Any:
+        """The compiled grammar, from xgrammar's cache once compiled; ValueError for a spec
+        that does not compile. Thread-safe: a server compiles off its engine's thread."""
         try:
-            compiled = self._compile(spec)
+            return self._compile(spec)
         except RuntimeError as exc:  # xgrammar's parse errors, after its log prefix
             message = str(exc).strip().splitlines()[-1]
             message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", message)
             raise ValueError(f"structured outputs: {message}") from None
-        return self._xgr.GrammarMatcher(compiled)
 
     def _compile(self, spec: StructuredOutputs) -> Any:
         c = self._compiler

@@ -4,16 +4,20 @@ does not; in batches with unconstrained requests, which it leaves unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
+import time
 
 import pytest
 import torch
 from conftest import record_preemptions, tiny_model
 
 import kiln
+from runtime.async_engine import AsyncEngine
 from runtime.sampler import SamplingState, sample
-from runtime.structured import unpack_bitmask
+from runtime.structured import Grammars, unpack_bitmask
 
 xgrammar = pytest.importorskip("xgrammar")
 pytestmark = pytest.mark.slow
@@ -164,6 +168,45 @@ def test_specs_that_do_not_compile_are_refused_and_nothing_is_queued(llm, spec, 
     with pytest.raises(ValueError, match=re.escape(message)):
         llm.engine.add_request("bad", [1, 2, 3], sampled(spec))
     assert not llm.engine.requests and not llm.engine.has_unfinished()
+
+
+def test_a_served_request_compiles_its_grammar_off_the_engine_thread(smollm2_artifact, monkeypatch):
+    calls = []  # (thread, seconds) per compile
+    compile_spec = Grammars.compile
+
+    def timed(self, spec):
+        start = time.perf_counter()
+        try:
+            return compile_spec(self, spec)
+        finally:
+            calls.append((threading.current_thread().name, time.perf_counter() - start))
+
+    monkeypatch.setattr(Grammars, "compile", timed)
+    engine = AsyncEngine(kiln.LLM(smollm2_artifact, num_kv_blocks=64).engine)
+    regex = r"[a-z]{4}-\d{3}"
+    # a schema no other test compiles: xgrammar's cache is shared by every engine
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(9)}}
+
+    async def run():
+        texts = []
+        for spec in (kiln.StructuredOutputs(regex=regex), kiln.StructuredOutputs(json=schema)):
+            stream = engine.generate(spec.regex or "schema", [1, 2, 3], sampled(spec, n=1))
+            texts.append("".join([u.outputs[0].text async for u in stream]))
+        with pytest.raises(ValueError, match="parenthesis is not closed"):  # never queued
+            async for _ in engine.generate(
+                "bad", [1, 2, 3], sampled(kiln.StructuredOutputs(regex="("))
+            ):
+                pass
+        assert engine.is_alive
+        await engine.shutdown(timeout=1)
+        return texts
+
+    texts = asyncio.run(run())
+    assert re.fullmatch(regex, texts[0]) and texts[1].startswith("{")  # 48 tokens: a prefix
+    # each spec compiled first off the engine thread; there, its matcher found it compiled
+    # (from xgrammar's cache, well under the compile)
+    assert [name != "kiln-engine" for name, _ in calls] == [True, False, True, False, True]
+    assert calls[3][1] < calls[2][1] / 10
 
 
 def test_a_model_without_tokenizer_refuses_structured_outputs(tmp_path):
