@@ -151,6 +151,36 @@ def test_a_token_its_grammar_refuses_is_flagged():
     assert [s.grammar_refused for s in states] == [True, False]
 
 
+def test_a_refused_token_ends_its_output_and_nothing_else(llm, monkeypatch, caplog):
+    make = Grammars.matcher
+
+    def refusing_third(self, spec):  # a real matcher that refuses the third token picked
+        matcher, taken = make(self, spec), []
+
+        class Third:
+            def fill_next_token_bitmask(self, bitmask, row):
+                matcher.fill_next_token_bitmask(bitmask, row)
+
+            def accept_token(self, token):
+                taken.append(token)
+                return len(taken) < 3 and matcher.accept_token(token)
+
+        return Third()
+
+    plain = kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = llm.generate([PROMPT], plain, use_tqdm=False)[0].token_ids
+    monkeypatch.setattr(Grammars, "matcher", refusing_third)
+    spec = kiln.StructuredOutputs(regex=r"[a-z ]{20}")
+    outs = llm.generate([PROMPT] * 2, [sampled(spec, n=1), plain], use_tqdm=False)
+    # the refused token is the last: the output stops there; the batch's other request runs on
+    assert len(outs[0].token_ids) == 3 and outs[0].outputs[0].finish_reason == "stop"
+    assert re.fullmatch(r"[a-z ]*", outs[0].outputs[0].text)
+    assert outs[1].token_ids == expected
+    assert "its grammar allowed no token" in caplog.text
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free_blocks + bm.num_evictable_blocks == bm.num_total_blocks
+
+
 def test_an_output_cut_by_max_tokens_ends_with_length(llm):
     out = llm.generate([PROMPT], sampled(CASES[0][0], n=1, max_tokens=3), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 3
