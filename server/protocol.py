@@ -182,21 +182,39 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
     return out
 
 
+# vLLM's fields before `structured_outputs` (removed from vLLM in 0.12, where they are now
+# ignored and the output comes back unconstrained): still honoured here
+GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
 def _structured_outputs(body: Mapping[str, Any]) -> StructuredOutputs | None:
     """OpenAI's `response_format`, or vLLM's `structured_outputs` (json, json_object, regex,
-    choice or grammar); the engine compiles it (an invalid schema is its 400)."""
+    choice or grammar) or its older `guided_*` fields; the engine compiles it (an invalid
+    schema is its 400)."""
+    given = [
+        key
+        for key in ("response_format", "structured_outputs", *GUIDED_FIELDS)
+        if body.get(key) is not None
+    ]
+    if len(given) > 1:
+        raise bad(f"set one of {', '.join(map(repr, given))}, not several", given[0])
     fmt = _get(body, "response_format", dict)
-    extra = _get(body, "structured_outputs", dict)
-    if fmt is not None and extra is not None:
-        raise bad("set 'response_format' or 'structured_outputs', not both", "response_format")
+    extra, param = _get(body, "structured_outputs", dict), "structured_outputs"
+    if given and given[0] in GUIDED_FIELDS:
+        extra, param = {GUIDED_FIELDS[given[0]]: body[given[0]]}, given[0]
     if extra is not None:
         unknown = sorted(set(extra) - set(STRUCTURED_FIELDS))
         if unknown:
-            raise bad(f"unknown structured_outputs fields: {unknown}", "structured_outputs")
+            raise bad(f"unknown structured_outputs fields: {unknown}", param)
         try:
             return StructuredOutputs(**extra)
         except ValueError as exc:
-            raise bad(str(exc), "structured_outputs") from None
+            raise bad(str(exc), param) from None
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":

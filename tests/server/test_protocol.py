@@ -460,6 +460,11 @@ def test_response_format_and_structured_outputs_become_the_spec(info, parse, bod
     assert spec(structured_outputs={"regex": "[ab]+"}) == StructuredOutputs(regex="[ab]+")
     choice = spec(structured_outputs={"choice": ["x", "y"]})
     assert choice == StructuredOutputs(choice=("x", "y"))
+    # vLLM's older fields, which vLLM itself now ignores
+    assert spec(guided_json=SCHEMA) == StructuredOutputs(json=SCHEMA)
+    assert spec(guided_regex="[ab]+") == StructuredOutputs(regex="[ab]+")
+    assert spec(guided_choice=["x", "y"]) == choice
+    assert spec(guided_grammar='root ::= "a"') == StructuredOutputs(grammar='root ::= "a"')
 
 
 @pytest.mark.parametrize(
@@ -474,8 +479,15 @@ def test_response_format_and_structured_outputs_become_the_spec(info, parse, bod
         (
             {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
             "response_format",
-            "not both",
+            "not several",
         ),
+        (
+            {"guided_regex": "a", "structured_outputs": {"regex": "a"}},
+            "structured_outputs",
+            "set one of 'structured_outputs', 'guided_regex', not several",
+        ),
+        ({"guided_regex": 1}, "guided_regex", "regex must be a string"),
+        ({"guided_choice": []}, "guided_choice", "choice"),
         ({"structured_outputs": {"regex": "a"}, "min_tokens": 1}, "min_tokens", "min_tokens"),
     ],
 )
