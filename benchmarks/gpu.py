@@ -39,11 +39,10 @@ def timed_engine(engine: Engine) -> dict:
     return stats
 
 
-def run_all(engine: Engine, prompts, out_lens) -> tuple[float, int]:
+def run_all(engine: Engine, prompts, out_lens, logprobs: int | None = None) -> tuple[float, int]:
     for i, (p, n) in enumerate(zip(prompts, out_lens, strict=True)):
-        engine.add_request(
-            f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        )
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+        engine.add_request(f"r{i}", p, params)
     produced, start = 0, time.perf_counter()
     while engine.has_unfinished():
         produced += sum(len(o.token_ids) for u in engine.step() for o in u.outputs)
@@ -88,12 +87,13 @@ def w1(args) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     engine = Engine(artifact, w1_config(args.budget))
-    kiln_rows, host = throughput_rows(engine, prompts, out_lens, args.runner_split)
+    kiln_rows, host = throughput_rows(engine, prompts, out_lens, args.runner_split, args.logprobs)
     rows = kiln_rows + rows
     print(table(rows, ["system", "seconds", "output_tokens", "tok_s"]))
     print("steps:", host)
     return {
         "workload": "W1",
+        "logprobs": args.logprobs,
         "rows": rows,
         "steps": host,
         "kv_cache_tokens": engine.runner.num_tokens,
@@ -118,22 +118,23 @@ def w1_config(budget: int) -> EngineConfig:
 
 
 def throughput_rows(
-    engine: Engine, prompts, out_lens, runner_split: bool = False
+    engine: Engine, prompts, out_lens, runner_split: bool = False, logprobs: int | None = None
 ) -> tuple[list[dict], dict | None]:
-    """Every request at once, greedy: a row of output tok/s (and with runner_split another,
-    each step run to its end before the next, and the steps' split)."""
-    run_all(engine, [p[:50] for p in prompts[:8]], [16] * 8)  # warm-up
+    """Every request at once, greedy (each token with its `logprobs` top logprobs, if set): a
+    row of output tok/s (and with runner_split another, each step run to its end before the
+    next, and the steps' split)."""
+    run_all(engine, [p[:50] for p in prompts[:8]], [16] * 8, logprobs)  # warm-up
     # the start-up heap (hundreds of thousands of objects) out of the collector's way, as
     # `kiln run` does once it is ready: a full collection walking it costs ~0.2 s mid-run
     gc.collect()
     gc.freeze()
-    seconds, produced = run_all(engine, prompts, out_lens)
+    seconds, produced = run_all(engine, prompts, out_lens, logprobs)
     rows = [_w1_row(f"kiln ({len(prompts)} req)", seconds, produced)]
     host = None
     if runner_split:  # again, each step run to its end before the next: the runner's share
         engine.async_scheduling = False
         stats = timed_engine(engine)
-        seconds, produced = run_all(engine, prompts, out_lens)
+        seconds, produced = run_all(engine, prompts, out_lens, logprobs)
         rows.append(_w1_row("kiln, synchronous steps", seconds, produced))
         host = _step_split(stats)
     gc.unfreeze()

@@ -85,6 +85,7 @@ def main() -> None:
         action="store_true",
         help="cuda: run W1 again with synchronous steps, timing the runner's share of each",
     )
+    p.add_argument("--logprobs", type=int, help="cuda: every token with this many top logprobs")
     p.add_argument("--workdir", default="/tmp/kiln-bench", help="cuda: where kernels are built")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
