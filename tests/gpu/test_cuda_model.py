@@ -237,3 +237,53 @@ def test_prompt_logprobs_on_gpu_match_transformers(tmp_path):
     )
     assert errors.mean().item() < 1e-3 and errors.max().item() < 2e-2
     assert agree >= 0.99
+
+
+def test_sampled_logprobs_on_gpu_stay_asynchronous_and_match_transformers(tmp_path):
+    """Logprobs of sampled tokens, computed on the GPU and copied back with the tokens while
+    the next step runs: each as transformers' log-softmax of the text so far gives it."""
+    from benchmarks.models import in_memory_artifact, random_model
+    from runtime.config import EngineConfig
+    from runtime.engine import Engine
+    from runtime.outputs import merge_update
+    from runtime.sampling_params import SamplingParams
+
+    model = random_model("qwen3-0.6b", "cuda", torch.float32, logit_scale=10.0, num_hidden_layers=4)
+    artifact = in_memory_artifact(model, "qwen3-small", tmp_path)
+    engine = Engine(artifact, EngineConfig(num_kv_blocks=512, max_num_batched_tokens=256))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (40, 3, 130, 65)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5),
+        SamplingParams(max_tokens=9, temperature=0.8, seed=1, ignore_eos=True, logprobs=0),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=7, top_k=20, seed=2, ignore_eos=True, logprobs=20),
+    ]
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), p, sp)
+    results, overlapped = {}, 0
+    while engine.has_unfinished():
+        for update in engine.step():
+            results[update.request_id] = merge_update(results.get(update.request_id), update)
+        overlapped += engine._in_flight is not None and bool(engine._in_flight.logprobs)
+    assert overlapped > 0, "no step with logprobs overlapped the next"
+    assert results["2"].outputs[0].logprobs is None
+    errors = []
+    for i in (0, 1, 3):
+        out = results[str(i)].outputs[0]
+        assert len(out.logprobs) == len(out.token_ids) == params[i].max_tokens
+        ids = prompts[i] + out.token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0], -1)
+        for k, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+            row = ref[len(prompts[i]) - 1 + k]
+            assert len(entry) >= params[i].logprobs and token in entry
+            errors += [abs(lp.logprob - row[t].item()) for t, lp in entry.items()]
+            if params[i].temperature == 0.0:
+                assert entry[token].rank == 1 and token == row.argmax().item()
+    errors = torch.tensor(errors)
+    print(
+        f"sampled logprobs vs hf (float32, asynchronous steps, {overlapped} overlapped): "
+        f"{len(errors)} logprobs, mean |err| {errors.mean():.2e}, max {errors.max():.2e}"
+    )
+    assert errors.mean().item() < 1e-3 and errors.max().item() < 2e-2
