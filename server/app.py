@@ -11,7 +11,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +22,7 @@ from server import protocol, responses
 from server.metrics import Metrics
 from server.protocol import GenerateRequest, ModelInfo, ProtocolError
 from server.responses import Meta, Piece, Pieces
+from server.tools import CallStream
 
 logger = logging.getLogger(__name__)
 ENGINE_POLL_S = 0.5  # how often serve() checks that the engine loop is alive
@@ -249,7 +250,8 @@ async def _collect(meta: Meta, pieces: Pieces, updates: AsyncIterator[Update]) -
         for piece in pieces.of(*update):
             got[piece.index].append(piece)
     total = len(pieces.req.prompts) * pieces.req.n
-    choices = [responses.choice(meta, responses.join(k, got[k])) for k in range(total)]
+    tools = pieces.req.tool_choice
+    choices = [responses.choice(meta, responses.join(k, got[k]), tools) for k in range(total)]
     return web.json_response(responses.body(meta, choices, pieces.usage()))
 
 
@@ -265,10 +267,17 @@ async def _stream(
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
 
+    calls = CallStream(req.tool_choice) if req.tool_choice is not None else None
+
     async def send(update: Update) -> None:
         for p in pieces.of(*update):
-            if p.text or p.logprobs or p.finish_reason:
-                await response.write(responses.sse(responses.chunk(meta, p, req.include_usage)))
+            delta = None
+            if calls is not None:
+                delta, made = calls.delta(p.index, p.text, p.finish_reason is not None)
+                p = replace(p, finish_reason=req.tool_choice.finish_reason(p.finish_reason, made))
+            if (p.text if delta is None else delta) or p.logprobs or p.finish_reason:
+                chunk = responses.chunk(meta, p, req.include_usage, delta=delta)
+                await response.write(responses.sse(chunk))
 
     try:
         if meta.chat:

@@ -2,31 +2,65 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any
 
 from jinja2 import TemplateError
 
-ROLES = ("system", "user", "assistant")
+# "developer" is OpenAI's newer name for "system", which chat templates know it by
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def parse_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI messages as {role, content} dicts with text content; ValueError names the fault."""
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI messages as dicts for a chat template (text content; an assistant's tool calls,
+    a tool's answer); ValueError names the fault."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty array")
     return [_message(m, i) for i, m in enumerate(messages)]
 
 
-def _message(message: Any, i: int) -> dict[str, str]:
+def _message(message: Any, i: int) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ValueError(f"messages[{i}] must be an object")
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
         raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, not {role!r}")
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if content is None and calls:  # an assistant turn that only called tools
+        content = ""
     if isinstance(content, list):
         content = "\n".join(_text_part(p, i) for p in content)
     if not isinstance(content, str):
         raise ValueError(f"messages[{i}].content must be a string or an array of text parts")
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+    if calls is not None:
+        out["tool_calls"] = _tool_calls(calls, i)
+    if role == "tool" and isinstance(message.get("tool_call_id"), str):
+        out["tool_call_id"] = message["tool_call_id"]
+    return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant's tool calls, their arguments parsed from JSON (templates print them),
+    as vLLM passes them."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise ValueError(f"{where} must be an array")
+    out = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise ValueError(f"{where}[{k}] must have a function with a name and arguments")
+        with contextlib.suppress(ValueError):  # not JSON: a template prints it as it is
+            arguments = json.loads(arguments)
+        entry = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
 
 
 def _text_part(part: Any, i: int) -> str:
@@ -36,11 +70,17 @@ def _text_part(part: Any, i: int) -> str:
     return text
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    """The prompt text for `messages`; ValueError when the template refuses them or is missing."""
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict] | None = None,
+) -> str:
+    """The prompt text for `messages` (and the `tools` the model may call, for a template
+    that shows them); ValueError when the template refuses them or is missing."""
     try:
         return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
         )
     except (TemplateError, ValueError) as exc:
         raise ValueError(f"cannot apply the chat template: {exc}") from exc

@@ -10,6 +10,7 @@ from typing import Any
 
 from runtime.sampling_params import STRUCTURED_FIELDS, SamplingParams, StructuredOutputs
 from server.chat import parse_messages, render_chat
+from server.tools import ToolChoice, ToolsError, parse_tools
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -82,6 +83,7 @@ class GenerateRequest:
     echo: bool  # completions only: prefix each choice with its prompt text (and logprobs)
     top_logprobs: int | None  # alternatives shown per token; None: no logprobs
     echo_only: bool = False  # echo with max_tokens 0: the prompt, and no completion token
+    tool_choice: ToolChoice | None = None  # chat: the function calls the output must be
 
 
 def bad(message: str, param: str | None = None) -> ProtocolError:
@@ -335,15 +337,17 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     return GenerateRequest(False, prompts, n, stream, include_usage, echo, logprobs, echo_only)
 
 
-def chat_prompt(body: Mapping[str, Any], info: ModelInfo, special_default: bool) -> list[int]:
-    """The token ids of the templated conversation in body['messages']."""
+def chat_prompt(
+    body: Mapping[str, Any], info: ModelInfo, special_default: bool, tools: list | None = None
+) -> list[int]:
+    """The token ids of the templated conversation in body['messages'] (with `tools`)."""
     messages = body.get("messages")
     add_generation_prompt = _get(body, "add_generation_prompt", bool, True)
     try:
         parsed = parse_messages(messages)
         if info.tokenizer is None:
             raise ValueError("this model has no tokenizer or chat template")
-        text = render_chat(info.tokenizer, parsed, add_generation_prompt)
+        text = render_chat(info.tokenizer, parsed, add_generation_prompt, tools)
     except ValueError as exc:
         raise bad(str(exc), "messages") from None
     special = _get(body, "add_special_tokens", bool, special_default)
@@ -364,11 +368,20 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     stream, include_usage = _stream_flags(body)
     top_logprobs = _chat_logprobs(body)
     sampling = _sampling_fields(body, info) | {"logprobs": top_logprobs}
-    ids = chat_prompt(body, info, special_default=False)
+    try:
+        tools, tool_choice = parse_tools(body)
+    except ToolsError as exc:
+        raise bad(str(exc), exc.param) from None
+    if tool_choice is not None:
+        if sampling["structured_outputs"] is not None:
+            raise bad("a tool_choice that calls tools cannot have a response format", "tool_choice")
+        sampling["structured_outputs"] = tool_choice.spec()
+    ids = chat_prompt(body, info, special_default=False, tools=tools)
     names = {"max_tokens": _max_tokens(body)[1], "logprobs": "top_logprobs"}
     prompt = _prompt(ids, None, body, info, sampling, names)
+    n = prompt.params.n
     return GenerateRequest(
-        True, (prompt,), prompt.params.n, stream, include_usage, False, top_logprobs
+        True, (prompt,), n, stream, include_usage, False, top_logprobs, tool_choice=tool_choice
     )
 
 

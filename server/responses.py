@@ -10,6 +10,7 @@ from typing import Any
 
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from server.protocol import GenerateRequest
+from server.tools import ToolChoice
 
 DONE = b"data: [DONE]\n\n"
 
@@ -184,14 +185,20 @@ def join(index: int, pieces: Sequence[Piece]) -> Piece:
     return Piece(index, "".join(p.text for p in pieces), merged, finish)
 
 
-def choice(meta: Meta, piece: Piece) -> dict:
-    """A choice of a full (not streamed) response."""
-    text = {"message": {"role": "assistant", "content": piece.text}} if meta.chat else None
-    return (
-        {"index": piece.index}
-        | (text or {"text": piece.text})
-        | {"logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
-    )
+def choice(meta: Meta, piece: Piece, tool_choice: ToolChoice | None = None) -> dict:
+    """A choice of a full (not streamed) response; a chat output the request made tool calls
+    (`tool_choice`) is given as those calls."""
+    finish = piece.finish_reason
+    if not meta.chat:
+        text = {"text": piece.text}
+    else:
+        message = {"role": "assistant", "content": piece.text}
+        calls = tool_choice.calls(piece.text) if tool_choice is not None else None
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish = tool_choice.finish_reason(finish, calls)
+        text = {"message": message}
+    return {"index": piece.index} | text | {"logprobs": piece.logprobs, "finish_reason": finish}
 
 
 def body(meta: Meta, choices: list[dict], usage: dict) -> dict:
@@ -199,10 +206,14 @@ def body(meta: Meta, choices: list[dict], usage: dict) -> dict:
     return _head(meta, kind) | {"choices": choices, "usage": usage}
 
 
-def chunk(meta: Meta, piece: Piece, include_usage: bool, role: bool = False) -> dict:
-    """A stream chunk for one piece; `role` marks a chat choice's first chunk."""
+def chunk(
+    meta: Meta, piece: Piece, include_usage: bool, role: bool = False, delta: dict | None = None
+) -> dict:
+    """A stream chunk for one piece; `role` marks a chat choice's first chunk; `delta`, when
+    given, is a chat chunk's instead of the piece's text (tool calls: see CallStream)."""
     if meta.chat:
-        delta = {"content": piece.text} if piece.text or role else {}
+        if delta is None:
+            delta = {"content": piece.text} if piece.text or role else {}
         delta = {"role": "assistant"} | delta if role else delta
         one = {"index": piece.index, "delta": delta}
         one |= {"logprobs": piece.logprobs, "finish_reason": piece.finish_reason}

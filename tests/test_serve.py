@@ -150,6 +150,63 @@ def test_structured_outputs_through_the_openai_client(client):
         )
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters
+
+
+def test_forced_tool_calls_through_the_openai_client(client):
+    ask = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = dict(model="smol", messages=ask, tools=[WEATHER, TIME], max_tokens=64, temperature=0)
+    out = client.chat.completions.create(tool_choice=named, **kw).choices[0]
+    (call,) = out.message.tool_calls
+    assert call.function.name == "get_weather" and call.type == "function" and call.id
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
+    assert out.message.content is None and out.finish_reason == "stop"
+    # streamed: the call's id and name first, then its arguments as they come
+    chunks = list(client.chat.completions.create(tool_choice=named, stream=True, **kw))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # required: one or more calls of any tool, each with its parameters
+    for stream in (False, True):
+        got = client.chat.completions.create(tool_choice="required", stream=stream, **kw)
+        if stream:
+            chunks = list(got)
+            calls = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            calls, finish = got.choices[0].message.tool_calls, got.choices[0].finish_reason
+        assert finish == "tool_calls" and [c.function.name for c in calls] == ["get_weather"]
+        assert json.loads(calls[0].function.arguments) == {"city": "Paris", "days": 3}
+        assert calls[0].id
+    # the conversation goes on with the call and its result
+    history = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'},
+    ]
+    reply = client.chat.completions.create(
+        model="smol", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8
+    )
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError, match="needs a tool-call parser") as e:
+        client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER])
+    assert e.value.body["param"] == "tool_choice"
+
+
 def test_bad_input_then_good(client, server):
     stranger = openai.OpenAI(base_url=server[1] + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

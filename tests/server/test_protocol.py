@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -100,8 +101,10 @@ def test_missing_empty_or_mistyped_prompt_is_400(info: ModelInfo, prompt) -> Non
         [],
         "hello",
         ["hello"],
-        [{"role": "tool", "content": "x"}],
-        [{"role": "developer", "content": "x"}],
+        [{"role": "function", "content": "x"}],
+        [{"role": "assistant", "content": None}],
+        [{"role": "assistant", "content": "x", "tool_calls": {"id": "a"}}],
+        [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}],
         [{"content": "x"}],
         [{"role": "user"}],
         [{"role": "user", "content": 5}],
@@ -492,5 +495,122 @@ def test_response_format_and_structured_outputs_become_the_spec(info, parse, bod
     ],
 )
 def test_bad_structured_outputs_are_400(info, fields, param, message) -> None:
+    error = refused(parse_chat, chat(**fields), info)
+    assert error.param == param and message in str(error)
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}},
+    },
+}
+NOW = {"type": "function", "function": {"name": "now"}}
+# a template that shows what it is given: the tools, then each message with its tool calls
+TOOLS_TEMPLATE = (
+    "{% for t in tools or [] %}tool {{ t.function.name }};{% endfor %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+    "{% for c in m.tool_calls or [] %} call {{ c.id }} {{ c.function.name }}"
+    "({{ c.function.arguments.a }}){% endfor %}"
+    "{% if m.tool_call_id %} for {{ m.tool_call_id }}{% endif %};{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def templated(info: ModelInfo) -> ModelInfo:
+    tok = smollm2_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    return dataclasses.replace(info, tokenizer=tok)
+
+
+def prompt_text(req, info: ModelInfo) -> str:
+    return info.tokenizer.decode(req.prompts[0].token_ids)
+
+
+def test_tools_messages_and_calls_reach_the_template(templated: ModelInfo) -> None:
+    messages = [
+        {"role": "developer", "content": "Be exact."},
+        {"role": "user", "content": "1 + 2?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 3}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    ]
+    req = parse_chat(chat(messages=messages, tools=[ADD, NOW], tool_choice="none"), templated)
+    assert prompt_text(req, templated) == (
+        "tool add;tool now;system: Be exact.;user: 1 + 2?;assistant:  call c1 add(3);"
+        "tool: 3 for c1;"
+    )
+    assert req.tool_choice is None and req.prompts[0].params.structured_outputs is None
+
+
+def test_a_forced_tool_choice_becomes_the_spec(info: ModelInfo) -> None:
+    named = {"type": "function", "function": {"name": "add"}}
+    req = parse_chat(chat(tools=[ADD, NOW], tool_choice=named), info)
+    params = ADD["function"]["parameters"]
+    assert req.prompts[0].params.structured_outputs == StructuredOutputs(json=params)
+    assert req.tool_choice.calls('{"a": 1}')[0]["function"] == {
+        "name": "add",
+        "arguments": '{"a": 1}',
+    }
+    for parallel, most in ((True, None), (False, 1)):
+        body = chat(tools=[ADD, NOW], tool_choice="required", parallel_tool_calls=parallel)
+        req = parse_chat(body, info)
+        schema = json.loads(req.prompts[0].params.structured_outputs.json)
+        assert schema["minItems"] == 1 and schema.get("maxItems") == most
+        one_of = schema["items"]["anyOf"]
+        assert [c["properties"]["name"] for c in one_of] == [{"const": "add"}, {"const": "now"}]
+        assert one_of[0]["properties"]["parameters"] == params
+        assert one_of[1]["properties"]["parameters"] == {"type": "object", "properties": {}}
+    calls = req.tool_choice.calls('[{"name": "now", "parameters": {}}]')
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("now", "{}")]
+    assert req.tool_choice.calls('[{"name": "now", "param') is None  # cut short
+    assert req.tool_choice.finish_reason("stop", calls) == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "fields, param, message",
+    [
+        ({"tools": [ADD]}, "tool_choice", "needs a tool-call parser"),
+        ({"tools": [ADD], "tool_choice": "auto"}, "tool_choice", "needs a tool-call parser"),
+        ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+        ({"tools": [], "tool_choice": "none"}, "tools", "non-empty array"),
+        ({"tools": [{"type": "x"}], "tool_choice": "none"}, "tools", "tools[0] must be"),
+        ({"tools": [NOW, NOW], "tool_choice": "none"}, "tools", "a second function"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "tools",
+            "JSON schema object",
+        ),
+        ({"tools": [ADD], "tool_choice": "any"}, "tool_choice", "must be 'none'"),
+        (
+            {"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "sub"}}},
+            "tool_choice",
+            "not among the tools",
+        ),
+        (
+            {"tools": [ADD], "tool_choice": "required", "parallel_tool_calls": "yes"},
+            "parallel_tool_calls",
+            "boolean",
+        ),
+        (
+            {"tools": [ADD], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "cannot have a response format",
+        ),
+    ],
+)
+def test_bad_tools_are_400(info, fields, param, message) -> None:
     error = refused(parse_chat, chat(**fields), info)
     assert error.param == param and message in str(error)
