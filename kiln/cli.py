@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from server.tools import TOOL_CALL_PARSERS
+
 log = logging.getLogger("kiln")
 
 
@@ -88,6 +90,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--api-key", help="require this bearer key on /v1/*")
     r.add_argument("--served-model-name", help="model name clients use (default: artifact dir)")
     r.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds to drain")
+    r.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="serve tool_choice 'auto' (the default with tools); needs --tool-call-parser",
+    )
+    r.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        help="the model's tool-call format (hermes: <tool_call> blocks, as Qwen writes them)",
+    )
     _engine_args(r)
     r.set_defaults(func=_run)
 
@@ -217,6 +229,8 @@ def _run(args) -> int:
     from runtime.async_engine import AsyncEngine
     from server.app import ServerConfig, create_app, serve
 
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     name = args.served_model_name or args.artifact.resolve().name
     engine = AsyncEngine(_load_engine(args), model_name=name)
     log.info(
@@ -225,7 +239,9 @@ def _run(args) -> int:
         engine.max_model_len,
         engine.max_concurrency,
     )
-    app = create_app(engine, ServerConfig(served_model_name=name, api_key=args.api_key))
+    parser = args.tool_call_parser if args.enable_auto_tool_choice else None
+    config = ServerConfig(served_model_name=name, api_key=args.api_key, tool_call_parser=parser)
+    app = create_app(engine, config)
     # the start-up heap lives as long as the server: keep full collections from walking it
     gc.collect()
     gc.freeze()

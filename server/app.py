@@ -22,7 +22,6 @@ from server import protocol, responses
 from server.metrics import Metrics
 from server.protocol import GenerateRequest, ModelInfo, ProtocolError
 from server.responses import Meta, Piece, Pieces
-from server.tools import CallStream
 
 logger = logging.getLogger(__name__)
 ENGINE_POLL_S = 0.5  # how often serve() checks that the engine loop is alive
@@ -38,6 +37,7 @@ class ServerConfig:
     api_key: str | None = None  # guards /v1/* when set
     max_body_bytes: int = 8 << 20
     max_n: int = 16
+    tool_call_parser: str | None = None  # reads the model's calls for tool_choice "auto"
 
 
 @dataclass(slots=True)
@@ -73,6 +73,7 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
         tokenizer=engine.tokenizer,
         default_params=dict(engine.default_params),
         max_n=config.max_n,
+        tool_call_parser=config.tool_call_parser,
     )
     app = web.Application(middlewares=[_errors, _gate], client_max_size=config.max_body_bytes)
     app[STATE] = State(engine, config, info, Metrics(engine, name), int(time.time()))
@@ -267,14 +268,14 @@ async def _stream(
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
 
-    calls = CallStream(req.tool_choice) if req.tool_choice is not None else None
+    calls = req.tool_choice.stream() if req.tool_choice is not None else None
 
     async def send(update: Update) -> None:
         for p in pieces.of(*update):
             delta = None
             if calls is not None:
-                delta, made = calls.delta(p.index, p.text, p.finish_reason is not None)
-                p = replace(p, finish_reason=req.tool_choice.finish_reason(p.finish_reason, made))
+                delta, called = calls.delta(p.index, p.text, p.finish_reason is not None)
+                p = replace(p, finish_reason=req.tool_choice.finish_reason(p.finish_reason, called))
             if (p.text if delta is None else delta) or p.logprobs or p.finish_reason:
                 chunk = responses.chunk(meta, p, req.include_usage, delta=delta)
                 await response.write(responses.sse(chunk))

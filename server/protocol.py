@@ -60,6 +60,7 @@ class ModelInfo:
     tokenizer: Any  # None for token-id-only artifacts
     default_params: Mapping[str, Any]
     max_n: int
+    tool_call_parser: str | None = None  # tool_choice "auto" needs one
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,10 +370,10 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     top_logprobs = _chat_logprobs(body)
     sampling = _sampling_fields(body, info) | {"logprobs": top_logprobs}
     try:
-        tools, tool_choice = parse_tools(body)
+        tools, tool_choice = parse_tools(body, info.tool_call_parser)
     except ToolsError as exc:
         raise bad(str(exc), exc.param) from None
-    if tool_choice is not None:
+    if tool_choice is not None and tool_choice.spec() is not None:
         if sampling["structured_outputs"] is not None:
             raise bad("a tool_choice that calls tools cannot have a response format", "tool_choice")
         sampling["structured_outputs"] = tool_choice.spec()

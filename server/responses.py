@@ -191,13 +191,13 @@ def choice(meta: Meta, piece: Piece, tool_choice: ToolChoice | None = None) -> d
     finish = piece.finish_reason
     if not meta.chat:
         text = {"text": piece.text}
+    elif tool_choice is None:
+        text = {"message": {"role": "assistant", "content": piece.text}}
     else:
-        message = {"role": "assistant", "content": piece.text}
-        calls = tool_choice.calls(piece.text) if tool_choice is not None else None
-        if calls is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
-            finish = tool_choice.finish_reason(finish, calls)
-        text = {"message": message}
+        content, calls = tool_choice.message(piece.text)
+        message = {"role": "assistant", "content": content}
+        text = {"message": message | ({"tool_calls": calls} if calls else {})}
+        finish = tool_choice.finish_reason(finish, bool(calls))
     return {"index": piece.index} | text | {"logprobs": piece.logprobs, "finish_reason": finish}
 
 

@@ -1,9 +1,10 @@
-"""Function calling, as OpenAI's chat API and vLLM have it: `tools` reach the chat template;
+"""Function calling, as OpenAI's chat API and vLLM have it. `tools` reach the chat template.
 `tool_choice` naming a function, or "required", constrains the output to JSON with the
 function's parameters (structured outputs), which the response then carries as `tool_calls`.
-
-`tool_choice: "auto"` (OpenAI's default once tools are given) needs a model-specific parser
-of the output, which this server does not have; it is a 400, as it is in vLLM without one.
+"auto" (OpenAI's default once tools are given) lets the model choose, and needs a parser of
+the model's own call format: `kiln run --enable-auto-tool-choice --tool-call-parser hermes`
+reads the `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks that Qwen and
+Hermes models write. Without one, "auto" is a 400, as it is in vLLM.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from runtime.sampling_params import StructuredOutputs
 
 NO_PARAMETERS = {"type": "object", "properties": {}}
+TOOL_CALL_PARSERS = ("hermes",)
 
 
 class ToolsError(ValueError):
@@ -27,9 +29,22 @@ class ToolsError(ValueError):
         self.param = param
 
 
+def tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def finish_reason(reason: str | None, called: bool, forced_name: str | None) -> str | None:
+    """As OpenAI: "tool_calls" when the model ended on its calls; a forced named call "stop"s."""
+    return "tool_calls" if reason == "stop" and called and forced_name is None else reason
+
+
 @dataclass(frozen=True, slots=True)
-class ToolChoice:
-    """A request's forced function calls: one call to `name`, or one or more to any tool."""
+class ForcedCalls:
+    """tool_choice naming a function (`name`), or "required": one or more calls to any tool."""
 
     functions: Mapping[str, Mapping[str, Any]]  # name -> its JSON schema of parameters
     name: str | None  # None: "required"
@@ -51,64 +66,155 @@ class ToolChoice:
         array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         return StructuredOutputs(json=array if self.parallel else array | {"maxItems": 1})
 
-    def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The output's tool calls in OpenAI's format; None when the output is not a whole
+    def message(self, text: str) -> tuple[str | None, list[dict] | None]:
+        """The output as (content, tool calls): the calls, or the text when it is not a whole
         list of calls ("required" cut short by max_tokens)."""
         if self.name is not None:  # the arguments as generated, even when cut short
-            return [tool_call(self.name, text)]
+            return None, [tool_call(self.name, text)]
         try:
             found = json.loads(text)
         except ValueError:
-            return None
-        return [
-            tool_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in found
-        ]
+            return text, None
+        return None, [tool_call(c["name"], _json(c["parameters"])) for c in found]
 
-    def finish_reason(self, reason: str | None, calls: list | None) -> str | None:
-        """As OpenAI: "tool_calls" when "required" made its calls; a named call "stop"s."""
-        return "tool_calls" if reason == "stop" and calls and self.name is None else reason
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return finish_reason(reason, called, self.name)
+
+    def stream(self) -> ForcedStream:
+        return ForcedStream(self)
 
 
-class CallStream:
-    """A streamed response's tool calls, as chat chunk deltas: a named call's arguments as
+class ForcedStream:
+    """A streamed response's forced calls, as chat chunk deltas: a named call's arguments as
     they come (its id and name first); "required" calls whole, once the list is complete."""
 
-    def __init__(self, choice: ToolChoice) -> None:
+    def __init__(self, choice: ForcedCalls) -> None:
         self.choice = choice
         self.started: set[int] = set()  # choices whose named call has begun
         self.texts: dict[int, str] = {}  # "required": each choice's output so far
 
-    def delta(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], list | None]:
-        """The delta of choice `index` for its new `text`, and the calls it completes."""
-        name = self.choice.name
-        if name is not None:
+    def delta(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
+        """The delta of choice `index` for its new `text`, and whether it has made calls."""
+        if self.choice.name is not None:
             if index in self.started:
-                return (
-                    {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
-                ), None
+                arguments = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+                return (arguments if text else {}), True
             self.started.add(index)
-            call = tool_call(name, text)
-            return {"tool_calls": [{"index": 0} | call]}, [call]
+            return {"tool_calls": [{"index": 0} | tool_call(self.choice.name, text)]}, True
         self.texts[index] = self.texts.get(index, "") + text
         if not finished:
-            return {}, None
-        calls = self.choice.calls(self.texts[index])
-        if calls is None:  # cut short: the text as it is
-            return {"content": self.texts[index]}, None
-        return {"tool_calls": [{"index": i} | c for i, c in enumerate(calls)]}, calls
+            return {}, False
+        content, calls = self.choice.message(self.texts[index])
+        if calls is None:
+            return {"content": content}, False
+        return {"tool_calls": [{"index": i} | c for i, c in enumerate(calls)]}, True
 
 
-def tool_call(name: str, arguments: str) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
+class HermesCalls:
+    """tool_choice "auto" with the hermes parser: the model's `<tool_call>` blocks are its
+    calls; the text outside them its content (all of it when no block is a call)."""
+
+    START, END = "<tool_call>", "</tool_call>"
+
+    def spec(self) -> None:
+        return None
+
+    def message(self, text: str) -> tuple[str | None, list[dict] | None]:
+        content, calls = self.scan(text, final=True)
+        return content or None, [tool_call(*c) for c in calls] or None
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return finish_reason(reason, called, None)
+
+    def stream(self) -> HermesStream:
+        return HermesStream(self)
+
+    def scan(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
+        """The content and the (name, arguments) calls in `text`. Unless `final`, only what
+        more text cannot change: a call once its block ends, content up to where a block
+        might be starting, and no whitespace after a call until more than whitespace follows.
+        Either part of a longer text's scan starts with the shorter's, so a stream can send
+        the difference."""
+        content, calls, pos = [], [], 0
+        while (start := text.find(self.START, pos)) >= 0:
+            content.append(self._between(text[pos:start], calls))
+            end = text.find(self.END, start)
+            if end >= 0:
+                block, stop = text[start + len(self.START) : end], end + len(self.END)
+            elif final:  # cut short by max_tokens: a call if what came is one
+                block, stop = text[start + len(self.START) :], len(text)
+            else:
+                return "".join(content), calls
+            call = _hermes_call(block)
+            if call is None:  # not a call: the model's text, as it wrote it
+                content.append(text[start:stop])
+            else:
+                calls.append(call)
+            pos = stop
+        rest = text[pos:]
+        if not final:
+            rest = rest[: len(rest) - _partial_suffix(rest, self.START)]
+        content.append(self._between(rest, calls))
+        return "".join(content), calls
+
+    @staticmethod
+    def _between(text: str, calls: list) -> str:
+        """Text outside the blocks; after a call, whitespace alone is only a separator."""
+        return text if not calls or text.strip() else ""
 
 
-def parse_tools(body: Mapping[str, Any]) -> tuple[list[dict] | None, ToolChoice | None]:
-    """The tools for the chat template, and the calls `tool_choice` forces (None: the model
-    answers in text); ToolsError for a bad field."""
+class HermesStream:
+    """A streamed response's content and calls: each sent as soon as more text cannot
+    change it."""
+
+    def __init__(self, choice: HermesCalls) -> None:
+        self.choice = choice
+        self.texts: dict[int, str] = {}
+        self.sent: dict[int, tuple[int, int]] = {}  # choice -> (content chars, calls) sent
+
+    def delta(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
+        """The delta of choice `index` for its new `text`, and whether it has made calls."""
+        self.texts[index] = self.texts.get(index, "") + text
+        content, found = self.choice.scan(self.texts[index], final=finished)
+        chars, count = self.sent.get(index, (0, 0))
+        self.sent[index] = len(content), len(found)
+        delta: dict[str, Any] = {"content": content[chars:]} if content[chars:] else {}
+        if found[count:]:
+            calls = (tool_call(*c) for c in found[count:])
+            delta["tool_calls"] = [{"index": count + i} | c for i, c in enumerate(calls)]
+        return delta, bool(found)
+
+
+def _hermes_call(block: str) -> tuple[str, str] | None:
+    """(name, arguments as JSON) of a block's {"name": ..., "arguments": {...}}; None if the
+    block is not that."""
+    try:
+        call = json.loads(block)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", {})
+    return call["name"], arguments if isinstance(arguments, str) else _json(arguments)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that `marker` starts with (short of all of it)."""
+    return next((k for k in range(len(marker) - 1, 0, -1) if text.endswith(marker[:k])), 0)
+
+
+ToolChoice = ForcedCalls | HermesCalls
+
+
+def parse_tools(
+    body: Mapping[str, Any], parser: str | None = None
+) -> tuple[list[dict] | None, ToolChoice | None]:
+    """The tools for the chat template, and how the output makes calls (None: it does not);
+    `parser`: the server's tool-call parser for "auto", if any. ToolsError for a bad field."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
@@ -123,18 +229,21 @@ def parse_tools(body: Mapping[str, Any]) -> tuple[list[dict] | None, ToolChoice 
             raise ToolsError(f"tools[{i}]: a second function named {name!r}", "tools")
         functions[name] = parameters
     if choice is None or choice == "auto":
-        raise ToolsError(
-            "tool_choice 'auto' (the default with 'tools') needs a tool-call parser, which "
-            "this server does not have; set tool_choice to 'required', 'none' or a function",
-            "tool_choice",
-        )
+        if parser is None:
+            raise ToolsError(
+                "tool_choice 'auto' (the default with 'tools') needs the server started with "
+                "--enable-auto-tool-choice --tool-call-parser; set tool_choice to 'required', "
+                "'none' or a function",
+                "tool_choice",
+            )
+        return tools, HermesCalls()
     if choice == "none":
         return tools, None
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise ToolsError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if choice == "required":
-        return tools, ToolChoice(functions, None, parallel)
+        return tools, ForcedCalls(functions, None, parallel)
     named = choice.get("function") if isinstance(choice, dict) else None
     name = named.get("name") if isinstance(named, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or name is None:
@@ -145,7 +254,7 @@ def parse_tools(body: Mapping[str, Any]) -> tuple[list[dict] | None, ToolChoice 
         )
     if name not in functions:
         raise ToolsError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-    return tools, ToolChoice(functions, name, parallel)
+    return tools, ForcedCalls(functions, name, parallel)
 
 
 def _function(tool: Any, i: int) -> tuple[str, Mapping[str, Any]]:

@@ -202,7 +202,7 @@ def test_forced_tool_calls_through_the_openai_client(client):
         model="smol", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8
     )
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
-    with pytest.raises(openai.BadRequestError, match="needs a tool-call parser") as e:
+    with pytest.raises(openai.BadRequestError, match="needs the server started with") as e:
         client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER])
     assert e.value.body["param"] == "tool_choice"
 
@@ -300,3 +300,10 @@ def test_engine_flags_reach_the_engine_config():
     assert not config.cuda_graphs and config.async_scheduling is False
     default = _engine_config(parser().parse_args(["run", "art"]))
     assert default.cuda_graphs and default.async_scheduling is None  # on for a GPU runner
+
+
+def test_auto_tool_choice_needs_a_parser(caplog):
+    from kiln.cli import main
+
+    assert main(["run", "missing-artifact", "--enable-auto-tool-choice"]) == 2
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in caplog.text

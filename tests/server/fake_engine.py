@@ -59,6 +59,7 @@ class FakeEngine:
         self.fail: Exception | None = None  # raised by the next generate, before any update
         self.fail_after: int | None = None  # updates before the next generate raises RuntimeError
         self.die_after: int | None = None  # updates before the engine dies under the next one
+        self.reply: list[int] | None = None  # every output: these tokens, then "stop"
         self.dead = False
         self.stopping = False
         self.running = 0
@@ -134,12 +135,14 @@ class FakeEngine:
         tokens: list[list[int]] = [[] for _ in range(params.n)]
         texts = [""] * params.n
         live = list(range(params.n))
+        reply = self.reply
         for step in range(params.max_tokens):
             for j in list(live):
-                token = echo_token(prompt_token_ids, j, step)
+                token = echo_token(prompt_token_ids, j, step) if reply is None else reply[step]
                 tokens[j].append(token)
                 text, finish = self._text(tokens[j], params)
                 finish = "abort" if self.stopping else finish
+                finish = finish or ("stop" if reply and step + 1 == len(reply) else None)
                 finish = finish or ("length" if step + 1 == params.max_tokens else None)
                 delta, texts[j] = text[len(texts[j]) :], text
                 logprobs = None

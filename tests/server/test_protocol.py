@@ -560,10 +560,8 @@ def test_a_forced_tool_choice_becomes_the_spec(info: ModelInfo) -> None:
     req = parse_chat(chat(tools=[ADD, NOW], tool_choice=named), info)
     params = ADD["function"]["parameters"]
     assert req.prompts[0].params.structured_outputs == StructuredOutputs(json=params)
-    assert req.tool_choice.calls('{"a": 1}')[0]["function"] == {
-        "name": "add",
-        "arguments": '{"a": 1}',
-    }
+    content, calls = req.tool_choice.message('{"a": 1}')
+    assert content is None and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1}'}
     for parallel, most in ((True, None), (False, 1)):
         body = chat(tools=[ADD, NOW], tool_choice="required", parallel_tool_calls=parallel)
         req = parse_chat(body, info)
@@ -573,17 +571,18 @@ def test_a_forced_tool_choice_becomes_the_spec(info: ModelInfo) -> None:
         assert [c["properties"]["name"] for c in one_of] == [{"const": "add"}, {"const": "now"}]
         assert one_of[0]["properties"]["parameters"] == params
         assert one_of[1]["properties"]["parameters"] == {"type": "object", "properties": {}}
-    calls = req.tool_choice.calls('[{"name": "now", "parameters": {}}]')
+    content, calls = req.tool_choice.message('[{"name": "now", "parameters": {}}]')
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("now", "{}")]
-    assert req.tool_choice.calls('[{"name": "now", "param') is None  # cut short
-    assert req.tool_choice.finish_reason("stop", calls) == "tool_calls"
+    assert content is None and req.tool_choice.finish_reason("stop", True) == "tool_calls"
+    cut = '[{"name": "now", "param'  # cut short by max_tokens: the text, no calls
+    assert req.tool_choice.message(cut) == (cut, None)
 
 
 @pytest.mark.parametrize(
     "fields, param, message",
     [
-        ({"tools": [ADD]}, "tool_choice", "needs a tool-call parser"),
-        ({"tools": [ADD], "tool_choice": "auto"}, "tool_choice", "needs a tool-call parser"),
+        ({"tools": [ADD]}, "tool_choice", "needs the server started with"),
+        ({"tools": [ADD], "tool_choice": "auto"}, "tool_choice", "needs the server started with"),
         ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
         ({"tools": [], "tool_choice": "none"}, "tools", "non-empty array"),
         ({"tools": [{"type": "x"}], "tool_choice": "none"}, "tools", "tools[0] must be"),

@@ -1,0 +1,92 @@
+"""Tool calls out of the model's text: the hermes parser's content and calls, streamed in any
+pieces or read whole, agree; forced calls stream as they are made."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from server.tools import ForcedCalls, HermesCalls
+
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "é"}}\n</tool_call>'
+NOW = '<tool_call>{"name": "now"}</tool_call>'
+TEXTS = {  # text -> (content, [(name, arguments)])
+    "plain answer, no tags": ("plain answer, no tags", []),
+    "Let me add.\n" + CALL: ("Let me add.\n", [("add", '{"a": 1, "b": "é"}')]),
+    CALL + "\n" + NOW + "\n": ("", [("add", '{"a": 1, "b": "é"}'), ("now", "{}")]),
+    # text between or after calls is content; a block that is no call stays text
+    CALL + " then <tool_call>oops</tool_call>": (
+        " then <tool_call>oops</tool_call>",
+        [("add", '{"a": 1, "b": "é"}')],
+    ),
+    "a < b <tool_call": ("a < b <tool_call", []),  # a tag's start that never completes
+    # cut by max_tokens: a call if what came is one, else text
+    'x<tool_call>{"name": "now", "arguments": "{}"}': ("x", [("now", "{}")]),
+    'x<tool_call>{"name": "no': ('x<tool_call>{"name": "no', []),
+    '<tool_call>{"arguments": {}}</tool_call>': ('<tool_call>{"arguments": {}}</tool_call>', []),
+}
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_hermes_calls_read_whole(text):
+    content, calls = HermesCalls().message(text)
+    want_content, want_calls = TEXTS[text]
+    assert content == (want_content or None)
+    got = [(c["function"]["name"], c["function"]["arguments"]) for c in calls or []]
+    assert got == want_calls
+    assert all(
+        c["type"] == "function" and c["id"].startswith("chatcmpl-tool-") for c in calls or []
+    )
+    assert HermesCalls().finish_reason("stop", bool(calls)) == ("tool_calls" if calls else "stop")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_hermes_calls_streamed_in_any_pieces_equal_read_whole(text):
+    want_content, want_calls = TEXTS[text]
+    rng = random.Random(0)
+    splits = [[1] * len(text)] + [[rng.randint(1, 6) for _ in text] for _ in range(20)]
+    for sizes in splits:
+        stream, pos, content, calls, called = HermesCalls().stream(), 0, "", [], False
+        while pos < len(text):
+            piece, pos = text[pos : pos + sizes[0]], pos + sizes.pop(0)
+            delta, called = stream.delta(0, piece, finished=pos >= len(text))
+            content += delta.get("content", "")
+            for call in delta.get("tool_calls", []):
+                assert call["index"] == len(calls) and call["id"]
+                calls.append((call["function"]["name"], call["function"]["arguments"]))
+        assert (content, calls, called) == (want_content, want_calls, bool(want_calls))
+
+
+def test_a_stream_holds_back_only_what_may_start_a_call():
+    stream = HermesCalls().stream()
+    assert stream.delta(0, "Sure <tool", False) == ({"content": "Sure "}, False)
+    assert stream.delta(0, "box", False) == ({"content": "<toolbox"}, False)
+    # choices are streamed apart
+    assert stream.delta(1, "<tool_call>", False) == ({}, False)
+    delta, called = stream.delta(1, '{"name": "now"}</tool_call>\n\n', False)
+    assert called and delta["tool_calls"][0]["function"] == {"name": "now", "arguments": "{}"}
+    assert stream.delta(1, "", True) == ({}, True)  # the whitespace after a call is dropped
+
+
+def test_forced_calls_stream_as_they_are_made():
+    named = ForcedCalls({"add": {"type": "object"}}, "add", True).stream()
+    first, called = named.delta(0, '{"a"', False)
+    (call,) = first["tool_calls"]
+    assert called and call["index"] == 0 and call["id"] and call["function"]["name"] == "add"
+    assert call["function"]["arguments"] == '{"a"'
+    assert named.delta(0, ": 1}", True) == (
+        {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
+        True,
+    )
+    required = ForcedCalls({"add": {}, "now": {}}, None, True).stream()
+    text = json.dumps([{"name": "now", "parameters": {}}, {"name": "add", "parameters": {"a": 1}}])
+    assert required.delta(0, text[:9], False) == ({}, False)  # whole calls, at the end
+    delta, called = required.delta(0, text[9:], True)
+    got = [
+        (c["index"], c["function"]["name"], c["function"]["arguments"]) for c in delta["tool_calls"]
+    ]
+    assert called and got == [(0, "now", "{}"), (1, "add", '{"a": 1}')]
+    cut = ForcedCalls({"now": {}}, None, True).stream()
+    assert cut.delta(0, '[{"name": "n', True) == ({"content": '[{"name": "n'}, False)
