@@ -56,15 +56,16 @@ class AsyncEngine:
         """Updates of one request until it finishes; closing the iterator aborts it."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        if params.structured_outputs is not None:  # here, not in the engine thread's steps
-            await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
         if request_id in self._streams:  # before anything touches the request that has it
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
+        # registered first: an engine that stops or dies meanwhile tells this stream too
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
         finished = False
         try:
+            if params.structured_outputs is not None:  # here, not in the engine thread's steps
+                await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
+            self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -83,7 +84,8 @@ class AsyncEngine:
     async def shutdown(self, timeout: float) -> None:
         """Let in-flight requests finish for up to `timeout` s, abort the rest, stop the loop."""
         deadline = time.monotonic() + timeout
-        while self.engine.requests and time.monotonic() < deadline and self._error is None:
+        # every request begun, one still compiling its grammar too
+        while self._streams and time.monotonic() < deadline and self._error is None:
             await asyncio.sleep(0.05)
         self._commands.put(("stop",))
         await asyncio.to_thread(self._thread.join, 10)

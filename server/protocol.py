@@ -199,14 +199,16 @@ def _structured_outputs(body: Mapping[str, Any]) -> StructuredOutputs | None:
     """OpenAI's `response_format`, or vLLM's `structured_outputs` (json, json_object, regex,
     choice or grammar) or its older `guided_*` fields; the engine compiles it (an invalid
     schema is its 400)."""
+    fmt = body.get("response_format")
+    plain = isinstance(fmt, dict) and fmt.get("type") == "text"  # no constraint: goes with one
     given = [
         key
         for key in ("response_format", "structured_outputs", *GUIDED_FIELDS)
-        if body.get(key) is not None
+        if body.get(key) is not None and not (key == "response_format" and plain)
     ]
     if len(given) > 1:
         raise bad(f"set one of {', '.join(map(repr, given))}, not several", given[0])
-    fmt = _get(body, "response_format", dict)
+    fmt = None if plain else _get(body, "response_format", dict)
     extra, param = _get(body, "structured_outputs", dict), "structured_outputs"
     if given and given[0] in GUIDED_FIELDS:
         extra, param = {GUIDED_FIELDS[given[0]]: body[given[0]]}, given[0]
@@ -218,7 +220,7 @@ def _structured_outputs(body: Mapping[str, Any]) -> StructuredOutputs | None:
             return StructuredOutputs(**extra)
         except ValueError as exc:
             raise bad(str(exc), param) from None
-    if fmt is None or fmt.get("type") == "text":
+    if fmt is None:
         return None
     if fmt.get("type") == "json_object":
         return StructuredOutputs(json_object=True)

@@ -239,6 +239,66 @@ def test_a_served_request_compiles_its_grammar_off_the_engine_thread(smollm2_art
     assert calls[3][1] < calls[2][1] / 10
 
 
+def slow_compiles(engine, release: threading.Event) -> None:
+    """Make the engine's grammar compiles wait for `release`."""
+    compile_grammar = engine.compile_grammar
+
+    def waiting(spec):
+        release.wait(10)
+        return compile_grammar(spec)
+
+    engine.compile_grammar = waiting
+
+
+def test_a_shutdown_waits_for_a_request_compiling_its_grammar(smollm2_artifact):
+    engine = AsyncEngine(kiln.LLM(smollm2_artifact, num_kv_blocks=64).engine)
+    release = threading.Event()
+    slow_compiles(engine.engine, release)
+    spec = kiln.StructuredOutputs(regex=r"[a-z]{5}")
+
+    async def run():
+        async def one():
+            return [u async for u in engine.generate("r", [1, 2, 3], sampled(spec, n=1))]
+
+        request = asyncio.create_task(one())
+        await asyncio.sleep(0.2)  # compiling
+        drain = asyncio.create_task(engine.shutdown(timeout=10))
+        await asyncio.sleep(0.2)
+        release.set()
+        updates = await asyncio.wait_for(request, 10)
+        await drain
+        return updates
+
+    updates = asyncio.run(run())
+    assert updates[-1].finished and updates[-1].outputs[0].finish_reason == "stop"
+    assert re.fullmatch(r"[a-z]{5}", "".join(u.outputs[0].text for u in updates))
+
+
+def test_an_engine_dying_during_a_compile_fails_the_request(smollm2_artifact):
+    llm = kiln.LLM(smollm2_artifact, num_kv_blocks=64)
+    engine = AsyncEngine(llm.engine)
+    release = threading.Event()
+    slow_compiles(llm.engine, release)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device fell over")
+
+    async def run():
+        spec = kiln.StructuredOutputs(regex=r"[a-z]{5}")
+        waiting = asyncio.create_task(
+            anext(engine.generate("r", [1, 2, 3], sampled(spec, n=1)).__aiter__())
+        )
+        await asyncio.sleep(0.2)  # compiling; then another request kills the engine
+        llm.engine.runner.execute = broken
+        with pytest.raises(RuntimeError, match="the engine died"):
+            await anext(engine.generate("x", [4, 5], sampled(n=1)))
+        release.set()
+        with pytest.raises(RuntimeError, match="the engine died"):  # not left waiting
+            await asyncio.wait_for(waiting, 10)
+
+    asyncio.run(run())
+
+
 def test_a_model_without_tokenizer_refuses_structured_outputs(tmp_path):
     art = kiln.compile(tiny_model("qwen3"), tmp_path / "art")
     engine = kiln.LLM(art, num_kv_blocks=16).engine

@@ -468,6 +468,12 @@ def test_response_format_and_structured_outputs_become_the_spec(info, parse, bod
     assert spec(guided_regex="[ab]+") == StructuredOutputs(regex="[ab]+")
     assert spec(guided_choice=["x", "y"]) == choice
     assert spec(guided_grammar='root ::= "a"') == StructuredOutputs(grammar='root ::= "a"')
+    # a plain-text response format constrains nothing, and may come with a spec
+    text = {"type": "text"}
+    assert spec(response_format=text, guided_regex="a") == StructuredOutputs(regex="a")
+    assert spec(response_format=text, structured_outputs={"regex": "a"}) == StructuredOutputs(
+        regex="a"
+    )
 
 
 @pytest.mark.parametrize(
