@@ -316,6 +316,7 @@ class Engine:
 
     def _outputs(self, seqs: list[Sequence], tokens: list[SampledToken]) -> list[RequestOutput]:
         """One update per request, its sequences' deltas in batch order; ended requests go."""
+        self._decode_all([t.logprobs for t in tokens if t.logprobs is not None])
         updates: dict[str, RequestOutput] = {}
         for seq, token in zip(seqs, tokens, strict=True):
             request = self.requests[seq.request_id]
@@ -342,7 +343,7 @@ class Engine:
             seq.index,
             self._take_text(request, seq.index),
             [token.token_id],
-            None if token.logprobs is None else [self._decoded(token.logprobs)],
+            None if token.logprobs is None else [token.logprobs],
             seq.finish_reason,
             request.stop_reasons[seq.index],
         )
@@ -392,10 +393,6 @@ class Engine:
         if detok is None:
             return ""
         return detok.take_delta(finished=request.seqs[index].is_finished)
-
-    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
-        self._decode_all([logprobs])
-        return logprobs
 
     def _decode_all(self, entries: list[dict[int, Logprob]]) -> None:
         """Each Logprob's token text, decoded alone, in one call to the tokenizer."""

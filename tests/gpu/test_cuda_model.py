@@ -255,7 +255,8 @@ def test_sampled_logprobs_on_gpu_stay_asynchronous_and_match_transformers(tmp_pa
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (40, 3, 130, 65)]
     params = [
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5),
-        SamplingParams(max_tokens=9, temperature=0.8, seed=1, ignore_eos=True, logprobs=0),
+        # the last to finish: its steps alone have only logprobs=0 rows (top-0, empty copies)
+        SamplingParams(max_tokens=16, temperature=0.8, seed=1, ignore_eos=True, logprobs=0),
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=7, top_k=20, seed=2, ignore_eos=True, logprobs=20),
     ]
