@@ -95,8 +95,8 @@ class BlockManager:
         """Longest run of the seq's leading full blocks in the cache; no state changes.
 
         The last token is never served from the cache: the forward must compute it so that
-        there are logits to sample from. Nor is any token of a seq that wants prompt logprobs:
-        each needs its logits.
+        there are logits to sample from. Nor is any token of a seq that still scores its
+        prompt (prompt logprobs): each needs its logits.
         """
         blocks: list[int] = []
         if self._looks_up(seq):
@@ -174,7 +174,7 @@ class BlockManager:
 
     def _looks_up(self, seq: Sequence) -> bool:
         """Whether the seq's prompt may come from the prefix cache (and counts as a query)."""
-        return self.enable_prefix_caching and seq.params.prompt_logprobs is None
+        return self.enable_prefix_caching and not seq.scores_prompt
 
     def _take(self) -> int:
         if self._free:

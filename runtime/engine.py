@@ -282,6 +282,11 @@ class Engine:
         self._decode_all(entries)
         for request, entry in zip(owners, entries, strict=True):
             request.prompt_logprobs.append(entry)
+        for request_id in scored:  # scored in full: the request's prompt may come from cache
+            request = self.requests[request_id]
+            if len(request.prompt_logprobs) == len(request.prompt_token_ids):
+                for seq in request.seqs:
+                    seq.scores_prompt = False
 
     def _land(self, flight: _InFlight) -> list[RequestOutput]:
         """Read back a step's tokens in place of their stand-ins; the updates they make."""

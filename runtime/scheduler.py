@@ -334,6 +334,6 @@ class Scheduler:
 def _scored(seq: Sequence, start: int, num_tokens: int) -> int:
     """Prompt tokens the chunk [start, start + num_tokens) scores for prompt logprobs: each
     position before the prompt's last one scores the token after it."""
-    if seq.params.prompt_logprobs is None:
+    if not seq.scores_prompt:
         return 0
     return max(0, min(start + num_tokens, seq.num_prompt_tokens - 1) - start)

@@ -41,6 +41,12 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    # its chunks score the prompt (prompt_logprobs) until the request has them all: till
+    # then no prefix-cache hit may skip a prompt token's logits
+    scores_prompt: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scores_prompt = self.params.prompt_logprobs is not None
 
     @property
     def token_ids(self) -> list[int]:

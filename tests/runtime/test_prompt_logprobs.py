@@ -141,6 +141,18 @@ def test_n_samples_share_one_list_of_prompt_logprobs(model, artifact):
     assert_match(model, prompt, carrying[0].prompt_logprobs)
 
 
+def test_a_prompt_scored_in_full_may_come_from_the_cache(model, artifact):
+    # the budget fits one sample's prompt a step: once the first has scored it, the other
+    # two take its blocks from the prefix cache, and only their last tokens are computed
+    (prompt,) = prompts(1, seed=4, lengths=(50, 50))
+    llm = kiln.LLM(artifact, num_kv_blocks=64, max_num_batched_tokens=50, max_num_seqs=1)
+    params = kiln.SamplingParams(max_tokens=3, temperature=0.0, n=3, prompt_logprobs=TOP)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert_match(model, prompt, out.prompt_logprobs)
+    assert llm.engine.num_computed_tokens == 50 + 2 * (50 - 48) + 3 * 2
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 1  # greedy: the same
+
+
 @pytest.mark.parametrize("value", [-1, 21])
 def test_prompt_logprobs_out_of_range_are_refused(value):
     with pytest.raises(ValueError, match=r"invalid prompt_logprobs: .* \(must be in \[0, 20\]\)"):

@@ -9,7 +9,7 @@ from runtime.scheduler import RequestTooLong, Scheduler, SchedulerConfig, Schedu
 from runtime.sequence import Sequence, SequenceStatus
 
 
-def make_seq(seq_id, prompt, max_tokens=8, request_id=None, priority=0, arrival=None):
+def make_seq(seq_id, prompt, max_tokens=8, request_id=None, priority=0, arrival=None, params=None):
     prompt = (
         list(range(1000 * seq_id, 1000 * seq_id + prompt)) if isinstance(prompt, int) else prompt
     )
@@ -17,7 +17,7 @@ def make_seq(seq_id, prompt, max_tokens=8, request_id=None, priority=0, arrival=
         seq_id,
         request_id or f"r{seq_id}",
         prompt,
-        SamplingParams(max_tokens=max_tokens),
+        params or SamplingParams(max_tokens=max_tokens),
         arrival_time=float(seq_id if arrival is None else arrival),
         priority=priority,
     )
@@ -105,10 +105,8 @@ def test_chunked_prefill_samples_exactly_once_at_the_end(prompt, budget):
 def test_scored_prompt_tokens_per_step_are_capped(monkeypatch):
     monkeypatch.setattr("runtime.scheduler.MAX_SCORED_TOKENS", 10)
     sched = Scheduler(SchedulerConfig(num_blocks=100, block_size=4, max_num_batched_tokens=64))
-    scored = [make_seq(i, 12) for i in range(2)]
-    for seq in scored:
-        seq.params = SamplingParams(max_tokens=2, prompt_logprobs=1)
-        sched.add(seq)
+    for i in range(2):
+        sched.add(make_seq(i, 12, params=SamplingParams(max_tokens=2, prompt_logprobs=1)))
     sched.add(make_seq(2, 12))
     # positions 0..10 of a 12-token prompt score a token, 10 a step; the queue keeps its
     # order: the unscored prompt waits behind the second scored one
