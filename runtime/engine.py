@@ -4,7 +4,9 @@ With asynchronous scheduling (the default on a GPU) a step's sampled tokens stay
 device: the next step is scheduled with a stand-in for each (`sequence.pending`) and launched
 on them before they are read back, so the host's work overlaps the GPU's. A call to `step`
 then returns the previous step's tokens; a sequence that ends on one has run one step more
-than it needed, and that step's token is dropped.
+than it needed, and that step's token is dropped. Logprobs come back with the tokens; a
+grammar (structured outputs) takes its sequence's token as it lands, which is before the
+next step samples.
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ class Engine:
         outputs = self._land(flight) if flight else []
         if not plan.chunks:
             return outputs
-        if self.async_scheduling and not any(s.needs_host for s in states):
+        if self.async_scheduling:
             ids = sample_ids(logits, states)
             self._launch_sampling(plan, seqs, ids, sampled_logprobs(logits, ids, states))
             self._score_prompts(plan.chunks, scoring)
@@ -369,6 +371,7 @@ class Engine:
     def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:
         params, detok = seq.params, request.detoks[seq.index]
         state = request.states[seq.index]
+        state.accept(token)
         # a grammar allows a stop token only where it may end: there it ends the output,
         # ignore_eos or not
         eos = token in self.eos_token_ids and (not params.ignore_eos or state.matcher is not None)

@@ -42,11 +42,11 @@ class SamplingState:
             and self.matcher is None
         )
 
-    @property
-    def needs_host(self) -> bool:
-        """Its token is needed on the host as soon as it is picked: to advance its grammar
-        before the next step's mask."""
-        return self.matcher is not None
+    def accept(self, token: int) -> None:
+        """The engine's word that `token` is the sequence's next: its grammar moves past it
+        (before the next step's mask is made; with asynchronous scheduling, once it lands)."""
+        if self.matcher is not None and not self.matcher.accept_token(token):
+            self.grammar_refused = True
 
 
 # Not frozen: a frozen dataclass builds ~3x slower, and there is one per sampled token.
@@ -88,9 +88,6 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledTok
     raw = logits.float()
     picked = _pick(raw, states)
     tokens = picked.tolist()
-    for state, token in zip(states, tokens, strict=True):
-        if state.matcher is not None and not state.matcher.accept_token(token):
-            state.grammar_refused = True
     logprobs: list[dict[int, Logprob] | None] = [None] * len(states)
     ranked = sampled_logprobs(raw, picked, states)
     if ranked is not None:
@@ -102,8 +99,7 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledTok
 
 def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """The tokens `sample` picks, as an int64 tensor on the logits' device, without waiting for
-    them; for states that do not need them on the host (`needs_host`). Their logprobs, where
-    asked for, come from `sampled_logprobs`."""
+    them. Their logprobs, where asked for, come from `sampled_logprobs`."""
     if all(s.plain_greedy for s in states):
         return argmax_rows(logits)
     return _pick(logits.float(), states)
@@ -347,8 +343,12 @@ def _apply_frequency_presence(logits: torch.Tensor, states: list[SamplingState])
 
 
 def _mask_grammars(logits: torch.Tensor, states: list[SamplingState]) -> None:
-    """Structured outputs: -inf for every token a sequence's grammar does not allow next."""
-    rows = [i for i, s in enumerate(states) if s.matcher is not None]
+    """Structured outputs: -inf for every token a sequence's grammar does not allow next. A
+    grammar ended already leaves its row alone: an asynchronous step samples once more for
+    a sequence that ends on the token it has not read back yet, and that sample is dropped."""
+    rows = [
+        i for i, s in enumerate(states) if s.matcher is not None and not s.matcher.is_terminated()
+    ]
     if not rows:
         return
     index = _on(logits.device, rows)

@@ -38,6 +38,7 @@ def run(device: str, temperature: float) -> list[str]:
         logits = torch.randn(len(live), len(VOCAB), generator=g).to(device)
         tokens = sample(logits, [states[row] for row in live])
         for row, token in zip(live, tokens):
+            states[row].accept(token.token_id)  # as the engine does with each token
             states[row].output_token_ids.append(token.token_id)
             texts[row] += VOCAB[token.token_id] if token.token_id != len(VOCAB) - 1 else ""
         live = [r for r in live if states[r].output_token_ids[-1] != len(VOCAB) - 1]

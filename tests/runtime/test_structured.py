@@ -131,6 +131,38 @@ def test_preempted_constrained_sequences_resume_their_grammar(smollm2_artifact):
     assert [o.text for o in outs] == expected
 
 
+def test_asynchronous_steps_keep_grammars_in_step(smollm2_artifact):
+    # each grammar takes its sequence's token once it lands, before the next step's mask;
+    # seeded sampling: the same outputs as synchronous steps, with steps overlapping; in a
+    # pool small enough to preempt, with plain requests and choices ending mid-batch
+    specs = [c[0] for c in CASES] + [None]
+    params = [sampled(spec, seed=s, n=1, max_tokens=32) for s, spec in enumerate(specs)]
+    prompts = [PROMPT] * len(params)
+    runs = {}
+    for overlap in (False, True):
+        with kiln.LLM(
+            smollm2_artifact, num_kv_blocks=6, max_num_batched_tokens=64, async_scheduling=overlap
+        ) as llm:
+            step, overlapped = llm.engine.step, []
+
+            def recording(step=step, engine=llm.engine, overlapped=overlapped):
+                updates = step()  # a constrained sequence's token left in flight?
+                flight = engine._in_flight.seqs if engine._in_flight else []
+                overlapped.append(any(s.params.structured_outputs for _, s in flight))
+                return updates
+
+            llm.engine.step = recording
+            preempted = record_preemptions(llm.engine)
+            runs[overlap] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert preempted, "the pool was meant to be too small"
+        assert any(overlapped) == overlap
+    assert [(o.text, o.finish_reason) for o in runs[True]] == [
+        (o.text, o.finish_reason) for o in runs[False]
+    ]
+    ended = [(check, o) for (_, check), o in zip(CASES, runs[True]) if o.finish_reason == "stop"]
+    assert len(ended) >= 3 and all(check(o.text) for check, o in ended)
+
+
 class Refusing:
     """A matcher that allows every token and then refuses the one picked."""
 
@@ -140,6 +172,9 @@ class Refusing:
     def accept_token(self, token):
         return False
 
+    def is_terminated(self):
+        return False
+
 
 def test_a_token_its_grammar_refuses_is_flagged():
     params = kiln.SamplingParams(temperature=0.0)
@@ -147,7 +182,8 @@ def test_a_token_its_grammar_refuses_is_flagged():
         SamplingState(params, [0], [], (), None, Refusing()),
         SamplingState(params, [0], [], (), None),
     ]
-    sample(torch.randn(2, 40), states)
+    for state, token in zip(states, sample(torch.randn(2, 40), states)):
+        state.accept(token.token_id)  # as the engine does with each token it records
     assert [s.grammar_refused for s in states] == [True, False]
 
 
@@ -164,6 +200,9 @@ def test_a_refused_token_ends_its_output_and_nothing_else(llm, monkeypatch, capl
             def accept_token(self, token):
                 taken.append(token)
                 return len(taken) < 3 and matcher.accept_token(token)
+
+            def is_terminated(self):
+                return matcher.is_terminated()
 
         return Third()
 
