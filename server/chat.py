@@ -36,8 +36,12 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
     if calls is not None:
         out["tool_calls"] = _tool_calls(calls, i)
-    if role == "tool" and isinstance(message.get("tool_call_id"), str):
+    if role == "tool":  # OpenAI requires it; templates pair the answer with its call by it
+        if not isinstance(message.get("tool_call_id"), str):
+            raise ValueError(f"messages[{i}].tool_call_id must be the id of the call answered")
         out["tool_call_id"] = message["tool_call_id"]
+    if isinstance(message.get("name"), str):  # some templates show it
+        out["name"] = message["name"]
     return out
 
 

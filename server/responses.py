@@ -210,7 +210,7 @@ def chunk(
     meta: Meta, piece: Piece, include_usage: bool, role: bool = False, delta: dict | None = None
 ) -> dict:
     """A stream chunk for one piece; `role` marks a chat choice's first chunk; `delta`, when
-    given, is a chat chunk's instead of the piece's text (tool calls: see CallStream)."""
+    given, is a chat chunk's instead of the piece's text (tool calls: server/tools.py)."""
     if meta.chat:
         if delta is None:
             delta = {"content": piece.text} if piece.text or role else {}

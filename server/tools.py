@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 from runtime.sampling_params import StructuredOutputs
 
@@ -46,25 +46,12 @@ def finish_reason(reason: str | None, called: bool, forced_name: str | None) -> 
 class ForcedCalls:
     """tool_choice naming a function (`name`), or "required": one or more calls to any tool."""
 
-    functions: Mapping[str, Mapping[str, Any]]  # name -> its JSON schema of parameters
     name: str | None  # None: "required"
-    parallel: bool  # "required": more than one call allowed
+    schema: Mapping[str, Any]  # what the output must be: the arguments, or a list of calls
 
     def spec(self) -> StructuredOutputs:
         """The structured outputs that make the output the call(s)' JSON."""
-        if self.name is not None:
-            return StructuredOutputs(json=dict(self.functions[self.name]))
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, "parameters": parameters},
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for name, parameters in self.functions.items()
-        ]
-        array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-        return StructuredOutputs(json=array if self.parallel else array | {"maxItems": 1})
+        return StructuredOutputs(json=dict(self.schema))
 
     def message(self, text: str) -> tuple[str | None, list[dict] | None]:
         """The output as (content, tool calls): the calls, or the text when it is not a whole
@@ -110,18 +97,32 @@ class ForcedStream:
         return {"tool_calls": [{"index": i} | c for i, c in enumerate(calls)]}, True
 
 
+class Scan(NamedTuple):
+    """What `HermesCalls.scan` found from where it began to `end` (final), and after it."""
+
+    content: str  # text outside the blocks, up to `end`
+    calls: list[tuple[str, str]]  # (name, arguments as JSON), up to `end`
+    end: int  # where the last complete block ends (or where the scan began)
+    tail: str  # content after `end` that more text cannot change (all of it when final)
+
+
+@dataclass(frozen=True, slots=True)
 class HermesCalls:
     """tool_choice "auto" with the hermes parser: the model's `<tool_call>` blocks are its
-    calls; the text outside them its content (all of it when no block is a call)."""
+    calls; the text outside them its content (a block that is no call stays text)."""
 
-    START, END = "<tool_call>", "</tool_call>"
+    parallel: bool = True  # False: only the first call is made, as vLLM keeps it
+
+    START: ClassVar[str] = "<tool_call>"
+    END: ClassVar[str] = "</tool_call>"
 
     def spec(self) -> None:
         return None
 
     def message(self, text: str) -> tuple[str | None, list[dict] | None]:
-        content, calls = self.scan(text, final=True)
-        return content or None, [tool_call(*c) for c in calls] or None
+        found = self.scan(text, final=True)
+        calls = found.calls if self.parallel else found.calls[:1]
+        return found.content + found.tail or None, [tool_call(*c) for c in calls] or None
 
     def finish_reason(self, reason: str | None, called: bool) -> str | None:
         return finish_reason(reason, called, None)
@@ -129,22 +130,22 @@ class HermesCalls:
     def stream(self) -> HermesStream:
         return HermesStream(self)
 
-    def scan(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
-        """The content and the (name, arguments) calls in `text`. Unless `final`, only what
-        more text cannot change: a call once its block ends, content up to where a block
-        might be starting, and no whitespace after a call until more than whitespace follows.
-        Either part of a longer text's scan starts with the shorter's, so a stream can send
-        the difference."""
-        content, calls, pos = [], [], 0
+    def scan(self, text: str, final: bool, pos: int = 0, called: bool = False) -> Scan:
+        """The content and calls of `text` from `pos` on (`called`: a call came before it).
+        Unless `final`, only what more text cannot change: a call once its block ends,
+        content up to where a block might be starting, and no whitespace after a call until
+        more than whitespace follows. A longer text's content and calls start with a shorter
+        one's, so a stream can send the difference."""
+        content, calls = [], []
         while (start := text.find(self.START, pos)) >= 0:
-            content.append(self._between(text[pos:start], calls))
-            end = text.find(self.END, start)
-            if end >= 0:
-                block, stop = text[start + len(self.START) : end], end + len(self.END)
+            close = text.find(self.END, start)
+            if close >= 0:
+                block, stop = text[start + len(self.START) : close], close + len(self.END)
             elif final:  # cut short by max_tokens: a call if what came is one
                 block, stop = text[start + len(self.START) :], len(text)
             else:
-                return "".join(content), calls
+                break
+            content.append(_between(text[pos:start], called or bool(calls)))
             call = _hermes_call(block)
             if call is None:  # not a call: the model's text, as it wrote it
                 content.append(text[start:stop])
@@ -152,50 +153,70 @@ class HermesCalls:
                 calls.append(call)
             pos = stop
         rest = text[pos:]
-        if not final:
+        if (start := rest.find(self.START)) >= 0:  # a block still open
+            rest = rest[:start]
+        elif not final:
             rest = rest[: len(rest) - _partial_suffix(rest, self.START)]
-        content.append(self._between(rest, calls))
-        return "".join(content), calls
+        return Scan("".join(content), calls, pos, _between(rest, called or bool(calls)))
 
-    @staticmethod
-    def _between(text: str, calls: list) -> str:
-        """Text outside the blocks; after a call, whitespace alone is only a separator."""
-        return text if not calls or text.strip() else ""
+
+@dataclass(slots=True)
+class _Progress:
+    """One choice's stream: its text, what is final of it, what has been sent."""
+
+    text: str = ""
+    end: int = 0  # text[:end] is scanned for good
+    content: str = ""  # text[:end]'s content
+    calls: int = 0  # text[:end]'s calls
+    sent: int = 0  # content characters sent
 
 
 class HermesStream:
-    """A streamed response's content and calls: each sent as soon as more text cannot
-    change it."""
+    """A streamed response's content and calls, each sent as soon as more text cannot change
+    it; a delta scans only the text after the last complete block."""
 
     def __init__(self, choice: HermesCalls) -> None:
         self.choice = choice
-        self.texts: dict[int, str] = {}
-        self.sent: dict[int, tuple[int, int]] = {}  # choice -> (content chars, calls) sent
+        self.progress: dict[int, _Progress] = {}
 
     def delta(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
         """The delta of choice `index` for its new `text`, and whether it has made calls."""
-        self.texts[index] = self.texts.get(index, "") + text
-        content, found = self.choice.scan(self.texts[index], final=finished)
-        chars, count = self.sent.get(index, (0, 0))
-        self.sent[index] = len(content), len(found)
-        delta: dict[str, Any] = {"content": content[chars:]} if content[chars:] else {}
-        if found[count:]:
-            calls = (tool_call(*c) for c in found[count:])
-            delta["tool_calls"] = [{"index": count + i} | c for i, c in enumerate(calls)]
-        return delta, bool(found)
+        p = self.progress.setdefault(index, _Progress())
+        p.text += text
+        found = self.choice.scan(p.text, finished, p.end, p.calls > 0)
+        p.content += found.content
+        shown = p.content + found.tail
+        delta: dict[str, Any] = {"content": shown[p.sent :]} if len(shown) > p.sent else {}
+        p.sent = len(shown)
+        new = found.calls if self.choice.parallel else found.calls[: max(0, 1 - p.calls)]
+        if new:
+            delta["tool_calls"] = [
+                {"index": p.calls + i} | tool_call(*c) for i, c in enumerate(new)
+            ]
+        p.end, p.calls = found.end, p.calls + len(found.calls)
+        return delta, p.calls > 0
+
+
+def _between(text: str, called: bool) -> str:
+    """Text outside the blocks; after a call, whitespace alone is only a separator."""
+    return text if not called or text.strip() else ""
 
 
 def _hermes_call(block: str) -> tuple[str, str] | None:
-    """(name, arguments as JSON) of a block's {"name": ..., "arguments": {...}}; None if the
-    block is not that."""
+    """(name, arguments as JSON) of a block's {"name": ..., "arguments": {...}} (or
+    "parameters", as some models write it); None if the block is not that."""
     try:
         call = json.loads(block)
     except ValueError:
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
-    arguments = call.get("arguments", {})
-    return call["name"], arguments if isinstance(arguments, str) else _json(arguments)
+    arguments = call.get("arguments", call.get("parameters"))
+    if arguments is None:
+        return call["name"], "{}"
+    if isinstance(arguments, str):
+        return call["name"], arguments
+    return (call["name"], _json(arguments)) if isinstance(arguments, dict) else None
 
 
 def _json(value: Any) -> str:
@@ -215,6 +236,9 @@ def parse_tools(
 ) -> tuple[list[dict] | None, ToolChoice | None]:
     """The tools for the chat template, and how the output makes calls (None: it does not);
     `parser`: the server's tool-call parser for "auto", if any. ToolsError for a bad field."""
+    for legacy in ("functions", "function_call"):  # OpenAI's older names, which vLLM ignores
+        if body.get(legacy) is not None:
+            raise ToolsError(f"'{legacy}' is not supported: use 'tools' and 'tool_choice'", legacy)
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
@@ -228,6 +252,11 @@ def parse_tools(
         if name in functions:
             raise ToolsError(f"tools[{i}]: a second function named {name!r}", "tools")
         functions[name] = parameters
+    parallel = body.get("parallel_tool_calls")
+    if parallel is None:
+        parallel = True
+    elif not isinstance(parallel, bool):
+        raise ToolsError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if choice is None or choice == "auto":
         if parser is None:
             raise ToolsError(
@@ -236,14 +265,11 @@ def parse_tools(
                 "'none' or a function",
                 "tool_choice",
             )
-        return tools, HermesCalls()
+        return tools, HermesCalls(parallel)
     if choice == "none":
         return tools, None
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise ToolsError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if choice == "required":
-        return tools, ForcedCalls(functions, None, parallel)
+        return tools, ForcedCalls(None, _calls_schema(functions, parallel))
     named = choice.get("function") if isinstance(choice, dict) else None
     name = named.get("name") if isinstance(named, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or name is None:
@@ -254,7 +280,34 @@ def parse_tools(
         )
     if name not in functions:
         raise ToolsError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-    return tools, ForcedCalls(functions, name, parallel)
+    return tools, ForcedCalls(name, functions[name])
+
+
+def _calls_schema(functions: Mapping[str, Mapping[str, Any]], parallel: bool) -> dict:
+    """A list of one or more {"name", "parameters"} calls (one at most unless `parallel`).
+    The tools' `$defs` (and `definitions`) move to the top, where their `$ref`s point."""
+    defs: dict[str, dict[str, Any]] = {}
+    calls = []
+    for name, parameters in functions.items():
+        parameters = dict(parameters)
+        for key in ("$defs", "definitions"):
+            for def_name, schema in (parameters.pop(key, None) or {}).items():
+                if defs.setdefault(key, {}).setdefault(def_name, schema) != schema:
+                    raise ToolsError(
+                        f"two tools define {key} {def_name!r} differently; "
+                        "tool_choice 'required' needs them to agree",
+                        "tools",
+                    )
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "parameters": parameters},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+        )
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}} | defs
+    return schema if parallel else schema | {"maxItems": 1}
 
 
 def _function(tool: Any, i: int) -> tuple[str, Mapping[str, Any]]:
@@ -265,7 +318,9 @@ def _function(tool: Any, i: int) -> tuple[str, Mapping[str, Any]]:
         or not isinstance(function, dict)
     ):
         raise ToolsError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
-    name, parameters = function.get("name"), function.get("parameters", NO_PARAMETERS)
+    name, parameters = function.get("name"), function.get("parameters")
+    if parameters is None or parameters == {}:  # a function of no arguments: {} it takes
+        parameters = NO_PARAMETERS
     if not isinstance(name, str) or not name:
         raise ToolsError(f"tools[{i}].function.name must be a non-empty string", "tools")
     if not isinstance(parameters, dict):

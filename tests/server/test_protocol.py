@@ -20,6 +20,7 @@ from server.protocol import (
     parse_detokenize,
     parse_tokenize,
 )
+from server.tools import HermesCalls
 
 MAX_LEN = 64
 DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "unrelated_key": 3}
@@ -102,6 +103,7 @@ def test_missing_empty_or_mistyped_prompt_is_400(info: ModelInfo, prompt) -> Non
         "hello",
         ["hello"],
         [{"role": "function", "content": "x"}],
+        [{"role": "tool", "content": "3"}],  # answering no call
         [{"role": "assistant", "content": None}],
         [{"role": "assistant", "content": "x", "tool_calls": {"id": "a"}}],
         [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}],
@@ -584,9 +586,55 @@ def test_a_forced_tool_choice_becomes_the_spec(info: ModelInfo) -> None:
     assert req.tool_choice.message(cut) == (cut, None)
 
 
+def test_required_calls_take_their_tools_definitions_to_the_top(info: ModelInfo) -> None:
+    unit = {"enum": ["C", "F"]}
+    temp = {
+        "type": "function",
+        "function": {
+            "name": "temp",
+            "parameters": {
+                "$defs": {"Unit": unit},
+                "type": "object",
+                "properties": {"unit": {"$ref": "#/$defs/Unit"}},
+                "required": ["unit"],
+            },
+        },
+    }
+    req = parse_chat(chat(tools=[temp, NOW], tool_choice="required"), info)
+    schema = json.loads(req.prompts[0].params.structured_outputs.json)
+    assert schema["$defs"] == {"Unit": unit}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    xgrammar = pytest.importorskip("xgrammar")  # and the engine's compiler takes it
+    tok_info = xgrammar.TokenizerInfo.from_huggingface(info.tokenizer)
+    compiled = xgrammar.GrammarCompiler(tok_info).compile_json_schema(json.dumps(schema))
+    matcher = xgrammar.GrammarMatcher(compiled)
+    assert matcher.accept_string('[{"name": "temp", "parameters": {"unit": "F"}}]')
+    other = {"type": "function", "function": {"name": "o", "parameters": {"$defs": {"Unit": {}}}}}
+    error = refused(parse_chat, chat(tools=[temp, other], tool_choice="required"), info)
+    assert error.param == "tools" and "define $defs 'Unit' differently" in str(error)
+
+
+def test_nulls_are_absent_and_auto_keeps_special_tokens(info: ModelInfo) -> None:
+    bare = {"type": "function", "function": {"name": "now", "parameters": None}}
+    body = chat(tools=[bare], tool_choice="required", parallel_tool_calls=None)
+    schema = json.loads(parse_chat(body, info).prompts[0].params.structured_outputs.json)
+    assert schema["items"]["anyOf"][0]["properties"]["parameters"] == {
+        "type": "object",
+        "properties": {},
+    }
+    auto = dataclasses.replace(info, tool_call_parser="hermes")
+    req = parse_chat(chat(tools=[bare]), auto)  # a model may mark its call tags special
+    assert isinstance(req.tool_choice, HermesCalls) and req.tool_choice.parallel
+    assert req.prompts[0].params.skip_special_tokens is False
+    assert req.prompts[0].params.structured_outputs is None
+    req = parse_chat(chat(tools=[bare], parallel_tool_calls=False, skip_special_tokens=True), auto)
+    assert not req.tool_choice.parallel and req.prompts[0].params.skip_special_tokens
+
+
 @pytest.mark.parametrize(
     "fields, param, message",
     [
+        ({"functions": [ADD["function"]]}, "functions", "use 'tools' and 'tool_choice'"),
         ({"tools": [ADD]}, "tool_choice", "needs the server started with"),
         ({"tools": [ADD], "tool_choice": "auto"}, "tool_choice", "needs the server started with"),
         ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from server import tools
 from server.tools import ForcedCalls, HermesCalls
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "é"}}\n</tool_call>'
@@ -26,6 +27,16 @@ TEXTS = {  # text -> (content, [(name, arguments)])
     'x<tool_call>{"name": "now", "arguments": "{}"}': ("x", [("now", "{}")]),
     'x<tool_call>{"name": "no': ('x<tool_call>{"name": "no', []),
     '<tool_call>{"arguments": {}}</tool_call>': ('<tool_call>{"arguments": {}}</tool_call>', []),
+    # arguments under "parameters", as some models write them; none at all; not an object
+    '<tool_call>{"name": "w", "parameters": {"city": "Paris"}}</tool_call>': (
+        "",
+        [("w", '{"city": "Paris"}')],
+    ),
+    '<tool_call>{"name": "now", "arguments": null}</tool_call>': ("", [("now", "{}")]),
+    '<tool_call>{"name": "w", "arguments": [1]}</tool_call>': (
+        '<tool_call>{"name": "w", "arguments": [1]}</tool_call>',
+        [],
+    ),
 }
 
 
@@ -71,7 +82,7 @@ def test_a_stream_holds_back_only_what_may_start_a_call():
 
 
 def test_forced_calls_stream_as_they_are_made():
-    named = ForcedCalls({"add": {"type": "object"}}, "add", True).stream()
+    named = ForcedCalls("add", {"type": "object"}).stream()
     first, called = named.delta(0, '{"a"', False)
     (call,) = first["tool_calls"]
     assert called and call["index"] == 0 and call["id"] and call["function"]["name"] == "add"
@@ -80,7 +91,7 @@ def test_forced_calls_stream_as_they_are_made():
         {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
         True,
     )
-    required = ForcedCalls({"add": {}, "now": {}}, None, True).stream()
+    required = ForcedCalls(None, {"type": "array"}).stream()
     text = json.dumps([{"name": "now", "parameters": {}}, {"name": "add", "parameters": {"a": 1}}])
     assert required.delta(0, text[:9], False) == ({}, False)  # whole calls, at the end
     delta, called = required.delta(0, text[9:], True)
@@ -88,5 +99,29 @@ def test_forced_calls_stream_as_they_are_made():
         (c["index"], c["function"]["name"], c["function"]["arguments"]) for c in delta["tool_calls"]
     ]
     assert called and got == [(0, "now", "{}"), (1, "add", '{"a": 1}')]
-    cut = ForcedCalls({"now": {}}, None, True).stream()
+    cut = ForcedCalls(None, {"type": "array"}).stream()
     assert cut.delta(0, '[{"name": "n', True) == ({"content": '[{"name": "n'}, False)
+
+
+def test_without_parallel_calls_only_the_first_is_made():
+    text = "Two.\n" + CALL + "\n" + NOW
+    content, calls = HermesCalls(parallel=False).message(text)
+    assert content == "Two.\n" and [c["function"]["name"] for c in calls] == ["add"]
+    stream, made = HermesCalls(parallel=False).stream(), []
+    for k in range(0, len(text), 7):
+        delta, called = stream.delta(0, text[k : k + 7], k + 7 >= len(text))
+        made += delta.get("tool_calls", [])
+    assert called and [(c["index"], c["function"]["name"]) for c in made] == [(0, "add")]
+
+
+def test_a_long_stream_scans_each_block_once(monkeypatch):
+    parsed = []
+    real = tools._hermes_call
+    monkeypatch.setattr(tools, "_hermes_call", lambda block: parsed.append(block) or real(block))
+    text = "".join(
+        f'<tool_call>{{"name": "f{i}", "arguments": {{}}}}</tool_call>' for i in range(50)
+    )
+    stream = HermesCalls().stream()
+    for k in range(0, len(text), 4):
+        stream.delta(0, text[k : k + 4], k + 4 >= len(text))
+    assert len(parsed) == 50  # each finished call is parsed once, not at every delta
