@@ -18,6 +18,9 @@ from runtime.sampling_params import StructuredOutputs
 
 # compiled grammars xgrammar keeps for reuse, at most (vLLM's default)
 CACHE_LIMIT_BYTES = 512 << 20
+# JSON's whitespace between tokens, at most, in a row: room for a newline and an indent,
+# but not for a model that would pad its JSON with whitespace till max_tokens
+MAX_JSON_WHITESPACE = 16
 
 
 class Grammars:
@@ -52,10 +55,10 @@ class Grammars:
 
     def _compile(self, spec: StructuredOutputs) -> Any:
         c = self._compiler
-        if spec.json is not None:
-            return c.compile_json_schema(spec.json)
-        if spec.json_object:  # an object, as OpenAI's JSON mode gives (not any JSON value)
-            return c.compile_json_schema(json.dumps({"type": "object"}))
+        if spec.json is not None or spec.json_object:
+            # json_object: an object, as OpenAI's JSON mode gives (not any JSON value)
+            schema = spec.json if spec.json is not None else json.dumps({"type": "object"})
+            return c.compile_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE)
         if spec.regex is not None:
             return c.compile_regex(spec.regex)
         if spec.choice is not None:  # JSON string escapes are the grammar's too

@@ -17,7 +17,7 @@ from conftest import record_preemptions, tiny_model
 import kiln
 from runtime.async_engine import AsyncEngine
 from runtime.sampler import SamplingState, sample
-from runtime.structured import Grammars, unpack_bitmask
+from runtime.structured import MAX_JSON_WHITESPACE, Grammars, unpack_bitmask
 
 xgrammar = pytest.importorskip("xgrammar")
 pytestmark = pytest.mark.slow
@@ -218,6 +218,17 @@ def test_a_refused_token_ends_its_output_and_nothing_else(llm, monkeypatch, capl
     assert "its grammar allowed no token" in caplog.text
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free_blocks + bm.num_evictable_blocks == bm.num_total_blocks
+
+
+@pytest.mark.parametrize("spec", [CASES[0][0], CASES[1][0]], ids=["schema", "object"])
+def test_json_whitespace_runs_are_bounded(llm, spec):
+    # a model may pad its JSON with whitespace till max_tokens; a run longer than the cap
+    # is refused, a newline and an indent are not
+    for run, ok in ((MAX_JSON_WHITESPACE, True), (MAX_JSON_WHITESPACE + 1, False)):
+        matcher = llm.engine._grammars().matcher(spec)
+        assert matcher.accept_string("{" + " " * run) == ok
+    matcher = llm.engine._grammars().matcher(spec)
+    assert matcher.accept_string('{\n    "city": "Paris",\n    "population": 1\n}')
 
 
 def test_an_output_cut_by_max_tokens_ends_with_length(llm):
