@@ -2,8 +2,9 @@
 grammar, enforced token by token with xgrammar's grammar matchers, as vLLM does.
 
 Each step, a constrained sequence's matcher says which tokens may come next (a bitmask over
-the vocabulary); the sampler sets the others' logits to -inf, then the matcher takes the
-token picked. The mask is applied with torch, on whatever device the logits are.
+the vocabulary) and the sampler sets the others' logits to -inf; the engine then gives the
+matcher the token picked, once it is on the host (with asynchronous steps, as it lands).
+The mask is applied with torch, on whatever device the logits are.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from runtime.sampling_params import StructuredOutputs
 
 # compiled grammars xgrammar keeps for reuse, at most (vLLM's default)
 CACHE_LIMIT_BYTES = 512 << 20
-# JSON's whitespace between tokens, at most, in a row: room for a newline and an indent,
-# but not for a model that would pad its JSON with whitespace till max_tokens
-MAX_JSON_WHITESPACE = 16
+# JSON's whitespace between tokens, at most, in a row (a newline counts): room for a newline
+# and a 4-space indent 7 levels deep, not for a model that would pad its JSON with
+# whitespace till max_tokens
+MAX_JSON_WHITESPACE = 32
 
 
 class Grammars:

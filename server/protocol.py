@@ -10,7 +10,7 @@ from typing import Any
 
 from runtime.sampling_params import STRUCTURED_FIELDS, SamplingParams, StructuredOutputs
 from server.chat import parse_messages, render_chat
-from server.tools import HermesCalls, ToolChoice, ToolsError, parse_tools
+from server.tools import ForcedCalls, HermesCalls, ToolChoice, ToolsError, parse_tools
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -377,9 +377,13 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
         raise bad(str(exc), exc.param) from None
     if isinstance(tool_choice, HermesCalls) and body.get("skip_special_tokens") is None:
         sampling["skip_special_tokens"] = False  # a model may mark its call tags special
-    if tool_choice is not None and tool_choice.spec() is not None:
+    if isinstance(tool_choice, ForcedCalls):
         if sampling["structured_outputs"] is not None:
-            raise bad("a tool_choice that calls tools cannot have a response format", "tool_choice")
+            raise bad(
+                "a tool_choice that forces calls cannot go with response_format, "
+                "structured_outputs or guided_*: it sets the output's form itself",
+                "tool_choice",
+            )
         sampling["structured_outputs"] = tool_choice.spec()
     ids = chat_prompt(body, info, special_default=False, tools=tools)
     names = {"max_tokens": _max_tokens(body)[1], "logprobs": "top_logprobs"}

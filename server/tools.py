@@ -98,12 +98,12 @@ class ForcedStream:
 
 
 class Scan(NamedTuple):
-    """What `HermesCalls.scan` found from where it began to `end` (final), and after it."""
+    """What `HermesCalls.scan` settled: more text cannot change it."""
 
-    content: str  # text outside the blocks, up to `end`
-    calls: list[tuple[str, str]]  # (name, arguments as JSON), up to `end`
-    end: int  # where the last complete block ends (or where the scan began)
-    tail: str  # content after `end` that more text cannot change (all of it when final)
+    content: str  # text outside the blocks
+    calls: list[tuple[str, str]]  # (name, arguments as JSON)
+    end: int  # where the settled text ends; a stream scans on from here
+    kept: bool  # the text from `end` on continues content already settled (keep it whole)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +116,10 @@ class HermesCalls:
     START: ClassVar[str] = "<tool_call>"
     END: ClassVar[str] = "</tool_call>"
 
-    def spec(self) -> None:
-        return None
-
     def message(self, text: str) -> tuple[str | None, list[dict] | None]:
         found = self.scan(text, final=True)
         calls = found.calls if self.parallel else found.calls[:1]
-        return found.content + found.tail or None, [tool_call(*c) for c in calls] or None
+        return found.content or None, [tool_call(*c) for c in calls] or None
 
     def finish_reason(self, reason: str | None, called: bool) -> str | None:
         return finish_reason(reason, called, None)
@@ -130,50 +127,50 @@ class HermesCalls:
     def stream(self) -> HermesStream:
         return HermesStream(self)
 
-    def scan(self, text: str, final: bool, pos: int = 0, called: bool = False) -> Scan:
-        """The content and calls of `text` from `pos` on (`called`: a call came before it).
-        Unless `final`, only what more text cannot change: a call once its block ends,
-        content up to where a block might be starting, and no whitespace after a call until
-        more than whitespace follows. A longer text's content and calls start with a shorter
-        one's, so a stream can send the difference."""
-        content, calls = [], []
+    def scan(self, text: str, final: bool, called: bool = False, kept: bool = False) -> Scan:
+        """The content and calls of `text` (`called`: a call came before it; `kept`: its
+        start continues settled content). Unless `final`, only what more text cannot change:
+        a call once its block ends, content up to where a block might be starting, and no
+        whitespace after a call until more than whitespace follows. Scanning a text whole,
+        or in pieces each from the last one's end, finds the same content and calls."""
+        content, calls, pos = [], [], 0
         while (start := text.find(self.START, pos)) >= 0:
+            content.append(_between(text[pos:start], called or bool(calls), kept))
             close = text.find(self.END, start)
             if close >= 0:
                 block, stop = text[start + len(self.START) : close], close + len(self.END)
             elif final:  # cut short by max_tokens: a call if what came is one
                 block, stop = text[start + len(self.START) :], len(text)
-            else:
-                break
-            content.append(_between(text[pos:start], called or bool(calls)))
+            else:  # a block still open: scanned again once more text comes
+                return Scan("".join(content), calls, start, False)
             call = _hermes_call(block)
             if call is None:  # not a call: the model's text, as it wrote it
                 content.append(text[start:stop])
             else:
                 calls.append(call)
-            pos = stop
+            pos, kept = stop, False
         rest = text[pos:]
-        if (start := rest.find(self.START)) >= 0:  # a block still open
-            rest = rest[:start]
-        elif not final:
+        if not final:  # what may start a block waits
             rest = rest[: len(rest) - _partial_suffix(rest, self.START)]
-        return Scan("".join(content), calls, pos, _between(rest, called or bool(calls)))
+        shown = _between(rest, called or bool(calls), kept)
+        if not (shown or final):  # whitespace after a call: a separator, or content to come
+            return Scan("".join(content), calls, pos, kept)
+        content.append(shown)
+        return Scan("".join(content), calls, pos + len(rest), kept or bool(shown))
 
 
 @dataclass(slots=True)
 class _Progress:
-    """One choice's stream: its text, what is final of it, what has been sent."""
+    """One choice's stream: the text not settled yet, and what came before it."""
 
     text: str = ""
-    end: int = 0  # text[:end] is scanned for good
-    content: str = ""  # text[:end]'s content
-    calls: int = 0  # text[:end]'s calls
-    sent: int = 0  # content characters sent
+    calls: int = 0  # calls found
+    kept: bool = False  # see Scan.kept
 
 
 class HermesStream:
     """A streamed response's content and calls, each sent as soon as more text cannot change
-    it; a delta scans only the text after the last complete block."""
+    it; each delta scans only the text not settled before."""
 
     def __init__(self, choice: HermesCalls) -> None:
         self.choice = choice
@@ -182,24 +179,25 @@ class HermesStream:
     def delta(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
         """The delta of choice `index` for its new `text`, and whether it has made calls."""
         p = self.progress.setdefault(index, _Progress())
-        p.text += text
-        found = self.choice.scan(p.text, finished, p.end, p.calls > 0)
-        p.content += found.content
-        shown = p.content + found.tail
-        delta: dict[str, Any] = {"content": shown[p.sent :]} if len(shown) > p.sent else {}
-        p.sent = len(shown)
+        found = self.choice.scan(p.text + text, finished, p.calls > 0, p.kept)
+        delta: dict[str, Any] = {"content": found.content} if found.content else {}
         new = found.calls if self.choice.parallel else found.calls[: max(0, 1 - p.calls)]
         if new:
             delta["tool_calls"] = [
                 {"index": p.calls + i} | tool_call(*c) for i, c in enumerate(new)
             ]
-        p.end, p.calls = found.end, p.calls + len(found.calls)
+        p.text, p.calls, p.kept = (
+            (p.text + text)[found.end :],
+            p.calls + len(found.calls),
+            found.kept,
+        )
         return delta, p.calls > 0
 
 
-def _between(text: str, called: bool) -> str:
-    """Text outside the blocks; after a call, whitespace alone is only a separator."""
-    return text if not called or text.strip() else ""
+def _between(text: str, called: bool, kept: bool) -> str:
+    """Text outside the blocks; after a call, whitespace alone is only a separator (unless it
+    continues content)."""
+    return text if kept or not called or text.strip() else ""
 
 
 def _hermes_call(block: str) -> tuple[str, str] | None:

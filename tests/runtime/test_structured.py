@@ -227,8 +227,10 @@ def test_json_whitespace_runs_are_bounded(llm, spec):
     for run, ok in ((MAX_JSON_WHITESPACE, True), (MAX_JSON_WHITESPACE + 1, False)):
         matcher = llm.engine._grammars().matcher(spec)
         assert matcher.accept_string("{" + " " * run) == ok
-    matcher = llm.engine._grammars().matcher(spec)
-    assert matcher.accept_string('{\n    "city": "Paris",\n    "population": 1\n}')
+    deep = {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}
+    for text in ('{\n    "city": "Paris",\n    "population": 1\n}', json.dumps(deep, indent=4)):
+        matcher = llm.engine._grammars().matcher(CASES[1][0])  # any object
+        assert matcher.accept_string(text), text
 
 
 def test_an_output_cut_by_max_tokens_ends_with_length(llm):

@@ -660,7 +660,7 @@ def test_nulls_are_absent_and_auto_keeps_special_tokens(info: ModelInfo) -> None
         (
             {"tools": [ADD], "tool_choice": "required", "response_format": {"type": "json_object"}},
             "tool_choice",
-            "cannot have a response format",
+            "cannot go with response_format",
         ),
     ],
 )

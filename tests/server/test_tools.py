@@ -18,6 +18,12 @@ TEXTS = {  # text -> (content, [(name, arguments)])
     "Let me add.\n" + CALL: ("Let me add.\n", [("add", '{"a": 1, "b": "é"}')]),
     CALL + "\n" + NOW + "\n": ("", [("add", '{"a": 1, "b": "é"}'), ("now", "{}")]),
     # text between or after calls is content; a block that is no call stays text
+    # after a call: whitespace alone separates; with text, it is content, all of it
+    CALL + "  \n" + NOW + " \n": ("", [("add", '{"a": 1, "b": "é"}'), ("now", "{}")]),
+    CALL + "  so \n " + NOW + "\n ok": (
+        "  so \n \n ok",
+        [("add", '{"a": 1, "b": "é"}'), ("now", "{}")],
+    ),
     CALL + " then <tool_call>oops</tool_call>": (
         " then <tool_call>oops</tool_call>",
         [("add", '{"a": 1, "b": "é"}')],
@@ -114,7 +120,21 @@ def test_without_parallel_calls_only_the_first_is_made():
     assert called and [(c["index"], c["function"]["name"]) for c in made] == [(0, "add")]
 
 
-def test_a_long_stream_scans_each_block_once(monkeypatch):
+def test_a_long_stream_scans_each_piece_of_text_once(monkeypatch):
+    scanned = []
+    real = HermesCalls.scan
+    monkeypatch.setattr(
+        HermesCalls,
+        "scan",
+        lambda self, text, *a: scanned.append(len(text)) or real(self, text, *a),
+    )
+    stream, answer = HermesCalls().stream(), "plain words, no calls at all " * 400
+    for k in range(0, len(answer), 4):
+        stream.delta(0, answer[k : k + 4], k + 4 >= len(answer))
+    assert max(scanned) <= 4 + len(HermesCalls.START)  # the new piece, and a tag's start
+
+
+def test_a_long_stream_parses_each_block_once(monkeypatch):
     parsed = []
     real = tools._hermes_call
     monkeypatch.setattr(tools, "_hermes_call", lambda block: parsed.append(block) or real(block))
