@@ -79,8 +79,8 @@ class _InFlight:
     seqs: list[tuple[int, Sequence]]  # (row of ids, seq whose last output is pending(row))
     ids: torch.Tensor  # int64 on the runner's device, a row per sampled chunk
     host: torch.Tensor  # their copy on the host, complete once `ready` is
-    # the rows that asked for logprobs and theirs, copied to the host with the ids
-    logprobs: tuple[list[int], Ranked] | None
+    # the logprobs of the rows that asked for them, copied to the host with the ids
+    logprobs: Ranked | None
     ready: torch.cuda.Event | None  # None: a CPU step, copied already
 
 
@@ -240,7 +240,7 @@ class Engine:
         plan: SchedulerOutput,
         seqs: list[Sequence],
         ids: torch.Tensor,
-        logprobs: tuple[list[int], Ranked] | None,
+        logprobs: Ranked | None,
     ) -> None:
         """Record the step with stand-ins for its tokens and start copying them (and their
         logprobs) back."""
@@ -249,7 +249,7 @@ class Engine:
         if not live:
             return
         if logprobs is not None:
-            logprobs = logprobs[0], logprobs[1].to_host()
+            logprobs = logprobs.to_host()
         host = host_copy(ids)
         ready = None
         if ids.is_cuda:
@@ -295,10 +295,7 @@ class Engine:
         if flight.ready is not None:
             flight.ready.synchronize()
         ids = flight.host.tolist()
-        logprobs = {}
-        if flight.logprobs is not None:
-            rows, ranked = flight.logprobs
-            logprobs = dict(zip(rows, ranked.entries([ids[r] for r in rows]), strict=True))
+        logprobs = flight.logprobs.by_row(ids) if flight.logprobs is not None else {}
         seqs, tokens = [], []
         for row, seq in flight.seqs:
             if seq.is_finished:  # aborted while its token was in flight

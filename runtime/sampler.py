@@ -26,7 +26,8 @@ class SamplingState:
     matcher: Any = None  # structured outputs: the grammar matcher (runtime/structured.py)
     # a token its grammar refused was picked (no token was left to pick): the output ends
     grammar_refused: bool = field(init=False, default=False)
-    # greedy with nothing to adjust or report: the token is the argmax of the raw logits
+    # greedy with nothing to adjust: the token is the argmax of the raw logits (logprobs,
+    # if asked for, come from the raw logits apart)
     plain_greedy: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -38,7 +39,6 @@ class SamplingState:
             and p.frequency_penalty == 0.0
             and p.presence_penalty == 0.0
             and p.min_tokens == 0
-            and p.logprobs is None
             and self.matcher is None
         )
 
@@ -83,24 +83,17 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampledToken]:
     """Pick one token per row of `logits` [B, V] and report the requested logprobs."""
-    if all(s.plain_greedy for s in states):  # e.g. an offline greedy batch: skip the row work
-        return [SampledToken(t, None) for t in argmax_rows(logits).tolist()]
-    raw = logits.float()
-    picked = _pick(raw, states)
+    picked = sample_ids(logits, states)
+    ranked = sampled_logprobs(logits, picked, states)  # queued before the wait for the tokens
     tokens = picked.tolist()
-    logprobs: list[dict[int, Logprob] | None] = [None] * len(states)
-    ranked = sampled_logprobs(raw, picked, states)
-    if ranked is not None:
-        rows, values = ranked
-        for row, entry in zip(rows, values.entries([tokens[r] for r in rows]), strict=True):
-            logprobs[row] = entry
-    return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+    logprobs = ranked.by_row(tokens) if ranked is not None else {}
+    return [SampledToken(t, logprobs.get(row)) for row, t in enumerate(tokens)]
 
 
 def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """The tokens `sample` picks, as an int64 tensor on the logits' device, without waiting for
     them. Their logprobs, where asked for, come from `sampled_logprobs`."""
-    if all(s.plain_greedy for s in states):
+    if all(s.plain_greedy for s in states):  # e.g. an offline greedy batch: no row work
         return argmax_rows(logits)
     return _pick(logits.float(), states)
 
@@ -186,16 +179,16 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
 
 def sampled_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, states: list[SamplingState]
-) -> tuple[list[int], Ranked] | None:
-    """For the rows whose states ask for logprobs: the rows, and the logprobs of the raw model
-    logits there (the picked `token_ids`' and the top-n), on the logits' device, not waited
-    for. None when no row asks."""
+) -> Ranked | None:
+    """For the rows whose states ask for logprobs: the logprobs of the raw model logits there
+    (the picked `token_ids`' and the top-n), on the logits' device, not waited for. None
+    when no row asks."""
     rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     if not rows:
         return None
     index = _on(logits.device, rows)
     top = [states[i].params.logprobs for i in rows]
-    return rows, rank(logits[index].float(), token_ids[index], top)
+    return rank(logits[index].float(), token_ids[index], top, rows)
 
 
 PROMPT_LOGPROBS_ROWS = 512  # rows of prompt logits turned into float32 at a time
@@ -221,7 +214,8 @@ def ranked_logprobs(
 ) -> list[dict[int, Logprob]]:
     """Per row of float32 `logits` [R, V]: tokens[r]'s logprob and the top[r] most likely
     tokens', each with its rank (1: the most likely)."""
-    return rank(logits, torch.tensor(tokens, device=logits.device), top).entries(tokens)
+    chosen = torch.tensor(tokens, device=logits.device)
+    return rank(logits, chosen, top, list(range(len(tokens)))).entries(tokens)
 
 
 @dataclass(slots=True)
@@ -229,6 +223,7 @@ class Ranked:
     """Logprobs of R rows of logits: a chosen token's per row, with its rank, and the top
     max(top) tokens'; on the logits' device until `to_host`."""
 
+    rows: list[int]  # which rows of the batch these are
     top: list[int]  # per row, how many of the top tokens to report
     chosen: torch.Tensor  # [R] float32: the chosen token's logprob
     chosen_rank: torch.Tensor  # [R] int64
@@ -238,7 +233,7 @@ class Ranked:
     def to_host(self) -> Ranked:
         """A copy in host memory, started behind the work queued on the device (pinned when
         it is a GPU); read it once that work is done."""
-        return Ranked(self.top, *(host_copy(t) for t in self._tensors()))
+        return Ranked(self.rows, self.top, *(host_copy(t) for t in self._tensors()))
 
     def entries(self, tokens: list[int]) -> list[dict[int, Logprob]]:
         """Per row, {token: Logprob}: tokens[r] (the chosen one) and the top[r] ranked 1..n."""
@@ -253,20 +248,26 @@ class Ranked:
             result.append(entry)
         return result
 
+    def by_row(self, token_ids: list[int]) -> dict[int, dict[int, Logprob]]:
+        """The entries keyed by batch row, given every row's chosen token."""
+        entries = self.entries([token_ids[r] for r in self.rows])
+        return dict(zip(self.rows, entries, strict=True))
+
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return self.chosen, self.chosen_rank, self.top_logprobs, self.top_ids
 
 
-def rank(logits: torch.Tensor, chosen: torch.Tensor, top: list[int]) -> Ranked:
-    """The logprobs of float32 `logits` [R, V] for the `chosen` token of each row ([R] int64,
-    on the logits' device) and for the top max(top) tokens, without waiting for the device."""
+def rank(logits: torch.Tensor, chosen: torch.Tensor, top: list[int], rows: list[int]) -> Ranked:
+    """The logprobs of float32 `logits` [R, V] (the batch's `rows`) for the `chosen` token of
+    each row ([R] int64, on the logits' device) and for the top max(top) tokens, without
+    waiting for the device."""
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))
     # as vLLM ranks them: the chosen token after every token as likely (ties included), so
     # one outside the top n ranks past n; the top-k by position, 1..k, so ranks <= n are n
     chosen_rank = (logprobs >= chosen_lp).sum(-1)
     top_lp, top_ids = logprobs.topk(max(top), dim=-1)
-    return Ranked(top, chosen_lp.squeeze(1), chosen_rank, top_lp, top_ids)
+    return Ranked(rows, top, chosen_lp.squeeze(1), chosen_rank, top_lp, top_ids)
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:
