@@ -231,6 +231,8 @@ def _run(args) -> int:
 
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.tool_call_parser and not args.enable_auto_tool_choice:
+        log.warning("--tool-call-parser reads calls only with --enable-auto-tool-choice")
     name = args.served_model_name or args.artifact.resolve().name
     engine = AsyncEngine(_load_engine(args), model_name=name)
     log.info(
@@ -239,8 +241,10 @@ def _run(args) -> int:
         engine.max_model_len,
         engine.max_concurrency,
     )
-    parser = args.tool_call_parser if args.enable_auto_tool_choice else None
-    config = ServerConfig(served_model_name=name, api_key=args.api_key, tool_call_parser=parser)
+    tool_call_parser = args.tool_call_parser if args.enable_auto_tool_choice else None
+    config = ServerConfig(
+        served_model_name=name, api_key=args.api_key, tool_call_parser=tool_call_parser
+    )
     app = create_app(engine, config)
     # the start-up heap lives as long as the server: keep full collections from walking it
     gc.collect()

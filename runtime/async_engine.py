@@ -54,13 +54,14 @@ class AsyncEngine:
         prompt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Updates of one request until it finishes; closing the iterator aborts it."""
-        if not self.is_alive:
-            raise EngineDeadError("the engine is not running")
         if request_id in self._streams:  # before anything touches the request that has it
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
-        # registered first: an engine that stops or dies meanwhile tells this stream too
+        # registered, then checked: a loop that stops or dies from here on tells this stream
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if not self.is_alive:
+            del self._streams[request_id]
+            raise EngineDeadError("the engine is not running")
         finished = False
         try:
             if params.structured_outputs is not None:  # here, not in the engine thread's steps

@@ -396,8 +396,9 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
 
 def parse_tokenize(body: Mapping[str, Any], info: ModelInfo) -> list[int]:
     check_model(body, info)
-    if "messages" in body:
-        return chat_prompt(body, info, special_default=False)
+    if "messages" in body:  # the prompt its chat request would have, tools shown
+        tools = body.get("tools")
+        return chat_prompt(body, info, False, tools if isinstance(tools, list) else None)
     prompt = _get(body, "prompt", str)
     if prompt is None:
         raise bad("'prompt' or 'messages' is required", "prompt")

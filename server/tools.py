@@ -287,6 +287,7 @@ def _calls_schema(functions: Mapping[str, Mapping[str, Any]], parallel: bool) ->
     defs: dict[str, dict[str, Any]] = {}
     calls = []
     for name, parameters in functions.items():
+        _check_refs(parameters, name)
         parameters = dict(parameters)
         for key in ("$defs", "definitions"):
             for def_name, schema in (parameters.pop(key, None) or {}).items():
@@ -306,6 +307,26 @@ def _calls_schema(functions: Mapping[str, Mapping[str, Any]], parallel: bool) ->
         )
     schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}} | defs
     return schema if parallel else schema | {"maxItems": 1}
+
+
+def _check_refs(schema: Any, name: str) -> None:
+    """A tool's `$ref`s must point into its `$defs` or `definitions`: in the list of calls
+    its schema no longer stands at the root."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and not ref.startswith(("#/$defs/", "#/definitions/")):
+            raise ToolsError(
+                f"function {name!r}: tool_choice 'required' takes $refs into $defs or "
+                f"definitions only, not {ref!r}",
+                "tools",
+            )
+        values = schema.values()
+    elif isinstance(schema, list):
+        values = schema
+    else:
+        return
+    for value in values:
+        _check_refs(value, name)
 
 
 def _function(tool: Any, i: int) -> tuple[str, Mapping[str, Any]]:

@@ -37,9 +37,13 @@ def workload(n, seed=0):
     return prompts, [greedy(rng.randint(1, 24)) for _ in range(n)]
 
 
-def alone(artifact, prompts, params):
+def alone_outputs(artifact, prompts, params):
     llm = kiln.LLM(artifact, num_kv_blocks=64, async_scheduling=False)
-    return [llm.generate([p], [sp], use_tqdm=False)[0].token_ids for p, sp in zip(prompts, params)]
+    return [llm.generate([p], [sp], use_tqdm=False)[0].outputs[0] for p, sp in zip(prompts, params)]
+
+
+def alone(artifact, prompts, params):
+    return [out.token_ids for out in alone_outputs(artifact, prompts, params)]
 
 
 def assert_idle(llm):
@@ -313,11 +317,6 @@ def test_generated_blocks_are_cached_by_their_real_tokens(artifact):
     cold = kiln.LLM(artifact, num_kv_blocks=128, enable_prefix_caching=False)
     assert out.token_ids == cold.generate([follow], greedy(6), use_tqdm=False)[0].token_ids
     assert_idle(llm)
-
-
-def alone_outputs(artifact, prompts, params):
-    llm = kiln.LLM(artifact, num_kv_blocks=64, async_scheduling=False)
-    return [llm.generate([p], [sp], use_tqdm=False)[0].outputs[0] for p, sp in zip(prompts, params)]
 
 
 def test_logprobs_requests_join_and_leave_a_greedy_batch(artifact):

@@ -561,6 +561,9 @@ def test_tools_messages_and_calls_reach_the_template(templated: ModelInfo) -> No
         "tool: 3 for c1;"
     )
     assert req.tool_choice is None and req.prompts[0].params.structured_outputs is None
+    # /tokenize counts the prompt the chat request has, tools shown
+    ids = parse_tokenize({"model": "smol", "messages": messages, "tools": [ADD, NOW]}, templated)
+    assert tuple(ids) == req.prompts[0].token_ids
 
 
 def test_a_forced_tool_choice_becomes_the_spec(info: ModelInfo) -> None:
@@ -612,6 +615,10 @@ def test_required_calls_take_their_tools_definitions_to_the_top(info: ModelInfo)
     other = {"type": "function", "function": {"name": "o", "parameters": {"$defs": {"Unit": {}}}}}
     error = refused(parse_chat, chat(tools=[temp, other], tool_choice="required"), info)
     assert error.param == "tools" and "define $defs 'Unit' differently" in str(error)
+    rooted = {"type": "object", "properties": {"a": {"$ref": "#/properties/b"}, "b": {}}}
+    rooted = {"type": "function", "function": {"name": "r", "parameters": rooted}}
+    error = refused(parse_chat, chat(tools=[rooted], tool_choice="required"), info)
+    assert error.param == "tools" and "not '#/properties/b'" in str(error)
 
 
 def test_nulls_are_absent_and_auto_keeps_special_tokens(info: ModelInfo) -> None:
