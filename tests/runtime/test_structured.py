@@ -86,8 +86,15 @@ def test_sampled_outputs_match_their_spec(llm, spec, check):
     assert not all(check(c.text) for out in free for c in out.outputs)  # the check can fail
 
 
-@pytest.mark.usefixtures("scheduling")
-def test_constrained_requests_leave_a_batch_unchanged(llm):
+@pytest.fixture
+def llm_each_mode(smollm2_artifact, scheduling):
+    """An LLM with synchronous steps, then one with asynchronous steps."""
+    with kiln.LLM(smollm2_artifact, num_kv_blocks=256, async_scheduling=scheduling) as llm:
+        yield llm
+
+
+def test_constrained_requests_leave_a_batch_unchanged(llm_each_mode):
+    llm = llm_each_mode
     greedy = kiln.SamplingParams(max_tokens=12, temperature=0.0)
     prompts = ["The capital of France is", "1, 2, 3,", PROMPT]
     alone = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
@@ -186,8 +193,8 @@ def test_a_token_its_grammar_refuses_is_flagged():
     assert [s.grammar_refused for s in states] == [True, False]
 
 
-def test_a_refused_token_ends_its_output_and_nothing_else(llm, monkeypatch, caplog):
-    make = Grammars.matcher
+def test_a_refused_token_ends_its_output_and_nothing_else(llm_each_mode, monkeypatch, caplog):
+    llm, make = llm_each_mode, Grammars.matcher
 
     def refusing_third(self, spec):  # a real matcher that refuses the third token picked
         matcher, taken = make(self, spec), []
