@@ -98,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--tool-call-parser",
         choices=TOOL_CALL_PARSERS,
-        help="the model's tool-call format (hermes: <tool_call> blocks, as Qwen writes them)",
+        help="the model's tool-call format: hermes (<tool_call> blocks, as Qwen writes them), "
+        "llama3_json (JSON calls, as Llama 3.1 writes them)",
     )
     _engine_args(r)
     r.set_defaults(func=_run)

@@ -10,7 +10,7 @@ from typing import Any
 
 from runtime.sampling_params import STRUCTURED_FIELDS, SamplingParams, StructuredOutputs
 from server.chat import parse_messages, render_chat
-from server.tools import ForcedCalls, HermesCalls, ToolChoice, ToolsError, parse_tools
+from server.tools import ForcedCalls, ToolChoice, ToolsError, parse_tools
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -375,7 +375,8 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
         tools, tool_choice = parse_tools(body, info.tool_call_parser)
     except ToolsError as exc:
         raise bad(str(exc), exc.param) from None
-    if isinstance(tool_choice, HermesCalls) and body.get("skip_special_tokens") is None:
+    auto = tool_choice is not None and not isinstance(tool_choice, ForcedCalls)
+    if auto and body.get("skip_special_tokens") is None:
         sampling["skip_special_tokens"] = False  # a model may mark its call tags special
     if isinstance(tool_choice, ForcedCalls):
         if sampling["structured_outputs"] is not None:

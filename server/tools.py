@@ -2,9 +2,10 @@
 `tool_choice` naming a function, or "required", constrains the output to JSON with the
 function's parameters (structured outputs), which the response then carries as `tool_calls`.
 "auto" (OpenAI's default once tools are given) lets the model choose, and needs a parser of
-the model's own call format: `kiln run --enable-auto-tool-choice --tool-call-parser hermes`
-reads the `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks that Qwen and
-Hermes models write. Without one, "auto" is a 400, as it is in vLLM.
+the model's own call format (`kiln run --enable-auto-tool-choice --tool-call-parser NAME`):
+`hermes` reads the `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks that Qwen
+and Hermes models write, `llama3_json` the `{"name": ..., "parameters": ...}` objects that
+Llama 3.1 and later answer with. Without one, "auto" is a 400, as it is in vLLM.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any, ClassVar, NamedTuple
 from runtime.sampling_params import StructuredOutputs
 
 NO_PARAMETERS = {"type": "object", "properties": {}}
-TOOL_CALL_PARSERS = ("hermes",)
 
 
 class ToolsError(ValueError):
@@ -200,13 +200,106 @@ def _between(text: str, called: bool, kept: bool) -> str:
     return text if kept or not called or text.strip() else ""
 
 
+@dataclass(frozen=True, slots=True)
+class Llama3JsonCalls:
+    """tool_choice "auto" with the llama3_json parser: an output that is JSON calls,
+    {"name": ..., "parameters": {...}} (several: separated by ";"), after an optional
+    <|python_tag|>, is the model's calls; any other output is its content."""
+
+    parallel: bool = True  # False: only the first call is made, as vLLM keeps it
+
+    TAG: ClassVar[str] = "<|python_tag|>"
+
+    def message(self, text: str) -> tuple[str | None, list[dict] | None]:
+        found = self.calls(text)
+        if found is None:
+            return text or None, None
+        return None, [tool_call(*c) for c in (found if self.parallel else found[:1])]
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return finish_reason(reason, called, None)
+
+    def stream(self) -> Llama3JsonStream:
+        return Llama3JsonStream(self)
+
+    def calls(self, text: str) -> list[tuple[str, str]] | None:
+        """The (name, arguments) calls the whole output is; None when it is not calls."""
+        body = text.strip().removeprefix(self.TAG).lstrip()
+        decoder, calls, pos = json.JSONDecoder(), [], 0
+        while body.startswith("{", pos):
+            try:
+                value, pos = decoder.raw_decode(body, pos)
+            except ValueError:
+                return None
+            call = _named_call(value)
+            if call is None:
+                return None
+            calls.append(call)
+            rest = body[pos:].lstrip()
+            if not rest:
+                return calls
+            if not rest.startswith(";"):
+                return None
+            pos = len(body) - len(rest[1:].lstrip())
+        return None
+
+    def may_call(self, text: str) -> bool | None:
+        """Whether an output starting with `text` may be calls (True) or is content (False);
+        None until its first characters tell."""
+        head = text.lstrip()
+        if head.startswith(("{", self.TAG)):
+            return True
+        return None if self.TAG.startswith(head) else False
+
+
+@dataclass(slots=True)
+class _Whole:
+    """One choice's stream under llama3_json: its text, and whether it may be calls."""
+
+    text: str = ""
+    calls: bool | None = None
+    sent: int = 0  # content characters sent
+
+
+class Llama3JsonStream:
+    """A streamed response under llama3_json: content as it comes once the output's first
+    characters show it is not calls; calls whole, at the end (the output is one JSON list)."""
+
+    def __init__(self, choice: Llama3JsonCalls) -> None:
+        self.choice = choice
+        self.progress: dict[int, _Whole] = {}
+
+    def delta(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
+        """The delta of choice `index` for its new `text`, and whether it has made calls."""
+        p = self.progress.setdefault(index, _Whole())
+        p.text += text
+        if p.calls is None:
+            p.calls = self.choice.may_call(p.text)
+        if p.calls is not False and not finished:  # undecided, or calls: wait for the whole
+            return {}, False
+        if p.calls:
+            _, calls = self.choice.message(p.text)
+            if calls:
+                return {"tool_calls": [{"index": i} | c for i, c in enumerate(calls)]}, True
+        new, p.sent = p.text[p.sent :], len(p.text)  # content: all of it, as it comes
+        return ({"content": new} if new else {}), False
+
+
+TOOL_CALL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls}
+
+
 def _hermes_call(block: str) -> tuple[str, str] | None:
-    """(name, arguments as JSON) of a block's {"name": ..., "arguments": {...}} (or
-    "parameters", as some models write it); None if the block is not that."""
+    """(name, arguments as JSON) of a block's {"name": ..., "arguments": {...}}; None if the
+    block is not that."""
     try:
-        call = json.loads(block)
+        return _named_call(json.loads(block))
     except ValueError:
         return None
+
+
+def _named_call(call: Any) -> tuple[str, str] | None:
+    """(name, arguments as JSON) of {"name": ..., "arguments": {...}} (or "parameters", as
+    some models write it); None if `call` is not that."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
     arguments = call.get("arguments", call.get("parameters"))
@@ -226,7 +319,7 @@ def _partial_suffix(text: str, marker: str) -> int:
     return next((k for k in range(len(marker) - 1, 0, -1) if text.endswith(marker[:k])), 0)
 
 
-ToolChoice = ForcedCalls | HermesCalls
+ToolChoice = ForcedCalls | HermesCalls | Llama3JsonCalls
 
 
 def parse_tools(
@@ -263,7 +356,7 @@ def parse_tools(
                 "'none' or a function",
                 "tool_choice",
             )
-        return tools, HermesCalls(parallel)
+        return tools, TOOL_CALL_PARSERS[parser](parallel)
     if choice == "none":
         return tools, None
     if choice == "required":

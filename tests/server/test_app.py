@@ -622,26 +622,29 @@ def test_hundreds_of_abandoned_requests_then_a_prompt_answer(url, client, engine
 # --- tool calls ----------------------------------------------------------------------------
 
 
-def test_auto_tool_calls_with_the_hermes_parser(tok) -> None:
+HERMES = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+LLAMA = '<|python_tag|>{"name": "get_time", "parameters": {"zone": "CET"}}'
+
+
+@pytest.mark.parametrize(
+    "parser, said, content", [("hermes", HERMES, "Checking.\n"), ("llama3_json", LLAMA, None)]
+)
+def test_auto_tool_calls_with_a_parser(tok, parser, said, content) -> None:
     engine = FakeEngine(tok)
-    said = (
-        'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
-    )
     engine.reply = tok.encode(said)
     tools = [{"type": "function", "function": {"name": "get_time"}}]
-    config = ServerConfig(tool_call_parser="hermes")
-    with live_server(engine, config) as base:
+    with live_server(engine, ServerConfig(tool_call_parser=parser)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         kw = dict(model="smollm2-fake", messages=HELLO, tools=tools, max_tokens=64)
         out = client.chat.completions.create(**kw).choices[0]  # tool_choice: auto, the default
-        assert out.message.content == "Checking.\n" and out.finish_reason == "tool_calls"
+        assert out.message.content == content and out.finish_reason == "tool_calls"
         (call,) = out.message.tool_calls
         assert (call.function.name, call.function.arguments) == ("get_time", '{"zone": "CET"}')
         assert engine.calls[-1].params.structured_outputs is None  # the model chooses
         chunks = list(client.chat.completions.create(stream=True, **kw))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         calls = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
-        assert content == "Checking.\n" and len(calls) == 1 and calls[0].id
+        assert streamed == (content or "") and len(calls) == 1 and calls[0].id
         assert (calls[0].function.name, calls[0].function.arguments) == (
             "get_time",
             '{"zone": "CET"}',

@@ -20,7 +20,7 @@ from server.protocol import (
     parse_detokenize,
     parse_tokenize,
 )
-from server.tools import HermesCalls
+from server.tools import HermesCalls, Llama3JsonCalls
 
 MAX_LEN = 64
 DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "unrelated_key": 3}
@@ -636,6 +636,10 @@ def test_nulls_are_absent_and_auto_keeps_special_tokens(info: ModelInfo) -> None
     assert req.prompts[0].params.structured_outputs is None
     req = parse_chat(chat(tools=[bare], parallel_tool_calls=False, skip_special_tokens=True), auto)
     assert not req.tool_choice.parallel and req.prompts[0].params.skip_special_tokens
+    llama = dataclasses.replace(info, tool_call_parser="llama3_json")
+    req = parse_chat(chat(tools=[bare]), llama)
+    assert isinstance(req.tool_choice, Llama3JsonCalls)
+    assert req.prompts[0].params.skip_special_tokens is False
 
 
 @pytest.mark.parametrize(

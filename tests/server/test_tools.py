@@ -9,7 +9,7 @@ import random
 import pytest
 
 from server import tools
-from server.tools import ForcedCalls, HermesCalls
+from server.tools import ForcedCalls, HermesCalls, Llama3JsonCalls
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "é"}}\n</tool_call>'
 NOW = '<tool_call>{"name": "now"}</tool_call>'
@@ -145,3 +145,49 @@ def test_a_long_stream_parses_each_block_once(monkeypatch):
     for k in range(0, len(text), 4):
         stream.delta(0, text[k : k + 4], k + 4 >= len(text))
     assert len(parsed) == 50  # each finished call is parsed once, not at every delta
+
+
+LLAMA = {  # text -> (content, [(name, arguments)])
+    "The sky is blue.": ("The sky is blue.", []),
+    '{"name": "add", "parameters": {"a": 1}}': (None, [("add", '{"a": 1}')]),
+    '<|python_tag|>{"name": "now", "parameters": {}}; {"name": "add", "arguments": "{}"}': (
+        None,
+        [("now", "{}"), ("add", "{}")],
+    ),
+    ' \n{"name": "now"}': (None, [("now", "{}")]),
+    # not calls: the whole output is content
+    '{"name": "add", "parameters": {"a": 1': ('{"name": "add", "parameters": {"a": 1', []),
+    '{"a": 1}': ('{"a": 1}', []),
+    '{"name": "now"} and more': ('{"name": "now"} and more', []),
+    "<|python": ("<|python", []),
+    "   ": ("   ", []),
+}
+
+
+@pytest.mark.parametrize("text", LLAMA)
+def test_llama3_json_calls_streamed_in_any_pieces_equal_read_whole(text):
+    want_content, want_calls = LLAMA[text]
+    content, calls = Llama3JsonCalls().message(text)
+    assert content == want_content
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls or []] == want_calls
+    rng = random.Random(1)
+    for sizes in [[1] * len(text)] + [[rng.randint(1, 9) for _ in text] for _ in range(10)]:
+        stream, pos, streamed, made, called = Llama3JsonCalls().stream(), 0, "", [], False
+        while pos < len(text):
+            piece, pos = text[pos : pos + sizes[0]], pos + sizes.pop(0)
+            delta, called = stream.delta(0, piece, finished=pos >= len(text))
+            streamed += delta.get("content", "")
+            made += [
+                (c["function"]["name"], c["function"]["arguments"])
+                for c in delta.get("tool_calls", [])
+            ]
+        assert (streamed or None, made, called) == (want_content, want_calls, bool(want_calls))
+
+
+def test_llama3_json_content_streams_as_it_comes():
+    stream = Llama3JsonCalls().stream()
+    assert stream.delta(0, "  ", False) == ({}, False)  # undecided yet
+    assert stream.delta(0, "Hi", False) == ({"content": "  Hi"}, False)
+    assert stream.delta(0, " there", True) == ({"content": " there"}, False)
+    calls = Llama3JsonCalls(parallel=False).message('{"name": "a"}; {"name": "b"}')[1]
+    assert [c["function"]["name"] for c in calls] == ["a"]
