@@ -223,7 +223,8 @@ class Llama3JsonCalls:
         return Llama3JsonStream(self)
 
     def calls(self, text: str) -> list[tuple[str, str]] | None:
-        """The (name, arguments) calls the whole output is; None when it is not calls."""
+        """The (name, arguments) calls the whole output is; None when it is not calls. A ";"
+        may end the last one too, as vLLM reads it."""
         body = text.strip().removeprefix(self.TAG).lstrip()
         decoder, calls, pos = json.JSONDecoder(), [], 0
         while body.startswith("{", pos):
@@ -236,12 +237,10 @@ class Llama3JsonCalls:
                 return None
             calls.append(call)
             rest = body[pos:].lstrip()
-            if not rest:
-                return calls
             if not rest.startswith(";"):
-                return None
+                return calls if not rest else None
             pos = len(body) - len(rest[1:].lstrip())
-        return None
+        return calls if calls and pos == len(body) else None
 
     def may_call(self, text: str) -> bool | None:
         """Whether an output starting with `text` may be calls (True) or is content (False);
@@ -302,7 +301,9 @@ def _named_call(call: Any) -> tuple[str, str] | None:
     some models write it); None if `call` is not that."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
-    arguments = call.get("arguments", call.get("parameters"))
+    arguments = call.get("arguments")
+    if arguments is None:
+        arguments = call.get("parameters")
     if arguments is None:
         return call["name"], "{}"
     if isinstance(arguments, str):

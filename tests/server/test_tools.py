@@ -155,6 +155,8 @@ LLAMA = {  # text -> (content, [(name, arguments)])
         [("now", "{}"), ("add", "{}")],
     ),
     ' \n{"name": "now"}': (None, [("now", "{}")]),
+    '{"name": "now"};': (None, [("now", "{}")]),  # a ";" after the last call, as vLLM allows
+    '{"name": "now", "arguments": null, "parameters": {"a": 2}}': (None, [("now", '{"a": 2}')]),
     # not calls: the whole output is content
     '{"name": "add", "parameters": {"a": 1': ('{"name": "add", "parameters": {"a": 1', []),
     '{"a": 1}': ('{"a": 1}', []),
