@@ -170,7 +170,8 @@ def test_forced_tool_calls_through_the_openai_client(client):
     ask = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
     kw = dict(model="smol", messages=ask, tools=[WEATHER, TIME], max_tokens=64, temperature=0)
-    out = client.chat.completions.create(tool_choice=named, **kw).choices[0]
+    first = client.chat.completions.create(tool_choice=named, **kw)
+    out = first.choices[0]
     (call,) = out.message.tool_calls
     assert call.function.name == "get_weather" and call.type == "function" and call.id
     arguments = json.loads(call.function.arguments)  # the schema's: a string, an integer
@@ -205,9 +206,11 @@ def test_forced_tool_calls_through_the_openai_client(client):
         {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'},
     ]
     reply = client.chat.completions.create(
-        model="smol", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8
-    )
-    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+        **(kw | {"messages": history, "max_tokens": 8}), tool_choice="none"
+    )  # the call and its answer reach the prompt; the model answers in text
+    assert reply.usage.prompt_tokens > first.usage.prompt_tokens + 10
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.BadRequestError, match="needs the server started with") as e:
         client.chat.completions.create(model="smol", messages=ask, tools=[WEATHER])
     assert e.value.body["param"] == "tool_choice"
