@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from server.tools import TOOL_CALL_PARSERS
+from server.tool_parsers import TOOL_CALL_PARSERS
 
 log = logging.getLogger("kiln")
 

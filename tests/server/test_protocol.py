@@ -20,7 +20,7 @@ from server.protocol import (
     parse_detokenize,
     parse_tokenize,
 )
-from server.tools import HermesCalls, Llama3JsonCalls
+from server.tool_parsers import HermesCalls, Llama3JsonCalls
 
 MAX_LEN = 64
 DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "unrelated_key": 3}

@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from server import tools
-from server.tools import ForcedCalls, HermesCalls, Llama3JsonCalls
+from server import tool_parsers
+from server.tool_parsers import HermesCalls, Llama3JsonCalls
+from server.tools import ForcedCalls
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "é"}}\n</tool_call>'
 NOW = '<tool_call>{"name": "now"}</tool_call>'
@@ -136,8 +137,10 @@ def test_a_long_stream_scans_each_piece_of_text_once(monkeypatch):
 
 def test_a_long_stream_parses_each_block_once(monkeypatch):
     parsed = []
-    real = tools._hermes_call
-    monkeypatch.setattr(tools, "_hermes_call", lambda block: parsed.append(block) or real(block))
+    real = tool_parsers._hermes_call
+    monkeypatch.setattr(
+        tool_parsers, "_hermes_call", lambda block: parsed.append(block) or real(block)
+    )
     text = "".join(
         f'<tool_call>{{"name": "f{i}", "arguments": {{}}}}</tool_call>' for i in range(50)
     )
