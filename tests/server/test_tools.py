@@ -47,6 +47,23 @@ TEXTS = {  # text -> (content, [(name, arguments)])
 }
 
 
+def streamed(parser, text, rng, longest, splits):
+    """`text` streamed through `parser` in one-character pieces, then in `splits` random
+    splits (pieces of 1..`longest`): per run, the content, the (name, arguments) calls, and
+    whether the last delta said calls were made."""
+    runs = [[1] * len(text)] + [[rng.randint(1, longest) for _ in text] for _ in range(splits)]
+    for sizes in runs:
+        stream, pos, content, calls, called = parser.stream(), 0, "", [], False
+        while pos < len(text):
+            piece, pos = text[pos : pos + sizes[0]], pos + sizes.pop(0)
+            delta, called = stream.delta(0, piece, finished=pos >= len(text))
+            content += delta.get("content", "")
+            for call in delta.get("tool_calls", []):
+                assert call["index"] == len(calls) and call["id"]
+                calls.append((call["function"]["name"], call["function"]["arguments"]))
+        yield content, calls, called
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_hermes_calls_read_whole(text):
     content, calls = HermesCalls().message(text)
@@ -63,17 +80,7 @@ def test_hermes_calls_read_whole(text):
 @pytest.mark.parametrize("text", TEXTS)
 def test_hermes_calls_streamed_in_any_pieces_equal_read_whole(text):
     want_content, want_calls = TEXTS[text]
-    rng = random.Random(0)
-    splits = [[1] * len(text)] + [[rng.randint(1, 6) for _ in text] for _ in range(20)]
-    for sizes in splits:
-        stream, pos, content, calls, called = HermesCalls().stream(), 0, "", [], False
-        while pos < len(text):
-            piece, pos = text[pos : pos + sizes[0]], pos + sizes.pop(0)
-            delta, called = stream.delta(0, piece, finished=pos >= len(text))
-            content += delta.get("content", "")
-            for call in delta.get("tool_calls", []):
-                assert call["index"] == len(calls) and call["id"]
-                calls.append((call["function"]["name"], call["function"]["arguments"]))
+    for content, calls, called in streamed(HermesCalls(), text, random.Random(0), 6, 20):
         assert (content, calls, called) == (want_content, want_calls, bool(want_calls))
 
 
@@ -175,18 +182,8 @@ def test_llama3_json_calls_streamed_in_any_pieces_equal_read_whole(text):
     content, calls = Llama3JsonCalls().message(text)
     assert content == want_content
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls or []] == want_calls
-    rng = random.Random(1)
-    for sizes in [[1] * len(text)] + [[rng.randint(1, 9) for _ in text] for _ in range(10)]:
-        stream, pos, streamed, made, called = Llama3JsonCalls().stream(), 0, "", [], False
-        while pos < len(text):
-            piece, pos = text[pos : pos + sizes[0]], pos + sizes.pop(0)
-            delta, called = stream.delta(0, piece, finished=pos >= len(text))
-            streamed += delta.get("content", "")
-            made += [
-                (c["function"]["name"], c["function"]["arguments"])
-                for c in delta.get("tool_calls", [])
-            ]
-        assert (streamed or None, made, called) == (want_content, want_calls, bool(want_calls))
+    for content, calls, called in streamed(Llama3JsonCalls(), text, random.Random(1), 9, 10):
+        assert (content or None, calls, called) == (want_content, want_calls, bool(want_calls))
 
 
 def test_llama3_json_content_streams_as_it_comes():
