@@ -253,7 +253,13 @@ async def _collect(meta: Meta, pieces: Pieces, updates: AsyncIterator[Update]) -
     total = len(pieces.req.prompts) * pieces.req.n
     tools = pieces.req.tool_choice
     choices = [responses.choice(meta, responses.join(k, got[k]), tools) for k in range(total)]
-    return web.json_response(responses.body(meta, choices, pieces.usage()))
+    prompt_ids = _chat_prompt_ids(pieces.req)
+    return web.json_response(responses.body(meta, choices, pieces.usage(), prompt_ids))
+
+
+def _chat_prompt_ids(req: GenerateRequest) -> tuple[int, ...] | None:
+    """A chat response's prompt token ids, at its top level, when the request asks for them."""
+    return req.prompts[0].token_ids if req.chat and req.return_token_ids else None
 
 
 async def _stream(
@@ -276,15 +282,19 @@ async def _stream(
             if calls is not None:
                 delta, called = calls.delta(p.index, p.text, p.finish_reason is not None)
                 p = replace(p, finish_reason=req.tool_choice.finish_reason(p.finish_reason, called))
-            if (p.text if delta is None else delta) or p.logprobs or p.finish_reason:
+            shown = (p.text if delta is None else delta) or p.logprobs or p.finish_reason
+            if shown or p.token_ids:  # tokens the text holds back still show their ids
                 chunk = responses.chunk(meta, p, req.include_usage, delta=delta)
                 await response.write(responses.sse(chunk))
 
     try:
         if meta.chat:
+            prompt_ids = _chat_prompt_ids(req)
             for k in range(len(req.prompts) * req.n):
-                role = responses.chunk(meta, Piece(k, "", None, None), req.include_usage, True)
+                piece = Piece(k, "", None, None)
+                role = responses.chunk(meta, piece, req.include_usage, True, None, prompt_ids)
                 await response.write(responses.sse(role))
+                prompt_ids = None  # the first chunk alone carries them
         if first is not None:
             await send(first)
         async for update in updates:

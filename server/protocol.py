@@ -85,6 +85,9 @@ class GenerateRequest:
     top_logprobs: int | None  # alternatives shown per token; None: no logprobs
     echo_only: bool = False  # echo with max_tokens 0: the prompt, and no completion token
     tool_choice: ToolChoice | None = None  # chat: the function calls the output must be
+    # vLLM's `return_token_ids`: the prompt's and each choice's token ids beside the text
+    return_token_ids: bool = False
+    tokens_as_ids: bool = False  # vLLM's `return_tokens_as_token_ids`: logprobs' "token_id:N"
 
 
 def bad(message: str, param: str | None = None) -> ProtocolError:
@@ -289,6 +292,13 @@ def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
     return stream, bool(options and _get(options, "include_usage", bool, False))
 
 
+def _token_id_flags(body: Mapping[str, Any]) -> dict[str, bool]:
+    return {
+        "return_token_ids": _get(body, "return_token_ids", bool, False),
+        "tokens_as_ids": _get(body, "return_tokens_as_token_ids", bool, False),
+    }
+
+
 def _completion_items(body: Mapping[str, Any]) -> list[str | list[int]]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -337,7 +347,17 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
         for ids, text in items
     )
     n = prompts[0].params.n
-    return GenerateRequest(False, prompts, n, stream, include_usage, echo, logprobs, echo_only)
+    return GenerateRequest(
+        False,
+        prompts,
+        n,
+        stream,
+        include_usage,
+        echo,
+        logprobs,
+        echo_only,
+        **_token_id_flags(body),
+    )
 
 
 def chat_prompt(
@@ -391,7 +411,15 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     prompt = _prompt(ids, None, body, info, sampling, names)
     n = prompt.params.n
     return GenerateRequest(
-        True, (prompt,), n, stream, include_usage, False, top_logprobs, tool_choice=tool_choice
+        True,
+        (prompt,),
+        n,
+        stream,
+        include_usage,
+        False,
+        top_logprobs,
+        tool_choice=tool_choice,
+        **_token_id_flags(body),
     )
 
 

@@ -50,6 +50,8 @@ class Piece:
     text: str
     logprobs: dict[str, list] | None
     finish_reason: str | None
+    token_ids: tuple[int, ...] | None = None  # the delta's tokens, when the request asks
+    prompt_token_ids: tuple[int, ...] | None = None  # a completion choice's first piece's
 
 
 def error_body(status: int, message: str, type: str, param: str | None = None) -> dict:
@@ -87,11 +89,16 @@ def token_logprobs(
     top_n: int,
     token_text: Callable[[int], str],
     token_bytes: Callable[[int], bytes],
+    as_ids: bool = False,
 ) -> list[TokenLogprob]:
-    """Engine logprobs (one dict per sampled token) as TokenLogprobs with `top_n` alternatives."""
+    """Engine logprobs (one dict per sampled token) as TokenLogprobs with `top_n` alternatives;
+    `as_ids`: each token's text is "token_id:N"."""
 
     def candidate(token: int, lp: Logprob) -> Candidate:
-        text = lp.decoded_token if lp.decoded_token is not None else token_text(token)
+        if as_ids:
+            text = f"token_id:{token}"
+        else:
+            text = lp.decoded_token if lp.decoded_token is not None else token_text(token)
         return Candidate(text, token_bytes(token), lp.logprob)
 
     out = []
@@ -182,7 +189,10 @@ def join(index: int, pieces: Sequence[Piece]) -> Piece:
     """All the pieces of one choice, in order, as one."""
     merged = concat([p.logprobs for p in pieces])
     finish = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
-    return Piece(index, "".join(p.text for p in pieces), merged, finish)
+    ids = [p.token_ids for p in pieces if p.token_ids is not None]
+    token_ids = tuple(t for d in ids for t in d) if ids else None
+    prompt_ids = pieces[0].prompt_token_ids if pieces else None
+    return Piece(index, "".join(p.text for p in pieces), merged, finish, token_ids, prompt_ids)
 
 
 def choice(meta: Meta, piece: Piece, tool_choice: ToolChoice | None = None) -> dict:
@@ -198,38 +208,71 @@ def choice(meta: Meta, piece: Piece, tool_choice: ToolChoice | None = None) -> d
         message = {"role": "assistant", "content": content}
         text = {"message": message | ({"tool_calls": calls} if calls else {})}
         finish = tool_choice.finish_reason(finish, bool(calls))
-    return {"index": piece.index} | text | {"logprobs": piece.logprobs, "finish_reason": finish}
+    out = {"index": piece.index} | text | {"logprobs": piece.logprobs, "finish_reason": finish}
+    return out | token_ids(piece)
 
 
-def body(meta: Meta, choices: list[dict], usage: dict) -> dict:
+def token_ids(piece: Piece) -> dict[str, list[int]]:
+    """vLLM's `return_token_ids` fields of a choice (a chat response has the prompt's ids at
+    its top level instead)."""
+    out = {}
+    if piece.prompt_token_ids is not None:
+        out["prompt_token_ids"] = list(piece.prompt_token_ids)
+    if piece.token_ids is not None:
+        out["token_ids"] = list(piece.token_ids)
+    return out
+
+
+def body(
+    meta: Meta, choices: list[dict], usage: dict, prompt_ids: Sequence[int] | None = None
+) -> dict:
+    """A whole response; `prompt_ids`: a chat prompt's token ids, when the request asks."""
     kind = "chat.completion" if meta.chat else "text_completion"
-    return _head(meta, kind) | {"choices": choices, "usage": usage}
+    out = _head(meta, kind) | _prompt_ids(prompt_ids)
+    return out | {"choices": choices, "usage": usage}
 
 
 def chunk(
-    meta: Meta, piece: Piece, include_usage: bool, role: bool = False, delta: dict | None = None
+    meta: Meta,
+    piece: Piece,
+    include_usage: bool,
+    role: bool = False,
+    delta: dict | None = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> dict:
-    """A stream chunk for one piece; `role` marks a chat choice's first chunk; `delta`, when
-    given, is a chat chunk's instead of the piece's text (tool calls: server/tools.py)."""
+    """A stream chunk for one piece; `role` marks a chat choice's first chunk (the first of
+    them carries the prompt's `prompt_ids` when the request asks); `delta`, when given, is a
+    chat chunk's instead of the piece's text (tool calls: server/tools.py)."""
     if meta.chat:
         if delta is None:
             delta = {"content": piece.text} if piece.text or role else {}
         delta = {"role": "assistant"} | delta if role else delta
         one = {"index": piece.index, "delta": delta}
         one |= {"logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
+        one |= token_ids(piece)
     else:
         one = choice(meta, piece)
-    return _chunk(meta, [one], None, include_usage)
+    return _chunk(meta, [one], None, include_usage, prompt_ids)
 
 
 def usage_chunk(meta: Meta, usage: dict) -> dict:
     return _chunk(meta, [], usage, True)
 
 
-def _chunk(meta: Meta, choices: list[dict], usage: dict | None, include_usage: bool) -> dict:
+def _chunk(
+    meta: Meta,
+    choices: list[dict],
+    usage: dict | None,
+    include_usage: bool,
+    prompt_ids: Sequence[int] | None = None,
+) -> dict:
     kind = "chat.completion.chunk" if meta.chat else "text_completion"
-    out = _head(meta, kind) | {"choices": choices}
+    out = _head(meta, kind) | _prompt_ids(prompt_ids) | {"choices": choices}
     return out | {"usage": usage} if include_usage else out
+
+
+def _prompt_ids(ids: Sequence[int] | None) -> dict[str, list[int]]:
+    return {} if ids is None else {"prompt_token_ids": list(ids)}
 
 
 def _head(meta: Meta, kind: str) -> dict[str, Any]:
@@ -266,8 +309,8 @@ class Pieces:
             done = c.finish_reason in ("stop", "length")
             c = CompletionOutput(c.index, finish_reason="length" if done else c.finish_reason)
         self.completion_tokens += len(c.token_ids)
-        echo, echoed = "", None
-        if index not in self.offsets:
+        echo, echoed, first = "", None, index not in self.offsets
+        if first:
             echo = (req.prompts[index // req.n].text or "") if req.echo else ""
             self.offsets[index] = TextOffsets(len(echo))
             if req.echo and req.top_logprobs is not None and index // req.n in self.scored:
@@ -275,13 +318,24 @@ class Pieces:
         logprobs = None
         if req.top_logprobs is not None and c.logprobs is not None:
             entries = token_logprobs(
-                c.token_ids, c.logprobs, req.top_logprobs, self.token_text, self._raw_bytes
+                c.token_ids,
+                c.logprobs,
+                req.top_logprobs,
+                self.token_text,
+                self._raw_bytes,
+                req.tokens_as_ids,
             )
             if req.chat:
                 logprobs = chat_logprobs(entries)
             else:
                 logprobs = completion_logprobs(entries, self._text_offsets(index, c))
-        return Piece(index, echo + c.text, concat([echoed, logprobs]), c.finish_reason)
+        ids = prompt_ids = None
+        if req.return_token_ids:
+            ids = tuple(c.token_ids)
+            if first and not req.chat:  # a chat response has them once, at its top level
+                prompt_ids = req.prompts[index // req.n].token_ids
+        text, merged = echo + c.text, concat([echoed, logprobs])
+        return Piece(index, text, merged, c.finish_reason, ids, prompt_ids)
 
     def _echo_logprobs(self, prompt_index: int, text: str) -> dict[str, list]:
         """The prompt's tokens with their logprobs, at their offsets in its echoed text (a
@@ -291,11 +345,17 @@ class Pieces:
             ids = self.req.prompts[prompt_index].token_ids
             scored = self.scored[prompt_index]
             entries = token_logprobs(
-                ids[1:], scored[1:], self.req.top_logprobs, self.token_text, self._raw_bytes
+                ids[1:],
+                scored[1:],
+                self.req.top_logprobs,
+                self.token_text,
+                self._raw_bytes,
+                self.req.tokens_as_ids,
             )
             data = [self._raw_bytes(t) for t in ids]
             offsets = TextOffsets(0).delta(text, data, finished=True)
-            self.echoed[prompt_index] = echo_logprobs(self.token_text(ids[0]), entries, offsets)
+            first = f"token_id:{ids[0]}" if self.req.tokens_as_ids else self.token_text(ids[0])
+            self.echoed[prompt_index] = echo_logprobs(first, entries, offsets)
         return self.echoed[prompt_index]
 
     def _raw_bytes(self, token: int) -> bytes:

@@ -374,6 +374,71 @@ def test_every_sampling_parameter_reaches_the_engine(client, engine) -> None:
     assert (p.ignore_eos, p.min_tokens, p.logprobs) == (True, 3, None)
 
 
+# --- token ids (vLLM's return_token_ids, return_tokens_as_token_ids) --------------------------
+
+
+def test_completion_returns_token_ids_whole_and_streamed(client, tok) -> None:
+    prompts = [SPLIT, "a b c d e f"]
+    kwargs = {"model": NAME, "prompt": prompts, "n": 2, "max_tokens": 13}
+    full = client.completions.create(**kwargs, extra_body={"return_token_ids": True})
+    for c in full.choices:
+        ids = tok.encode(prompts[c.index // 2])
+        assert c.prompt_token_ids == ids
+        assert c.token_ids == echoed(ids, c.index % 2, 13)
+    stream = client.completions.create(**kwargs, stream=True, extra_body={"return_token_ids": True})
+    chunks = [c.choices[0] for c in stream]
+    for want in full.choices:
+        mine = [c for c in chunks if c.index == want.index]
+        # a chunk per token, text held back (a character's first bytes) or not
+        assert [len(c.token_ids) for c in mine] == [1] * 13
+        assert [t for c in mine for t in c.token_ids] == want.token_ids
+        assert mine[0].prompt_token_ids == want.prompt_token_ids
+        assert all(c.model_extra.get("prompt_token_ids") is None for c in mine[1:])
+        assert "".join(c.text for c in mine) == want.text
+    assert any(c.text == "" for c in chunks)  # SPLIT's characters span tokens
+    plain = client.completions.create(**kwargs).choices[0]
+    assert "token_ids" not in plain.model_extra and "prompt_token_ids" not in plain.model_extra
+
+
+def test_chat_returns_token_ids_with_the_prompt_at_the_top(client, tok) -> None:
+    ids = chat_ids(tok, HELLO)
+    extra = {"return_token_ids": True}
+    r = client.chat.completions.create(
+        model=NAME, messages=HELLO, n=2, max_tokens=5, extra_body=extra
+    )
+    assert r.prompt_token_ids == ids
+    assert [c.token_ids for c in r.choices] == [echoed(ids, k, 5) for k in (0, 1)]
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=HELLO, n=2, max_tokens=5, stream=True, extra_body=extra
+        )
+    )
+    assert chunks[0].prompt_token_ids == ids  # the first chunk alone has them
+    assert all(c.model_extra.get("prompt_token_ids") is None for c in chunks[1:])
+    for k in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == k]
+        got = [t for c in mine for t in (c.model_extra.get("token_ids") or [])]
+        assert got == r.choices[k].token_ids
+
+
+def test_logprob_tokens_as_token_ids(client, tok) -> None:
+    extra = {"return_tokens_as_token_ids": True}
+    ids = tok.encode(FOX)
+    r = client.completions.create(
+        model=NAME, prompt=FOX, max_tokens=3, logprobs=2, echo=True, extra_body=extra
+    )
+    lp = r.choices[0].logprobs
+    want = [*ids, *ids[:3]]
+    assert lp.tokens == [f"token_id:{t}" for t in want]  # the echoed prompt's tokens too
+    assert list(lp.top_logprobs[-1]) == [f"token_id:{ids[2]}", f"token_id:{ids[2] + 1}"]
+    assert r.choices[0].text == FOX + tok.decode(ids[:3])
+    r = client.chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=2, logprobs=True, top_logprobs=1, extra_body=extra
+    )
+    chat = chat_ids(tok, HELLO)
+    assert [e.token for e in r.choices[0].logprobs.content] == [f"token_id:{t}" for t in chat[:2]]
+
+
 # --- tokenize, health, metrics ----------------------------------------------------------------
 
 
@@ -671,6 +736,12 @@ def test_model_without_tokenizer() -> None:
                                       logprobs=0)  # fmt: skip
         assert r.choices[0].logprobs.tokens == ["token_id:5", "token_id:6", "token_id:5"]
         assert (r.choices[0].text, r.usage.completion_tokens) == ("", 3)
+        # streamed, its tokens come as ids, a chunk each, though it has no text to show
+        stream = client.completions.create(
+            model="smollm2-fake", prompt=[5, 6], max_tokens=3, stream=True,
+            extra_body={"return_token_ids": True},
+        )  # fmt: skip
+        assert [c.choices[0].token_ids for c in stream] == [[5], [6], [5]]
 
 
 def test_sigterm_drains_then_serve_returns(tok) -> None:
