@@ -13,14 +13,7 @@ from pathlib import Path
 
 from benchmarks.common import save, table
 from benchmarks.models import random_model, save_source
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.serving import free_port
 
 
 def kiln(*args: str) -> list[str]:
