@@ -92,16 +92,24 @@ class AsyncEngine:
         await asyncio.to_thread(self._thread.join, 10)
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Each item to its request's stream: one wake-up of each consumer loop for all of
+        them (a step's updates for hundreds of streams would otherwise be as many)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                loop, stream = target
+                batches.setdefault(loop, []).append((stream, item))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _loop(self) -> None:
         try:
             while self._run_commands(block=not self.engine.has_unfinished()):
-                for update in self.engine.step():
-                    self._deliver(update.request_id, update)
+                self._deliver_all([(u.request_id, u) for u in self.engine.step()])
         except BaseException as e:  # the loop must report any death to every waiter
             log.exception("engine loop died")
             self._error = e
@@ -146,3 +154,8 @@ class AsyncEngine:
         dead = EngineDeadError("the engine died" if crashed else "the engine stopped")
         for request_id in list(self._streams):
             self._deliver(request_id, dead)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)

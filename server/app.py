@@ -191,25 +191,42 @@ def _engine_error(exc: Exception) -> Exception:
     return exc
 
 
+async def _prompt_updates(state: State, request_id: str, prompt: protocol.Prompt):
+    """One prompt's engine updates, timed for the metrics; closing this aborts its request."""
+    timer = state.metrics.start(len(prompt.token_ids), prompt.params.n)
+    gen = state.engine.generate(request_id, list(prompt.token_ids), prompt.params, prompt.text)
+    try:
+        async with contextlib.aclosing(gen):
+            async for out in gen:
+                timer.observe(out)
+                yield out
+    finally:
+        timer.end()
+
+
 async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIterator[Update]:
     """Every prompt's engine updates, merged as they come; closing this aborts them all."""
+    if len(req.prompts) == 1:  # nothing to merge: no task between the engine and the reply
+        updates = _prompt_updates(state, f"{request_id}-0", req.prompts[0])
+        try:
+            async with contextlib.aclosing(updates):
+                async for out in updates:
+                    yield 0, out
+        except Exception as exc:
+            raise _engine_error(exc) from None
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
     async def pump(i: int, prompt: protocol.Prompt) -> None:
-        timer = state.metrics.start(len(prompt.token_ids), prompt.params.n)
-        gen = state.engine.generate(
-            f"{request_id}-{i}", list(prompt.token_ids), prompt.params, prompt.text
-        )
         try:
-            async with contextlib.aclosing(gen):
-                async for out in gen:
-                    timer.observe(out)
+            async with contextlib.aclosing(
+                _prompt_updates(state, f"{request_id}-{i}", prompt)
+            ) as updates:
+                async for out in updates:
                     queue.put_nowait((i, out))
         except Exception as exc:
             queue.put_nowait((i, exc))
             return
-        finally:
-            timer.end()
         queue.put_nowait((i, None))
 
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(req.prompts)]

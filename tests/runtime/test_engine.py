@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from dataclasses import replace
 
 import pytest
@@ -452,3 +453,39 @@ def test_async_engine_keeps_a_closed_streams_id_until_its_request_is_aborted(art
         await engine.shutdown(timeout=1)
 
     asyncio.run(run())
+
+
+def test_async_engine_wakes_its_consumers_loop_once_a_step(artifact):
+    """A step's updates for every stream reach the asyncio loop in one call, not one each."""
+    llm = kiln.LLM(artifact, num_kv_blocks=128)
+    prompts = [list(range(5 + i, 25 + i)) for i in range(6)]
+    expected = alone(artifact, prompts, [greedy(8)] * 6)
+    steps, wakeups = [], []
+    step = llm.engine.step
+    llm.engine.step = lambda: steps.append(1) or step()
+    engine = AsyncEngine(llm.engine)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        call = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            if threading.current_thread().name == "kiln-engine":
+                wakeups.append(1)
+            return call(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+
+        async def tokens(i):
+            return [
+                t
+                async for u in engine.generate(f"r{i}", prompts[i], greedy(8))
+                for t in u.token_ids
+            ]
+
+        got = await asyncio.gather(*(tokens(i) for i in range(6)))
+        await engine.shutdown(timeout=1)
+        return got
+
+    assert asyncio.run(run()) == expected
+    assert len(wakeups) <= len(steps) < 6 * 8  # before: a wake-up per update, 48 or more
