@@ -71,7 +71,7 @@ def array_abi_values(
 ) -> tuple[int, ...]:
     """The 8-byte values one array argument passes, in array_fields order (strides in elements)."""
     nitems = math.prod(shape)
-    return (0, 0, nitems, itemsize, data_ptr, *shape, *(s * itemsize for s in strides))
+    return (0, 0, nitems, itemsize, data_ptr, *shape, *[s * itemsize for s in strides])
 
 
 def signature(kernel: Kernel) -> tuple:

@@ -110,8 +110,13 @@ class OpKernels:
     def bound(self, sizes: Sizes) -> set[str]:
         """The names the steps that run at these sizes bind (scratch nobody binds is not
         allocated: a one-row NormLinear needs none of its general path's buffers)."""
+        return self.names(self.steps(sizes))
+
+    @staticmethod
+    def names(steps: tuple[Kernel | Gemm, ...]) -> set[str]:
+        """The names these steps bind."""
         names: set[str] = set()
-        for k in self.steps(sizes):
+        for k in steps:
             names |= {k.out, k.a, k.b} if isinstance(k, Gemm) else {p.name for p in k.params}
         return names
 

@@ -7,6 +7,7 @@ constant it was built from) must equal the name compiled into the artifact.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -50,27 +51,39 @@ class CubinOp:
     """The kernels of one node, loaded from cubin, launched on torch's current stream."""
 
     def __init__(self, kernels: OpKernels, functions: dict) -> None:
+        from cuda.core import LaunchConfig, launch
+
         self.kernels = kernels
         self.functions = {k.name: functions[k.name] for k in kernels.generated}
+        self._launch, self._config = launch, LaunchConfig
 
-    def __call__(self, sizes: Sizes, tensors: Mapping[str, torch.Tensor]) -> None:
-        from cuda.core import LaunchConfig, Stream, launch
-
-        stream = Stream.from_handle(torch.cuda.current_stream().cuda_stream)
-        for kernel in self.kernels.steps(sizes):
+    def __call__(
+        self, sizes: Sizes, tensors: Mapping[str, torch.Tensor], steps: tuple | None = None
+    ) -> None:
+        """Launch `steps` (default: the kernels' steps at these sizes) on the bound tensors."""
+        stream = _stream(torch.cuda.current_stream().cuda_stream)
+        for kernel in self.kernels.steps(sizes) if steps is None else steps:
             if isinstance(kernel, Gemm):
                 kernel(tensors)
                 continue
             args: list[int] = []
             for p in kernel.params:
                 args += abi_values(tensors[p.name], p)
-            config = LaunchConfig(grid=kernel.grid(sizes), block=kernel.block)
-            launch(stream, config, self.functions[kernel.name], *np.array(args, dtype=np.int64))
+            config = self._config(grid=kernel.grid(sizes), block=kernel.block)
+            self._launch(stream, config, self.functions[kernel.name], *np.array(args, np.int64))
+
+
+@functools.lru_cache(maxsize=16)
+def _stream(handle: int):
+    """cuda.core's view of a CUDA stream (torch's current one), made once per stream."""
+    from cuda.core import Stream
+
+    return Stream.from_handle(handle)
 
 
 def abi_values(t: torch.Tensor, param: Param) -> tuple[int, ...]:
     t = param_view(t, param)
-    return array_abi_values(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.element_size())
+    return array_abi_values(t.data_ptr(), t.shape, t.stride(), t.element_size())
 
 
 def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinOp]:
@@ -100,8 +113,11 @@ def kernel_node_fn(node, run: CubinOp):
     params = [p for k in run.kernels.generated for p in k.params]
     contiguous = {p.name for p in params if p.layout == "C"}
     wanted = {p.name for p in params}
+    batch_fields = [n for n in ("slot_mapping", "query_start", "context_lens", "block_tables")
+                    if n in wanted]  # fmt: skip
     layer = node.op.layer if isinstance(node.op, PagedAttention) else None
     outs = [(v.type, TORCH_DTYPES[v.type.dtype]) for v in node.outputs]
+    scratch = [(s, TORCH_DTYPES[s.dtype]) for s in run.kernels.scratch]
 
     def fn(op, ctx, *args):
         device = next(a.device for a in args if a is not None)
@@ -115,16 +131,14 @@ def kernel_node_fn(node, run: CubinOp):
         tensors.update((f"out{i}", r) for i, r in enumerate(results))
         if layer is not None:
             tensors["k_cache"], tensors["v_cache"] = ctx.kv_caches[layer]
-        for name in ("slot_mapping", "query_start", "context_lens", "block_tables"):
-            if name in wanted:
-                tensors[name] = getattr(ctx, name)
-        used = run.kernels.bound(ctx.sizes)
-        for s in run.kernels.scratch:
+        for name in batch_fields:
+            tensors[name] = getattr(ctx, name)
+        steps = run.kernels.steps(ctx.sizes)
+        used = OpKernels.names(steps)
+        for s, dtype in scratch:
             if s.name in used:
-                tensors[s.name] = torch.empty(
-                    s.shape(ctx.sizes), dtype=TORCH_DTYPES[s.dtype], device=device
-                )
-        run(ctx.sizes, tensors)
+                tensors[s.name] = torch.empty(s.shape(ctx.sizes), dtype=dtype, device=device)
+        run(ctx.sizes, tensors, steps)
         return tuple(results) if len(results) > 1 else results[0]
 
     return fn
