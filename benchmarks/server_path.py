@@ -34,6 +34,7 @@ class StandInEngine:
     max_model_len, vocab_size, tokenizer = 4096, 1000, None
     artifact = types.SimpleNamespace(generation_config={})
     runner = types.SimpleNamespace(num_tokens=1 << 20)
+    scheduler = types.SimpleNamespace(config=types.SimpleNamespace(policy="fcfs"))
 
     def __init__(self, gpu_s: float, host_s: float) -> None:
         self.gpu_s, self.host_s = gpu_s, host_s
@@ -44,7 +45,7 @@ class StandInEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def add_request(self, request_id, prompt_token_ids, params, prompt=None) -> None:
+    def add_request(self, request_id, prompt_token_ids, params, prompt=None, priority=0) -> None:
         self.requests[request_id] = [prompt_token_ids, params, 0]
 
     def abort(self, request_id: str) -> None:

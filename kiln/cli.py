@@ -140,6 +140,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", help="run every step eagerly: no CUDA graphs"
     )
     p.add_argument(
+        "--scheduling-policy",
+        choices=("fcfs", "priority"),
+        default="fcfs",
+        help="the order requests are served in: fcfs (arrival), or priority (each request's "
+        "`priority`, lower first, then arrival; the least urgent running request is "
+        "preempted first)",
+    )
+    p.add_argument(
         "--no-async-scheduling",
         action="store_true",
         help="on a GPU, read each step's tokens back before launching the next",
@@ -158,6 +166,7 @@ def _engine_config(args):
         device=args.device,
         cuda_graphs=not args.enforce_eager,
         async_scheduling=False if args.no_async_scheduling else None,
+        policy=args.scheduling_policy,
     )
 
 

@@ -32,6 +32,7 @@ class AsyncEngine:
         self.default_params = dict(engine.artifact.generation_config)
         self.kv_cache_tokens = engine.runner.num_tokens
         self.max_concurrency = self.kv_cache_tokens / engine.max_model_len
+        self.scheduling_policy = engine.scheduler.config.policy
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._error: BaseException | None = None
@@ -52,8 +53,10 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Updates of one request until it finishes; closing the iterator aborts it."""
+        """Updates of one request until it finishes; closing the iterator aborts it.
+        `priority` orders it under the "priority" policy (lower first)."""
         if request_id in self._streams:  # before anything touches the request that has it
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
@@ -66,7 +69,7 @@ class AsyncEngine:
         try:
             if params.structured_outputs is not None:  # here, not in the engine thread's steps
                 await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
-            self._commands.put(("add", request_id, prompt_token_ids, params, prompt))
+            self._commands.put(("add", request_id, prompt_token_ids, params, prompt, priority))
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -137,9 +140,9 @@ class AsyncEngine:
                 elif self._streams.get(request_id, (None, None))[1] is closed:
                     del self._streams[request_id]
                 continue
-            _, request_id, ids, params, prompt = cmd
+            _, request_id, ids, params, prompt, priority = cmd
             try:
-                self.engine.add_request(request_id, ids, params, prompt)
+                self.engine.add_request(request_id, ids, params, prompt, priority)
             except Exception as e:  # this request's error, not the engine's
                 self._deliver(request_id, e)
 

@@ -74,6 +74,7 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
         default_params=dict(engine.default_params),
         max_n=config.max_n,
         tool_call_parser=config.tool_call_parser,
+        priority_scheduling=engine.scheduling_policy == "priority",
     )
     app = web.Application(middlewares=[_errors, _gate], client_max_size=config.max_body_bytes)
     app[STATE] = State(engine, config, info, Metrics(engine, name), int(time.time()))
@@ -191,10 +192,13 @@ def _engine_error(exc: Exception) -> Exception:
     return exc
 
 
-async def _prompt_updates(state: State, request_id: str, prompt: protocol.Prompt):
+async def _prompt_updates(
+    state: State, request_id: str, prompt: protocol.Prompt, priority: int
+) -> AsyncIterator[RequestOutput]:
     """One prompt's engine updates, timed for the metrics; closing this aborts its request."""
     timer = state.metrics.start(len(prompt.token_ids), prompt.params.n)
-    gen = state.engine.generate(request_id, list(prompt.token_ids), prompt.params, prompt.text)
+    ids, params = list(prompt.token_ids), prompt.params
+    gen = state.engine.generate(request_id, ids, params, prompt.text, priority)
     try:
         async with contextlib.aclosing(gen):
             async for out in gen:
@@ -207,7 +211,7 @@ async def _prompt_updates(state: State, request_id: str, prompt: protocol.Prompt
 async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIterator[Update]:
     """Every prompt's engine updates, merged as they come; closing this aborts them all."""
     if len(req.prompts) == 1:  # nothing to merge: no task between the engine and the reply
-        updates = _prompt_updates(state, f"{request_id}-0", req.prompts[0])
+        updates = _prompt_updates(state, f"{request_id}-0", req.prompts[0], req.priority)
         try:
             async with contextlib.aclosing(updates):
                 async for out in updates:
@@ -219,9 +223,8 @@ async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIter
 
     async def pump(i: int, prompt: protocol.Prompt) -> None:
         try:
-            async with contextlib.aclosing(
-                _prompt_updates(state, f"{request_id}-{i}", prompt)
-            ) as updates:
+            updates = _prompt_updates(state, f"{request_id}-{i}", prompt, req.priority)
+            async with contextlib.aclosing(updates):
                 async for out in updates:
                     queue.put_nowait((i, out))
         except Exception as exc:

@@ -61,6 +61,7 @@ class ModelInfo:
     default_params: Mapping[str, Any]
     max_n: int
     tool_call_parser: str | None = None  # tool_choice "auto" needs one
+    priority_scheduling: bool = False  # the engine orders requests by their `priority`
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class GenerateRequest:
     # vLLM's `return_token_ids`: the prompt's and each choice's token ids beside the text
     return_token_ids: bool = False
     tokens_as_ids: bool = False  # vLLM's `return_tokens_as_token_ids`: logprobs' "token_id:N"
+    priority: int = 0  # under the "priority" scheduling policy: lower is served first
 
 
 def bad(message: str, param: str | None = None) -> ProtocolError:
@@ -292,10 +294,16 @@ def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
     return stream, bool(options and _get(options, "include_usage", bool, False))
 
 
-def _token_id_flags(body: Mapping[str, Any]) -> dict[str, bool]:
+def _request_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]:
+    """vLLM's fields of a request beside its prompts and sampling: token ids shown,
+    priority."""
+    priority = _get(body, "priority", int, 0)
+    if priority and not info.priority_scheduling:
+        raise bad("'priority' needs a server started with --scheduling-policy priority", "priority")
     return {
         "return_token_ids": _get(body, "return_token_ids", bool, False),
         "tokens_as_ids": _get(body, "return_tokens_as_token_ids", bool, False),
+        "priority": priority,
     }
 
 
@@ -356,7 +364,7 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
         echo,
         logprobs,
         echo_only,
-        **_token_id_flags(body),
+        **_request_fields(body, info),
     )
 
 
@@ -419,7 +427,7 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
         False,
         top_logprobs,
         tool_choice=tool_choice,
-        **_token_id_flags(body),
+        **_request_fields(body, info),
     )
 
 

@@ -489,3 +489,27 @@ def test_async_engine_wakes_its_consumers_loop_once_a_step(artifact):
 
     assert asyncio.run(run()) == expected
     assert len(wakeups) <= len(steps) < 6 * 8  # before: a wake-up per update, 48 or more
+
+
+def test_async_engine_serves_waiting_requests_by_priority(artifact):
+    """One sequence at a time: once the first request is done, the more urgent of the two
+    waiting ones runs, though it came later."""
+    llm = kiln.LLM(artifact, num_kv_blocks=128, max_num_seqs=1, policy="priority")
+    engine = AsyncEngine(llm.engine)
+    assert engine.scheduling_policy == "priority"
+    finished = []
+
+    async def run(request_id, priority, tokens):
+        async for update in engine.generate(request_id, [5, 6, 7], greedy(tokens), None, priority):
+            if update.finished:
+                finished.append(request_id)
+
+    async def main():
+        first = asyncio.create_task(run("first", -10, 24))  # never preempted for the others
+        while not llm.engine.requests:
+            await asyncio.sleep(0.001)
+        await asyncio.gather(first, run("later", 5, 2), run("urgent", 1, 2))
+        await engine.shutdown(timeout=1)
+
+    asyncio.run(main())
+    assert finished == ["first", "urgent", "later"]

@@ -21,6 +21,7 @@ class Call:
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None
+    priority: int = 0
 
 
 def echo_token(prompt_token_ids: list[int], output_index: int, step: int) -> int:
@@ -48,6 +49,7 @@ class FakeEngine:
         self.default_params = {"temperature": 0.6, "top_p": 0.9}
         self.kv_cache_tokens = 4096
         self.max_concurrency = 8.0
+        self.scheduling_policy = "fcfs"
         self.reset()
 
     def reset(self) -> None:
@@ -97,8 +99,9 @@ class FakeEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        self.calls.append(Call(request_id, list(prompt_token_ids), params, prompt))
+        self.calls.append(Call(request_id, list(prompt_token_ids), params, prompt, priority))
         if self.dead:
             raise EngineDeadError("the engine loop died")
         if (fail := self.fail) is not None:

@@ -439,6 +439,20 @@ def test_logprob_tokens_as_token_ids(client, tok) -> None:
     assert [e.token for e in r.choices[0].logprobs.content] == [f"token_id:{t}" for t in chat[:2]]
 
 
+def test_priority_reaches_the_engine(tok) -> None:
+    engine = FakeEngine(tok)
+    engine.scheduling_policy = "priority"
+    with live_server(engine, ServerConfig()) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        extra = {"priority": -2}
+        client.completions.create(prompt=["a b", "c d"], max_tokens=2, model=engine.model_name,
+                                  extra_body=extra)  # fmt: skip
+        client.chat.completions.create(
+            messages=HELLO, max_tokens=2, model=engine.model_name, extra_body=extra
+        )
+    assert [c.priority for c in engine.calls] == [-2, -2, -2]  # both prompts, then the chat
+
+
 # --- tokenize, health, metrics ----------------------------------------------------------------
 
 

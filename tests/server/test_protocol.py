@@ -358,6 +358,18 @@ def test_default_max_tokens_is_16_for_completions_and_what_fits_for_chat(info: M
     assert parse_chat(messages, capped).prompts[0].params.max_tokens == 30
 
 
+def test_priority_needs_the_priority_policy(info: ModelInfo) -> None:
+    ordered = dataclasses.replace(info, priority_scheduling=True)
+    for parse, body in ((parse_completion, {"prompt": "hi"}), (parse_chat, {"messages": HELLO})):
+        assert parse(body, info).priority == 0 == parse(body | {"priority": 0}, info).priority
+        assert parse(body | {"priority": -7}, ordered).priority == -7
+        with pytest.raises(ProtocolError, match="--scheduling-policy priority") as e:
+            parse(body | {"priority": 3}, info)
+        assert (e.value.status, e.value.param) == (400, "priority")
+        with pytest.raises(ProtocolError, match="integer"):
+            parse(body | {"priority": "high"}, ordered)
+
+
 def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
     fields = {
         "max_completion_tokens": 7,
