@@ -273,8 +273,15 @@ async def _collect(meta: Meta, pieces: Pieces, updates: AsyncIterator[Update]) -
     total = len(pieces.req.prompts) * pieces.req.n
     tools = pieces.req.tool_choice
     choices = [responses.choice(meta, responses.join(k, got[k]), tools) for k in range(total)]
-    prompt_ids = _chat_prompt_ids(pieces.req)
-    return web.json_response(responses.body(meta, choices, pieces.usage(), prompt_ids))
+    req = pieces.req
+    body = responses.body(meta, choices, pieces.usage(), _chat_prompt_ids(req))
+    if req.prompt_logprobs is not None:
+        scored = [pieces.prompt_logprobs(i) for i in range(len(req.prompts))]
+        if req.chat:  # its one prompt's, at the top, as in vLLM
+            body["prompt_logprobs"] = scored[0]
+        for c in choices if not req.chat else ():
+            c["prompt_logprobs"] = scored[c["index"] // req.n]
+    return web.json_response(body)
 
 
 def _chat_prompt_ids(req: GenerateRequest) -> tuple[int, ...] | None:

@@ -90,6 +90,7 @@ class GenerateRequest:
     return_token_ids: bool = False
     tokens_as_ids: bool = False  # vLLM's `return_tokens_as_token_ids`: logprobs' "token_id:N"
     priority: int = 0  # under the "priority" scheduling policy: lower is served first
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k
 
 
 def bad(message: str, param: str | None = None) -> ProtocolError:
@@ -304,7 +305,19 @@ def _request_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]:
         "return_token_ids": _get(body, "return_token_ids", bool, False),
         "tokens_as_ids": _get(body, "return_tokens_as_token_ids", bool, False),
         "priority": priority,
+        "prompt_logprobs": _get(body, "prompt_logprobs", int),
     }
+
+
+def _prompt_logprobs(body: Mapping[str, Any], sampling: dict[str, Any]) -> None:
+    """vLLM's `prompt_logprobs`: the prompt scored too (with echo's scoring, the larger k);
+    whole responses only, as in vLLM."""
+    k = _get(body, "prompt_logprobs", int)
+    if k is None:
+        return
+    if _get(body, "stream", bool, False):
+        raise bad("'prompt_logprobs' cannot be streamed", "prompt_logprobs")
+    sampling["prompt_logprobs"] = max(k, sampling.get("prompt_logprobs") or 0)
 
 
 def _completion_items(body: Mapping[str, Any]) -> list[str | list[int]]:
@@ -340,6 +353,7 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     sampling = _sampling_fields(body, info) | {"logprobs": logprobs}
     if echo:  # the prompt's tokens are listed with logprobs too, as OpenAI and vLLM do
         sampling["prompt_logprobs"] = logprobs
+    _prompt_logprobs(body, sampling)
     requested, key = _max_tokens(body)
     # echo with max_tokens 0 scores the prompt alone: one token is generated, and dropped
     echo_only = echo and requested == 0
@@ -399,6 +413,7 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     stream, include_usage = _stream_flags(body)
     top_logprobs = _chat_logprobs(body)
     sampling = _sampling_fields(body, info) | {"logprobs": top_logprobs}
+    _prompt_logprobs(body, sampling)
     try:
         tools, tool_choice = parse_tools(body, info.tool_call_parser)
     except ToolsError as exc:

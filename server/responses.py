@@ -95,11 +95,7 @@ def token_logprobs(
     `as_ids`: each token's text is "token_id:N"."""
 
     def candidate(token: int, lp: Logprob) -> Candidate:
-        if as_ids:
-            text = f"token_id:{token}"
-        else:
-            text = lp.decoded_token if lp.decoded_token is not None else token_text(token)
-        return Candidate(text, token_bytes(token), lp.logprob)
+        return Candidate(shown_token(token, lp, token_text, as_ids), token_bytes(token), lp.logprob)
 
     out = []
     for token, dist in zip(token_ids, logprobs, strict=True):
@@ -107,6 +103,15 @@ def token_logprobs(
         top = tuple(candidate(t, lp) for t, lp in ranked if lp.rank <= top_n)
         out.append(TokenLogprob(candidate(token, dist[token]), top))
     return out
+
+
+def shown_token(
+    token: int, lp: Logprob, token_text: Callable[[int], str], as_ids: bool = False
+) -> str:
+    """A logprob's token as the response shows it: its text decoded alone, or "token_id:N"."""
+    if as_ids:
+        return f"token_id:{token}"
+    return lp.decoded_token if lp.decoded_token is not None else token_text(token)
 
 
 def completion_logprobs(entries: Sequence[TokenLogprob], offsets: list[int]) -> dict[str, list]:
@@ -357,6 +362,29 @@ class Pieces:
             first = f"token_id:{ids[0]}" if self.req.tokens_as_ids else self.token_text(ids[0])
             self.echoed[prompt_index] = echo_logprobs(first, entries, offsets)
         return self.echoed[prompt_index]
+
+    def prompt_logprobs(self, prompt_index: int) -> list[dict | None] | None:
+        """vLLM's `prompt_logprobs` of a prompt: for each of its tokens (None for the first,
+        which nothing scores) the token's and the top k's {id: {logprob, rank, decoded_token}}."""
+        scored = self.scored.get(prompt_index)
+        if scored is None:
+            return None
+        req = self.req
+        ids, k = req.prompts[prompt_index].token_ids, req.prompt_logprobs
+        shown: list[dict | None] = [None]
+        for token, dist in zip(ids[1:], scored[1:], strict=True):
+            shown.append(
+                {
+                    str(t): {
+                        "logprob": max(lp.logprob, -9999.0),  # JSON has no -inf; vLLM's floor
+                        "rank": lp.rank,
+                        "decoded_token": shown_token(t, lp, self.token_text, req.tokens_as_ids),
+                    }
+                    for t, lp in dist.items()
+                    if t == token or lp.rank <= k
+                }
+            )
+        return shown
 
     def _raw_bytes(self, token: int) -> bytes:
         return self.token_bytes(token, False)

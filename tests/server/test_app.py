@@ -453,6 +453,30 @@ def test_priority_reaches_the_engine(tok) -> None:
     assert [c.priority for c in engine.calls] == [-2, -2, -2]  # both prompts, then the chat
 
 
+def test_prompt_logprobs_in_completions_and_chat(client, tok) -> None:
+    prompts = [FOX, "a b c"]
+    r = client.completions.create(
+        model=NAME, prompt=prompts, n=2, max_tokens=2, extra_body={"prompt_logprobs": 1}
+    )
+    for c in r.choices:
+        ids = tok.encode(prompts[c.index // 2])
+        shown = c.model_extra["prompt_logprobs"]
+        assert shown[0] is None and len(shown) == len(ids)
+        for t, entry in zip(ids[1:], shown[1:], strict=True):
+            # the fake engine ranks each token first (-0.25), then the next id
+            assert entry == {
+                str(t): {"logprob": -0.25, "rank": 1, "decoded_token": tok.decode([t])}
+            }
+    assert r.choices[0].logprobs is None  # the completion's own tokens were not asked for
+    chat = client.chat.completions.create(
+        model=NAME, messages=HELLO, max_tokens=2, extra_body={"prompt_logprobs": 2}
+    )
+    ids = chat_ids(tok, HELLO)
+    shown = chat.model_extra["prompt_logprobs"]
+    assert len(shown) == len(ids) and sorted(shown[1], key=int) == [str(ids[1]), str(ids[1] + 1)]
+    assert "prompt_logprobs" not in chat.choices[0].model_extra
+
+
 # --- tokenize, health, metrics ----------------------------------------------------------------
 
 

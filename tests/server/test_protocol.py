@@ -370,6 +370,27 @@ def test_priority_needs_the_priority_policy(info: ModelInfo) -> None:
             parse(body | {"priority": "high"}, ordered)
 
 
+def test_prompt_logprobs_score_the_prompt_in_whole_responses(info: ModelInfo) -> None:
+    for parse, body in ((parse_completion, {"prompt": "hi"}), (parse_chat, {"messages": HELLO})):
+        req = parse(body | {"prompt_logprobs": 3}, info)
+        assert req.prompt_logprobs == 3 and req.prompts[0].params.prompt_logprobs == 3
+        assert parse(body, info).prompts[0].params.prompt_logprobs is None
+        with pytest.raises(ProtocolError, match="streamed") as e:
+            parse(body | {"prompt_logprobs": 3, "stream": True}, info)
+        assert e.value.param == "prompt_logprobs"
+        with pytest.raises(ProtocolError) as e:
+            parse(body | {"prompt_logprobs": 21}, info)
+        assert (e.value.status, e.value.param) == (400, "prompt_logprobs")
+    # with echo's scoring: the engine ranks the larger k, each field shows its own
+    echo = {"prompt": "hi", "echo": True, "logprobs": 5}
+    req = parse_completion(echo | {"prompt_logprobs": 2}, info)
+    assert (req.prompts[0].params.prompt_logprobs, req.prompt_logprobs, req.top_logprobs) == (
+        5,
+        2,
+        5,
+    )
+
+
 def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
     fields = {
         "max_completion_tokens": 7,

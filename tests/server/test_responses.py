@@ -7,7 +7,7 @@ import pytest
 from conftest import smollm2_tokenizer
 from fake_engine import fake_logprobs
 
-from runtime.outputs import CompletionOutput, RequestOutput
+from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampling_params import SamplingParams
 from runtime.token_bytes import token_bytes
 from server.protocol import GenerateRequest, Prompt
@@ -51,3 +51,25 @@ def test_a_skipped_special_token_adds_no_text(tok, skip, special_text, want) -> 
     ids = [*tok.encode("a"), tok.convert_tokens_to_ids("<|im_start|>"), *tok.encode(" 世")]
     texts = ["a", special_text, " ", "", "世"]
     assert text_offsets(tok, SamplingParams(skip_special_tokens=skip), ids, texts) == want
+
+
+def test_prompt_logprobs_show_the_token_and_the_top_k_with_a_finite_floor() -> None:
+    params = SamplingParams(prompt_logprobs=1)
+    prompts = (Prompt((7, 8, 9), None, params),)
+    req = GenerateRequest(False, prompts, 1, False, False, False, None, prompt_logprobs=1)
+    pieces = Pieces(req, lambda t: f"<{t}>", lambda t, skip: b"")
+    scored = [
+        None,
+        {8: Logprob(-0.5, 1, "eight"), 3: Logprob(-2.0, 2, "three")},  # 8 is the best
+        {4: Logprob(-0.1, 1), 5: Logprob(-3.0, 2), 9: Logprob(float("-inf"), 900)},  # 9 is not
+    ]
+    out = CompletionOutput(0, "x", [1], None, "length")
+    pieces.of(0, RequestOutput("r", None, [7, 8, 9], [out], True, 0, scored))
+    assert pieces.prompt_logprobs(0) == [
+        None,
+        {"8": {"logprob": -0.5, "rank": 1, "decoded_token": "eight"}},
+        {
+            "4": {"logprob": -0.1, "rank": 1, "decoded_token": "<4>"},
+            "9": {"logprob": -9999.0, "rank": 900, "decoded_token": "<9>"},
+        },
+    ]
