@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--host-ms", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    if args.tokens < 2:
+        p.error("--tokens must be at least 2: TPOT is the time between tokens")
     rows = []
     for streams in args.streams:
         runs = [

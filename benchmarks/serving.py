@@ -3,10 +3,12 @@ stream from `kiln run` through /v1/completions; TTFT, TPOT, ITL (p50/p99) and go
 
 Input and output lengths are log-normal (sigma 1, ShareGPT-like: means ~200 in / ~180 out),
 prompts are random token ids and every output runs to its drawn length (`ignore_eos`); each
-rate gets the same requests. Tokens are counted as they arrive through vLLM's
+rate gets the same lengths, with prompts of its own (no run finds another's in a prefix
+cache). Tokens are counted as they arrive through vLLM's
 `return_token_ids`, so a token-id-only artifact, which streams no text, is timed as well.
 The peer, transformers' continuous batching (its ContinuousBatchingManager, in process: no
-HTTP), gets the same requests at the same times, the first --peer-requests of them.
+HTTP), gets the first --peer-requests of them at the same times; kiln runs that many too,
+so that the two compare on the same work.
 
     python -m benchmarks.serving --target cuda      # Qwen3-0.6B shape (or --model), one GPU
     python -m benchmarks.serving --artifact artifacts/smollm2-cpu --source builtin:smollm2 \\
@@ -17,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import gc
 import itertools
 import json
 import math
 import random
-import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,7 +36,7 @@ import aiohttp
 import numpy as np
 import torch
 
-from benchmarks.common import save, table
+from benchmarks.common import save, start_kiln, table
 
 COPY_BANDWIDTH = 4.25e12  # bytes/s, the H200's device-to-device copy (BENCH.md)
 PEER_TIMEOUT_S = 300.0  # transformers silent this long: its manager is stuck
@@ -89,13 +90,18 @@ def lengths(rng: random.Random, n: int, mean: float, lo: int, hi: int) -> list[i
     return [min(hi, max(lo, round(rng.lognormvariate(mu, 1.0)))) for _ in range(n)]
 
 
-def requests(n: int, vocab: int, mean_in: float, mean_out: float, max_len: int, seed: int = 0):
-    """n requests whose prompt and output together fit in max_len tokens."""
+def requests(
+    n: int, vocab: int, mean_in: float, mean_out: float, max_len: int, seed: int = 0, run: int = 0
+) -> list[Request]:
+    """n requests whose prompt and output together fit in max_len tokens. Every `run` has the
+    same lengths and prompts of its own, so that no run finds another's in a prefix cache."""
     rng = random.Random(seed)
     ins = lengths(rng, n, mean_in, 4, max_len // 2)
     outs = lengths(rng, n, mean_out, 4, max_len // 2)
+    tokens = random.Random(f"{seed}/{run}")
     return [
-        Request([rng.randrange(vocab) for _ in range(i)], o) for i, o in zip(ins, outs, strict=True)
+        Request([tokens.randrange(vocab) for _ in range(i)], o)
+        for i, o in zip(ins, outs, strict=True)
     ]
 
 
@@ -150,33 +156,7 @@ COLUMNS = [
 ]
 
 
-# --- kiln: `kiln run` and a streaming client ---------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_kiln(artifact, *flags: str) -> tuple[subprocess.Popen, str, collections.deque]:
-    """`kiln run ARTIFACT` on a free port, once it logs that it is ready: (process, base url,
-    its last log lines). A thread keeps reading the log, so that a full pipe never blocks the
-    server."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "run", str(artifact), "--port", str(port), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    log: collections.deque = collections.deque(maxlen=200)
-    for line in proc.stdout:
-        log.append(line)
-        if "ready: " in line:
-            threading.Thread(target=log.extend, args=(proc.stdout,), daemon=True).start()
-            return proc, f"http://127.0.0.1:{port}", log
-    raise RuntimeError(f"kiln run exited with {proc.wait()}:\n{''.join(log)}")
+# --- kiln: a streaming client ---------------------------------------------------
 
 
 async def stream_one(session: aiohttp.ClientSession, url: str, req: Request, at: float) -> Record:
@@ -296,18 +276,34 @@ def peer_model(args):
     return model
 
 
-def peer_rows(model, reqs: list[Request], args, slo) -> list[dict]:
+def peer_rows(model, workload, args, slo) -> list[dict]:
     """transformers at every rate, on the first args.peer_requests requests."""
-    peer, rows = HFPeer(model, max(r.output_len for r in reqs)), []
+    warm_up, n = workload(0)[:4], args.peer_requests
+    peer, rows = HFPeer(model, max(r.output_len for r in workload(0))), []
     try:
-        peer.run(reqs[:4], [0.0] * 4)  # warm-up
-        sub = reqs[: args.peer_requests]
-        for rate in args.rates:
-            records, seconds = peer.run(sub, arrivals(len(sub), rate, args.seed))
-            rows.append(summarize("hf continuous batching", rate, records, seconds, slo))
+        peer.run(warm_up, [0.0] * len(warm_up))
+        for k, rate in enumerate(args.rates, 1):
+            records, seconds = peer.run(workload(k)[:n], arrivals(n, rate, args.seed))
+            rows.append(summarize(f"hf continuous batching, {n}", rate, records, seconds, slo))
             print(table(rows[-1:], COLUMNS), flush=True)
     finally:
         peer.stop()
+    return rows
+
+
+def kiln_rows(url: str, workload, args, slo) -> list[dict]:
+    """kiln at every rate on all the requests, then on as many as the peer runs."""
+    warm_up, rows = workload(0)[:8], []
+    asyncio.run(run_kiln(url, warm_up, [0.0] * len(warm_up)))
+    sizes = [args.requests] + ([args.peer_requests] if args.peer_requests else [])
+    for i, n in enumerate(sizes):
+        for k, rate in enumerate(args.rates, 1):
+            run = k + i * len(args.rates)  # fresh prompts: nothing cached from an earlier run
+            records, seconds = asyncio.run(
+                run_kiln(url, workload(run)[:n], arrivals(n, rate, args.seed))
+            )
+            rows.append(summarize(f"kiln, {n}", rate, records, seconds, slo))
+            print(table(rows[-1:], COLUMNS), flush=True)
     return rows
 
 
@@ -344,13 +340,20 @@ def main() -> None:
         weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     else:
         artifact = args.artifact
-        vocab = json.loads((artifact / "manifest.json").read_text())["vocab_size"]
-        weight_bytes = None
-    reqs = requests(args.requests, vocab, args.mean_input, args.mean_output, args.max_len)
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        if args.max_len > manifest["max_model_len"]:
+            p.error(f"--max-len is more than the artifact's {manifest['max_model_len']} tokens")
+        vocab, weight_bytes = manifest["vocab_size"], None
+
+    def workload(run: int) -> list[Request]:
+        return requests(
+            args.requests, vocab, args.mean_input, args.mean_output, args.max_len, args.seed, run
+        )
+
     rows, peer_error = [], None
     if args.peer_requests:  # first, while kiln's server does not hold the GPU's memory
         try:
-            rows += peer_rows(model if model is not None else peer_model(args), reqs, args, slo)
+            rows += peer_rows(model if model is not None else peer_model(args), workload, args, slo)
         except Exception as exc:  # the peer's failure is reported, and kiln still measured
             peer_error = f"{type(exc).__name__}: {exc}"
             print(f"transformers' continuous batching failed: {peer_error}", flush=True)
@@ -361,13 +364,7 @@ def main() -> None:
 
     proc, url, _ = start_kiln(artifact, *args.server_args.split())
     try:
-        asyncio.run(run_kiln(url, reqs[:8], [0.0] * 8))  # warm-up
-        for rate in args.rates:
-            records, seconds = asyncio.run(
-                run_kiln(url, reqs, arrivals(len(reqs), rate, args.seed))
-            )
-            rows.append(summarize("kiln", rate, records, seconds, slo))
-            print(table(rows[-1:], COLUMNS), flush=True)
+        rows += kiln_rows(url, workload, args, slo)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -380,8 +377,8 @@ def main() -> None:
         "workload": "W4",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "mean_lengths": [
-            round(sum(len(r.prompt) for r in reqs) / len(reqs), 1),
-            round(sum(r.output_len for r in reqs) / len(reqs), 1),
+            round(statistics.mean(len(r.prompt) for r in workload(0)), 1),
+            round(statistics.mean(r.output_len for r in workload(0)), 1),
         ],
         "tpot_floor_ms": floor,
         "peer_error": peer_error,

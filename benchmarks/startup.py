@@ -11,9 +11,8 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks.common import save, table
+from benchmarks.common import free_port, save, table
 from benchmarks.models import random_model, save_source
-from benchmarks.serving import free_port
 
 
 def kiln(*args: str) -> list[str]:

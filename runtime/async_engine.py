@@ -150,13 +150,12 @@ class AsyncEngine:
         """In-flight requests end: with finish_reason "abort" on a shutdown, with
         EngineDeadError (a 503, not a normal-looking empty completion) when the loop died."""
         crashed = self._error is not None
-        for request_id in list(self.engine.requests):
-            final = self.engine.abort(request_id)
-            if final is not None and not crashed:
-                self._deliver(request_id, final)
+        finals = [(r, self.engine.abort(r)) for r in list(self.engine.requests)]
         dead = EngineDeadError("the engine died" if crashed else "the engine stopped")
-        for request_id in list(self._streams):
-            self._deliver(request_id, dead)
+        self._deliver_all(
+            [(r, final) for r, final in finals if final is not None and not crashed]
+            + [(r, dead) for r in list(self._streams)]
+        )
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:

@@ -61,7 +61,7 @@ class CubinOp:
         self, sizes: Sizes, tensors: Mapping[str, torch.Tensor], steps: tuple | None = None
     ) -> None:
         """Launch `steps` (default: the kernels' steps at these sizes) on the bound tensors."""
-        stream = _stream(torch.cuda.current_stream().cuda_stream)
+        stream = _stream(torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
         for kernel in self.kernels.steps(sizes) if steps is None else steps:
             if isinstance(kernel, Gemm):
                 kernel(tensors)
@@ -74,8 +74,9 @@ class CubinOp:
 
 
 @functools.lru_cache(maxsize=16)
-def _stream(handle: int):
-    """cuda.core's view of a CUDA stream (torch's current one), made once per stream."""
+def _stream(device: int, handle: int):
+    """cuda.core's view of a CUDA stream (torch's current one), made once per stream (the
+    default stream's handle is 0 on every device)."""
     from cuda.core import Stream
 
     return Stream.from_handle(handle)

@@ -216,7 +216,7 @@ async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIter
             async with contextlib.aclosing(updates):
                 async for out in updates:
                     yield 0, out
-        except Exception as exc:
+        except Exception as exc:  # as the pump path's: a 503 or 400 for what the engine said
             raise _engine_error(exc) from None
         return
     queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
@@ -315,13 +315,14 @@ async def _stream(
                 await response.write(responses.sse(chunk))
 
     try:
-        if meta.chat:
+        if meta.chat:  # each choice's first chunk: its role (and the prompt's ids, as vLLM)
             prompt_ids = _chat_prompt_ids(req)
             for k in range(len(req.prompts) * req.n):
                 piece = Piece(k, "", None, None)
-                role = responses.chunk(meta, piece, req.include_usage, True, None, prompt_ids)
+                role = responses.chunk(
+                    meta, piece, req.include_usage, role=True, prompt_ids=prompt_ids
+                )
                 await response.write(responses.sse(role))
-                prompt_ids = None  # the first chunk alone carries them
         if first is not None:
             await send(first)
         async for update in updates:

@@ -245,9 +245,9 @@ def chunk(
     delta: dict | None = None,
     prompt_ids: Sequence[int] | None = None,
 ) -> dict:
-    """A stream chunk for one piece; `role` marks a chat choice's first chunk (the first of
-    them carries the prompt's `prompt_ids` when the request asks); `delta`, when given, is a
-    chat chunk's instead of the piece's text (tool calls: server/tools.py)."""
+    """A stream chunk for one piece; `role` marks a chat choice's first chunk (which carries
+    the prompt's `prompt_ids` when the request asks); `delta`, when given, is a chat chunk's
+    instead of the piece's text (tool calls: server/tools.py)."""
     if meta.chat:
         if delta is None:
             delta = {"content": piece.text} if piece.text or role else {}

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from benchmarks.serving import free_port, start_kiln  # noqa: F401 (the tests' helpers too)
+from benchmarks.common import free_port, start_kiln  # noqa: F401 (the tests' helpers too)
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:

@@ -53,13 +53,14 @@ def launch(kernels: OpKernels, sizes: Sizes, tensors: Mapping[str, torch.Tensor]
     scratch buffers missing from it are allocated here.
     """
     device = next(iter(tensors.values())).device
-    used = kernels.bound(sizes)
+    steps = kernels.steps(sizes)
+    used = OpKernels.names(steps)
     missing = [s for s in kernels.scratch if s.name not in tensors and s.name in used]
     env = {**allocate_scratch(missing, sizes, device), **tensors}
     stream = 0
     if device.type == "cuda":
         stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    for k in kernels.steps(sizes):
+    for k in steps:
         if isinstance(k, Gemm):
             k(env)
         else:

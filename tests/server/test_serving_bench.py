@@ -28,6 +28,12 @@ def test_requests_have_the_asked_mean_lengths_and_fit():
     assert all(0 <= t < 1000 for r in reqs[:50] for t in r.prompt)
     assert requests(3, 1000, 200, 180, 2048) == requests(3, 1000, 200, 180, 2048, seed=0)
     assert requests(3, 1000, 200, 180, 2048) != requests(3, 1000, 200, 180, 2048, seed=1)
+    # another run: the same lengths, other prompts (nothing for a prefix cache to find)
+    first, again = requests(3, 1000, 200, 180, 2048), requests(3, 1000, 200, 180, 2048, run=1)
+    assert [(len(r.prompt), r.output_len) for r in again] == [
+        (len(r.prompt), r.output_len) for r in first
+    ]
+    assert all(a.prompt[:4] != b.prompt[:4] for a, b in zip(again, first, strict=True))
 
 
 def test_arrivals_are_a_poisson_process_at_the_rate():
@@ -77,7 +83,7 @@ def test_client_times_streamed_tokens():
     assert [r.tokens for r in records] == [6, 1, 4]
     assert [c.prompt_token_ids for c in engine.calls[:3]] == [r.prompt for r in reqs]
     sent = [r.sent - records[0].sent for r in records]
-    assert sent == pytest.approx(times, abs=0.02)  # each sent at its arrival time
+    assert sent == pytest.approx(times, abs=0.1)  # each sent at its arrival time
     assert all(r.ttft >= TOKEN_S for r in records)
     assert all(TOKEN_S <= g < 4 * TOKEN_S for r in records for g in r.gaps)
     assert seconds >= 0.3 + 4 * TOKEN_S
@@ -93,5 +99,5 @@ def test_transformers_peer_streams_every_token():
     finally:
         peer.stop()
     assert [r.tokens for r in records] == [8, 2, 5] and again[0].tokens == 8
-    assert records[2].sent - records[0].sent == pytest.approx(0.2, abs=0.02) and seconds > 0.2
+    assert records[2].sent - records[0].sent == pytest.approx(0.2, abs=0.1) and seconds > 0.2
     assert all(r.ttft > 0 and r.times == sorted(r.times) for r in records)
