@@ -279,8 +279,9 @@ async def _collect(meta: Meta, pieces: Pieces, updates: AsyncIterator[Update]) -
         scored = [pieces.prompt_logprobs(i) for i in range(len(req.prompts))]
         if req.chat:  # its one prompt's, at the top, as in vLLM
             body["prompt_logprobs"] = scored[0]
-        for c in choices if not req.chat else ():
-            c["prompt_logprobs"] = scored[c["index"] // req.n]
+        else:
+            for c in choices:
+                c["prompt_logprobs"] = scored[c["index"] // req.n]
     return web.json_response(body)
 
 
