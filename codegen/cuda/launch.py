@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from codegen.numba_shim import cuda
-from codegen.registry import Gemm, OpKernels, Param, Scratch, Sizes
+from codegen.registry import Gemm, Kernel, OpKernels, Param, Scratch, Sizes
 from ir.reference import TORCH_DTYPES
 
 
@@ -46,14 +46,20 @@ def allocate_scratch(
     }
 
 
-def launch(kernels: OpKernels, sizes: Sizes, tensors: Mapping[str, torch.Tensor]) -> None:
+def launch(
+    kernels: OpKernels,
+    sizes: Sizes,
+    tensors: Mapping[str, torch.Tensor],
+    steps: tuple[Kernel | Gemm, ...] | None = None,
+) -> None:
     """Run every kernel of one op in order, on torch's current stream for CUDA tensors.
 
     `tensors` maps Param names ("in0", "out0", "k_cache", batch fields...) to tensors;
-    scratch buffers missing from it are allocated here.
+    scratch buffers missing from it are allocated here. `steps`: the kernels' steps at these
+    sizes, when the caller has chosen them already.
     """
     device = next(iter(tensors.values())).device
-    steps = kernels.steps(sizes)
+    steps = kernels.steps(sizes) if steps is None else steps
     used = OpKernels.names(steps)
     missing = [s for s in kernels.scratch if s.name not in tensors and s.name in used]
     env = {**allocate_scratch(missing, sizes, device), **tensors}

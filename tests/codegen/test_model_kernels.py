@@ -32,8 +32,8 @@ class JitOp:
     def __init__(self, kernels):
         self.kernels = kernels
 
-    def __call__(self, sizes, tensors):
-        launch(self.kernels, sizes, tensors)
+    def __call__(self, sizes, tensors, steps=None):
+        launch(self.kernels, sizes, tensors, steps)
 
 
 def compiled(family, dtype):
