@@ -312,7 +312,8 @@ async def _stream(
                 p = replace(p, finish_reason=req.tool_choice.finish_reason(p.finish_reason, called))
             shown = (p.text if delta is None else delta) or p.logprobs or p.finish_reason
             if shown or p.token_ids:  # tokens the text holds back still show their ids
-                chunk = responses.chunk(meta, p, req.include_usage, delta=delta)
+                usage = pieces.usage() if req.continuous_usage else None
+                chunk = responses.chunk(meta, p, req.include_usage, delta=delta, usage=usage)
                 await response.write(responses.sse(chunk))
 
     try:
@@ -320,8 +321,9 @@ async def _stream(
             prompt_ids = _chat_prompt_ids(req)
             for k in range(len(req.prompts) * req.n):
                 piece = Piece(k, "", None, None)
+                usage = pieces.usage() if req.continuous_usage else None
                 role = responses.chunk(
-                    meta, piece, req.include_usage, role=True, prompt_ids=prompt_ids
+                    meta, piece, req.include_usage, role=True, prompt_ids=prompt_ids, usage=usage
                 )
                 await response.write(responses.sse(role))
         if first is not None:

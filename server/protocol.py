@@ -89,6 +89,7 @@ class GenerateRequest:
     # vLLM's `return_token_ids`: the prompt's and each choice's token ids beside the text
     return_token_ids: bool = False
     tokens_as_ids: bool = False  # vLLM's `return_tokens_as_token_ids`: logprobs' "token_id:N"
+    continuous_usage: bool = False  # streamed: every chunk with the usage so far
     priority: int = 0  # under the "priority" scheduling policy: lower is served first
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k
 
@@ -262,6 +263,7 @@ def _prompt(
     Without max_tokens in the request: the model's default, else `default_max_tokens`, else
     (None) as many as fit, each capped at what fits."""
     prompt_param = "messages" if "messages" in body else "prompt"
+    ids, text = _truncated(ids, text, body, info)
     if len(ids) >= info.max_model_len:
         msg = (
             f"the prompt is {len(ids)} tokens; this model's max_model_len is "
@@ -287,12 +289,30 @@ def _prompt(
     return Prompt(tuple(ids), text, params)
 
 
-def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+def _truncated(
+    ids: list[int], text: str | None, body: Mapping[str, Any], info: ModelInfo
+) -> tuple[list[int], str | None]:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last k tokens, its text (when it has one)
+    decoded from them."""
+    k = _get(body, "truncate_prompt_tokens", int)
+    if k is not None and k < 1:
+        raise bad("'truncate_prompt_tokens' must be at least 1", "truncate_prompt_tokens")
+    if k is None or len(ids) <= k:
+        return ids, text
+    ids = ids[-k:]
+    return ids, info.tokenizer.decode(ids) if text is not None else None
+
+
+def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage: every chunk with the usage so far, vLLM's
+    `stream_options.continuous_usage_stats`)."""
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict)
     if options is not None and not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    return stream, bool(options and _get(options, "include_usage", bool, False))
+    usage = bool(options and _get(options, "include_usage", bool, False))
+    continuous = usage and bool(_get(options, "continuous_usage_stats", bool, False))
+    return stream, usage, continuous
 
 
 def _request_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]:
@@ -347,7 +367,7 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     check_model(body, info)
     if body.get("suffix") is not None:
         raise bad("'suffix' is not supported", "suffix")
-    stream, include_usage = _stream_flags(body)
+    stream, include_usage, continuous_usage = _stream_flags(body)
     echo = _get(body, "echo", bool, False)
     logprobs = _get(body, "logprobs", int)
     sampling = _sampling_fields(body, info) | {"logprobs": logprobs}
@@ -378,6 +398,7 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
         echo,
         logprobs,
         echo_only,
+        continuous_usage=continuous_usage,
         **_request_fields(body, info),
     )
 
@@ -410,7 +431,7 @@ def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
 
 def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     check_model(body, info)
-    stream, include_usage = _stream_flags(body)
+    stream, include_usage, continuous_usage = _stream_flags(body)
     top_logprobs = _chat_logprobs(body)
     sampling = _sampling_fields(body, info) | {"logprobs": top_logprobs}
     _prompt_logprobs(body, sampling)
@@ -442,6 +463,7 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
         False,
         top_logprobs,
         tool_choice=tool_choice,
+        continuous_usage=continuous_usage,
         **_request_fields(body, info),
     )
 

@@ -244,10 +244,12 @@ def chunk(
     role: bool = False,
     delta: dict | None = None,
     prompt_ids: Sequence[int] | None = None,
+    usage: dict | None = None,
 ) -> dict:
     """A stream chunk for one piece; `role` marks a chat choice's first chunk (which carries
     the prompt's `prompt_ids` when the request asks); `delta`, when given, is a chat chunk's
-    instead of the piece's text (tool calls: server/tools.py)."""
+    instead of the piece's text (tool calls: server/tools.py); `usage`: the usage so far, when
+    the request asks for it in every chunk."""
     if meta.chat:
         if delta is None:
             delta = {"content": piece.text} if piece.text or role else {}
@@ -257,7 +259,7 @@ def chunk(
         one |= token_ids(piece)
     else:
         one = choice(meta, piece)
-    return _chunk(meta, [one], None, include_usage, prompt_ids)
+    return _chunk(meta, [one], usage, include_usage, prompt_ids)
 
 
 def usage_chunk(meta: Meta, usage: dict) -> dict:

@@ -477,6 +477,18 @@ def test_prompt_logprobs_in_completions_and_chat(client, tok) -> None:
     assert "prompt_logprobs" not in chat.choices[0].model_extra
 
 
+def test_continuous_usage_stats_in_every_chunk(client, tok) -> None:
+    stream = client.completions.create(
+        model=NAME, prompt=FOX, n=2, max_tokens=3, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )  # fmt: skip
+    *body, last = list(stream)
+    prompt = len(tok.encode(FOX))
+    assert [c.usage.completion_tokens for c in body] == [1, 2, 3, 4, 5, 6]  # so far
+    assert all(c.usage.prompt_tokens == prompt for c in body)
+    assert last.choices == [] and last.usage.completion_tokens == 6
+
+
 # --- tokenize, health, metrics ----------------------------------------------------------------
 
 

@@ -466,6 +466,32 @@ def test_streaming_flags(info: ModelInfo) -> None:
     assert (req.stream, req.include_usage) == (True, False)
     body = chat(stream=True, stream_options={"include_usage": "yes"})
     assert refused(parse_chat, body, info).param == "include_usage"
+    every = {"include_usage": True, "continuous_usage_stats": True}
+    assert parse_chat(chat(stream=True, stream_options=every), info).continuous_usage
+    alone = {"continuous_usage_stats": True}  # as vLLM: only with include_usage
+    assert not parse_chat(chat(stream=True, stream_options=alone), info).continuous_usage
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(info: ModelInfo) -> None:
+    tok = info.tokenizer
+    text = "one two three four five six"
+    ids = tok.encode(text)
+    req = parse_completion({"prompt": text, "truncate_prompt_tokens": 3, "max_tokens": 2}, info)
+    assert list(req.prompts[0].token_ids) == ids[-3:]
+    assert req.prompts[0].text == tok.decode(ids[-3:])  # what echo shows
+    body = {"prompt": ids, "echo": True, "truncate_prompt_tokens": 2, "max_tokens": 2}
+    assert parse_completion(body, info).prompts[0].text == tok.decode(ids[-2:])
+    long = {"prompt": text, "truncate_prompt_tokens": 100, "max_tokens": 2}
+    assert list(parse_completion(long, info).prompts[0].token_ids) == ids
+    templated = parse_chat({"messages": HELLO, "max_tokens": 2}, info).prompts[0].token_ids
+    req = parse_chat({"messages": HELLO, "max_tokens": 2, "truncate_prompt_tokens": 4}, info)
+    assert req.prompts[0].token_ids == templated[-4:]
+    # a prompt longer than max_model_len fits once truncated
+    over = {"prompt": [5] * (MAX_LEN + 10), "max_tokens": 4, "truncate_prompt_tokens": 8}
+    assert len(parse_completion(over, info).prompts[0].token_ids) == 8
+    for bad_k in (0, -1):
+        body = {"prompt": text, "truncate_prompt_tokens": bad_k}
+        assert refused(parse_completion, body, info).param == "truncate_prompt_tokens"
 
 
 def test_tokenize_and_detokenize_bodies(info: ModelInfo) -> None:
