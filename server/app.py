@@ -19,8 +19,9 @@ from aiohttp import web
 from runtime.outputs import RequestOutput
 from runtime.token_bytes import token_bytes
 from server import protocol, responses
+from server.fields import ProtocolError, parse_body
 from server.metrics import Metrics
-from server.protocol import GenerateRequest, ModelInfo, ProtocolError
+from server.protocol import GenerateRequest, ModelInfo
 from server.responses import Meta, Piece, Pieces
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _authorized(header: str | None, key: str) -> bool:
 
 
 async def _read_json(request: web.Request) -> dict[str, Any]:
-    return protocol.parse_body(request.content_type, await request.read())
+    return parse_body(request.content_type, await request.read())
 
 
 async def _models(request: web.Request) -> web.Response:

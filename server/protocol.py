@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from runtime.sampling_params import STRUCTURED_FIELDS, SamplingParams, StructuredOutputs
+from runtime.sampling_params import SamplingParams
 from server.chat import parse_messages, render_chat
+from server.constraints import structured_outputs
+from server.fields import ProtocolError, bad, field
 from server.tools import ForcedCalls, ToolChoice, ToolsError, parse_tools
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    500: "server_error",
-    503: "service_unavailable_error",
-}
 # /v1/completions without max_tokens (OpenAI's and vLLM's default); chat: what fits
 COMPLETION_MAX_TOKENS = 16
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
@@ -32,22 +25,6 @@ _FLOAT_FIELDS = (
 )
 _INT_FIELDS = ("top_k", "seed", "n", "min_tokens")
 _BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
-_TYPE_NAMES |= {list: "an array", dict: "an object"}
-
-
-class ProtocolError(Exception):
-    """A request the server refuses: HTTP status plus the OpenAI error fields."""
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, type: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        fallback = "invalid_request_error" if status < 500 else "server_error"
-        self.type = type or ERROR_TYPES.get(status, fallback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,41 +71,8 @@ class GenerateRequest:
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k
 
 
-def bad(message: str, param: str | None = None) -> ProtocolError:
-    return ProtocolError(400, message, param)
-
-
-def parse_body(content_type: str, raw: bytes) -> dict[str, Any]:
-    if content_type != "application/json":
-        raise bad(f"Content-Type must be application/json, not {content_type}")
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise bad(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad("the body must be a JSON object")
-    return body
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _get(body: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
-    """body[key] checked against `kind` (bool is not an int here); `default` when absent or null."""
-    value = body.get(key)
-    if value is None:
-        return default
-    kinds = (int, float) if kind is float else kind
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kinds):
-        raise bad(f"'{key}' must be {_TYPE_NAMES[kind]}", key)
-    if kind is float and not math.isfinite(value):
-        raise bad(f"'{key}' must be finite", key)
-    return float(value) if kind is float else value
-
-
 def check_model(body: Mapping[str, Any], info: ModelInfo) -> None:
-    model = _get(body, "model", str)
+    model = field(body, "model", str)
     if model is not None and model != info.name:
         raise ProtocolError(404, f"The model `{model}` does not exist.", "model")
 
@@ -159,7 +103,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _logit_bias(body: Mapping[str, Any], info: ModelInfo) -> dict[int, float]:
-    bias = _get(body, "logit_bias", dict, {})
+    bias = field(body, "logit_bias", dict, {})
     out = {}
     for key, value in bias.items():
         try:
@@ -176,9 +120,9 @@ def _logit_bias(body: Mapping[str, Any], info: ModelInfo) -> dict[int, float]:
 def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]:
     """Model defaults, overridden by whatever the request sets."""
     out = {k: v for k, v in info.default_params.items() if k in _SAMPLING_FIELDS}
-    given = {k: _get(body, k, float) for k in _FLOAT_FIELDS}
-    given |= {k: _get(body, k, int) for k in _INT_FIELDS}
-    given |= {k: _get(body, k, bool) for k in _BOOL_FIELDS}
+    given = {k: field(body, k, float) for k in _FLOAT_FIELDS}
+    given |= {k: field(body, k, int) for k in _INT_FIELDS}
+    given |= {k: field(body, k, bool) for k in _BOOL_FIELDS}
     out |= {k: v for k, v in given.items() if v is not None}
     if out.get("n", 1) > info.max_n:
         raise bad(f"'n' must be at most {info.max_n}", "n")
@@ -188,64 +132,14 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
         () if ids is None else tuple(check_token_ids(ids, info, "stop_token_ids"))
     )
     out["logit_bias"] = _logit_bias(body, info)
-    out["structured_outputs"] = _structured_outputs(body)
+    out["structured_outputs"] = structured_outputs(body)
     return out
-
-
-# vLLM's fields before `structured_outputs` (removed from vLLM in 0.12, where they are now
-# ignored and the output comes back unconstrained): still honoured here
-GUIDED_FIELDS = {
-    "guided_json": "json",
-    "guided_regex": "regex",
-    "guided_choice": "choice",
-    "guided_grammar": "grammar",
-}
-
-
-def _structured_outputs(body: Mapping[str, Any]) -> StructuredOutputs | None:
-    """OpenAI's `response_format`, or vLLM's `structured_outputs` (json, json_object, regex,
-    choice or grammar) or its older `guided_*` fields; the engine compiles it (an invalid
-    schema is its 400)."""
-    fmt = body.get("response_format")
-    plain = isinstance(fmt, dict) and fmt.get("type") == "text"  # no constraint: goes with one
-    given = [
-        key
-        for key in ("response_format", "structured_outputs", *GUIDED_FIELDS)
-        if body.get(key) is not None and not (key == "response_format" and plain)
-    ]
-    if len(given) > 1:
-        raise bad(f"set one of {', '.join(map(repr, given))}, not several", given[0])
-    fmt = None if plain else _get(body, "response_format", dict)
-    extra, param = _get(body, "structured_outputs", dict), "structured_outputs"
-    if given and given[0] in GUIDED_FIELDS:
-        extra, param = {GUIDED_FIELDS[given[0]]: body[given[0]]}, given[0]
-    if extra is not None:
-        unknown = sorted(set(extra) - set(STRUCTURED_FIELDS))
-        if unknown:
-            raise bad(f"unknown structured_outputs fields: {unknown}", param)
-        try:
-            return StructuredOutputs(**extra)
-        except ValueError as exc:
-            raise bad(str(exc), param) from None
-    if fmt is None:
-        return None
-    if fmt.get("type") == "json_object":
-        return StructuredOutputs(json_object=True)
-    if fmt.get("type") == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise bad("'response_format.json_schema.schema' must be an object", "response_format")
-        return StructuredOutputs(json=schema)
-    raise bad(
-        "'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format"
-    )
 
 
 def _max_tokens(body: Mapping[str, Any]) -> tuple[int | None, str]:
     """The requested completion length and the field that carried it."""
     for key in ("max_completion_tokens", "max_tokens"):
-        if (value := _get(body, key, int)) is not None:
+        if (value := field(body, key, int)) is not None:
             return value, key
     return None, "max_tokens"
 
@@ -294,7 +188,7 @@ def _truncated(
 ) -> tuple[list[int], str | None]:
     """vLLM's `truncate_prompt_tokens`: the prompt's last k tokens, its text (when it has one)
     decoded from them."""
-    k = _get(body, "truncate_prompt_tokens", int)
+    k = field(body, "truncate_prompt_tokens", int)
     if k is not None and k < 1:
         raise bad("'truncate_prompt_tokens' must be at least 1", "truncate_prompt_tokens")
     if k is None or len(ids) <= k:
@@ -306,36 +200,35 @@ def _truncated(
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
     """(stream, include_usage, continuous_usage: every chunk with the usage so far, vLLM's
     `stream_options.continuous_usage_stats`)."""
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict)
+    stream = field(body, "stream", bool, False)
+    options = field(body, "stream_options", dict)
     if options is not None and not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    usage = bool(options and _get(options, "include_usage", bool, False))
-    continuous = usage and bool(_get(options, "continuous_usage_stats", bool, False))
+    usage = bool(options and field(options, "include_usage", bool, False))
+    continuous = usage and bool(field(options, "continuous_usage_stats", bool, False))
     return stream, usage, continuous
 
 
 def _request_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]:
     """vLLM's fields of a request beside its prompts and sampling: token ids shown,
-    priority."""
-    priority = _get(body, "priority", int, 0)
+    priority, prompt logprobs shown."""
+    priority = field(body, "priority", int, 0)
     if priority and not info.priority_scheduling:
         raise bad("'priority' needs a server started with --scheduling-policy priority", "priority")
     return {
-        "return_token_ids": _get(body, "return_token_ids", bool, False),
-        "tokens_as_ids": _get(body, "return_tokens_as_token_ids", bool, False),
+        "return_token_ids": field(body, "return_token_ids", bool, False),
+        "tokens_as_ids": field(body, "return_tokens_as_token_ids", bool, False),
         "priority": priority,
-        "prompt_logprobs": _get(body, "prompt_logprobs", int),
+        "prompt_logprobs": field(body, "prompt_logprobs", int),
     }
 
 
-def _prompt_logprobs(body: Mapping[str, Any], sampling: dict[str, Any]) -> None:
-    """vLLM's `prompt_logprobs`: the prompt scored too (with echo's scoring, the larger k);
-    whole responses only, as in vLLM."""
-    k = _get(body, "prompt_logprobs", int)
+def _prompt_logprobs(k: int | None, body: Mapping[str, Any], sampling: dict[str, Any]) -> None:
+    """vLLM's `prompt_logprobs` (`k`, from `_request_fields`): the prompt scored too (with
+    echo's scoring, the larger k); whole responses only, as in vLLM."""
     if k is None:
         return
-    if _get(body, "stream", bool, False):
+    if field(body, "stream", bool, False):
         raise bad("'prompt_logprobs' cannot be streamed", "prompt_logprobs")
     sampling["prompt_logprobs"] = max(k, sampling.get("prompt_logprobs") or 0)
 
@@ -368,12 +261,13 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     if body.get("suffix") is not None:
         raise bad("'suffix' is not supported", "suffix")
     stream, include_usage, continuous_usage = _stream_flags(body)
-    echo = _get(body, "echo", bool, False)
-    logprobs = _get(body, "logprobs", int)
+    echo = field(body, "echo", bool, False)
+    logprobs = field(body, "logprobs", int)
     sampling = _sampling_fields(body, info) | {"logprobs": logprobs}
     if echo:  # the prompt's tokens are listed with logprobs too, as OpenAI and vLLM do
         sampling["prompt_logprobs"] = logprobs
-    _prompt_logprobs(body, sampling)
+    extra = _request_fields(body, info)
+    _prompt_logprobs(extra["prompt_logprobs"], body, sampling)
     requested, key = _max_tokens(body)
     # echo with max_tokens 0 scores the prompt alone: one token is generated, and dropped
     echo_only = echo and requested == 0
@@ -382,7 +276,7 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
             raise bad(f"'min_tokens' must be 0 when '{key}' is 0", "min_tokens")
         body = {**body, key: 1}
         sampling["logprobs"] = None  # nobody sees the token: nothing to rank it against
-    special = _get(body, "add_special_tokens", bool, True)
+    special = field(body, "add_special_tokens", bool, True)
     items = [_completion_prompt(p, info, special, echo) for p in _completion_items(body)]
     prompts = tuple(
         _prompt(ids, text, body, info, sampling, {"max_tokens": key}, COMPLETION_MAX_TOKENS)
@@ -399,7 +293,7 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
         logprobs,
         echo_only,
         continuous_usage=continuous_usage,
-        **_request_fields(body, info),
+        **extra,
     )
 
 
@@ -408,7 +302,7 @@ def chat_prompt(
 ) -> list[int]:
     """The token ids of the templated conversation in body['messages'] (with `tools`)."""
     messages = body.get("messages")
-    add_generation_prompt = _get(body, "add_generation_prompt", bool, True)
+    add_generation_prompt = field(body, "add_generation_prompt", bool, True)
     try:
         parsed = parse_messages(messages)
         if info.tokenizer is None:
@@ -416,13 +310,13 @@ def chat_prompt(
         text = render_chat(info.tokenizer, parsed, add_generation_prompt, tools)
     except ValueError as exc:
         raise bad(str(exc), "messages") from None
-    special = _get(body, "add_special_tokens", bool, special_default)
+    special = field(body, "add_special_tokens", bool, special_default)
     return encode(info, text, special, "messages")
 
 
 def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
-    top = _get(body, "top_logprobs", int)
-    if not _get(body, "logprobs", bool, False):
+    top = field(body, "top_logprobs", int)
+    if not field(body, "logprobs", bool, False):
         if top is not None:
             raise bad("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
         return None
@@ -434,7 +328,8 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     stream, include_usage, continuous_usage = _stream_flags(body)
     top_logprobs = _chat_logprobs(body)
     sampling = _sampling_fields(body, info) | {"logprobs": top_logprobs}
-    _prompt_logprobs(body, sampling)
+    extra = _request_fields(body, info)
+    _prompt_logprobs(extra["prompt_logprobs"], body, sampling)
     try:
         tools, tool_choice = parse_tools(body, info.tool_call_parser)
     except ToolsError as exc:
@@ -464,7 +359,7 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
         top_logprobs,
         tool_choice=tool_choice,
         continuous_usage=continuous_usage,
-        **_request_fields(body, info),
+        **extra,
     )
 
 
@@ -473,10 +368,10 @@ def parse_tokenize(body: Mapping[str, Any], info: ModelInfo) -> list[int]:
     if "messages" in body:  # the prompt its chat request would have, tools shown
         tools = body.get("tools")
         return chat_prompt(body, info, False, tools if isinstance(tools, list) else None)
-    prompt = _get(body, "prompt", str)
+    prompt = field(body, "prompt", str)
     if prompt is None:
         raise bad("'prompt' or 'messages' is required", "prompt")
-    return encode(info, prompt, _get(body, "add_special_tokens", bool, True), "prompt")
+    return encode(info, prompt, field(body, "add_special_tokens", bool, True), "prompt")
 
 
 def parse_detokenize(body: Mapping[str, Any], info: ModelInfo) -> list[int]:

@@ -10,11 +10,10 @@ import pytest
 from conftest import smollm2_tokenizer
 
 from runtime.sampling_params import SamplingParams, StructuredOutputs
+from server.fields import ProtocolError, parse_body
 from server.protocol import (
     ModelInfo,
-    ProtocolError,
     chat_prompt,
-    parse_body,
     parse_chat,
     parse_completion,
     parse_detokenize,
