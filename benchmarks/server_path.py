@@ -4,7 +4,9 @@ queues --gpu-ms of "GPU" work behind the step before, then waits with the GIL fr
 step before's work to end and gives every running request one token. --streams requests of
 --tokens tokens stream through AsyncEngine and the server's app to benchmarks/serving's
 client, in another process. The ideal is --streams tokens every max(gpu-ms, host-ms); the
-server's event loop, which shares the GIL with the engine thread, shows as the distance to it.
+server's event loop, where it shares the GIL with the engine's loop, shows as the distance to
+it. --engine thread process: the loop on a thread of the server's process (ThreadCore), in a
+process of its own (ProcessCore), or each in turn.
 
     python -m benchmarks.server_path --streams 64 256 --tokens 200 --gpu-ms 8 --host-ms 2
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import itertools
 import statistics
 import time
 import types
@@ -22,7 +26,8 @@ from aiohttp import web
 
 from benchmarks.common import save, table
 from benchmarks.serving import Request, run_kiln
-from runtime.async_engine import AsyncEngine
+from runtime.async_engine import AsyncEngine, ThreadCore
+from runtime.engine_process import ProcessCore
 from runtime.outputs import CompletionOutput, RequestOutput
 from server import ServerConfig, create_app
 
@@ -91,8 +96,9 @@ def client(url: str, streams: int, tokens: int) -> tuple[float, float]:
 
 
 async def measure(args) -> dict:
-    engine = StandInEngine(args.gpu_ms / 1e3, args.host_ms / 1e3)
-    front = AsyncEngine(engine)
+    make_engine = functools.partial(StandInEngine, args.gpu_ms / 1e3, args.host_ms / 1e3)
+    core = ThreadCore(make_engine()) if args.engine == "thread" else ProcessCore(make_engine)
+    front = AsyncEngine(core)
     runner = web.AppRunner(create_app(front, ServerConfig()))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -106,6 +112,7 @@ async def measure(args) -> dict:
         await runner.cleanup()
     ideal_s = max(args.gpu_ms, args.host_ms) / 1e3
     return {
+        "engine": args.engine,
         "streams": args.streams,
         "tok_s": round(rate),
         "ideal_tok_s": round(args.streams / ideal_s),
@@ -124,15 +131,14 @@ def main() -> None:
     p.add_argument("--gpu-ms", type=float, default=8.0)
     p.add_argument("--host-ms", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--engine", nargs="+", choices=("thread", "process"), default=["process"])
     args = p.parse_args()
     if args.tokens < 2:
         p.error("--tokens must be at least 2: TPOT is the time between tokens")
     rows = []
-    for streams in args.streams:
-        runs = [
-            asyncio.run(measure(argparse.Namespace(**{**vars(args), "streams": streams})))
-            for _ in range(args.repeats)
-        ]
+    for engine, streams in itertools.product(args.engine, args.streams):
+        case = argparse.Namespace(**{**vars(args), "engine": engine, "streams": streams})
+        runs = [asyncio.run(measure(case)) for _ in range(args.repeats)]
         rows.append(sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2])  # the median run
     print(table(rows, list(rows[0])))
     print(f"wrote {save('server-path', {'workload': vars(args), 'rows': rows})}")

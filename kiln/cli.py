@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import sys
 from pathlib import Path
 
+from runtime.logs import configure_logging
 from server.tool_parsers import TOOL_CALL_PARSERS
 
 log = logging.getLogger("kiln")
@@ -15,12 +17,7 @@ log = logging.getLogger("kiln")
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("torch", "transformers", "httpx", "numba"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args) or 0
     except (ValueError, OSError) as e:  # bad input, paths, ports: one line (-v: the traceback)
@@ -100,6 +97,12 @@ def parser() -> argparse.ArgumentParser:
         choices=TOOL_CALL_PARSERS,
         help="the model's tool-call format: hermes (<tool_call> blocks, as Qwen writes them), "
         "llama3_json (JSON calls, as Llama 3.1 writes them)",
+    )
+    r.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="run the engine on a thread of the server's process (default: in a process of "
+        "its own, so the server's work per streamed token does not wait on the engine's)",
     )
     _engine_args(r)
     r.set_defaults(func=_run)
@@ -186,11 +189,22 @@ def _compile(args) -> None:
 
 
 def _load_engine(args):
-    from compiler.artifact import load_artifact
     from runtime.engine import Engine
 
     log.info("loading %s", args.artifact)
-    return Engine(load_artifact(args.artifact), _engine_config(args))
+    return Engine.load(args.artifact, _engine_config(args))
+
+
+def _start_engine(args):
+    """The engine loop's core: on a thread of this process, or in a process of its own."""
+    from runtime.async_engine import ThreadCore
+    from runtime.engine import Engine
+    from runtime.engine_process import ProcessCore
+
+    if args.engine_thread:
+        return ThreadCore(_load_engine(args))
+    log.info("loading %s in the engine's process", args.artifact)
+    return ProcessCore(functools.partial(Engine.load, args.artifact, _engine_config(args)))
 
 
 def _generate(args) -> None:
@@ -244,7 +258,7 @@ def _run(args) -> int:
     if args.tool_call_parser and not args.enable_auto_tool_choice:
         log.warning("--tool-call-parser reads calls only with --enable-auto-tool-choice")
     name = args.served_model_name or args.artifact.resolve().name
-    engine = AsyncEngine(_load_engine(args), model_name=name)
+    engine = AsyncEngine(_start_engine(args), model_name=name)
     log.info(
         "KV cache: %d tokens; maximum concurrency at %d tokens per request: %.1fx",
         engine.kv_cache_tokens,

@@ -1,4 +1,10 @@
-"""AsyncEngine: the engine loop on its own thread, streaming updates to asyncio consumers."""
+"""AsyncEngine: an engine loop streaming updates to asyncio consumers.
+
+The loop (EngineLoop) runs where its core puts it: on a thread of this process (ThreadCore),
+or in a process of its own (runtime.engine_process.ProcessCore), which keeps the server's
+per-token work off the engine's GIL. Either way it hands each step's updates to the front
+(AsyncEngine) in one batch, and the front routes them to the requests' streams.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +12,165 @@ import asyncio
 import logging
 import queue
 import threading
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from runtime.engine import Engine
 from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import SamplingParams, StructuredOutputs
 
 log = logging.getLogger(__name__)
+
+# (request id, item) pairs: a RequestOutput, a request's exception, Released or Stopped
+Sink = Callable[[list[tuple[str | None, Any]]], None]
 
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped (crashed or shut down); no request can be served."""
 
 
-class AsyncEngine:
-    """Thread-safe front of an Engine: `generate` yields a request's updates (deltas)."""
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The request of a stream whose consumer left is aborted: its id is free again."""
 
-    def __init__(self, engine: Engine, model_name: str = "model") -> None:
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The loop ended: `error` is what killed it, None on a shutdown."""
+
+    error: BaseException | None
+
+
+class EngineLoop:
+    """Runs an Engine: applies queued commands (add, abort, stop) between steps and hands
+    each step's updates to `sink` in one call."""
+
+    def __init__(self, engine: Engine, sink: Sink) -> None:
         self.engine = engine
-        self.model_name = model_name
+        self.sink = sink
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run(self) -> None:
+        error = None
+        try:
+            while self._run_commands(block=not self.engine.has_unfinished()):
+                self.sink([(u.request_id, u) for u in self.engine.step()])
+        except BaseException as e:  # the loop must report any death to every waiter
+            log.exception("engine loop died")
+            error = e
+        finally:
+            # in-flight requests end with finish_reason "abort" on a shutdown; after a
+            # crash their streams get EngineDeadError from the front instead
+            finals = [(r, self.engine.abort(r)) for r in list(self.engine.requests)]
+            done = [(r, f) for r, f in finals if f is not None and error is None]
+            self.sink([*done, (None, Stopped(error))])
+            self.engine.close()
+
+    def _run_commands(self, block: bool) -> bool:
+        """Apply queued adds/aborts; False once asked to stop."""
+        while True:
+            try:
+                cmd = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "abort":
+                _, request_id, released = cmd  # released: its consumer left, free the id
+                final = self.engine.abort(request_id)
+                if released:
+                    self.sink([(request_id, Released())])
+                elif final is not None:
+                    self.sink([(request_id, final)])
+                continue
+            _, request_id, ids, params, prompt, priority = cmd
+            try:
+                self.engine.add_request(request_id, ids, params, prompt, priority)
+            except Exception as e:  # this request's error, not the engine's
+                self.sink([(request_id, e)])
+
+
+class Core(Protocol):
+    """Where the loop runs, and what the front needs to know of its engine."""
+
+    max_model_len: int
+    vocab_size: int
+    tokenizer: Any
+    generation_config: dict
+    kv_cache_tokens: int
+    scheduling_policy: str
+
+    def start(self, sink: Sink) -> None: ...
+    def put(self, command: tuple) -> None: ...
+    def alive(self) -> bool: ...
+    def stats(self) -> dict: ...
+    async def compile_grammar(self, spec: StructuredOutputs) -> None: ...
+    def join(self, timeout: float) -> None: ...
+
+
+class ThreadCore:
+    """The loop on a thread of this process, around an Engine built here."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
         self.tokenizer = engine.tokenizer
-        self.default_params = dict(engine.artifact.generation_config)
+        self.generation_config = dict(engine.artifact.generation_config)
         self.kv_cache_tokens = engine.runner.num_tokens
-        self.max_concurrency = self.kv_cache_tokens / engine.max_model_len
         self.scheduling_policy = engine.scheduler.config.policy
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._error: BaseException | None = None
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+        self._loop: EngineLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, sink: Sink) -> None:
+        self._loop = EngineLoop(self.engine, sink)
+        self._thread = threading.Thread(target=self._loop.run, name="kiln-engine", daemon=True)
         self._thread.start()
 
-    @property
-    def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None and not self._stopping.is_set()
+    def put(self, command: tuple) -> None:
+        self._loop.commands.put(command)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    async def compile_grammar(self, spec: StructuredOutputs) -> None:
+        # off the engine's thread, whose steps a long compile would hold up
+        await asyncio.to_thread(self.engine.compile_grammar, spec)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class AsyncEngine:
+    """Thread-safe front of an engine loop: `generate` yields a request's updates (deltas).
+    `core` runs the loop: `ThreadCore(engine)` on a thread, or a ProcessCore."""
+
+    def __init__(self, core: Core, model_name: str = "model") -> None:
+        self.core = core
+        self.model_name = model_name
+        self.max_model_len = self.core.max_model_len
+        self.vocab_size = self.core.vocab_size
+        self.tokenizer = self.core.tokenizer
+        self.default_params = dict(self.core.generation_config)
+        self.kv_cache_tokens = self.core.kv_cache_tokens
+        self.max_concurrency = self.kv_cache_tokens / self.max_model_len
+        self.scheduling_policy = self.core.scheduling_policy
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._error: BaseException | None = None
+        self._stopped = False
+        self.core.start(self._deliver_all)
+
+    @property
+    def is_alive(self) -> bool:
+        return not self._stopped and self.core.alive()
+
+    def stats(self) -> dict:
+        return self.core.stats()
 
     async def generate(
         self,
@@ -67,9 +192,9 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         finished = False
         try:
-            if params.structured_outputs is not None:  # here, not in the engine thread's steps
-                await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
-            self._commands.put(("add", request_id, prompt_token_ids, params, prompt, priority))
+            if params.structured_outputs is not None:
+                await self.core.compile_grammar(params.structured_outputs)
+            self.core.put(("add", request_id, prompt_token_ids, params, prompt, priority))
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -79,29 +204,33 @@ class AsyncEngine:
         finally:
             if finished:
                 self._streams.pop(request_id, None)
-            else:  # the id stays taken until the engine thread has aborted the request
-                self._commands.put(("abort", request_id, stream))
+            else:  # the id stays taken until the loop has aborted the request
+                self.core.put(("abort", request_id, True))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id, None))
+        self.core.put(("abort", request_id, False))
 
     async def shutdown(self, timeout: float) -> None:
         """Let in-flight requests finish for up to `timeout` s, abort the rest, stop the loop."""
-        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         # every request begun, one still compiling its grammar too
-        while self._streams and time.monotonic() < deadline and self._error is None:
+        while self._streams and loop.time() < deadline and self._error is None:
             await asyncio.sleep(0.05)
-        self._commands.put(("stop",))
-        await asyncio.to_thread(self._thread.join, 10)
+        self.core.put(("stop",))
+        await asyncio.to_thread(self.core.join, 10)
 
-    def _deliver(self, request_id: str, item) -> None:
-        self._deliver_all([(request_id, item)])
-
-    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+    def _deliver_all(self, items: list[tuple[str | None, Any]]) -> None:
         """Each item to its request's stream: one wake-up of each consumer loop for all of
         them (a step's updates for hundreds of streams would otherwise be as many)."""
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for request_id, item in items:
+            if isinstance(item, Released):
+                self._streams.pop(request_id, None)
+                continue
+            if isinstance(item, Stopped):
+                self._stop(item.error, batches)
+                continue
             target = self._streams.get(request_id)
             if target is not None:
                 loop, stream = target
@@ -109,53 +238,16 @@ class AsyncEngine:
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_put_all, batch)
 
-    def _loop(self) -> None:
-        try:
-            while self._run_commands(block=not self.engine.has_unfinished()):
-                self._deliver_all([(u.request_id, u) for u in self.engine.step()])
-        except BaseException as e:  # the loop must report any death to every waiter
-            log.exception("engine loop died")
-            self._error = e
-        finally:
-            self._stopping.set()
-            self._abort_all()
-            self.engine.close()
-
-    def _run_commands(self, block: bool) -> bool:
-        """Apply queued adds/aborts; False once asked to stop."""
-        while True:
-            try:
-                cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-            except queue.Empty:
-                return True
-            block = False
-            if cmd[0] == "stop":
-                return False
-            if cmd[0] == "abort":
-                _, request_id, closed = cmd  # closed: the stream of a consumer that left
-                final = self.engine.abort(request_id)
-                if closed is None:
-                    if final is not None:
-                        self._deliver(request_id, final)
-                elif self._streams.get(request_id, (None, None))[1] is closed:
-                    del self._streams[request_id]
-                continue
-            _, request_id, ids, params, prompt, priority = cmd
-            try:
-                self.engine.add_request(request_id, ids, params, prompt, priority)
-            except Exception as e:  # this request's error, not the engine's
-                self._deliver(request_id, e)
-
-    def _abort_all(self) -> None:
-        """In-flight requests end: with finish_reason "abort" on a shutdown, with
-        EngineDeadError (a 503, not a normal-looking empty completion) when the loop died."""
-        crashed = self._error is not None
-        finals = [(r, self.engine.abort(r)) for r in list(self.engine.requests)]
-        dead = EngineDeadError("the engine died" if crashed else "the engine stopped")
-        self._deliver_all(
-            [(r, final) for r, final in finals if final is not None and not crashed]
-            + [(r, dead) for r in list(self._streams)]
+    def _stop(self, error: BaseException | None, batches: dict) -> None:
+        """Every stream still open gets EngineDeadError (a 503, not a normal-looking empty
+        completion); the ones finished by the shutdown got their finals first."""
+        self._error = error
+        self._stopped = True  # first: a stream registered from here on sees it
+        dead = EngineDeadError(
+            "the engine stopped" if error is None else f"the engine died: {error!r}"
         )
+        for loop, stream in list(self._streams.values()):
+            batches.setdefault(loop, []).append((stream, dead))
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:

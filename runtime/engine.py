@@ -16,10 +16,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from compiler.artifact import Artifact
+from compiler.artifact import Artifact, load_artifact
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.model_runner import make_runner, max_model_len
@@ -111,6 +112,11 @@ class Engine:
         self.num_computed_tokens = 0  # tokens run through the model (prefix hits excluded)
         self.grammars: Grammars | None = None  # structured outputs' compiler, once needed
         self._grammars_made = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path, config: EngineConfig | None = None) -> Engine:
+        """The engine of the artifact at `path`."""
+        return cls(load_artifact(path), config)
 
     def add_request(
         self,

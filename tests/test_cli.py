@@ -36,6 +36,7 @@ def test_user_mistakes_are_one_line_errors(model, tmp_path, caplog):
           "max_model_len must be >= 2")  # fmt: skip
     fails(caplog, ["generate", str(tmp_path / "afile"), "hi"], "not a Kiln artifact")
     fails(caplog, ["generate", str(artifact), "hi", "--device", "tpu"], "device 'tpu'")
+    fails(caplog, ["run", str(artifact), "--device", "tpu"], "device 'tpu'")  # the engine's process
     if not torch.cuda.is_available():
         fails(caplog, ["generate", str(artifact), "hi", "--device", "cuda"], "needs a CUDA GPU")
 
@@ -49,13 +50,13 @@ def test_ports_outside_the_range_are_usage_errors(model, capsys):
 def test_out_of_gpu_memory_at_start_up_says_what_to_lower(model, caplog, monkeypatch):
     from runtime.distributed import TensorParallelError
 
-    def out_of_memory(args):
+    def out_of_memory(args):  # (its way out of an engine process: tests/runtime/test_engine.py)
         try:
             raise RuntimeError("CUDA error: out of memory")  # as AcceleratorError says it
         except RuntimeError as e:  # as a tensor-parallel rank 0 reports it
             raise TensorParallelError(f"an earlier step failed: {e}") from e
 
-    monkeypatch.setattr("kiln.cli._load_engine", out_of_memory)
+    monkeypatch.setattr("kiln.cli._start_engine", out_of_memory)
     with caplog.at_level(logging.ERROR, logger="kiln"):
         assert main(["run", str(model[1])]) == 1
     [record] = [r for r in caplog.records if r.name == "kiln"]
@@ -65,6 +66,6 @@ def test_out_of_gpu_memory_at_start_up_says_what_to_lower(model, caplog, monkeyp
     def broken(args):
         raise RuntimeError("something else")
 
-    monkeypatch.setattr("kiln.cli._load_engine", broken)
+    monkeypatch.setattr("kiln.cli._start_engine", broken)
     with pytest.raises(RuntimeError, match="something else"):  # other errors: the traceback
         main(["run", str(model[1])])

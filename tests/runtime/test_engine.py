@@ -6,16 +6,23 @@ tokens are read back); the requests run alone, the reference, always run synchro
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import random
+import signal
 import threading
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import record_preemptions, tiny_model
 
 import kiln
-from compiler.artifact import load_artifact
-from runtime.async_engine import AsyncEngine
+from compiler.artifact import ArtifactError, load_artifact
+from runtime.async_engine import AsyncEngine, EngineDeadError, ThreadCore
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.engine_process import ProcessCore
 from runtime.outputs import merge_update
 
 pytestmark = pytest.mark.usefixtures("scheduling")
@@ -236,11 +243,60 @@ def test_async_engine_streams_and_aborts(artifact):
     llm = kiln.LLM(artifact, num_kv_blocks=128)
     prompt = list(range(5, 25))
     expected = llm.generate([prompt], greedy(10), use_tqdm=False)[0].token_ids
-    asyncio.run(stream_then_abort(AsyncEngine(llm.engine), prompt, expected))
+    asyncio.run(stream_then_abort(AsyncEngine(ThreadCore(llm.engine)), prompt, expected))
+
+
+def test_async_engine_in_a_process_of_its_own_streams_and_aborts(artifact, scheduling):
+    config = EngineConfig(num_kv_blocks=128, async_scheduling=scheduling)
+    prompt = list(range(5, 25))
+    llm = kiln.LLM(artifact, num_kv_blocks=128)
+    expected = llm.generate([prompt], greedy(10), use_tqdm=False)[0].token_ids
+    core = ProcessCore(functools.partial(Engine.load, artifact, config))
+    here = llm.engine
+    assert (core.max_model_len, core.vocab_size, core.kv_cache_tokens) == (
+        here.max_model_len,
+        here.vocab_size,
+        here.runner.num_tokens,
+    )
+    asyncio.run(stream_then_abort(AsyncEngine(core), prompt, expected))
+
+
+def out_of_memory():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_an_engine_process_that_cannot_start_raises_its_error(tmp_path):
+    with pytest.raises(ArtifactError, match="not a Kiln artifact"):
+        ProcessCore(functools.partial(Engine.load, tmp_path))
+    with pytest.raises(RuntimeError, match="out of memory"):  # for the CLI's advice
+        ProcessCore(out_of_memory)
+
+
+def test_an_engine_process_ignores_signals_and_its_death_fails_every_stream(artifact):
+    """A Ctrl-C reaches the whole process group: the server drains, the engine runs on.
+    Once the engine's process is gone, streams end with EngineDeadError, not silence."""
+    front = AsyncEngine(ProcessCore(functools.partial(Engine.load, artifact)))
+
+    async def run():
+        os.kill(front.core.pid, signal.SIGINT)
+        os.kill(front.core.pid, signal.SIGTERM)
+        updates = [u async for u in front.generate("a", [5, 6], greedy(4))]
+        assert sum(len(u.token_ids) for u in updates) == 4
+        stream = front.generate("b", [5, 6], greedy(400))
+        await anext(stream)
+        os.kill(front.core.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="exited"):
+            async for _ in stream:
+                pass
+        assert not front.is_alive
+        with pytest.raises(EngineDeadError):
+            await anext(front.generate("c", [5, 6], greedy(4)))
+        await front.shutdown(timeout=1)
+
+    asyncio.run(run())
 
 
 async def stream_then_abort(engine, prompt, expected):
-    llm_engine = engine.engine
     got = []
     async for update in engine.generate("a", prompt, greedy(10)):
         got += update.token_ids
@@ -249,11 +305,11 @@ async def stream_then_abort(engine, prompt, expected):
     await anext(stream)
     await stream.aclose()  # a client that went away
     for _ in range(100):
-        if not llm_engine.requests:
+        if engine.stats()["num_running"] == 0:
             break
         await asyncio.sleep(0.02)
-    assert not llm_engine.requests
-    assert llm_engine.scheduler.block_manager.usage == 0.0
+    stats = engine.stats()
+    assert (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"]) == (0, 0, 0.0)
     with pytest.raises(ValueError, match="max_model_len"):
         async for _ in engine.generate("c", [1] * 600, greedy(10)):
             pass
@@ -417,7 +473,7 @@ def test_token_ids_must_be_ints(artifact):
         with pytest.raises(ValueError, match="token ids must be ints"):
             llm.engine.add_request("bad", bad, greedy(2))
     assert not llm.engine.requests
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(ThreadCore(llm.engine))
 
     async def run():
         with pytest.raises(ValueError, match="must be ints"):  # that request's error only
@@ -434,7 +490,7 @@ def test_async_engine_keeps_a_closed_streams_id_until_its_request_is_aborted(art
     llm = kiln.LLM(artifact, num_kv_blocks=64)
     prompt = list(range(5, 25))
     expected = alone(artifact, [prompt], [greedy(5)])[0]
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(ThreadCore(llm.engine))
 
     async def run():
         stream = engine.generate("x", prompt, greedy(200))
@@ -463,7 +519,7 @@ def test_async_engine_wakes_its_consumers_loop_once_a_step(artifact):
     steps, wakeups = [], []
     step = llm.engine.step
     llm.engine.step = lambda: steps.append(1) or step()
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(ThreadCore(llm.engine))
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -495,7 +551,7 @@ def test_async_engine_serves_waiting_requests_by_priority(artifact):
     """One sequence at a time: once the first request is done, the more urgent of the two
     waiting ones runs, though it came later."""
     llm = kiln.LLM(artifact, num_kv_blocks=128, max_num_seqs=1, policy="priority")
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(ThreadCore(llm.engine))
     assert engine.scheduling_policy == "priority"
     finished = []
 

@@ -5,6 +5,7 @@ does not; in batches with unconstrained requests, which it leaves unchanged."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import threading
@@ -14,7 +15,10 @@ import torch
 from conftest import record_preemptions, tiny_model
 
 import kiln
-from runtime.async_engine import AsyncEngine
+from runtime.async_engine import AsyncEngine, ThreadCore
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.engine_process import ProcessCore
 from runtime.sampler import SamplingState, sample
 from runtime.structured import MAX_JSON_WHITESPACE, Grammars, unpack_bitmask
 
@@ -271,7 +275,7 @@ def test_a_served_request_compiles_its_grammar_off_the_engine_thread(smollm2_art
             calls.append((threading.current_thread().name != "kiln-engine", grew))
 
     monkeypatch.setattr(Grammars, "compile", recorded)
-    engine = AsyncEngine(kiln.LLM(smollm2_artifact, num_kv_blocks=64).engine)
+    engine = AsyncEngine(ThreadCore(kiln.LLM(smollm2_artifact, num_kv_blocks=64).engine))
     regex = r"[a-z]{4}-\d{3}"
     schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(9)}}
 
@@ -296,6 +300,28 @@ def test_a_served_request_compiles_its_grammar_off_the_engine_thread(smollm2_art
     assert calls == [(True, True), (False, False), (True, True), (False, False), (True, False)]
 
 
+def test_an_engine_process_compiles_grammars_and_refuses_bad_ones(smollm2_artifact):
+    config = EngineConfig(num_kv_blocks=64)
+    front = AsyncEngine(ProcessCore(functools.partial(Engine.load, smollm2_artifact, config)))
+    regex = r"[a-z]{4}-\d{3}"
+
+    async def run():
+        spec = kiln.StructuredOutputs(regex=regex)
+        stream = front.generate("r", [1, 2, 3], sampled(spec, n=1))
+        text = "".join([u.outputs[0].text async for u in stream])
+        with pytest.raises(ValueError, match="parenthesis is not closed"):
+            async for _ in front.generate(
+                "bad", [1, 2, 3], sampled(kiln.StructuredOutputs(regex="("))
+            ):
+                pass
+        assert front.is_alive
+        await front.shutdown(timeout=1)
+        return text
+
+    assert re.fullmatch(regex, asyncio.run(run()))
+    assert front.core.exitcode == 0
+
+
 def slow_compiles(engine, release: threading.Event) -> None:
     """Make the engine's grammar compiles wait for `release`."""
     compile_grammar = engine.compile_grammar
@@ -308,9 +334,9 @@ def slow_compiles(engine, release: threading.Event) -> None:
 
 
 def test_a_shutdown_waits_for_a_request_compiling_its_grammar(smollm2_artifact):
-    engine = AsyncEngine(kiln.LLM(smollm2_artifact, num_kv_blocks=64).engine)
+    engine = AsyncEngine(ThreadCore(kiln.LLM(smollm2_artifact, num_kv_blocks=64).engine))
     release = threading.Event()
-    slow_compiles(engine.engine, release)
+    slow_compiles(engine.core.engine, release)
     spec = kiln.StructuredOutputs(regex=r"[a-z]{5}")
 
     async def run():
@@ -333,7 +359,7 @@ def test_a_shutdown_waits_for_a_request_compiling_its_grammar(smollm2_artifact):
 
 def test_an_engine_dying_during_a_compile_fails_the_request(smollm2_artifact):
     llm = kiln.LLM(smollm2_artifact, num_kv_blocks=64)
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(ThreadCore(llm.engine))
     release = threading.Event()
     slow_compiles(llm.engine, release)
 
