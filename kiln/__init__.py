@@ -1,6 +1,5 @@
 """Kiln: compile a Hugging Face decoder once, serve it fast. The public API."""
 
-from kiln.api import LLM, compile
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.sampling_params import SamplingParams, StructuredOutputs
 
@@ -16,8 +15,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # kiln.attention, for custom architectures, lives with the compiler, whose imports
-    # (transformers' model code) would add seconds to every `import kiln`
+    # imported when first used: torch for LLM and compile, transformers' model code for
+    # kiln.attention (custom architectures); `kiln run` starts its engine process first
+    if name in ("LLM", "compile"):
+        from kiln import api
+
+        return getattr(api, name)
     if name == "attention":
         from compiler.frontend.module import attention
 

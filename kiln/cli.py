@@ -196,15 +196,16 @@ def _load_engine(args):
 
 
 def _start_engine(args):
-    """The engine loop's core: on a thread of this process, or in a process of its own."""
-    from runtime.async_engine import ThreadCore
-    from runtime.engine import Engine
-    from runtime.engine_process import ProcessCore
-
+    """The engine loop's core: on a thread of this process, or in a process of its own,
+    which starts loading the model at once."""
     if args.engine_thread:
+        from runtime.async_engine import ThreadCore
+
         return ThreadCore(_load_engine(args))
+    from runtime.engine_process import ProcessCore, load_engine
+
     log.info("loading %s in the engine's process", args.artifact)
-    return ProcessCore(functools.partial(Engine.load, args.artifact, _engine_config(args)))
+    return ProcessCore(functools.partial(load_engine, args.artifact, _engine_config(args)))
 
 
 def _generate(args) -> None:
@@ -248,17 +249,18 @@ def _bench(args) -> None:
 
 
 def _run(args) -> int:
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.tool_call_parser and not args.enable_auto_tool_choice:
+        log.warning("--tool-call-parser reads calls only with --enable-auto-tool-choice")
+    core = _start_engine(args)  # an engine process loads while the server's modules import
     import asyncio
 
     from runtime.async_engine import AsyncEngine
     from server.app import ServerConfig, create_app, serve
 
-    if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
-    if args.tool_call_parser and not args.enable_auto_tool_choice:
-        log.warning("--tool-call-parser reads calls only with --enable-auto-tool-choice")
     name = args.served_model_name or args.artifact.resolve().name
-    engine = AsyncEngine(_start_engine(args), model_name=name)
+    engine = AsyncEngine(core, model_name=name)
     log.info(
         "KV cache: %d tokens; maximum concurrency at %d tokens per request: %.1fx",
         engine.kv_cache_tokens,

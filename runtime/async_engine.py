@@ -14,11 +14,13 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from runtime.engine import Engine
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams, StructuredOutputs
+
+if TYPE_CHECKING:  # a server whose engine runs in another process need not import torch
+    from runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ class EngineLoop:
         self.sink = sink
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
 
-    def run(self) -> None:
+    def run(self) -> BaseException | None:
+        """Until told to stop; what killed the loop, if something did."""
         error = None
         try:
             while self._run_commands(block=not self.engine.has_unfinished()):
@@ -66,6 +69,7 @@ class EngineLoop:
             done = [(r, f) for r, f in finals if f is not None and error is None]
             self.sink([*done, (None, Stopped(error))])
             self.engine.close()
+        return error
 
     def _run_commands(self, block: bool) -> bool:
         """Apply queued adds/aborts; False once asked to stop."""
@@ -93,7 +97,8 @@ class EngineLoop:
 
 
 class Core(Protocol):
-    """Where the loop runs, and what the front needs to know of its engine."""
+    """Where the loop runs, and what the front needs to know of its engine (known once
+    `start` has returned)."""
 
     max_model_len: int
     vocab_size: int
@@ -153,6 +158,10 @@ class AsyncEngine:
     def __init__(self, core: Core, model_name: str = "model") -> None:
         self.core = core
         self.model_name = model_name
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._error: BaseException | None = None
+        self._stopped = False
+        self.core.start(self._deliver_all)
         self.max_model_len = self.core.max_model_len
         self.vocab_size = self.core.vocab_size
         self.tokenizer = self.core.tokenizer
@@ -160,10 +169,6 @@ class AsyncEngine:
         self.kv_cache_tokens = self.core.kv_cache_tokens
         self.max_concurrency = self.kv_cache_tokens / self.max_model_len
         self.scheduling_policy = self.core.scheduling_policy
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._error: BaseException | None = None
-        self._stopped = False
-        self.core.start(self._deliver_all)
 
     @property
     def is_alive(self) -> bool:

@@ -4,13 +4,14 @@ The server's process parses requests, streams tokens and keeps the metrics; the 
 process schedules, launches and samples. Apart, neither waits on the other's GIL. Two pipes
 join them: commands one way (add, abort, compile, stop), and the other way each step's
 updates in one message, with the engine's stats. An update crosses as a tuple, without its
-prompt, which this side keeps from the request's add (a step of 256 updates pickles in
-~50 us so, against ~1 ms as dataclasses that carry their prompts).
+prompt, which this side keeps from the request's add (a step of 256 one-token updates
+pickles in ~50 us so, against ~1 ms as dataclasses that carry their prompts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import logging
@@ -20,38 +21,58 @@ import pickle
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from multiprocessing.connection import Connection
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from runtime.async_engine import EngineDeadError, EngineLoop, Sink, Stopped
-from runtime.engine import Engine
+from runtime.config import EngineConfig
 from runtime.logs import configure_logging
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.sampling_params import StructuredOutputs
 
+if TYPE_CHECKING:
+    from runtime.engine import Engine
+
 log = logging.getLogger(__name__)
+
+EXIT_GRACE_S = 5.0  # how long a server that exits without a shutdown waits for the engine
+
+
+def load_engine(path: Path, config: EngineConfig) -> Engine:
+    """The engine of the artifact at `path`: ProcessCore's `make_engine` for `kiln run`."""
+    from runtime.engine import Engine
+
+    return Engine.load(path, config)
 
 
 class ProcessCore:
-    """Starts `make_engine()` in a spawned process and runs its loop there; returns once the
-    engine is ready, raising what its construction raised."""
+    """Starts `make_engine()` (picklable) in a spawned process at once; `start` waits until
+    the engine is ready, raising what its construction raised, then runs its loop there."""
 
     def __init__(self, make_engine: Callable[[], Engine]) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state, no threads
         commands, self._commands = ctx.Pipe(duplex=False)
         self._updates, updates = ctx.Pipe(duplex=False)
         level = logging.getLogger().getEffectiveLevel()
+        # daemon: multiprocessing ends it at exit, after `_exit`, which lets it stop first
         self._process = ctx.Process(
-            target=_main,
-            args=(make_engine, commands, updates, level),
-            name="kiln-engine",
-            daemon=True,  # never outlives the server
+            target=_main, args=(make_engine, commands, updates, level), daemon=True
         )
         self._process.start()
         self.pid = self._process.pid
         commands.close()  # the child's ends: its exit then reads as EOF here
         updates.close()
+        atexit.register(self._exit)
+        self._send_lock = threading.Lock()
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._closed = False  # the pipe from the process has ended
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # request id -> prompt
+        self._reader: threading.Thread | None = None
+
+    def start(self, sink: Sink) -> None:
         try:
             kind, info = self._updates.recv()
         except EOFError:
@@ -59,6 +80,9 @@ class ProcessCore:
             raise RuntimeError(
                 f"the engine process exited while starting (exit code {self._process.exitcode})"
             ) from None
+        except BaseException:  # a Ctrl-C while the model loads
+            self._process.kill()
+            raise
         if kind == "error":
             self._process.join()
             raise info
@@ -69,14 +93,6 @@ class ProcessCore:
         self.kv_cache_tokens = info["kv_cache_tokens"]
         self.scheduling_policy = info["scheduling_policy"]
         self._stats = info["stats"]
-        self._send_lock = threading.Lock()
-        self._calls: dict[int, Future] = {}
-        self._call_ids = itertools.count()
-        self._reader: threading.Thread | None = None
-        self._closed = False  # the pipe from the process has ended
-        self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # request id -> prompt
-
-    def start(self, sink: Sink) -> None:
         self._reader = threading.Thread(
             target=self._read, args=(sink,), name="kiln-engine-reader", daemon=True
         )
@@ -109,43 +125,56 @@ class ProcessCore:
             del self._calls[call]
             raise EngineDeadError("the engine is not running")
         self.put(("compile", call, spec))
+        # a client that leaves cancels `future`; the reply then finds it done
         error = await asyncio.wrap_future(future)
         if error is not None:
             raise error
 
     def join(self, timeout: float) -> None:
+        atexit.unregister(self._exit)
         self._process.join(timeout)
-        if self._process.is_alive():
-            log.warning("the engine process did not stop in %.0f s; terminating it", timeout)
-            self._process.terminate()
+        if self._process.is_alive():  # it ignores SIGTERM: that is the server's to act on
+            log.warning("the engine process did not stop in %.0f s; killing it", timeout)
+            self._process.kill()
             self._process.join()
         self._reader.join()
         self._commands.close()
         self._updates.close()
 
+    def _exit(self) -> None:
+        """At exit without a shutdown (a port in use, a crash): the process reads the end
+        of its commands, aborts what it runs and stops; killed if it does not."""
+        self._commands.close()
+        self._process.join(EXIT_GRACE_S)
+        if self._process.is_alive():
+            self._process.kill()
+
     def _read(self, sink: Sink) -> None:
-        stopped = False
+        error = None
         try:
-            while not stopped:
+            while True:
                 message = self._updates.recv()
                 if message[0] == "reply":
-                    _, call, error = message
-                    self._calls.pop(call).set_result(error)
+                    _, call, failure = message
+                    _resolve(self._calls.pop(call), failure)
                     continue
                 _, items, self._stats = message
-                stopped = isinstance(items[-1][1], Stopped) if items else False
                 sink([self._decode(request_id, item) for request_id, item in items])
+                if items and isinstance(items[-1][1], Stopped):
+                    break
         except (EOFError, OSError):  # it died without a word: killed, or out of memory
-            self._process.join(1)
+            self._process.join(EXIT_GRACE_S)
             code = self._process.exitcode
-            sink([(None, Stopped(EngineDeadError(f"the engine process exited (code {code})")))])
+            error = EngineDeadError(f"the engine process exited (exit code {code})")
         except BaseException as e:  # a message this side cannot read: the pair is broken
             log.exception("reading the engine process's updates failed")
-            self._process.terminate()
-            sink([(None, Stopped(e))])
+            self._process.kill()
+            error = e
         self._closed = True
-        for future in list(self._calls.values()):
-            future.set_result(EngineDeadError("the engine is not running"))
+        while self._calls:
+            _resolve(self._calls.popitem()[1], EngineDeadError("the engine is not running"))
+        if error is not None:
+            sink([(None, Stopped(error))])
 
     def _decode(self, request_id: str | None, item: Any) -> tuple[str | None, Any]:
         """An update with its prompt again; a request's last item lets its prompt go."""
@@ -163,13 +192,23 @@ class ProcessCore:
         return request_id, update
 
 
+def _resolve(future: Future, failure: BaseException | None) -> None:
+    with contextlib.suppress(InvalidStateError):  # cancelled: its client left
+        future.set_result(failure)
+
+
+def _ignore(signum, frame) -> None:
+    """A handler that does nothing: unlike SIG_IGN, not inherited by the processes the
+    engine starts (tensor-parallel ranks), which a signal must still stop."""
+
+
 def _main(make_engine: Callable[[], Engine], commands: Connection, updates: Connection, level):
     """The engine process: build the engine, then run its loop until told to stop (or until
     the server's process is gone)."""
     # the server's process owns shutdown: a Ctrl-C or SIGTERM to the process group must not
     # kill the loop under requests that are draining
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
     configure_logging(level)
     lock = threading.Lock()
 
@@ -188,28 +227,27 @@ def _main(make_engine: Callable[[], Engine], commands: Connection, updates: Conn
         engine, lambda items: send(("updates", [_encode(i) for i in items], engine.stats()))
     )
     threading.Thread(target=_receive, args=(commands, loop, engine, send), daemon=True).start()
-    loop.run()
+    error = loop.run()
     # the loop has stopped and said so; exit without the interpreter's teardown, in which a
     # process that compiled a grammar aborts ("terminate called without an active exception")
     logging.shutdown()
-    os._exit(0)
+    os._exit(0 if error is None else 1)
 
 
 def _receive(commands: Connection, loop: EngineLoop, engine: Engine, send) -> None:
     """Feeds the loop its commands; structured outputs compile on a pool, off the loop."""
     with ThreadPoolExecutor(2, thread_name_prefix="kiln-grammar") as pool:
-        while True:
-            try:
-                command = commands.recv()
-            except (EOFError, OSError):  # the server's process is gone
-                loop.commands.put(("stop",))
-                return
-            if command[0] == "compile":
-                pool.submit(_compile, engine, send, *command[1:])
-                continue
-            loop.commands.put(command)
-            if command[0] == "stop":
-                return
+        try:
+            while (command := commands.recv())[0] != "stop":
+                if command[0] == "compile":
+                    pool.submit(_compile, engine, send, *command[1:])
+                else:
+                    loop.commands.put(command)
+        except (EOFError, OSError):  # the server's process is gone
+            pass
+        except BaseException:
+            log.exception("reading the server's commands failed")
+        loop.commands.put(("stop",))
 
 
 def _compile(engine: Engine, send, call: int, spec: StructuredOutputs) -> None:

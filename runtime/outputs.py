@@ -13,6 +13,9 @@ class Logprob:
     rank: int
     decoded_token: str | None = None
 
+    def __reduce__(self):  # pickled as a call: half the time of slots' state (engine process)
+        return Logprob, (self.logprob, self.rank, self.decoded_token)
+
 
 @dataclass(slots=True)
 class CompletionOutput:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,6 +48,22 @@ def test_ports_outside_the_range_are_usage_errors(model, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", str(model[1]), "--port", "70000"])
     assert exit_.value.code == 2 and "port must be 0-65535" in capsys.readouterr().err
+
+
+def test_a_server_that_cannot_listen_exits_with_its_engine_process(model):
+    """No shutdown ran: the engine's process still stops, and `kiln run` exits."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "kiln.cli", "run", str(model[1]), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 2 and "address already in use" in run.stderr
+    assert "loading" in run.stderr and "in the engine's process" in run.stderr
 
 
 def test_out_of_gpu_memory_at_start_up_says_what_to_lower(model, caplog, monkeypatch):

@@ -251,14 +251,15 @@ def test_async_engine_in_a_process_of_its_own_streams_and_aborts(artifact, sched
     prompt = list(range(5, 25))
     llm = kiln.LLM(artifact, num_kv_blocks=128)
     expected = llm.generate([prompt], greedy(10), use_tqdm=False)[0].token_ids
-    core = ProcessCore(functools.partial(Engine.load, artifact, config))
+    front = AsyncEngine(ProcessCore(functools.partial(Engine.load, artifact, config)))
     here = llm.engine
-    assert (core.max_model_len, core.vocab_size, core.kv_cache_tokens) == (
+    assert (front.max_model_len, front.vocab_size, front.kv_cache_tokens) == (
         here.max_model_len,
         here.vocab_size,
         here.runner.num_tokens,
     )
-    asyncio.run(stream_then_abort(AsyncEngine(core), prompt, expected))
+    asyncio.run(stream_then_abort(front, prompt, expected))
+    assert front.core.exitcode == 0
 
 
 def out_of_memory():
@@ -267,9 +268,9 @@ def out_of_memory():
 
 def test_an_engine_process_that_cannot_start_raises_its_error(tmp_path):
     with pytest.raises(ArtifactError, match="not a Kiln artifact"):
-        ProcessCore(functools.partial(Engine.load, tmp_path))
+        AsyncEngine(ProcessCore(functools.partial(Engine.load, tmp_path)))
     with pytest.raises(RuntimeError, match="out of memory"):  # for the CLI's advice
-        ProcessCore(out_of_memory)
+        AsyncEngine(ProcessCore(out_of_memory))
 
 
 def test_an_engine_process_ignores_signals_and_its_death_fails_every_stream(artifact):

@@ -314,6 +314,14 @@ def test_an_engine_process_compiles_grammars_and_refuses_bad_ones(smollm2_artifa
                 "bad", [1, 2, 3], sampled(kiln.StructuredOutputs(regex="("))
             ):
                 pass
+        # a client that leaves while its grammar compiles: the compile's reply finds no one
+        leaving = kiln.StructuredOutputs(regex=r"[0-9]{3}-[a-f]{7}")
+        request = asyncio.create_task(anext(front.generate("gone", [1], sampled(leaving))))
+        await asyncio.sleep(0)  # it sent the compile and waits for the reply
+        request.cancel()
+        stream = front.generate("next", [1, 2, 3], sampled(leaving, n=1))
+        after = "".join([u.outputs[0].text async for u in stream])
+        assert re.fullmatch(leaving.regex, after)
         assert front.is_alive
         await front.shutdown(timeout=1)
         return text
