@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.common import free_port, start_kiln  # noqa: F401 (the tests' helpers too)
+from runtime.distributed import WORKER_MAIN
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -43,6 +44,17 @@ def children(pid: int) -> list[int]:
     return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
 
 
+def workers(pid: int) -> list[int]:
+    """The tensor-parallel worker processes under `pid` (the engine's process starts them)."""
+    found, todo = [], children(pid)
+    while todo:
+        child = todo.pop()
+        todo += children(child)
+        if WORKER_MAIN in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+            found.append(child)
+    return found
+
+
 def state(pid: int) -> str:
     """The process's state letter from /proc ("Z": a zombie), or "gone"."""
     try:
@@ -54,7 +66,7 @@ def state(pid: int) -> str:
 def assert_worker_loss_ends_server(proc: subprocess.Popen, url: str, body: dict, log) -> None:
     """SIGKILL the server's one worker process: the next request fails (500/503), /health
     says 503, and the server exits non-zero instead of hanging."""
-    (worker,) = children(proc.pid)
+    (worker,) = workers(proc.pid)
     os.kill(worker, signal.SIGKILL)
     while Path(f"/proc/{worker}").exists() and "Z" not in state(worker):
         time.sleep(0.05)  # gone (or a zombie its parent has not reaped yet)
