@@ -133,6 +133,7 @@ class Engine:
             ("prompt", prompt_token_ids),
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", params.logit_bias),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
         ):
             bad = [t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size]
             wrong = [t for t in bad if type(t) is not int]  # a float or a bool is no token

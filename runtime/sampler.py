@@ -35,6 +35,7 @@ class SamplingState:
         self.plain_greedy = (
             p.greedy
             and not p.logit_bias
+            and p.allowed_token_ids is None
             and p.repetition_penalty == 1.0
             and p.frequency_penalty == 0.0
             and p.presence_penalty == 0.0
@@ -112,12 +113,14 @@ def _pick(raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Logit bias, repetition/frequency/presence penalties and the min_tokens ban, as float32.
+    """Logit bias, the allowed tokens, repetition/frequency/presence penalties and the
+    min_tokens ban, as float32.
 
     Returns a new tensor; `logits` is left untouched (its raw values feed the logprobs).
     """
     out = logits.to(torch.float32, copy=True)
     _add_logit_bias(out, states)
+    _allow_only(out, states)
     _apply_repetition_penalty(out, states)
     _apply_frequency_presence(out, states)
     _ban_stop_tokens(out, states)
@@ -307,6 +310,19 @@ def _add_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
     rows, tokens = _rows_tokens([list(b) for b in biases], logits.device)
     values = _on(logits.device, [v for b in biases for v in b.values()], torch.float32)
     logits.index_put_((rows, tokens), values, accumulate=True)
+
+
+def _allow_only(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Rows with allowed_token_ids: every other token -inf."""
+    rows = [i for i, s in enumerate(states) if s.params.allowed_token_ids is not None]
+    if not rows:
+        return
+    allowed = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=logits.device)
+    allowed[
+        _rows_tokens([list(states[i].params.allowed_token_ids) for i in rows], logits.device)
+    ] = True
+    index = _on(logits.device, rows)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> None:

@@ -71,6 +71,7 @@ class SamplingParams:
     # computes its whole prompt, as vLLM's does: no prefix-cache hits
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: tuple[int, ...] | None = None  # the only tokens it may sample
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # leave special tokens (e.g. "<|im_end|>") out of text
     structured_outputs: StructuredOutputs | None = None  # what the output must match
@@ -84,6 +85,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         for name, ok, rule in (
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
             ("temperature", 0.0 <= self.temperature <= 2.0, "in [0, 2]"),
@@ -115,6 +118,11 @@ class SamplingParams:
                 f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
             ),
             ("logit_bias", all(math.isfinite(v) for v in self.logit_bias.values()), "finite"),
+            (
+                "allowed_token_ids",
+                self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+                "None or not empty",
+            ),
             (
                 "min_tokens",
                 self.structured_outputs is None or self.min_tokens == 0,

@@ -79,12 +79,22 @@ def render_chat(
     messages: list[dict[str, Any]],
     add_generation_prompt: bool,
     tools: list[dict] | None = None,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """The prompt text for `messages` (and the `tools` the model may call, for a template
-    that shows them); ValueError when the template refuses them or is missing."""
+    that shows them); `continue_final_message`: open at the end of the last (assistant)
+    message, for the model to go on with; `template_kwargs`: more variables for the template
+    (Qwen3's `enable_thinking`, say). ValueError when the template refuses them or is
+    missing."""
+    kwargs = {
+        **(template_kwargs or {}),
+        "tools": tools,
+        "add_generation_prompt": add_generation_prompt,
+        "continue_final_message": continue_final_message,
+        "tokenize": False,
+    }
     try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        return tokenizer.apply_chat_template(messages, **kwargs)
     except (TemplateError, ValueError) as exc:
         raise ValueError(f"cannot apply the chat template: {exc}") from exc

@@ -132,6 +132,11 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
         () if ids is None else tuple(check_token_ids(ids, info, "stop_token_ids"))
     )
     out["logit_bias"] = _logit_bias(body, info)
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None:
+        if allowed == []:
+            raise bad("'allowed_token_ids' must not be empty", "allowed_token_ids")
+        out["allowed_token_ids"] = check_token_ids(allowed, info, "allowed_token_ids")
     out["structured_outputs"] = structured_outputs(body)
     return out
 
@@ -302,12 +307,23 @@ def chat_prompt(
 ) -> list[int]:
     """The token ids of the templated conversation in body['messages'] (with `tools`)."""
     messages = body.get("messages")
-    add_generation_prompt = field(body, "add_generation_prompt", bool, True)
+    continue_final = field(body, "continue_final_message", bool, False)
+    add_generation_prompt = field(body, "add_generation_prompt", bool, not continue_final)
+    if continue_final and add_generation_prompt:
+        raise bad(
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+            "continue_final_message",
+        )
+    template_kwargs = field(body, "chat_template_kwargs", dict, {})
     try:
         parsed = parse_messages(messages)
+        if continue_final and parsed[-1]["role"] != "assistant":
+            raise ValueError("'continue_final_message' needs an assistant message last")
         if info.tokenizer is None:
             raise ValueError("this model has no tokenizer or chat template")
-        text = render_chat(info.tokenizer, parsed, add_generation_prompt, tools)
+        text = render_chat(
+            info.tokenizer, parsed, add_generation_prompt, tools, continue_final, template_kwargs
+        )
     except ValueError as exc:
         raise bad(str(exc), "messages") from None
     special = field(body, "add_special_tokens", bool, special_default)

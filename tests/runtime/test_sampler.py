@@ -35,6 +35,8 @@ def reference_penalties(row: torch.Tensor, s: SamplingState) -> torch.Tensor:
     p = s.params
     for token, bias in p.logit_bias.items():
         x[token] += bias
+    if p.allowed_token_ids is not None:
+        x[[t for t in range(len(x)) if t not in p.allowed_token_ids]] = -torch.inf
     for token in set(s.prompt_token_ids + s.output_token_ids):
         x[token] = (
             x[token] / p.repetition_penalty if x[token] > 0 else x[token] * p.repetition_penalty
@@ -140,6 +142,7 @@ def test_penalties_and_bias_match_reference():
             frequency_penalty=rng.uniform(-2, 2) if i % 3 else 0.0,
             presence_penalty=rng.uniform(-2, 2) if i % 2 else 0.0,
             logit_bias={rng.randrange(vocab): rng.uniform(-5, 5) for _ in range(i)},
+            allowed_token_ids=rng.sample(range(vocab), 2 + 7 * i) if i % 2 else None,
             stop_token_ids=(5,) if i == 4 else (),
             min_tokens=i,
             max_tokens=32,
@@ -249,6 +252,24 @@ def test_min_tokens_bans_eos_and_stop_ids(temperature):
     assert after == ({7} if temperature == 0.0 else {7, 9})
     ignore = state(SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True), eos=(7,))
     assert sample(logits, [ignore])[0].token_id == 7  # with ignore_eos, EOS is an ordinary token
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_only_allowed_tokens_are_sampled(temperature):
+    logits = torch.randn(3, 64) * 5
+    allowed = (4, 17, 60)
+    params = SamplingParams(temperature=temperature, allowed_token_ids=allowed)
+    states = [state(params, seed=i) for i in range(2)] + [state(SamplingParams(temperature=0))]
+    seen = set()
+    for _ in range(40):
+        picked = [t.token_id for t in sample(logits, states)]
+        assert picked[2] == int(logits[2].argmax())  # the row without a list is untouched
+        seen.update(picked[:2])
+    assert seen <= set(allowed)
+    if temperature == 0.0:
+        assert seen == {max(allowed, key=lambda t: logits[0, t])} | {
+            max(allowed, key=lambda t: logits[1, t])
+        }
 
 
 def test_logprobs_are_raw_log_softmax_with_ranks():

@@ -270,6 +270,9 @@ def test_token_ids_out_of_vocabulary_are_400(info: ModelInfo, prompt) -> None:
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {"5": "1"}}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [49152]}, "allowed_token_ids"),
+        ({"allowed_token_ids": 5}, "allowed_token_ids"),
     ],
 )
 def test_vocabulary_checked_params_are_400(info: ModelInfo, fields: dict, param: str) -> None:
@@ -410,6 +413,7 @@ def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
         "min_tokens": 2,
         "n": 3,
         "logit_bias": {"17": -100, "42": 5.5},
+        "allowed_token_ids": [17, 42, 99],
         "user": "ignored",
         "unknown_field": "ignored too",
     }
@@ -418,8 +422,8 @@ def test_every_sampling_field_reaches_sampling_params(info: ModelInfo) -> None:
         max_tokens=7, temperature=1.5, top_p=0.5, top_k=20, min_p=0.1, presence_penalty=0.5,
         frequency_penalty=-0.5, repetition_penalty=1.1, seed=1234, stop=("END",),
         stop_token_ids=(2, 7), ignore_eos=True, min_tokens=2, n=3, logprobs=5,
-        logit_bias={17: -100.0, 42: 5.5}, include_stop_str_in_output=True,
-        skip_special_tokens=False,
+        logit_bias={17: -100.0, 42: 5.5}, allowed_token_ids=(17, 42, 99),
+        include_stop_str_in_output=True, skip_special_tokens=False,
     )  # fmt: skip
     req = parse_chat(chat(**fields, logprobs=True, top_logprobs=4), info)
     assert (req.prompts[0].params.logprobs, req.top_logprobs, req.n) == (4, 4, 3)
@@ -456,6 +460,28 @@ def test_chat_prompt_is_the_templated_conversation(info: ModelInfo) -> None:
         req = parse_chat(chat(messages=messages, add_generation_prompt=add), info)
         assert req.prompts[0].token_ids == tuple(tok.encode(text, add_special_tokens=False))
     assert text.endswith("more<|im_end|>\n")
+
+
+def test_chat_template_kwargs_and_continue_final_message(templated: ModelInfo) -> None:
+    tok = templated.tokenizer
+    template = tok.chat_template
+    tok.chat_template = "{% if greeting %}{{ greeting }};{% endif %}" + template
+    try:
+        messages = [*HELLO, {"role": "assistant", "content": "The answer is"}]
+        req = parse_chat(chat(messages=HELLO, chat_template_kwargs={"greeting": "hi"}), templated)
+        assert prompt_text(req, templated) == "hi;user: hello;"
+        # the last message stays open for the model to go on with (the template's ";" after
+        # it is cut, as transformers does), and no generation prompt follows
+        req = parse_chat(chat(messages=messages, continue_final_message=True), templated)
+        assert prompt_text(req, templated) == "user: hello;assistant: The answer is"
+    finally:
+        tok.chat_template = template
+    both = chat(messages=messages, continue_final_message=True, add_generation_prompt=True)
+    assert refused(parse_chat, both, templated).param == "continue_final_message"
+    last_user = chat(continue_final_message=True)
+    assert "assistant message last" in refused(parse_chat, last_user, templated).message
+    wrong = chat(chat_template_kwargs=["greeting"])
+    assert refused(parse_chat, wrong, templated).param == "chat_template_kwargs"
 
 
 def test_streaming_flags(info: ModelInfo) -> None:
