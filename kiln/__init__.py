@@ -26,3 +26,7 @@ def __getattr__(name: str):
 
         return attention
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

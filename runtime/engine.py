@@ -143,6 +143,12 @@ class Engine:
                 raise ValueError(
                     f"{name}: token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}"
                 )
+        allowed = set(params.allowed_token_ids or ())
+        ends = set(params.stop_token_ids) | set(() if params.ignore_eos else self.eos_token_ids)
+        if params.min_tokens and allowed and allowed <= ends:
+            raise ValueError(
+                "allowed_token_ids: each one ends the output, which min_tokens forbids at first"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         spec = params.structured_outputs

@@ -58,7 +58,10 @@ class ProcessCore:
         level = logging.getLogger().getEffectiveLevel()
         # daemon: multiprocessing ends it at exit, after `_exit`, which lets it stop first
         self._process = ctx.Process(
-            target=_main, args=(make_engine, commands, updates, level), daemon=True
+            target=_main,
+            args=(make_engine, commands, updates, level),
+            name="kiln-engine",
+            daemon=True,
         )
         self._process.start()
         self.pid = self._process.pid
@@ -84,7 +87,7 @@ class ProcessCore:
             self._process.kill()
             raise
         if kind == "error":
-            self._process.join()
+            self._exit()
             raise info
         self.max_model_len = info["max_model_len"]
         self.vocab_size = info["vocab_size"]
@@ -145,9 +148,11 @@ class ProcessCore:
         """At exit without a shutdown (a port in use, a crash): the process reads the end
         of its commands, aborts what it runs and stops; killed if it does not."""
         self._commands.close()
-        self._process.join(EXIT_GRACE_S)
-        if self._process.is_alive():
-            self._process.kill()
+        try:
+            self._process.join(EXIT_GRACE_S)
+        finally:  # a second Ctrl-C too: multiprocessing's own exit would wait on it forever
+            if self._process.is_alive():
+                self._process.kill()
 
     def _read(self, sink: Sink) -> None:
         error = None
@@ -221,14 +226,17 @@ def _main(make_engine: Callable[[], Engine], commands: Connection, updates: Conn
         engine = make_engine()
     except BaseException as e:
         send(("error", _error(e)))
-        return
-    send(("ready", _info(engine)))
-    loop = EngineLoop(
-        engine, lambda items: send(("updates", [_encode(i) for i in items], engine.stats()))
-    )
-    threading.Thread(target=_receive, args=(commands, loop, engine, send), daemon=True).start()
-    error = loop.run()
-    # the loop has stopped and said so; exit without the interpreter's teardown, in which a
+        error = e
+    else:
+        send(("ready", _info(engine)))
+        loop = EngineLoop(
+            engine, lambda items: send(("updates", [_encode(i) for i in items], engine.stats()))
+        )
+        receiver = threading.Thread(target=_receive, args=(commands, loop, engine, send))
+        receiver.daemon = True
+        receiver.start()
+        error = loop.run()
+    # the process has said how it ended; exit without the interpreter's teardown, in which a
     # process that compiled a grammar aborts ("terminate called without an active exception")
     logging.shutdown()
     os._exit(0 if error is None else 1)

@@ -29,6 +29,8 @@ class SamplingState:
     # greedy with nothing to adjust: the token is the argmax of the raw logits (logprobs,
     # if asked for, come from the raw logits apart)
     plain_greedy: bool = field(init=False)
+    # allowed_token_ids as a mask of the tokens it may not pick, made at its first step
+    banned: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -317,12 +319,14 @@ def _allow_only(logits: torch.Tensor, states: list[SamplingState]) -> None:
     rows = [i for i, s in enumerate(states) if s.params.allowed_token_ids is not None]
     if not rows:
         return
-    allowed = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=logits.device)
-    allowed[
-        _rows_tokens([list(states[i].params.allowed_token_ids) for i in rows], logits.device)
-    ] = True
+    for i in rows:
+        if states[i].banned is None:  # once a request: a list may be the whole vocabulary
+            banned = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            ids = sorted(set(states[i].params.allowed_token_ids))
+            states[i].banned = banned.index_fill_(0, _on(logits.device, ids, torch.int64), False)
     index = _on(logits.device, rows)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    banned = torch.stack([states[i].banned for i in rows])
+    logits[index] = logits[index].masked_fill(banned, float("-inf"))
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> None:

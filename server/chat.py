@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import Environment, TemplateError, meta
 
 # "developer" is OpenAI's newer name for "system", which chat templates know it by
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -83,12 +84,12 @@ def render_chat(
     template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """The prompt text for `messages` (and the `tools` the model may call, for a template
-    that shows them); `continue_final_message`: open at the end of the last (assistant)
-    message, for the model to go on with; `template_kwargs`: more variables for the template
-    (Qwen3's `enable_thinking`, say). ValueError when the template refuses them or is
+    that shows them); `continue_final_message`: open at the end of the last message, for the
+    model to go on with; `template_kwargs`: values for the template's own variables (Qwen3's
+    `enable_thinking`, say), others dropped. ValueError when the template refuses them or is
     missing."""
     kwargs = {
-        **(template_kwargs or {}),
+        **template_values(tokenizer, template_kwargs or {}),
         "tools": tools,
         "add_generation_prompt": add_generation_prompt,
         "continue_final_message": continue_final_message,
@@ -96,5 +97,26 @@ def render_chat(
     }
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
-    except (TemplateError, ValueError) as exc:
+    except (TemplateError, ValueError, TypeError) as exc:
         raise ValueError(f"cannot apply the chat template: {exc}") from exc
+
+
+# what transformers passes a template itself: a request sets none of these
+RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                      "continue_final_message", "raise_exception", "strftime_now"})  # fmt: skip
+
+
+def template_values(tokenizer: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The request's `chat_template_kwargs` that are variables of the model's template, as
+    vLLM keeps them: never the template itself, tokenizer options or special tokens."""
+    names = _variables(tokenizer.chat_template) if isinstance(tokenizer.chat_template, str) else ()
+    special = set(tokenizer.special_tokens_map)
+    return {k: v for k, v in values.items() if k in names and k not in RESERVED | special}
+
+
+@functools.lru_cache(maxsize=8)
+def _variables(template: str) -> frozenset[str]:
+    try:
+        return frozenset(meta.find_undeclared_variables(Environment().parse(template)))
+    except TemplateError:
+        return frozenset()

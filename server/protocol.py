@@ -317,8 +317,6 @@ def chat_prompt(
     template_kwargs = field(body, "chat_template_kwargs", dict, {})
     try:
         parsed = parse_messages(messages)
-        if continue_final and parsed[-1]["role"] != "assistant":
-            raise ValueError("'continue_final_message' needs an assistant message last")
         if info.tokenizer is None:
             raise ValueError("this model has no tokenizer or chat template")
         text = render_chat(

@@ -49,8 +49,12 @@ def workers(pid: int) -> list[int]:
     found, todo = [], children(pid)
     while todo:
         child = todo.pop()
-        todo += children(child)
-        if WORKER_MAIN in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+        try:
+            todo += children(child)
+            command = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except FileNotFoundError:  # a short-lived child, gone already
+            continue
+        if WORKER_MAIN in command:
             found.append(child)
     return found
 

@@ -487,6 +487,18 @@ def test_token_ids_must_be_ints(artifact):
     asyncio.run(run())
 
 
+def test_allowed_token_ids_are_all_it_samples(artifact):
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    allowed = (11, 23, 42, 99)
+    params = kiln.SamplingParams(max_tokens=12, temperature=1.0, seed=3, allowed_token_ids=allowed)
+    [out] = llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    assert len(out.token_ids) == 12 and set(out.token_ids) <= set(allowed)
+    ends = kiln.SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(7,))
+    with pytest.raises(ValueError, match="min_tokens"):  # it could pick nothing at first
+        llm.engine.add_request("ends", [1, 2], replace(ends, allowed_token_ids=(7,)))
+    llm.engine.add_request("ok", [1, 2], replace(ends, allowed_token_ids=(7, 8)))
+
+
 def test_async_engine_keeps_a_closed_streams_id_until_its_request_is_aborted(artifact):
     llm = kiln.LLM(artifact, num_kv_blocks=64)
     prompt = list(range(5, 25))

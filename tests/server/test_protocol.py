@@ -465,21 +465,23 @@ def test_chat_prompt_is_the_templated_conversation(info: ModelInfo) -> None:
 def test_chat_template_kwargs_and_continue_final_message(templated: ModelInfo) -> None:
     tok = templated.tokenizer
     template = tok.chat_template
-    tok.chat_template = "{% if greeting %}{{ greeting }};{% endif %}" + template
+    tok.chat_template = "{% if greeting %}{{ greeting }};{% endif %}{{ eos_token }}" + template
     try:
         messages = [*HELLO, {"role": "assistant", "content": "The answer is"}]
         req = parse_chat(chat(messages=HELLO, chat_template_kwargs={"greeting": "hi"}), templated)
-        assert prompt_text(req, templated) == "hi;user: hello;"
+        assert prompt_text(req, templated) == "hi;<|im_end|>user: hello;"
+        # only the template's own variables: never a template, options or special tokens
+        sneaky = {"chat_template": "{{ 7 * 7 }}", "eos_token": "X", "tokenize": True, "n": 1}
+        req = parse_chat(chat(messages=HELLO, chat_template_kwargs=sneaky), templated)
+        assert prompt_text(req, templated) == "<|im_end|>user: hello;"
         # the last message stays open for the model to go on with (the template's ";" after
         # it is cut, as transformers does), and no generation prompt follows
         req = parse_chat(chat(messages=messages, continue_final_message=True), templated)
-        assert prompt_text(req, templated) == "user: hello;assistant: The answer is"
+        assert prompt_text(req, templated) == "<|im_end|>user: hello;assistant: The answer is"
     finally:
         tok.chat_template = template
     both = chat(messages=messages, continue_final_message=True, add_generation_prompt=True)
     assert refused(parse_chat, both, templated).param == "continue_final_message"
-    last_user = chat(continue_final_message=True)
-    assert "assistant message last" in refused(parse_chat, last_user, templated).message
     wrong = chat(chat_template_kwargs=["greeting"])
     assert refused(parse_chat, wrong, templated).param == "chat_template_kwargs"
 
