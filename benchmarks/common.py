@@ -83,16 +83,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_kiln(artifact, *flags: str) -> tuple[subprocess.Popen, str, collections.deque]:
+def start_kiln(
+    artifact, *flags: str, new_session: bool = False
+) -> tuple[subprocess.Popen, str, collections.deque]:
     """`kiln run ARTIFACT` on a free port, once it logs that it is ready: (process, base url,
     its last log lines). A thread keeps reading the log, so that a full pipe never blocks the
-    server."""
+    server. `new_session`: its processes are a group of their own (a terminal's, say)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kiln.cli", "run", str(artifact), "--port", str(port), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,
     )
     log: collections.deque = collections.deque(maxlen=200)
     for line in proc.stdout:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -303,6 +304,8 @@ def _spawn(rank: int, size: int, port: int, path: Path, config: EngineConfig) ->
 
 def main(argv: list[str]) -> None:
     """A worker: rank, world size, store port, artifact path, EngineConfig as JSON."""
+    # a terminal's Ctrl-C reaches every process of the group: rank 0 says when the ranks stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank, size, port = (int(a) for a in argv[:3])
     config = EngineConfig(**json.loads(argv[4]))
     logging.basicConfig(
