@@ -158,7 +158,7 @@ class ProcessCore:
         error = None
         try:
             while True:
-                message = self._updates.recv()
+                message = self._next()
                 if message[0] == "reply":
                     _, call, failure = message
                     _resolve(self._calls.pop(call), failure)
@@ -180,6 +180,15 @@ class ProcessCore:
             _resolve(self._calls.popitem()[1], EngineDeadError("the engine is not running"))
         if error is not None:
             sink([(None, Stopped(error))])
+
+    def _next(self) -> tuple:
+        """The process's next message; EOFError once it has exited with none left. Its exit
+        status is asked for every second: a child of the engine's that kept the pipes (and
+        multiprocessing's sentinel) open would otherwise hide its death."""
+        while not self._updates.poll(1.0):
+            if not self._process.is_alive() and not self._updates.poll():
+                raise EOFError
+        return self._updates.recv()
 
     def _decode(self, request_id: str | None, item: Any) -> tuple[str | None, Any]:
         """An update with its prompt again; a request's last item lets its prompt go."""

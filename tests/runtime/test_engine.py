@@ -10,6 +10,7 @@ import functools
 import os
 import random
 import signal
+import subprocess
 import threading
 from dataclasses import replace
 
@@ -295,6 +296,31 @@ def test_an_engine_process_ignores_signals_and_its_death_fails_every_stream(arti
         await front.shutdown(timeout=1)
 
     asyncio.run(run())
+
+
+def engine_with_a_child(path) -> Engine:
+    """An engine that started a process of its own, which holds every inherited pipe open."""
+    subprocess.Popen(["sleep", "10"], close_fds=False, start_new_session=True)  # ends itself
+    return Engine.load(path)
+
+
+def test_an_engine_process_death_is_seen_though_its_child_keeps_the_pipe(artifact):
+    front = AsyncEngine(ProcessCore(functools.partial(engine_with_a_child, artifact)))
+
+    async def run():
+        stream = front.generate("b", [5, 6], greedy(400))
+        await anext(stream)
+        os.kill(front.core.pid, signal.SIGKILL)
+
+        async def rest():
+            async for _ in stream:
+                pass
+
+        with pytest.raises(EngineDeadError, match="exited"):  # no EOF on the pipe: waitpid
+            await asyncio.wait_for(rest(), 8)
+
+    asyncio.run(run())
+    front.core.join(1)
 
 
 async def stream_then_abort(engine, prompt, expected):
