@@ -4,8 +4,9 @@ The server's process parses requests, streams tokens and keeps the metrics; the 
 process schedules, launches and samples. Apart, neither waits on the other's GIL. Two pipes
 join them: commands one way (add, abort, compile, stop), and the other way each step's
 updates in one message, with the engine's stats. An update crosses as a tuple, without its
-prompt, which this side keeps from the request's add (a step of 256 one-token updates
-pickles in ~50 us so, against ~1 ms as dataclasses that carry their prompts).
+prompt, which this side keeps from the request's add: a step of 256 one-token updates with
+200-token prompts encodes and pickles in ~0.2 ms and 17 KB so, against ~1.8 ms and 165 KB
+as dataclasses.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ProcessCore:
 
     def start(self, sink: Sink) -> None:
         try:
-            kind, info = self._updates.recv()
+            kind, info = self._next()
         except EOFError:
             self._process.join()
             raise RuntimeError(
