@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
 OUT_OF_MEMORY_ADVICE = (
     "out of GPU memory: lower --gpu-memory-utilization (what it leaves holds the CUDA "
-    "graphs) or --max-num-seqs (the largest CUDA graph), or pass --enforce-eager"
+    "graphs) or --max-num-seqs and --max-num-batched-tokens (the largest CUDA graphs), or pass "
+    "--decode-graphs-only or --enforce-eager"
 )
 
 
@@ -143,6 +144,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", help="run every step eagerly: no CUDA graphs"
     )
     p.add_argument(
+        "--decode-graphs-only",
+        action="store_true",
+        help="replay only decode steps from CUDA graphs; steps with prefill chunks run eagerly "
+        "instead of from piecewise graphs",
+    )
+    p.add_argument(
         "--scheduling-policy",
         choices=("fcfs", "priority"),
         default="fcfs",
@@ -168,6 +175,7 @@ def _engine_config(args):
         kv_cache_bytes=int(args.kv_cache_gib * 2**30),
         device=args.device,
         cuda_graphs=not args.enforce_eager,
+        mixed_graphs=not args.decode_graphs_only,
         async_scheduling=False if args.no_async_scheduling else None,
         policy=args.scheduling_policy,
     )

@@ -20,6 +20,9 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (False: every step eager)
+    # with cuda_graphs, replay the other steps from graphs captured piecewise, attention eager
+    # between the pieces (False: they run eagerly)
+    mixed_graphs: bool = True
     # launch each step before the last one's tokens are read back (None: on for a GPU
     # runner); `Engine.step` then returns the tokens one call later
     async_scheduling: bool | None = None

@@ -62,6 +62,7 @@ class Executor:
             for v in n.outputs:
                 slot[v.name] = len(slot)
         self.num_slots = len(slot)
+        self.slot = slot  # value name -> its index in a step's values
         self.param_slots = [(slot[i.value.name], params[i.value.name]) for i in graph.params]
         self.input_slots = [slot[i.value.name] for i in graph.runtime_inputs]
         self.input_names = [i.value.name for i in graph.runtime_inputs]
@@ -88,13 +89,23 @@ class Executor:
     @torch.inference_mode()
     def forward(self, batch: BatchInputs, kv_caches) -> torch.Tensor:
         """Logits [B, vocab] of each sequence's last token in the batch."""
+        env = self.bind(batch)
+        self.run(env, self.context(batch, kv_caches), 0, len(self.plan))
+        return env[self.output_slot]
+
+    def bind(self, batch: BatchInputs) -> list:
+        """A step's values by slot: the weights and the batch's fields, the rest empty."""
         env: list = [None] * self.num_slots
         for s, t in self.param_slots:
             env[s] = t
         for s, name in zip(self.input_slots, self.input_names, strict=True):
             env[s] = getattr(batch, name)
-        ctx = self.context(batch, kv_caches)
-        for fn, op, ins, outs, dead in self.plan:
+        return env
+
+    def run(self, env: list, ctx: RefContext, start: int, stop: int) -> None:
+        """Run nodes [start, stop) of the plan on `env`, dropping each value after its last
+        reader."""
+        for fn, op, ins, outs, dead in self.plan[start:stop]:
             result = fn(op, ctx, *(None if i is None else env[i] for i in ins))
             if len(outs) == 1:
                 env[outs[0]] = result
@@ -103,7 +114,6 @@ class Executor:
                     env[s] = r
             for s in dead:
                 env[s] = None
-        return env[self.output_slot]
 
     def context(self, batch: BatchInputs, kv_caches) -> RefContext:
         """What the ops see of this step: sizes, batch fields, caches, the TP group."""

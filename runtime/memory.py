@@ -3,7 +3,7 @@
 `gpu_memory_utilization` is the share of the GPU's total memory this engine may use: its
 weights, the activations of the largest step (measured by running one), memory outside
 torch's allocator (CUDA context, cuBLAS workspaces, loaded kernels, NCCL) and the KV cache,
-which takes the rest. The decode CUDA graphs, captured after the cache is allocated, live in
+which takes the rest. The CUDA graphs, captured after the cache is allocated, live in
 the remaining (1 - gpu_memory_utilization) margin: their capture measures what they take,
 and a warning says when it is more. Another process's memory is not this
 engine's to take: when less than the requested share is free at start-up, the engine refuses
@@ -57,13 +57,14 @@ def kv_cache_bytes(profile: MemoryProfile, utilization: float) -> int:
 
 
 def graphs_outside_margin(profile: MemoryProfile, utilization: float, graphs: int) -> str | None:
-    """What to say when the decode CUDA graphs (`graphs` bytes) take more than the margin
+    """What to say when the CUDA graphs (`graphs` bytes) take more than the margin
     the share leaves; None when they fit in it."""
     margin = profile.total * (1 - utilization)
     if graphs <= margin:
         return None
     return (
-        f"the decode CUDA graphs took {graphs / GIB:.2f} GiB, more than the {margin / GIB:.2f} "
+        f"the CUDA graphs took {graphs / GIB:.2f} GiB, more than the {margin / GIB:.2f} "
         f"GiB that --gpu-memory-utilization {utilization} leaves outside the engine's share: "
-        "lower it, lower --max-num-seqs (fewer graphs), or pass --enforce-eager"
+        "lower it, lower --max-num-seqs or --max-num-batched-tokens (fewer graphs), or pass "
+        "--decode-graphs-only or --enforce-eager"
     )

@@ -16,6 +16,7 @@ from runtime.config import EngineConfig
 from runtime.cuda_graphs import DecodeGraphs
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 from runtime.memory import GIB, MemoryProfile, graphs_outside_margin, kv_cache_bytes
+from runtime.mixed_graphs import MixedGraphs
 from runtime.sampler import SamplingState, prompt_logprobs, sample
 from runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from runtime.scheduler import MAX_SCORED_TOKENS, ScheduledChunk
@@ -78,6 +79,7 @@ def make_runner(artifact: Artifact, config: EngineConfig) -> ModelRunner:
 class ModelRunner:
     tp_group = None  # the process group of the graph's AllReduce nodes (runtime/distributed.py)
     graphs: DecodeGraphs | None = None  # decode CUDA graphs, once captured
+    mixed: MixedGraphs | None = None  # piecewise CUDA graphs of the other steps, once captured
     memory_profile: MemoryProfile | None = None  # cuda: what sized the KV cache
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
@@ -114,8 +116,21 @@ class ModelRunner:
                 device=self.device,
             )
             self.graphs.capture()
+            taken = self.graphs.memory
+            if config.mixed_graphs:
+                self.mixed = MixedGraphs(
+                    self.executor,
+                    artifact.graph,
+                    self.kv_caches,
+                    config.max_num_batched_tokens,
+                    pad_block=self.num_blocks,
+                    block_size=self.block_size,
+                    device=self.device,
+                )
+                self.mixed.capture()
+                taken += self.mixed.memory
             if self.memory_profile is not None:  # measured: the KV cache's size was not given
-                utilization, taken = config.gpu_memory_utilization, self.graphs.memory
+                utilization = config.gpu_memory_utilization
                 warning = graphs_outside_margin(self.memory_profile, utilization, taken)
                 if warning:
                     log.warning(warning)
@@ -123,9 +138,10 @@ class ModelRunner:
     def close(self) -> None:
         """Drop the CUDA graphs (and, tensor parallel, stop the worker processes); the runner
         is unusable afterwards."""
-        if self.graphs is not None:
-            self.graphs.close()
-        self.graphs = None
+        for graphs in (self.graphs, self.mixed):
+            if graphs is not None:
+                graphs.close()
+        self.graphs = self.mixed = None
 
     @property
     def num_tokens(self) -> int:
@@ -225,7 +241,10 @@ class ModelRunner:
         return self.forward(batch)
 
     def forward(self, batch: BatchInputs) -> torch.Tensor:
-        """An eager step: the logits rows `batch.logits_indices` picks."""
+        """A step from a batch (piecewise graphs where they hold it, else eager): the logits
+        rows `batch.logits_indices` picks."""
+        if self.mixed is not None and self.mixed.fits(batch):
+            return self.mixed.run(batch)
         return self.executor.forward(batch, self.kv_caches)
 
     def replay(self, chunks: tuple[ScheduledChunk, ...], carried: torch.Tensor | None):

@@ -309,6 +309,10 @@ def test_engine_flags_reach_the_engine_config():
     assert not config.cuda_graphs and config.async_scheduling is False
     default = _engine_config(parser().parse_args(["run", "art"]))
     assert default.cuda_graphs and default.async_scheduling is None  # on for a GPU runner
+    assert default.mixed_graphs
+    assert not _engine_config(
+        parser().parse_args(["run", "art", "--decode-graphs-only"])
+    ).mixed_graphs
     assert default.policy == "fcfs"
     args = parser().parse_args(["run", "art", "--scheduling-policy", "priority"])
     assert _engine_config(args).policy == "priority"

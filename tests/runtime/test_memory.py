@@ -40,5 +40,5 @@ def test_no_room_for_a_kv_cache_says_what_took_it():
 def test_graphs_larger_than_the_margin_are_reported():
     assert graphs_outside_margin(profile(), 0.9, 9 * GIB) is None  # a 10 GiB margin
     warning = graphs_outside_margin(profile(), 0.95, 6 * GIB)
-    assert warning.startswith("the decode CUDA graphs took 6.00 GiB, more than the 5.00 GiB")
+    assert warning.startswith("the CUDA graphs took 6.00 GiB, more than the 5.00 GiB")
     assert "--gpu-memory-utilization 0.95" in warning
