@@ -108,8 +108,8 @@ def test_piecewise_steps_give_the_eager_tokens_with_less_host_time(tmp_path):
         f"ms, piecewise {graph_host[len(graph_host) // 2] * 1e3:.2f} ms over {replays} steps; "
         f"engine made in {made:.1f} s; the piecewise graphs took {mixed.memory / 2**20:.0f} MiB"
     )
-    assert none == 0 and replays == len(graph_host) >= 8
     assert graphed == eager
+    assert none == 0 and replays == len(graph_host) >= 5  # every non-decode step
     engine.close()
 
 
