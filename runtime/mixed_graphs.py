@@ -151,6 +151,7 @@ class MixedGraphs:
     def fits(self, batch: BatchInputs) -> bool:
         return batch.num_tokens <= self.buckets[-1]
 
+    @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket's pieces, largest first, in one pool."""
         start = time.perf_counter()
@@ -159,6 +160,8 @@ class MixedGraphs:
         try:
             for size in reversed(self.buckets):
                 pool = self._capture_bucket(size, pool)
+            for graph in self.graphs:  # a graph's first launch uploads it: not in a step
+                graph.replay()
         except BaseException:
             self.close()  # graphs holding NCCL work hang the communicators' teardown
             raise
@@ -212,7 +215,6 @@ class MixedGraphs:
                 values[s] = None
         return output.read(values, t)
 
-    @torch.inference_mode()
     def _capture_bucket(self, size: int, pool):
         """Run one step of `size` tokens, capturing its pieces; eager nodes run on the pad
         batch (one token, in the block no sequence owns)."""
