@@ -52,7 +52,10 @@ Capture = Callable[[Callable[[], None], object], tuple[Replayable, object]]
 
 
 def token_buckets(max_tokens: int) -> tuple[int, ...]:
-    return (*(b for b in BUCKETS if b < max_tokens), max_tokens)
+    """Token counts captured: up to max_tokens, at most the last of BUCKETS (a larger step
+    is GPU-bound; it runs eagerly)."""
+    largest = min(max_tokens, BUCKETS[-1])
+    return (*(b for b in BUCKETS if b < largest), largest)
 
 
 def cuda_capture(run: Callable[[], None], pool) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -138,7 +141,7 @@ class MixedGraphs:
             ]
         # the batch's fields that pieces read, in buffers of the largest bucket
         self.inputs = {
-            slot[i.value.name]: _zeros(i.value.type, max_tokens, device)
+            slot[i.value.name]: _zeros(i.value.type, self.buckets[-1], device)
             for i in graph.runtime_inputs
             if slot[i.value.name] in self.read_by_pieces
         }
