@@ -175,7 +175,12 @@ class AsyncEngine:
         return not self._stopped and self.core.alive()
 
     def stats(self) -> dict:
-        return self.core.stats()
+        """The engine's figures; once it has stopped, nothing runs, waits or holds the cache
+        (the counters keep their totals)."""
+        stats = self.core.stats()
+        if not self.is_alive:
+            stats = {**stats, "num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0}
+        return stats
 
     async def generate(
         self,

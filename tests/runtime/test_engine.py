@@ -286,11 +286,15 @@ def test_an_engine_process_ignores_signals_and_its_death_fails_every_stream(arti
         assert sum(len(u.token_ids) for u in updates) == 4
         stream = front.generate("b", [5, 6], greedy(400))
         await anext(stream)
+        assert front.stats()["num_running"] == 1  # sent with b's first token
         os.kill(front.core.pid, signal.SIGKILL)
         with pytest.raises(EngineDeadError, match="exited"):
             async for _ in stream:
                 pass
         assert not front.is_alive
+        stats = front.stats()  # the dead engine's last figures would still show "b"
+        assert (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"]) == (0, 0, 0)
+        assert stats["prefix_cache_queries"] > 0
         with pytest.raises(EngineDeadError):
             await anext(front.generate("c", [5, 6], greedy(4)))
         await front.shutdown(timeout=1)
