@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 
 from ir.graph import Graph, Node
-from ir.ops import GatherLastTokens, Mean, PagedAttention
+from ir.ops import GatherLastTokens, Mean, PagedAttention, Reshape
 from ir.reference import TORCH_DTYPES, RefContext, concrete_shape
 from ir.types import TensorType
 from runtime.batch import BatchInputs, build_batch
@@ -77,18 +77,27 @@ def is_captured(node: Node, graph: Graph) -> bool:
     types = [graph.type_of(x) for x in node.inputs if x] + [v.type for v in node.outputs]
     if any(isinstance(d, str) and d != TOKENS for t in types for d in t.shape):
         return False
+    if any(t.shape.count(TOKENS) > 1 for t in types):
+        return False
     if isinstance(node.op, Mean):
         x = types[0]
         return not any(isinstance(x.shape[d], str) for d in node.op.dims)
+    if isinstance(node.op, Reshape):  # rows stay whole only with nothing but 1s before T
+        return all(_rows_first(t) for t in types)
     return True
 
 
+def _rows_first(t: TensorType) -> bool:
+    """Whether t's tokens are its outermost rows: every dimension before T is 1 (or t has no
+    T)."""
+    dim = token_dim(t)
+    return dim is None or all(d == 1 for d in t.shape[:dim])
+
+
 def token_dim(t: TensorType) -> int | None:
-    """The position of T in t's shape (None: t has no token dimension)."""
+    """The position of T in t's shape (None: none, or several, which no piece reads)."""
     dims = [i for i, d in enumerate(t.shape) if d == TOKENS]
-    if len(dims) > 1:
-        raise ValueError(f"{t}: more than one token dimension")
-    return dims[0] if dims else None
+    return dims[0] if len(dims) == 1 else None
 
 
 class MixedGraphs:
@@ -124,6 +133,7 @@ class MixedGraphs:
                 if x and self.flags[i]:
                     self.read_by_pieces[slot[x]] = piece_of[i]
         self.types = {slot[name]: graph.type_of(name) for name in slot}
+        self.dims = {s: token_dim(t) for s, t in self.types.items()}  # token dimension
         # eager node -> the step's values it is the last eager node to need
         last: dict[int, int] = {}
         for i, n in enumerate(graph.nodes):
@@ -132,7 +142,8 @@ class MixedGraphs:
                     last[slot[x]] = i
         self.drop: dict[int, list[int]] = {i: [] for i, f in enumerate(self.flags) if not f}
         for s, i in last.items():
-            self.drop[i].append(s)
+            if s != executor.output_slot:
+                self.drop[i].append(s)
         for i in self.drop:
             self.drop[i] += [
                 slot[v.name]
@@ -152,7 +163,8 @@ class MixedGraphs:
         self.memory = 0  # device bytes the capture took
 
     def fits(self, batch: BatchInputs) -> bool:
-        return batch.num_tokens <= self.buckets[-1]
+        """Whether a captured bucket holds the batch."""
+        return bool(self.programs) and batch.num_tokens <= self.buckets[-1]
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -163,8 +175,8 @@ class MixedGraphs:
         try:
             for size in reversed(self.buckets):
                 pool = self._capture_bucket(size, pool)
-            for graph in self.graphs:  # a graph's first launch uploads it: not in a step
-                graph.replay()
+            if self.executor.tp_group is None:  # see `warm`
+                self.warm()
         except BaseException:
             self.close()  # graphs holding NCCL work hang the communicators' teardown
             raise
@@ -178,6 +190,15 @@ class MixedGraphs:
             sum(1 for *_, captured in self.pieces if captured),
             self.memory / 2**30,
         )
+
+    def warm(self) -> None:
+        """Replay every piece once: a graph's first launch uploads it, which a step should not
+        wait for (W4's TTFT p99 at 256 requests/s: 582 ms before, 63 ms after). Not with
+        tensor parallelism: the pieces' all-reduces, replayed, have no timeout, so a rank
+        that failed its capture would hang the others at start-up; there a bucket's first
+        step uploads its pieces."""
+        for graph in self.graphs:
+            graph.replay()
 
     def close(self) -> None:
         """Free every graph now, whoever still holds this object; unusable afterwards."""
@@ -200,7 +221,7 @@ class MixedGraphs:
         ex = self.executor
         values = ex.bind(batch)
         for s, buffer in self.inputs.items():
-            _narrow(buffer, token_dim(self.types[s]), t).copy_(values[s])
+            _narrow(buffer, self.dims[s], t).copy_(values[s])
         ctx = ex.context(batch, self.kv_caches)
         for step in program:
             if not isinstance(step, EagerNode):
@@ -213,7 +234,7 @@ class MixedGraphs:
             for s, r, buffer in zip(outs, results, step.buffers, strict=True):
                 values[s] = r
                 if buffer is not None:
-                    _narrow(buffer, token_dim(self.types[s]), t).copy_(r)
+                    _narrow(buffer, self.dims[s], t).copy_(r)
             for s in self.drop[step.index]:
                 values[s] = None
         return output.read(values, t)
@@ -225,7 +246,7 @@ class MixedGraphs:
         values = ex.bind(self.pad)  # what eager nodes read: weights, the batch, their results
         env = list(values)  # what the pieces read
         for s, buffer in self.inputs.items():
-            env[s] = _narrow(buffer, token_dim(self.types[s]), size)
+            env[s] = _narrow(buffer, self.dims[s], size)
         pieces_ctx = RefContext(sizes={TOKENS: size}, tp_group=ex.tp_group)
         eager_ctx = ex.context(self.pad, self.kv_caches)
         shared = self.shared
@@ -248,7 +269,7 @@ class MixedGraphs:
                 values[s] = r
                 buffer = None
                 if s in self.read_by_pieces:  # a later piece reads it, from a bucket's buffer
-                    dim = token_dim(self.types[s])
+                    dim = self.dims[s]
                     whole = shared.take(self.types[s], self.buckets[-1], p, self.read_by_pieces[s])
                     buffer = env[s] = _narrow(whole, dim, size)
                     _narrow(buffer, dim, 1).copy_(r)
@@ -267,7 +288,7 @@ class MixedGraphs:
         producer = self.producer.get(slot)
         if producer is None or not self.flags[producer]:
             return Source(slot)
-        return Source(slot, non_owning(env[slot]), token_dim(self.types[slot]))
+        return Source(slot, non_owning(env[slot]), self.dims[slot])
 
 
 @dataclass(frozen=True, slots=True)

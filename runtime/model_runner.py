@@ -106,6 +106,21 @@ class ModelRunner:
             self.num_tokens * self.spec.bytes_per_token / 2**20,
         )
         if graphs:
+            self._capture_graphs(artifact, config)
+
+    def close(self) -> None:
+        """Drop the CUDA graphs (and, tensor parallel, stop the worker processes); the runner
+        is unusable afterwards."""
+        for graphs in (self.graphs, self.mixed):
+            if graphs is not None:
+                graphs.close()
+        self.graphs = self.mixed = None
+
+    def _capture_graphs(self, artifact: Artifact, config: EngineConfig) -> None:
+        """Decode graphs, then the mixed steps' pieces; on a failure, every graph is freed
+        before the error goes on (graphs holding NCCL work hang the communicators'
+        teardown)."""
+        try:
             self.graphs = DecodeGraphs(
                 self.executor,
                 self.kv_caches,
@@ -129,19 +144,14 @@ class ModelRunner:
                 )
                 self.mixed.capture()
                 taken += self.mixed.memory
-            if self.memory_profile is not None:  # measured: the KV cache's size was not given
-                utilization = config.gpu_memory_utilization
-                warning = graphs_outside_margin(self.memory_profile, utilization, taken)
-                if warning:
-                    log.warning(warning)
-
-    def close(self) -> None:
-        """Drop the CUDA graphs (and, tensor parallel, stop the worker processes); the runner
-        is unusable afterwards."""
-        for graphs in (self.graphs, self.mixed):
-            if graphs is not None:
-                graphs.close()
-        self.graphs = self.mixed = None
+        except BaseException:
+            self.close()
+            raise
+        if self.memory_profile is not None:  # measured: the KV cache's size was not given
+            utilization = config.gpu_memory_utilization
+            warning = graphs_outside_margin(self.memory_profile, utilization, taken)
+            if warning:
+                log.warning(warning)
 
     @property
     def num_tokens(self) -> int:

@@ -16,10 +16,12 @@ from torch.utils._pytree import tree_leaves
 
 from compiler.frontend import trace_model
 from compiler.pipeline import run_pipeline
-from ir.ops import GatherLastTokens, PagedAttention
+from ir.graph import Graph, Input, Node, Value
+from ir.ops import Binary, GatherLastTokens, PagedAttention, Reshape
+from ir.types import TensorType
 from runtime.batch import build_batch
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
-from runtime.mixed_graphs import MixedGraphs, token_buckets
+from runtime.mixed_graphs import MixedGraphs, is_captured, token_buckets
 
 BLOCK, BLOCKS = 16, 24
 
@@ -125,3 +127,21 @@ def test_buckets_and_what_fits():
     assert not graphs.fits(build_batch([([1] * 21, 0, table)], BLOCK))
     graphs.close()
     assert not graphs.graphs and not graphs.programs
+
+
+def test_only_nodes_that_keep_each_token_s_row_whole_are_captured():
+    """A piece runs on the bucket's padded rows: a node that mixes rows across tokens, or whose
+    shape has another symbol, must run eagerly on the step's real tokens."""
+    x = Value("x", TensorType((1, "T", 4, 2), "float32"))
+    m = Value("m", TensorType(("T", "T"), "float32"))
+
+    def node(op, inputs, shape):
+        return Node(op, inputs, (Value("y", TensorType(shape, "float32")),))
+
+    graph = Graph((Input(x), Input(m)), (), ())
+    assert is_captured(node(Reshape(("T", 8)), ("x",), ("T", 8)), graph)
+    assert is_captured(node(Reshape((1, "T", 8)), ("x",), (1, "T", 8)), graph)
+    assert not is_captured(node(Reshape((1, 4, "T", 2)), ("x",), (1, 4, "T", 2)), graph)
+    assert not is_captured(node(Reshape((2, "T", 4)), ("x",), (2, "T", 4)), graph)
+    assert not is_captured(node(Binary("add"), ("m", "m"), ("T", "T")), graph)
+    assert not is_captured(node(Reshape(("B", 8)), ("x",), ("B", 8)), graph)
