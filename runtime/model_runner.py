@@ -111,6 +111,9 @@ class ModelRunner:
     def close(self) -> None:
         """Drop the CUDA graphs (and, tensor parallel, stop the worker processes); the runner
         is unusable afterwards."""
+        self._free_graphs()
+
+    def _free_graphs(self) -> None:
         for graphs in (self.graphs, self.mixed):
             if graphs is not None:
                 graphs.close()
@@ -144,8 +147,8 @@ class ModelRunner:
                 )
                 self.mixed.capture()
                 taken += self.mixed.memory
-        except BaseException:
-            self.close()
+        except BaseException:  # graphs only: a tensor-parallel rank 0 stops its workers later
+            self._free_graphs()
             raise
         if self.memory_profile is not None:  # measured: the KV cache's size was not given
             utilization = config.gpu_memory_utilization
