@@ -8,9 +8,10 @@ token's row is computed on its own) are captured once per token bucket and repla
 Attention runs eagerly between them on the step's real tokens, and so do the nodes from the
 logits' gather on, whose sizes are the sampled rows'.
 
-A step of T tokens replays the pieces of the smallest bucket S >= T. Rows T..S-1 hold whatever
-the buffers held before (finite values, which no real row reads). Attention reads rows [0, T)
-of its inputs, and its output is copied into rows [0, T) of the buffer the next piece reads.
+A step of T tokens replays the pieces of the smallest bucket S >= T. Rows T..S-1 compute on
+whatever the buffers held before, and no real row reads them (the tests poison them with NaN).
+Attention reads rows [0, T) of its inputs, and its output is copied into rows [0, T) of the
+buffer the next piece reads. Larger steps than the largest bucket run eagerly.
 
 Memory: the pieces of every bucket share one pool. A piece's outputs that only eager nodes read
 are held as non-owning views, so their blocks go back to the pool for later pieces and buckets
