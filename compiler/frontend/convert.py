@@ -148,7 +148,7 @@ for _fn, _targets in {
     "sub": (aten.sub.Tensor, aten.sub.Scalar),
     "mul": (aten.mul.Tensor, aten.mul.Scalar),
     "div": (aten.div.Tensor, aten.div.Scalar),
-    "pow": (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor),
+    "pow": (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar),
 }.items():
     converter(*_targets)(_binary(_fn))
 
@@ -159,6 +159,11 @@ def _rsub(cx, node, x, scalar, alpha=1):
     if alpha != 1:
         raise UnsupportedOpError(f"{node.target} with alpha={alpha}")
     return cx.add(ops.BinaryScalar("sub", _scalar(scalar), scalar_first=True), cx.value(x))
+
+
+@converter(aten.reciprocal.default)
+def _reciprocal(cx, node, x):
+    return cx.add(ops.BinaryScalar("div", 1.0, scalar_first=True), cx.value(x))
 
 
 def _unary(fn: str) -> Callable:
@@ -203,6 +208,28 @@ def _rms_norm(cx, node, x, shape, weight=None, eps=None):
     eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps if eps is None else float(eps)
     y = cx.add(ops.RMSNorm(eps), cx.add(ops.Cast("float32"), cx.value(x)), weight)
     return cx.add(ops.Cast(DTYPE_NAMES[dtype]), y)
+
+
+@converter(
+    aten.arange.default,
+    aten.arange.start,
+    aten.arange.start_step,
+    aten.full.default,
+    aten.zeros.default,
+    aten.ones.default,
+)
+def _factory(cx, node, *args, **kwargs):
+    """A tensor made in `forward` (torch.arange for rope's frequencies, say) of a size known
+    when tracing: a constant of the graph. One whose size is the token count is refused."""
+    val = node.meta["val"]
+    if any(isinstance(d, torch.SymInt) for d in val.shape):
+        raise UnsupportedOpError(
+            f"{node.target} over the token count: take it from `positions` (or make it the "
+            "size of the whole context, a constant)"
+        )
+    kwargs = {k: v for k, v in kwargs.items() if k in ("dtype",)}
+    made = node.target(*args, **kwargs, device="cpu")  # the values; a trace holds only fakes
+    return cx.constant(node.target.__name__.split(".")[0], made)
 
 
 @converter(aten.to.dtype, aten.to.device, aten._to_copy.default, aten.to.dtype_layout)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from custom_decoder import (
+    HEAD_DIM,
     HEADS,
     HIDDEN,
     KV_HEADS,
@@ -176,6 +177,37 @@ def test_interleaved_rope_through_torch_stack(tmp_path):
     with kiln.LLM(art, num_kv_blocks=16, max_num_batched_tokens=16) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
+
+
+class MadeInForward(TinyDecoder):
+    """Rope's frequencies from torch.arange and a per-token scale of the logits from arange,
+    full, zeros and ones, made in `forward`."""
+
+    def forward(self, token_ids, positions, logits_indices):
+        exponents = torch.arange(0, HEAD_DIM, 2, device=positions.device).float() / HEAD_DIM
+        self.inv_freq = 1.0 / 10000**exponents
+        device = positions.device
+        ramp = torch.arange(VOCAB, device=device).float() / VOCAB  # weighs later tokens up
+        scale = torch.full((VOCAB,), 0.5, device=device) + ramp - torch.zeros(VOCAB, device=device)
+        return super().forward(token_ids, positions, logits_indices) * (scale + torch.ones(VOCAB))
+
+
+def test_tensors_made_in_forward_become_constants(tmp_path):
+    model = decoder(layers=2, cls=MadeInForward)
+    art = kiln.compile(model, tmp_path / "art", max_model_len=64)
+    prompts = [[4], list(range(10, 33))]
+    params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(art, num_kv_blocks=16, max_num_batched_tokens=16) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
+
+    class OverTheTokens(TinyDecoder):
+        def forward(self, token_ids, positions, logits_indices):
+            steps = torch.arange(token_ids.shape[0], device=token_ids.device)
+            return super().forward(token_ids, steps, logits_indices)
+
+    with pytest.raises(ValueError, match="over the token count: take it from `positions`"):
+        kiln.compile(decoder(cls=OverTheTokens), tmp_path / "b", max_model_len=64)
 
 
 def test_a_tokenizer_travels_with_the_module(tmp_path):
