@@ -139,7 +139,7 @@ class MixedGraphs:
         last: dict[int, int] = {}
         for i, n in enumerate(graph.nodes):
             for x in n.inputs:
-                if x and not self.flags[i] and not self.flags[self.producer.get(slot[x], i)]:
+                if x and not self.flags[i] and not self._from_piece(slot[x]):
                     last[slot[x]] = i
         self.drop: dict[int, list[int]] = {i: [] for i, f in enumerate(self.flags) if not f}
         for s, i in last.items():
@@ -194,10 +194,10 @@ class MixedGraphs:
 
     def warm(self) -> None:
         """Replay every piece once: a graph's first launch uploads it, which a step should not
-        wait for (W4's TTFT p99 at 256 requests/s: 582 ms before, 63 ms after). Not with
-        tensor parallelism: the pieces' all-reduces, replayed, have no timeout, so a rank
-        that failed its capture would hang the others at start-up; there a bucket's first
-        step uploads its pieces."""
+        wait for (W4's TTFT p99 at 256 requests/s: 582 ms before, 63 ms after, on another H200
+        host). Not with tensor parallelism: the pieces' all-reduces, replayed, have no timeout,
+        so a rank that failed its capture would hang the others at start-up; there a bucket's
+        first step uploads its pieces."""
         for graph in self.graphs:
             graph.replay()
 
@@ -250,8 +250,7 @@ class MixedGraphs:
             env[s] = _narrow(buffer, self.dims[s], size)
         pieces_ctx = RefContext(sizes={TOKENS: size}, tp_group=ex.tp_group)
         eager_ctx = ex.context(self.pad, self.kv_caches)
-        shared = self.shared
-        shared.release_all()
+        self.shared.release_all()
         program: list[Replayable | EagerNode] = []
         for p, (start, stop, captured) in enumerate(self.pieces):
             if captured:
@@ -271,7 +270,9 @@ class MixedGraphs:
                 buffer = None
                 if s in self.read_by_pieces:  # a later piece reads it, from a bucket's buffer
                     dim = self.dims[s]
-                    whole = shared.take(self.types[s], self.buckets[-1], p, self.read_by_pieces[s])
+                    whole = self.shared.take(
+                        self.types[s], self.buckets[-1], p, self.read_by_pieces[s]
+                    )
                     buffer = env[s] = _narrow(whole, dim, size)
                     _narrow(buffer, dim, 1).copy_(r)
                 buffers.append(buffer)
@@ -286,10 +287,14 @@ class MixedGraphs:
     def _source(self, slot: int, env: list) -> Source:
         """Where a value eager nodes read is at replay: a piece's output (a non-owning view of
         the bucket's tensor), else the step's own values (weights, the batch, eager results)."""
-        producer = self.producer.get(slot)
-        if producer is None or not self.flags[producer]:
+        if not self._from_piece(slot):
             return Source(slot)
         return Source(slot, non_owning(env[slot]), self.dims[slot])
+
+    def _from_piece(self, slot: int) -> bool:
+        """Whether a captured node makes the value (not an eager one, a weight or the batch)."""
+        producer = self.producer.get(slot)
+        return producer is not None and self.flags[producer]
 
 
 @dataclass(frozen=True, slots=True)

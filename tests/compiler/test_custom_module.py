@@ -168,15 +168,19 @@ def test_a_parallel_residual_decoder(tp, tmp_path):
     assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
 
 
-def test_interleaved_rope_through_torch_stack(tmp_path):
-    """GPT-J's rope: strided slices and torch.stack (a new dim, then a concat) convert."""
-    model = decoder(layers=2, interleaved=True)
+def assert_serves_its_greedy_tokens(model, tmp_path) -> None:
+    """Compiled and served (a prompt chunked next to a decode), the module's greedy tokens."""
     art = kiln.compile(model, tmp_path / "art", max_model_len=64)
     prompts = [[4], list(range(10, 33))]
     params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     with kiln.LLM(art, num_kv_blocks=16, max_num_batched_tokens=16) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
+
+
+def test_interleaved_rope_through_torch_stack(tmp_path):
+    """GPT-J's rope: strided slices and torch.stack (a new dim, then a concat) convert."""
+    assert_serves_its_greedy_tokens(decoder(layers=2, interleaved=True), tmp_path)
 
 
 class MadeInForward(TinyDecoder):
@@ -193,13 +197,7 @@ class MadeInForward(TinyDecoder):
 
 
 def test_tensors_made_in_forward_become_constants(tmp_path):
-    model = decoder(layers=2, cls=MadeInForward)
-    art = kiln.compile(model, tmp_path / "art", max_model_len=64)
-    prompts = [[4], list(range(10, 33))]
-    params = kiln.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    with kiln.LLM(art, num_kv_blocks=16, max_num_batched_tokens=16) as llm:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.token_ids for o in outs] == [eager_greedy(model, p, 10) for p in prompts]
+    assert_serves_its_greedy_tokens(decoder(layers=2, cls=MadeInForward), tmp_path)
 
     class OverTheTokens(TinyDecoder):
         def forward(self, token_ids, positions, logits_indices):
