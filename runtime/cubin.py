@@ -8,10 +8,11 @@ constant it was built from) must equal the name compiled into the artifact.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 
 from codegen.aot import array_abi_values
@@ -23,6 +24,7 @@ from ir.ops import PagedAttention
 from ir.reference import TORCH_DTYPES, concrete_shape
 
 log = logging.getLogger(__name__)
+ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 
 def check_kernels(artifact: Artifact, device: torch.device) -> None:
@@ -70,7 +72,8 @@ class CubinOp:
             for p in kernel.params:
                 args += abi_values(tensors[p.name], p)
             config = self._config(grid=kernel.grid(sizes), block=kernel.block)
-            self._launch(stream, config, self.functions[kernel.name], *np.array(args, np.int64))
+            # cuda.core passes a Python int as one 8-byte value: every ABI field is one
+            self._launch(stream, config, self.functions[kernel.name], *args)
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,6 +86,53 @@ def _stream(device: int, handle: int):
 
 
 def abi_values(t: torch.Tensor, param: Param) -> tuple[int, ...]:
+    """The ABI values of param_view(t, param), read off t's address, sizes and strides:
+    making the view would cost more host time than the launch it feeds. Where no view of t
+    is what the kernel sees (dimensions that do not merge, words that do not fit),
+    param_view decides."""
+    found = _abi_values(
+        t.data_ptr(), t.shape, t.stride(), t.element_size(), param.ndim, param.dtype
+    )
+    return _viewed(t, param) if found is None else found
+
+
+@functools.lru_cache(maxsize=4096)  # a step's arguments mostly live where the last step's did
+def _abi_values(
+    ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], size: int, ndim: int, dtype: str
+) -> tuple[int, ...] | None:
+    lead = len(shape) - ndim + 1  # dimensions merged into the first
+    if lead < 1:
+        return None
+    if lead > 1:
+        merged = _merged(shape[:lead], strides[:lead])
+        if merged is None:
+            return None
+        shape, strides = (merged[0], *shape[lead:]), (merged[1], *strides[lead:])
+    wanted = ITEMSIZE[dtype]
+    if wanted != size:  # elements read as words of another width: the last dimension scales
+        last = shape[-1] * size
+        if (
+            strides[-1] != 1
+            or (ptr | last) % wanted
+            or any(s * size % wanted for s in strides[:-1])
+        ):
+            return None
+        shape = (*shape[:-1], last // wanted)
+        strides = (*(s * size // wanted for s in strides[:-1]), 1)
+    return array_abi_values(ptr, shape, strides, wanted)
+
+
+def _merged(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int] | None:
+    """(size, stride) of these dimensions as one, or None when they are not one run of
+    equally spaced elements (a dimension of size 1 has no spacing of its own)."""
+    dims = [(n, s) for n, s in zip(shape, strides, strict=True) if n != 1]
+    for (_, outer), (n, inner) in itertools.pairwise(dims):
+        if outer != inner * n:
+            return None
+    return math.prod(shape), dims[-1][1] if dims else strides[-1]
+
+
+def _viewed(t: torch.Tensor, param: Param) -> tuple[int, ...]:
     t = param_view(t, param)
     return array_abi_values(t.data_ptr(), t.shape, t.stride(), t.element_size())
 
