@@ -25,8 +25,9 @@ def _artifact(dtype, tmp_path, layers=4):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_piecewise_logits_equal_eager_logits(dtype, tmp_path):
-    """Batches of odd token counts, the rows past them poisoned: the logits of an eager step
-    (float32: 1e-4; bf16: 2% of the logits' spread, the GEMMs' row count differs)."""
+    """Batches of odd token counts, the rows past them and the KV cache poisoned: the logits
+    of an eager step (float32: 1e-4; bf16: 2% of the logits' spread, the GEMMs' row count
+    differs)."""
     from runtime.batch import build_batch
     from runtime.config import EngineConfig
     from runtime.engine import Engine
@@ -47,14 +48,24 @@ def test_piecewise_logits_equal_eager_logits(dtype, tmp_path):
         batch = build_batch(
             chunks, runner.block_size, prompt_logits=[min(3, n - 1) for n in lengths], device="cuda"
         )
-        expected = runner.executor.forward(batch, runner.kv_caches)
+        # each path reads only the cache its own step wrote: the rest is NaN
+        poison(runner.kv_caches)
         got = mixed.run(batch)
+        poison(runner.kv_caches)
+        expected = runner.executor.forward(batch, runner.kv_caches)
         assert torch.isfinite(got).all()
         err = (got.float() - expected.float()).abs().max().item()
         spread = expected.float().std().item()
         print(f"{dtype} T={batch.num_tokens}: max |err| {err:.2e}, logit std {spread:.2f}")
         assert err <= (1e-4 if dtype == torch.float32 else 0.02 * spread)
     engine.close()
+
+
+def poison(kv_caches) -> None:
+    with torch.inference_mode():
+        for k, v in kv_caches:
+            k.fill_(float("nan"))
+            v.fill_(float("nan"))
 
 
 def test_piecewise_steps_give_the_eager_tokens_with_less_host_time(tmp_path):
