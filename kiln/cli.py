@@ -150,6 +150,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "instead of from piecewise graphs",
     )
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse earlier requests' KV blocks for a prompt's leading blocks whose tokens "
+        "match theirs (automatic prefix caching; on by default)",
+    )
+    p.add_argument(
         "--scheduling-policy",
         choices=("fcfs", "priority"),
         default="fcfs",
@@ -178,6 +185,7 @@ def _engine_config(args):
         mixed_graphs=not args.decode_graphs_only,
         async_scheduling=False if args.no_async_scheduling else None,
         policy=args.scheduling_policy,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

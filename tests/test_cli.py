@@ -44,6 +44,19 @@ def test_user_mistakes_are_one_line_errors(model, tmp_path, caplog):
         fails(caplog, ["generate", str(artifact), "hi", "--device", "cuda"], "needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("flag, enabled", [([], True), (["--no-enable-prefix-caching"], False)])
+def test_prefix_caching_is_on_unless_turned_off(model, flag, enabled):
+    from kiln.cli import _engine_config, _load_engine, parser
+
+    args = parser().parse_args(["generate", str(model[1]), "hi", *flag])
+    assert _engine_config(args).enable_prefix_caching is enabled
+    engine = _load_engine(args)
+    try:
+        assert engine.scheduler.block_manager.enable_prefix_caching is enabled
+    finally:
+        engine.close()
+
+
 def test_ports_outside_the_range_are_usage_errors(model, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", str(model[1]), "--port", "70000"])
