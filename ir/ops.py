@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ir.types import TensorType, broadcast, normalize_dim, numel, promote
+from ir.types import FLOAT_DTYPES, TensorType, broadcast, normalize_dim, numel, promote
 
 OPS: dict[str, type] = {}
 UNARY_FNS = ("neg", "rsqrt", "sqrt", "silu", "gelu", "gelu_tanh", "cos", "sin", "exp", "tanh")
@@ -98,11 +98,27 @@ class Mean:
     keepdim: bool
 
     def infer(self, x: TensorType):
-        dims = {normalize_dim(d, x.rank) for d in self.dims}
-        shape = [1 if i in dims else d for i, d in enumerate(x.shape)]
-        if not self.keepdim:
-            shape = [d for i, d in enumerate(shape) if i not in dims]
-        return (x.with_shape(tuple(shape)),)
+        return (x.with_shape(_reduced(x, self.dims, self.keepdim)),)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class Sum:
+    """As torch.sum: integers and bools sum to int64."""
+
+    dims: tuple[int, ...]
+    keepdim: bool
+
+    def infer(self, x: TensorType):
+        dtype = x.dtype if x.dtype in FLOAT_DTYPES else "int64"
+        return (TensorType(_reduced(x, self.dims, self.keepdim), dtype),)
+
+
+def _reduced(x: TensorType, dims: tuple[int, ...], keepdim: bool) -> tuple:
+    """x's shape reduced over `dims`: each 1 (keepdim) or gone."""
+    dims = {normalize_dim(d, x.rank) for d in dims}
+    shape = [1 if i in dims else d for i, d in enumerate(x.shape)]
+    return tuple(d for i, d in enumerate(shape) if keepdim or i not in dims)
 
 
 @op

@@ -119,6 +119,11 @@ def _mean(op, ctx, x):
     return x.mean(dim=op.dims, keepdim=op.keepdim)
 
 
+@reference(ops.Sum)
+def _sum(op, ctx, x):
+    return x.sum(dim=op.dims, keepdim=op.keepdim)
+
+
 @reference(ops.Reshape)
 def _reshape(op, ctx, x):
     return x.reshape([ctx.sizes[d] if isinstance(d, str) else d for d in op.shape])

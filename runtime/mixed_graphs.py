@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 
 from ir.graph import Graph, Node
-from ir.ops import GatherLastTokens, Mean, PagedAttention, Reshape
+from ir.ops import GatherLastTokens, Mean, PagedAttention, Reshape, Sum
 from ir.reference import TORCH_DTYPES, RefContext, concrete_shape
 from ir.types import TensorType
 from runtime.batch import BatchInputs, build_batch
@@ -80,7 +80,7 @@ def is_captured(node: Node, graph: Graph) -> bool:
         return False
     if any(t.shape.count(TOKENS) > 1 for t in types):
         return False
-    if isinstance(node.op, Mean):
+    if isinstance(node.op, (Mean, Sum)):
         x = types[0]
         return not any(isinstance(x.shape[d], str) for d in node.op.dims)
     if isinstance(node.op, Reshape):  # rows stay whole only with nothing but 1s before T

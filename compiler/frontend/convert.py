@@ -245,6 +245,17 @@ def _mean(cx, node, x, dims, keepdim=False, dtype=None):
     return cx.add(ops.Mean(tuple(dims), bool(keepdim)), cx.value(x))
 
 
+@converter(aten.sum.dim_IntList, aten.sum.default)
+def _sum(cx, node, x, dims=None, keepdim=False, dtype=None):
+    """x.sum(dims) (every dimension when none is given); `dtype` casts x first, as torch's."""
+    rank = x.meta["val"].dim()
+    dims = tuple(range(rank)) if not dims else tuple(dims)  # sum(x, []) is every dimension too
+    value = cx.value(x)
+    if dtype is not None and dtype != x.meta["val"].dtype:
+        value = cx.add(ops.Cast(DTYPE_NAMES[dtype]), value)
+    return cx.add(ops.Sum(dims, bool(keepdim)), value)
+
+
 @converter(
     aten.view.default,
     aten.reshape.default,

@@ -208,6 +208,30 @@ def test_tensors_made_in_forward_become_constants(tmp_path):
         kiln.compile(decoder(cls=OverTheTokens), tmp_path / "b", max_model_len=64)
 
 
+class Sums(TinyDecoder):
+    """Sums over a token's own values (a norm written with sum, mean-centred logits) and over
+    the whole step (across the tokens; integers sum to int64, or to a dtype asked for)."""
+
+    def forward(self, token_ids, positions, logits_indices):
+        for block in self.blocks:
+            block.attn_norm.forward = lambda x, w=block.attn_norm.weight: (
+                w * (x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / HIDDEN + 1e-6))
+            )
+        logits = super().forward(token_ids, positions, logits_indices)
+        centred = logits - torch.sum(logits, dim=(-1,), keepdim=True) / logits.shape[-1]
+        across = logits.sum() + token_ids.sum(0).float() + token_ids.sum(dtype=torch.float32)
+        return centred + 0.0 * across
+
+
+def test_sums_convert(tmp_path):
+    model = decoder(layers=2, cls=Sums)
+    art = kiln.compile(model, tmp_path / "sums", max_model_len=64)
+    graph = load_artifact(art).graph
+    sums = [n.op for n in graph.nodes if isinstance(n.op, ops.Sum)]
+    assert len(sums) == 2 + 1 + 3  # the two norms, the logits' centre, the step-wide sums
+    assert_serves_its_greedy_tokens(model, tmp_path)
+
+
 def test_a_tokenizer_travels_with_the_module(tmp_path):
     from conftest import smollm2_tokenizer
 

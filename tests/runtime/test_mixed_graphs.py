@@ -20,7 +20,7 @@ import kiln
 from compiler.frontend import trace_model
 from compiler.pipeline import run_pipeline
 from ir.graph import Graph, Input, Node, Value
-from ir.ops import Binary, GatherLastTokens, PagedAttention, Reshape
+from ir.ops import Binary, GatherLastTokens, Mean, PagedAttention, Reshape, Sum
 from ir.types import TensorType
 from runtime.batch import build_batch
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
@@ -148,6 +148,9 @@ def test_only_nodes_that_keep_each_token_s_row_whole_are_captured():
     assert not is_captured(node(Reshape((2, "T", 4)), ("x",), (2, "T", 4)), graph)
     assert not is_captured(node(Binary("add"), ("m", "m"), ("T", "T")), graph)
     assert not is_captured(node(Reshape(("B", 8)), ("x",), ("B", 8)), graph)
+    for reduce in (Mean, Sum):  # over a token's own values, or across the tokens
+        assert is_captured(node(reduce((-1,), True), ("x",), (1, "T", 4, 1)), graph)
+        assert not is_captured(node(reduce((1,), True), ("x",), (1, 1, 4, 2)), graph)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
