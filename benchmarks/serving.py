@@ -23,6 +23,7 @@ import gc
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -153,6 +154,8 @@ COLUMNS = [
     "itl_p50_ms",
     "itl_p99_ms",
     "goodput_req_s",
+    "client_cpu",
+    "server_cpu",
 ]
 
 
@@ -291,20 +294,35 @@ def peer_rows(model, workload, args, slo) -> list[dict]:
     return rows
 
 
-def kiln_rows(url: str, workload, args, slo) -> list[dict]:
-    """kiln at every rate on all the requests, then on as many as the peer runs."""
+def kiln_rows(url: str, server_pid: int, workload, args, slo) -> list[dict]:
+    """kiln at every rate on all the requests, then on as many as the peer runs; with the
+    share of a core the client (this process) and the server's process (HTTP, JSON, SSE; the
+    engine has a process of its own) were busy: one near 1 is what bounds the run."""
     warm_up, rows = workload(0)[:8], []
     asyncio.run(run_kiln(url, warm_up, [0.0] * len(warm_up)))
     sizes = [args.requests] + ([args.peer_requests] if args.peer_requests else [])
     for i, n in enumerate(sizes):
         for k, rate in enumerate(args.rates, 1):
             run = k + i * len(args.rates)  # fresh prompts: nothing cached from an earlier run
+            client, server = cpu_seconds(), cpu_seconds(server_pid)
             records, seconds = asyncio.run(
                 run_kiln(url, workload(run)[:n], arrivals(n, rate, args.seed))
             )
-            rows.append(summarize(f"kiln, {n}", rate, records, seconds, slo))
+            row = summarize(f"kiln, {n}", rate, records, seconds, slo)
+            row["client_cpu"] = round((cpu_seconds() - client) / seconds, 2)
+            row["server_cpu"] = round((cpu_seconds(server_pid) - server) / seconds, 2)
+            rows.append(row)
             print(table(rows[-1:], COLUMNS), flush=True)
     return rows
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user and system) used so far by this process, or by process `pid` (its own
+    threads, not its children's; Linux)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def main() -> None:
@@ -364,7 +382,7 @@ def main() -> None:
 
     proc, url, _ = start_kiln(artifact, *args.server_args.split())
     try:
-        rows += kiln_rows(url, workload, args, slo)
+        rows += kiln_rows(url, proc.pid, workload, args, slo)
     finally:
         proc.terminate()
         proc.wait(60)

@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 from aiohttp import web
 from conftest import tiny_model
 from fake_engine import FakeEngine
 
-from benchmarks.serving import HFPeer, Record, Request, arrivals, requests, run_kiln, summarize
+from benchmarks.serving import (
+    HFPeer,
+    Record,
+    Request,
+    arrivals,
+    cpu_seconds,
+    requests,
+    run_kiln,
+    summarize,
+)
 from server import ServerConfig, create_app
 
 TOKEN_S = 0.02  # the fake engine's time a token
@@ -101,3 +114,18 @@ def test_transformers_peer_streams_every_token():
     assert [r.tokens for r in records] == [8, 2, 5] and again[0].tokens == 8
     assert records[2].sent - records[0].sent == pytest.approx(0.2, abs=0.1) and seconds > 0.2
     assert all(r.ttft > 0 and r.times == sorted(r.times) for r in records)
+
+
+def test_cpu_seconds_of_this_process_and_of_another():
+    before, own = cpu_seconds(), cpu_seconds(os.getpid())
+    sum(i * i for i in range(3_000_000))  # ~0.2 s of CPU here
+    spent = cpu_seconds() - before
+    assert spent > 0.05 and cpu_seconds(os.getpid()) - own == pytest.approx(spent, abs=0.05)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        start = cpu_seconds(busy.pid)
+        time.sleep(0.5)
+        assert cpu_seconds(busy.pid) - start > 0.2  # a core busy for most of the 0.5 s
+    finally:
+        busy.kill()
+        busy.wait()
