@@ -334,7 +334,13 @@ def main() -> None:
     p.add_argument("--artifact", type=Path, help="cpu: the artifact to serve")
     p.add_argument("--source", help="cpu: the model the transformers peer loads")
     p.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0, 128.0])
-    p.add_argument("--requests", type=int, default=256, help="per rate")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=256,
+        help="per rate; above saturation a run this short ends on its longest request's decode "
+        "(1024 measure the H200's steady state)",
+    )
     p.add_argument("--peer-requests", type=int, default=32, help="per rate; 0: no peer")
     p.add_argument("--mean-input", type=float, default=200.0)
     p.add_argument("--mean-output", type=float, default=180.0)
