@@ -3,7 +3,9 @@
 The loop (EngineLoop) runs where its core puts it: on a thread of this process (ThreadCore),
 or in a process of its own (runtime.engine_process.ProcessCore), which keeps the server's
 per-token work off the engine's GIL. Either way it hands each step's updates to the front
-(AsyncEngine) in one batch, and the front routes them to the requests' streams.
+(AsyncEngine) in one batch, and the front routes them to the requests' streams. A stream's
+`on_update` callback sees each update as it reaches the consumer's event loop, however late
+the consumer pulls it (the server's latency metrics are taken there).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from runtime.outputs import RequestOutput
@@ -42,6 +44,16 @@ class Stopped:
     """The loop ended: `error` is what killed it, None on a shutdown."""
 
     error: BaseException | None
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A request's stream on its consumer's event loop: the queue its items go to, and the
+    callback that sees each update as it is queued (None once the consumer has left)."""
+
+    loop: asyncio.AbstractEventLoop
+    on_update: Callable[[RequestOutput], None] | None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 class EngineLoop:
@@ -158,7 +170,7 @@ class AsyncEngine:
     def __init__(self, core: Core, model_name: str = "model") -> None:
         self.core = core
         self.model_name = model_name
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
         self._stopped = False
         self.core.start(self._deliver_all)
@@ -189,14 +201,18 @@ class AsyncEngine:
         params: SamplingParams,
         prompt: str | None = None,
         priority: int = 0,
+        on_update: Callable[[RequestOutput], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Updates of one request until it finishes; closing the iterator aborts it.
-        `priority` orders it under the "priority" policy (lower first)."""
+        `priority` orders it under the "priority" policy (lower first). `on_update` is called
+        on this event loop with each update as it arrives, before it is queued for this
+        iterator (so however late the consumer pulls it), until the iterator is closed; what
+        it raises is logged, not passed on."""
         if request_id in self._streams:  # before anything touches the request that has it
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = _Stream(asyncio.get_running_loop(), on_update)
         # registered, then checked: a loop that stops or dies from here on tells this stream
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._streams[request_id] = stream
         if not self.is_alive:
             del self._streams[request_id]
             raise EngineDeadError("the engine is not running")
@@ -206,12 +222,13 @@ class AsyncEngine:
                 await self.core.compile_grammar(params.structured_outputs)
             self.core.put(("add", request_id, prompt_token_ids, params, prompt, priority))
             while not finished:
-                item = await stream.get()
+                item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
                 yield item
         finally:
+            stream.on_update = None  # what comes after the consumer left is not its update
             if finished:
                 self._streams.pop(request_id, None)
             else:  # the id stays taken until the loop has aborted the request
@@ -233,7 +250,7 @@ class AsyncEngine:
     def _deliver_all(self, items: list[tuple[str | None, Any]]) -> None:
         """Each item to its request's stream: one wake-up of each consumer loop for all of
         them (a step's updates for hundreds of streams would otherwise be as many)."""
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
         for request_id, item in items:
             if isinstance(item, Released):
                 self._streams.pop(request_id, None)
@@ -241,10 +258,9 @@ class AsyncEngine:
             if isinstance(item, Stopped):
                 self._stop(item.error, batches)
                 continue
-            target = self._streams.get(request_id)
-            if target is not None:
-                loop, stream = target
-                batches.setdefault(loop, []).append((stream, item))
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                batches.setdefault(stream.loop, []).append((stream, item))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_put_all, batch)
 
@@ -256,10 +272,16 @@ class AsyncEngine:
         dead = EngineDeadError(
             "the engine stopped" if error is None else f"the engine died: {error!r}"
         )
-        for loop, stream in list(self._streams.values()):
-            batches.setdefault(loop, []).append((stream, dead))
+        for stream in list(self._streams.values()):
+            batches.setdefault(stream.loop, []).append((stream, dead))
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+def _put_all(batch: list[tuple[_Stream, Any]]) -> None:
+    """On the consumer's loop: each item into its stream, its update's callback first."""
     for stream, item in batch:
-        stream.put_nowait(item)
+        if stream.on_update is not None and isinstance(item, RequestOutput):
+            try:
+                stream.on_update(item)
+            except Exception:  # a broken observer must not cost the stream its updates
+                log.exception("on_update of a stream failed")
+        stream.queue.put_nowait(item)

@@ -196,14 +196,17 @@ def _engine_error(exc: Exception) -> Exception:
 async def _prompt_updates(
     state: State, request_id: str, prompt: protocol.Prompt, priority: int
 ) -> AsyncIterator[RequestOutput]:
-    """One prompt's engine updates, timed for the metrics; closing this aborts its request."""
+    """One prompt's engine updates; closing this aborts its request. The metrics time each
+    update as it reaches this event loop, not as it is pulled from here: a slow client or a
+    busy handler adds nothing to TTFT, inter-token or end-to-end latency."""
     timer = state.metrics.start(len(prompt.token_ids), prompt.params.n)
     ids, params = list(prompt.token_ids), prompt.params
-    gen = state.engine.generate(request_id, ids, params, prompt.text, priority)
+    gen = state.engine.generate(
+        request_id, ids, params, prompt.text, priority, on_update=timer.observe
+    )
     try:
         async with contextlib.aclosing(gen):
             async for out in gen:
-                timer.observe(out)
                 yield out
     finally:
         timer.end()

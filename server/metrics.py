@@ -94,7 +94,8 @@ class Metrics:
 
 class RequestTimer:
     """Observes one engine request's updates: token counts, TTFT, inter-token gaps, end to end,
-    and how each of its n sequences finished."""
+    and how each of its n sequences finished. `observe` is the engine's `on_update`: it times
+    each update as it reaches the server's event loop, however late the handler pulls it."""
 
     def __init__(self, metrics: Metrics, arrival: float, num_prompt_tokens: int, n: int) -> None:
         self.metrics = metrics

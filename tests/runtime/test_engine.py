@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import random
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -612,3 +614,80 @@ def test_async_engine_serves_waiting_requests_by_priority(artifact):
 
     asyncio.run(main())
     assert finished == ["first", "urgent", "later"]
+
+
+def test_async_engine_on_update_sees_updates_as_they_arrive_not_as_they_are_pulled(artifact):
+    """A consumer that pulls nothing until the request is done still had every update
+    observed, in order, before its first pull; one that leaves has nothing observed after."""
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    prompt = list(range(5, 25))
+    expected = alone(artifact, [prompt], [greedy(6)])[0]
+    engine = AsyncEngine(ThreadCore(llm.engine))
+
+    async def run():
+        seen, pulled, done = [], [], asyncio.Event()
+
+        def on_update(update):
+            seen.append((time.monotonic(), update))
+            if update.finished:
+                done.set()
+
+        stream = engine.generate("slow", prompt, greedy(6), on_update=on_update)
+        first = asyncio.create_task(anext(stream))  # starts the request, as a handler would
+        await asyncio.wait_for(done.wait(), 60)  # no pull yet but this one, still waiting
+        pulled.append((time.monotonic(), await first))
+        async for update in stream:
+            await asyncio.sleep(0.05)  # a slow consumer
+            pulled.append((time.monotonic(), update))
+        assert [u for _, u in seen] == [u for _, u in pulled]  # the same objects, in order
+        assert [t for _, u in pulled for t in u.token_ids] == expected
+        assert seen[-1][0] <= pulled[0][0]  # the last was observed before the first was pulled
+
+        left = []
+        stream = engine.generate("left", prompt, greedy(200), on_update=left.append)
+        await anext(stream)
+        await stream.aclose()  # the consumer leaves: what the engine still sends is not seen
+        count = len(left)
+        for _ in range(250):
+            if engine.stats()["num_running"] == 0 and "left" not in engine._streams:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # deliveries already on their way to this loop land
+        assert len(left) == count and "left" not in engine._streams
+        await engine.shutdown(timeout=1)
+
+    asyncio.run(run())
+
+
+def test_async_engine_on_update_that_raises_is_logged_and_the_streams_go_on(artifact, caplog):
+    """Two requests run together: one's callback raises on every update, the other's
+    records; both consumers get every update and finish, the other callback sees them all."""
+    llm = kiln.LLM(artifact, num_kv_blocks=64)
+    prompts = [list(range(5, 25)), list(range(7, 19))]
+    expected = alone(artifact, prompts, [greedy(8)] * 2)
+    engine = AsyncEngine(ThreadCore(llm.engine))
+    seen = []
+
+    def broken(update):
+        raise RuntimeError("observer bug")
+
+    async def updates(request_id, prompt, on_update):
+        return [
+            u async for u in engine.generate(request_id, prompt, greedy(8), on_update=on_update)
+        ]
+
+    async def run():
+        both = (updates("broken", prompts[0], broken), updates("seen", prompts[1], seen.append))
+        got = await asyncio.wait_for(asyncio.gather(*both), 60)  # a lost update: no hang
+        assert engine.is_alive
+        await engine.shutdown(timeout=1)
+        return got
+
+    with caplog.at_level(logging.ERROR, logger="runtime.async_engine"):
+        broken_updates, seen_updates = asyncio.run(run())
+    assert [[t for u in us for t in u.token_ids] for us in (broken_updates, seen_updates)] == (
+        expected
+    )
+    assert seen == seen_updates and broken_updates[-1].finished and seen_updates[-1].finished
+    failures = [r for r in caplog.records if "on_update" in r.getMessage()]
+    assert len(failures) == len(broken_updates) and all(r.exc_info for r in failures)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from runtime.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -38,7 +41,10 @@ def fake_logprobs(token: int, k: int, vocab_size: int) -> dict[int, Logprob]:
 
 
 class FakeEngine:
-    """One token per update and per output; records calls, closes, aborts and shutdowns."""
+    """One token per update and per output; records calls, closes, aborts and shutdowns.
+    Each update is handed to `on_update` as it is made, before it is queued for the consumer.
+    It is made `token_delay` s after the consumer asked for it; with `runs_ahead`, as in the
+    real engine, one each `token_delay` s from the start, however late the consumer pulls."""
 
     model_name = "smollm2-fake"
 
@@ -54,6 +60,7 @@ class FakeEngine:
 
     def reset(self) -> None:
         self.token_delay = 0.0
+        self.runs_ahead = False
         self.calls: list[Call] = []
         self.closed: list[str] = []  # requests whose generator closed before they finished
         self.aborted: list[str] = []
@@ -100,6 +107,7 @@ class FakeEngine:
         params: SamplingParams,
         prompt: str | None = None,
         priority: int = 0,
+        on_update: Callable[[RequestOutput], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         self.calls.append(Call(request_id, list(prompt_token_ids), params, prompt, priority))
         if self.dead:
@@ -110,19 +118,50 @@ class FakeEngine:
         fail_after, self.fail_after = self.fail_after, None
         die_after, self.die_after = self.die_after, None
         self.running += 1
+        queue: asyncio.Queue[RequestOutput | Exception | None] = asyncio.Queue()  # None: done
+        asked = asyncio.Event()  # the consumer waits for the next update
+        updates = enumerate(self._updates(request_id, prompt_token_ids, params, prompt))
+        runs_ahead = self.runs_ahead
+
+        async def produce() -> None:
+            try:
+                while True:
+                    if not runs_ahead:
+                        await asked.wait()
+                        asked.clear()
+                    count, out = next(updates, (-1, None))
+                    if out is None:
+                        break
+                    if count == fail_after:
+                        raise RuntimeError("scheduler exploded in /secret/path/engine.py")
+                    if count == die_after:
+                        self.dead = True
+                        raise EngineDeadError("the engine died")
+                    await asyncio.sleep(self.token_delay)
+                    if on_update is not None:  # delivered: observed now, however late pulled
+                        try:
+                            on_update(out)
+                        except Exception:
+                            log.exception("on_update of a stream failed")
+                    queue.put_nowait(out)
+            except Exception as exc:  # the request's error, raised where it is pulled
+                queue.put_nowait(exc)
+            else:
+                queue.put_nowait(None)
+
+        producer = asyncio.create_task(produce())
         finished = False
         try:
-            updates = self._updates(request_id, prompt_token_ids, params, prompt)
-            for count, out in enumerate(updates):
-                if count == fail_after:
-                    raise RuntimeError("scheduler exploded in /secret/path/engine.py")
-                if count == die_after:
-                    self.dead = True
-                    raise EngineDeadError("the engine died")
-                await asyncio.sleep(self.token_delay)
-                yield out
+            while True:
+                asked.set()
+                if (item := await queue.get()) is None:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item
             finished = True
         finally:
+            producer.cancel()
             self.running -= 1
             if not finished:
                 self.closed.append(request_id)

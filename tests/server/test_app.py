@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving import free_port
 
 from server import ServerConfig, create_app, serve
+from server.app import STATE
 
 KEY = "sk-kiln-test"
 NAME = "smol-served"
@@ -542,6 +544,70 @@ def test_health_and_metrics(url, client, engine, tok) -> None:
     assert after["kiln:kv_cache_usage_perc"] == 0.25
     assert after["kiln:prefix_cache_hits_total"] == 40
     assert after["kiln:prefix_cache_queries_total"] == 100
+
+
+def test_latency_metrics_leave_out_a_slow_clients_delay(tok) -> None:
+    """The engine's updates are timed as they reach the server, not as the handler pulls them:
+    a streaming client that reads nothing for `delay` s holds its handler at a full socket (its
+    writes wait to drain) while the engine runs on; no latency observed includes that wait.
+    (TTFT alone could not include it before either: the handler pulls the first update before
+    it writes anything; end to end and inter-token latency did.)"""
+    delay, n, max_tokens = 2.0, 16, 75  # 1200 chunks of ~0.4 kB: far more than the buffers
+    engine = FakeEngine(tok)
+    engine.runs_ahead = True  # as the real engine: its updates come however late they are pulled
+    app = create_app(engine, ServerConfig(served_model_name=NAME))
+    small = 4096  # the kernel's buffers either side: a few kB, not autotuned to megabytes
+
+    async def small_send_buffer(request: web.Request, response: web.StreamResponse) -> None:
+        request.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, small
+        )
+
+    app.on_response_prepare.append(small_send_buffer)
+    body = json.dumps({"model": NAME, "prompt": FOX, "max_tokens": max_tokens, "n": n,
+                       "logprobs": 5, "stream": True}).encode()  # fmt: skip
+
+    def sample(name: str) -> float:
+        return app[STATE].metrics.registry.get_sample_value(name, {"model_name": NAME}) or 0.0
+
+    async def main() -> tuple[bytes, tuple[int, float]]:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        loop = asyncio.get_running_loop()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", runner.addresses[0][1]))
+                head = (
+                    "POST /v1/completions HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                )
+                await loop.sock_sendall(sock, head.encode() + body)
+                await asyncio.sleep(delay)  # a client that reads nothing for a while
+                during = engine.running, sample("kiln:e2e_request_latency_seconds_count")
+                got = []
+                while data := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10):
+                    got.append(data)
+                return b"".join(got), during
+            finally:
+                await runner.cleanup()
+
+    response, during = asyncio.run(main())
+    # meanwhile the engine had made every update, all timed; the handler still had some to write
+    assert during == (1, 1)
+    assert response.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in response
+    assert len(response) > 200_000 and engine.running == 0 and not engine.closed
+    assert sample("kiln:generation_tokens_total") == n * max_tokens
+    assert sample("kiln:time_to_first_token_seconds_count") == 1
+    assert sample("kiln:inter_token_latency_seconds_count") == n * max_tokens - 1
+    assert sample("kiln:e2e_request_latency_seconds_count") == 1
+    # generous: the engine makes all its updates in well under delay / 2 (0.1-0.5 s, on two
+    # busy cores); timed as the handler pulled them, end to end and the gaps summed to more
+    # than delay
+    for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency"):
+        assert sample(f"kiln:{name}_seconds_sum") < delay / 2, name
 
 
 # --- errors -----------------------------------------------------------------------------------
