@@ -104,3 +104,12 @@ def start_kiln(
             threading.Thread(target=log.extend, args=(proc.stdout,), daemon=True).start()
             return proc, f"http://127.0.0.1:{port}", log
     raise RuntimeError(f"kiln run exited with {proc.wait()}:\n{''.join(log)}")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user and system) used so far by this process, or by process `pid` (its own
+    threads, not its children's; Linux)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime

@@ -23,7 +23,6 @@ import gc
 import itertools
 import json
 import math
-import os
 import random
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import aiohttp
 import numpy as np
 import torch
 
-from benchmarks.common import save, start_kiln, table
+from benchmarks.common import cpu_seconds, save, start_kiln, table
 
 COPY_BANDWIDTH = 4.25e12  # bytes/s, the H200's device-to-device copy (BENCH.md)
 PEER_TIMEOUT_S = 300.0  # transformers silent this long: its manager is stuck
@@ -314,15 +313,6 @@ def kiln_rows(url: str, server_pid: int, workload, args, slo) -> list[dict]:
             rows.append(row)
             print(table(rows[-1:], COLUMNS), flush=True)
     return rows
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user and system) used so far by this process, or by process `pid` (its own
-    threads, not its children's; Linux)."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def main() -> None:

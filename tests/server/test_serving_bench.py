@@ -16,12 +16,12 @@ from aiohttp import web
 from conftest import tiny_model
 from fake_engine import FakeEngine
 
+from benchmarks.common import cpu_seconds
 from benchmarks.serving import (
     HFPeer,
     Record,
     Request,
     arrivals,
-    cpu_seconds,
     requests,
     run_kiln,
     summarize,
