@@ -31,6 +31,8 @@ def environment() -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         env["driver"] = _smi("driver_version")
+        # each GPU's SM clock now, its maximum, and why it is held back (BENCH: check clocks)
+        env["clocks"] = _smi("clocks.sm,clocks.max.sm,clocks_event_reasons.active")
     try:
         import numba
 
@@ -47,16 +49,17 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
-def _smi(field: str) -> str:
+def _smi(fields: str) -> str:
+    """nvidia-smi's answer for each GPU, the same answers once ("a; b" where they differ)."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
             capture_output=True,
             text=True,
         )
-        return out.stdout.strip()
     except OSError:
         return "unknown"
+    return "; ".join(dict.fromkeys(out.stdout.strip().splitlines())) or "unknown"
 
 
 def save(name: str, record: dict) -> Path:

@@ -19,6 +19,8 @@ from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.sampling_params import SamplingParams
 
+W1_FLOOR_TOK_S = 35_000  # BENCH.md: W1's output tok/s at the H200's bandwidth
+
 
 def timed_engine(engine: Engine) -> dict:
     """Wrap the runner so every step records host (launch) time and total time."""
@@ -51,6 +53,7 @@ def run_all(engine: Engine, prompts, out_lens, logprobs: int | None = None) -> t
 
 
 def hf_generate_batch(model, prompts, max_new: int) -> dict:
+    """transformers' continuous batching (`generate_batch`, SDPA) on `prompts`."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -65,31 +68,64 @@ def hf_generate_batch(model, prompts, max_new: int) -> dict:
     outs = model.generate_batch(prompts, generation_config=config)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in outs.values())
-    return {
-        "system": f"hf generate_batch ({len(prompts)} req, {max_new} out)",
-        "seconds": round(elapsed, 2),
-        "output_tokens": tokens,
-        "tok_s": round(tokens / elapsed, 1),
-    }
+    return throughput_row(
+        f"hf generate_batch ({len(prompts)} req, {max_new} out)", [(elapsed, tokens)]
+    )
+
+
+def hf_generate_static(model, prompts, max_new: int) -> dict:
+    """transformers `generate` on `prompts` as one static batch (left-padded, SDPA)."""
+    model.config._attn_implementation = "sdpa"
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        torch.cuda.synchronize()
+        assert out.shape[1] - width == n
+        return time.perf_counter() - start
+
+    run(4)  # warm-up
+    elapsed = run(max_new)
+    return throughput_row(
+        f"hf generate, static ({len(prompts)} req, {max_new} out)",
+        [(elapsed, max_new * len(prompts))],
+    )
 
 
 def w1(args) -> dict:
     model = random_model("qwen3-0.6b")
     prompts, out_lens = w1_requests(args.requests, model.config.vocab_size)
-    rows = []  # the peer's
-    if args.peer_requests:
+    peers = []
+    if args.peer_requests and not args.no_peer:
         sub = prompts[: args.peer_requests]
-        rows.append(
-            hf_generate_batch(model, sub, round(statistics.mean(out_lens[: args.peer_requests])))
-        )
+        max_new = round(statistics.mean(out_lens[: args.peer_requests]))
+        peers = [hf_generate_batch(model, sub, max_new), hf_generate_static(model, sub, max_new)]
     artifact = in_memory_artifact(model, "qwen3-0.6b", args.workdir)
     del model
     gc.collect()
     torch.cuda.empty_cache()
     engine = Engine(artifact, w1_config(args.budget))
-    kiln_rows, host = throughput_rows(engine, prompts, out_lens, args.runner_split, args.logprobs)
-    rows = kiln_rows + rows
-    print(table(rows, ["system", "seconds", "output_tokens", "tok_s"]))
+    kiln_rows, host = throughput_rows(
+        engine, prompts, out_lens, args.runner_split, args.logprobs, args.repeats
+    )
+    rows = kiln_rows + peers
+    for row in rows:
+        row["vs_floor_35k"] = f"{row['tok_s'] / W1_FLOOR_TOK_S:.1%}"
+    print(table(rows, ["system", "seconds", "output_tokens", "tok_s", "min-max", "vs_floor_35k"]))
+    for peer in peers:
+        print(f"kiln / {peer['system']}: {kiln_rows[0]['tok_s'] / peer['tok_s']:.1f}x")
     print("steps:", host)
     return {
         "workload": "W1",
@@ -118,35 +154,44 @@ def w1_config(budget: int) -> EngineConfig:
 
 
 def throughput_rows(
-    engine: Engine, prompts, out_lens, runner_split: bool = False, logprobs: int | None = None
+    engine: Engine,
+    prompts,
+    out_lens,
+    runner_split: bool = False,
+    logprobs: int | None = None,
+    repeats: int = 1,
 ) -> tuple[list[dict], dict | None]:
-    """Every request at once, greedy (each token with its `logprobs` top logprobs, if set): a
-    row of output tok/s (and with runner_split another, each step run to its end before the
-    next, and the steps' split)."""
+    """Every request at once, greedy (each token with its `logprobs` top logprobs, if set),
+    `repeats` times: a row of output tok/s, the median with min-max (and with runner_split
+    another, each step run to its end before the next, and the steps' split)."""
     run_all(engine, [p[:50] for p in prompts[:8]], [16] * 8, logprobs)  # warm-up
     # the start-up heap (hundreds of thousands of objects) out of the collector's way, as
     # `kiln run` does once it is ready: a full collection walking it costs ~0.2 s mid-run
     gc.collect()
     gc.freeze()
-    seconds, produced = run_all(engine, prompts, out_lens, logprobs)
-    rows = [_w1_row(f"kiln ({len(prompts)} req)", seconds, produced)]
+    runs = [run_all(engine, prompts, out_lens, logprobs) for _ in range(repeats)]
+    rows = [throughput_row(f"kiln ({len(prompts)} req)", runs)]
     host = None
     if runner_split:  # again, each step run to its end before the next: the runner's share
         engine.async_scheduling = False
         stats = timed_engine(engine)
-        seconds, produced = run_all(engine, prompts, out_lens, logprobs)
-        rows.append(_w1_row("kiln, synchronous steps", seconds, produced))
+        runs = [run_all(engine, prompts, out_lens, logprobs)]
+        rows.append(throughput_row("kiln, synchronous steps", runs))
         host = _step_split(stats)
     gc.unfreeze()
     return rows, host
 
 
-def _w1_row(system: str, seconds: float, produced: int) -> dict:
+def throughput_row(system: str, runs: list[tuple[float, int]]) -> dict:
+    """(seconds, tokens) runs of one workload: the median run's figures and the tok/s range."""
+    rates = sorted(produced / seconds for seconds, produced in runs)
+    seconds, produced = sorted(runs, key=lambda r: r[1] / r[0])[(len(runs) - 1) // 2]
     return {
         "system": system,
         "seconds": round(seconds, 2),
         "output_tokens": produced,
         "tok_s": round(produced / seconds, 1),
+        "min-max": f"{rates[0]:.1f}-{rates[-1]:.1f}",
     }
 
 

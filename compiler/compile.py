@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from compiler.artifact import check_output, write_artifact
+from compiler.artifact import ArtifactError, check_output, read_manifest, write_artifact
 from compiler.frontend import LoadedModel, load_model, trace_model
 from compiler.frontend.loader import from_memory
 from compiler.frontend.module import from_module
@@ -43,6 +46,27 @@ class CompileOptions:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not re.fullmatch(r"sm_\d+\d", self.arch):
+            raise ValueError(f"arch must look like sm_90, got {self.arch!r}")
+
+
+@functools.cache
+def compiler_digest() -> str:
+    """Hash of the IR's and the compiler's source: what an artifact's graph was built by."""
+    root = Path(__file__).parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "ir").rglob("*.py"), *(root / "compiler").rglob("*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def is_current(path: Path) -> bool:
+    """`path` holds an artifact this code would compile the same way (a cache hit): it
+    reads, and the compiler that wrote it had this source."""
+    try:
+        return read_manifest(Path(path)).get("compiler") == compiler_digest()
+    except ArtifactError:
+        return False
 
 
 def preflight(out: Path, options: CompileOptions) -> None:
@@ -124,6 +148,7 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
     steps.set_postfix_str("kernels" if options.target == "cuda" else "write")
     manifest = {
         "kiln_version": KILN_VERSION,
+        "compiler": compiler_digest(),
         "source": loaded.source,
         "source_sha256": loaded.source_sha256,
         "architecture": architecture,

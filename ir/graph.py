@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ir.ops import Op
 from ir.types import TensorType
@@ -68,11 +67,6 @@ class Graph:
                 if name is not None:
                     users.setdefault(name, []).append(n)
         return users
-
-    def with_nodes(self, nodes: Iterable[Node], outputs: tuple[str, ...] | None = None) -> Graph:
-        return replace(
-            self, nodes=tuple(nodes), outputs=self.outputs if outputs is None else outputs
-        )
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

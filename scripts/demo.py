@@ -14,6 +14,8 @@ from pathlib import Path
 
 import openai
 
+from compiler.compile import is_current
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "artifacts" / "smollm2-cpu"
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -79,7 +81,7 @@ def stream(client: openai.OpenAI) -> None:
 
 
 def main() -> int:
-    if not (ARTIFACT / "manifest.json").exists():
+    if not is_current(ARTIFACT):  # missing, or compiled by other code
         if kiln("compile", "builtin:smollm2", "-o", str(ARTIFACT)).wait() != 0:
             return 1
     else:
