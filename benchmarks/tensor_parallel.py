@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import save, table
-from benchmarks.gpu import latency_rows, throughput_rows, w1_config, w1_requests
+from benchmarks.gpu import latency_rows, throughput_rows, w1_config, w1_requests, w2_config
 from benchmarks.models import in_memory_artifact, random_model, sharded_artifact
 from runtime.batch import build_batch
 from runtime.config import EngineConfig
@@ -129,16 +129,6 @@ def w3_config() -> EngineConfig:
         max_model_len=1280,
         num_kv_blocks=4096,
         enable_prefix_caching=False,  # the parity check's teacher forcing writes any block
-    )
-
-
-def w2_config() -> EngineConfig:
-    return EngineConfig(
-        max_num_seqs=512,
-        max_num_batched_tokens=8192,
-        max_model_len=2048,
-        gpu_memory_utilization=0.85,
-        enable_prefix_caching=False,
     )
 
 

@@ -2,9 +2,10 @@
 
 --target cpu (C1, default): the SmolLM2 artifact, 128 in / 128 out, single stream and 16
 concurrent, with transformers `generate` (one stream, and a static batch of 16) as the peer.
---target cuda (W1): Qwen3-0.6B shape, 256 requests of 100-1024 in / out, with transformers
-`generate_batch` and static-batch `generate` on the first --peer-requests of them, and the
-ratio to the H200's ~35k tok/s floor.
+--target cuda: W1 (Qwen3-0.6B shape, 256 requests of 100-1024 in / out) or with --workload w2
+W2 (Llama-3.1-8B shape, 1000 requests of 1000 in / out), with transformers `generate_batch`
+and static-batch `generate` on the first --peer-requests of them, and the ratio to the
+H200's floor (~35k and ~15k tok/s).
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128, help="cpu (C1)")
     p.add_argument("--concurrency", type=int, default=16, help="cpu (C1)")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--requests", type=int, default=256, help="cuda (W1): requests")
+    p.add_argument(
+        "--workload",
+        choices=["w1", "w2"],
+        default="w1",
+        help="cuda: W1 (Qwen3-0.6B shape) or W2 (Llama-3.1-8B shape, 1000 in / 1000 out)",
+    )
+    p.add_argument("--requests", type=int, help="cuda: requests (default: W1 256, W2 1000)")
     p.add_argument(
         "--peer-requests", type=int, default=16, help="cuda: transformers runs this many"
     )
@@ -99,9 +106,10 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.target == "cuda":
-        from benchmarks.gpu import w1
+        from benchmarks import gpu
 
-        print(f"wrote {save('w1', w1(args))}")
+        args.requests = args.requests or {"w1": 256, "w2": 1000}[args.workload]
+        print(f"wrote {save(args.workload, getattr(gpu, args.workload)(args))}")
         return
     if not is_current(args.artifact):  # missing, or compiled by other code
         kiln_compile(args.source, args.artifact)
