@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -123,7 +124,10 @@ def in_memory_artifact(model, name: str, workdir, target: str = "cuda", **option
     for rel, data in built.files.items():
         (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / rel).write_bytes(data)
-    return Artifact(workdir, built.manifest, built.graph, built.weights)
+    # the files it wrote, as a written artifact's manifest lists them (the loader reads
+    # only kernels listed there)
+    files = {rel: hashlib.sha256(data).hexdigest() for rel, data in built.files.items()}
+    return Artifact(workdir, {**built.manifest, "files": files}, built.graph, built.weights)
 
 
 def sharded_artifact(model, name: str, out, tensor_parallel_size: int, target: str = "cuda"):

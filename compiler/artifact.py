@@ -121,13 +121,31 @@ def write_artifact(
 
 def check_output(out: Path) -> None:
     """An artifact may be written to `out`: nothing is there (or an empty directory), or an
-    artifact it replaces."""
+    artifact it replaces, holding nothing but what it wrote."""
     empty = out.is_dir() and not any(out.iterdir())
-    if out.exists() and not empty and not (out / "manifest.json").is_file():
+    if out.exists() and not empty and not (out.is_dir() and _only_artifact(out)):
         raise ArtifactError(
-            f"{out} exists and is not a Kiln artifact: name a new directory, or an artifact "
-            "to replace"
+            f"{out} exists and is not a Kiln artifact (or holds files it did not write): "
+            "name a new directory, or an artifact to replace"
         )
+
+
+def _only_artifact(path: Path) -> bool:
+    """`path` holds a Kiln manifest.json and nothing else but the files it lists (and the
+    directories holding them): what write_artifact wrote, and may delete."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        return False
+    if not isinstance(manifest.get("files"), dict):
+        return False
+    files = {"manifest.json", *manifest["files"]}
+    directories = {str(parent) for rel in files for parent in Path(rel).parents}
+    return all(
+        str(p.relative_to(path)) in (files if p.is_file() else directories) for p in path.rglob("*")
+    )
 
 
 def _write_weights(directory: Path, params: dict[str, torch.Tensor]) -> None:

@@ -11,7 +11,9 @@ import functools
 import itertools
 import logging
 import math
+import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -25,16 +27,20 @@ from ir.reference import TORCH_DTYPES, concrete_shape
 
 log = logging.getLogger(__name__)
 ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+PLAIN_NAME = re.compile(r"\w[\w.-]*", re.ASCII)  # a kernel name, as a file name in kernels/
 
 
 def check_kernels(artifact: Artifact, device: torch.device) -> None:
-    """The artifact holds cubins for this GPU's arch, built by this code generator."""
+    """The artifact holds a well-formed kernels section, with cubins for this GPU's arch built
+    by this code generator."""
     kernels = artifact.manifest.get("kernels")
     if not kernels:
         raise ArtifactError(
             f"{artifact.path} was compiled for target {artifact.manifest.get('target')!r}, "
             "which has no GPU kernels; recompile with --target cuda"
         )
+    if not isinstance(kernels, dict) or not isinstance(kernels.get("arch"), str):
+        raise _malformed(artifact.path, "'kernels' is not an object with an 'arch' string")
     major, minor = torch.cuda.get_device_capability(device)
     here = f"sm_{major}{minor}"
     if kernels["arch"] != here:
@@ -47,6 +53,65 @@ def check_kernels(artifact: Artifact, device: torch.device) -> None:
             f"{artifact.path}: its kernels were built by another version of kiln's code "
             "generator; recompile the artifact"
         )
+    _check_section(artifact.path, kernels)
+
+
+def _check_section(path: Path, section: dict) -> None:
+    """The section's 'kernels' maps names to metadata with a 'symbol', and its 'nodes' map
+    node indices to lists of those names."""
+    kernels = section.get("kernels")
+    if not isinstance(kernels, dict):
+        raise _malformed(path, "'kernels.kernels' is missing or not an object")
+    for name, meta in kernels.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("symbol"), str):
+            raise _malformed(path, f"kernel {name!r} has no 'symbol' string")
+    nodes = section.get("nodes")
+    if not isinstance(nodes, dict):
+        raise _malformed(path, "'kernels.nodes' is missing or not an object")
+    for index, names in nodes.items():
+        if not (
+            index.isdecimal()
+            and isinstance(names, list)
+            and all(isinstance(n, str) and n in kernels for n in names)
+        ):
+            raise _malformed(path, f"node {index!r} does not list the section's kernels")
+
+
+def _malformed(path: Path, what: str) -> ArtifactError:
+    return ArtifactError(f"{path}/manifest.json: {what}; recompile")
+
+
+def cubin_paths(artifact: Artifact) -> dict[str, Path]:
+    """Kernel name -> its cubin, for each kernel of the (checked) kernels section: a plain
+    file name, whose kernels/{name}.cubin is among the manifest's checksummed files."""
+    files = artifact.manifest["files"]
+    paths = {}
+    for name in artifact.manifest["kernels"]["kernels"]:
+        if not PLAIN_NAME.fullmatch(name):
+            raise _malformed(artifact.path, f"kernel name {name!r} is not a plain file name")
+        rel = f"kernels/{name}.cubin"
+        if rel not in files:
+            raise _malformed(artifact.path, f"{rel} is not among its checksummed files")
+        paths[name] = artifact.path / rel
+    return paths
+
+
+def load_kernel(artifact: Artifact, cubin: Path, meta: dict):
+    """The kernel `meta` names, loaded from `cubin` by the driver; ArtifactError when the
+    driver refuses it (a toolkit newer than the driver supports, mostly)."""
+    from cuda.core import ObjectCode
+
+    code = cubin.read_bytes()
+    try:
+        return ObjectCode.from_cubin(code).get_kernel(meta["symbol"])
+    except Exception as e:  # cuda.core's CUDAError, which it does not export
+        arch = artifact.manifest["kernels"]["arch"]
+        raise ArtifactError(
+            f"{artifact.path}: this GPU driver could not load the artifact's kernels (built by "
+            f"CUDA toolkit {meta.get('toolkit')}, PTX ISA {meta.get('ptx_isa')}, nvJitLink "
+            f"{meta.get('nvjitlink')}): {e}; recompile with: kiln compile ... --target cuda "
+            f"--arch {arch} on a machine whose CUDA toolkit this driver supports"
+        ) from e
 
 
 class CubinOp:
@@ -139,9 +204,10 @@ def _viewed(t: torch.Tensor, param: Param) -> tuple[int, ...]:
 
 def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinOp]:
     """Node index -> its loaded kernels; raises ArtifactError when the artifact is stale."""
-    from cuda.core import Device, ObjectCode
+    from cuda.core import Device
 
     check_kernels(artifact, device)
+    paths = cubin_paths(artifact)
     Device(device.index or 0).set_current()
     section = artifact.manifest["kernels"]
     plan = kernel_plan(artifact.graph, BuildConstants(block_size=artifact.manifest["block_size"]))
@@ -151,10 +217,9 @@ def load_cubin_ops(artifact: Artifact, device: torch.device) -> dict[int, CubinO
             f"{artifact.path}: its kernels do not match this version of kiln's code generator; "
             "recompile the artifact"
         )
-    functions = {}
-    for name, meta in section["kernels"].items():
-        cubin = (artifact.path / "kernels" / f"{name}.cubin").read_bytes()
-        functions[name] = ObjectCode.from_cubin(cubin).get_kernel(meta["symbol"])
+    functions = {
+        name: load_kernel(artifact, path, section["kernels"][name]) for name, path in paths.items()
+    }
     log.info("loaded %d precompiled kernels for %s", len(functions), section["arch"])
     return {i: CubinOp(kernels, functions) for i, kernels in plan.items()}
 

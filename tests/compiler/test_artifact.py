@@ -112,16 +112,29 @@ def test_manifest_values_are_checked(artifact, tmp_path, field, value, error):
 
 
 def test_compile_never_replaces_what_is_not_an_artifact(artifact, tmp_path):
+    """Only an empty directory, or an artifact holding nothing but what it lists, is replaced:
+    a manifest.json of another program's, or files added to an artifact, are kept."""
     source = tmp_path / "src"
     tiny_model("qwen2").save_pretrained(source, safe_serialization=True)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
     (tmp_path / "afile").write_text("x")
-    for out in (mine, tmp_path / "afile", tmp_path):
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text(json.dumps({"name": "app", "files": {}}))
+    (webapp / "index.html").write_text("<html>")
+    annotated = tmp_path / "annotated"
+    shutil.copytree(artifact[0], annotated)
+    (annotated / "notes").mkdir()
+    (annotated / "notes" / "run.txt").write_text("precious")
+    for out in (mine, tmp_path / "afile", tmp_path, webapp, annotated):
         with pytest.raises(ArtifactError, match="is not a Kiln artifact"):
             kiln.compile(str(source), out)
     assert (mine / "notes.txt").read_text() == "precious" and (tmp_path / "src").is_dir()
+    assert (webapp / "index.html").read_text() == "<html>" and (webapp / "manifest.json").is_file()
+    assert (annotated / "notes" / "run.txt").read_text() == "precious"
+    assert (annotated / "graph.json").is_file()
     (tmp_path / "empty").mkdir()
     kiln.compile(str(source), tmp_path / "empty")
     again = tampered(artifact, tmp_path, lambda path: None)
