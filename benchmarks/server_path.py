@@ -29,6 +29,7 @@ from benchmarks.serving import Request, run_kiln
 from runtime.async_engine import AsyncEngine, ThreadCore
 from runtime.engine_process import ProcessCore
 from runtime.outputs import CompletionOutput, RequestOutput
+from runtime.stats import ITERATION_TOKENS_BUCKETS
 from server import ServerConfig, create_app
 
 
@@ -66,6 +67,11 @@ class StandInEngine:
             "kv_cache_usage": 0.0,
             "prefix_cache_queries": 0,
             "prefix_cache_hits": 0,
+            "num_preemptions": 0,
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "computed_tokens": 0,  # nothing ran, as far as the stats line and /metrics know
+            "iteration_tokens": (0,) * (len(ITERATION_TOKENS_BUCKETS) + 1),
         }
 
     def step(self) -> list[RequestOutput]:

@@ -6,6 +6,7 @@ import argparse
 import functools
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +86,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("artifact", type=Path)
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=port, default=8000)
-    r.add_argument("--api-key", help="require this bearer key on /v1/*")
+    r.add_argument(
+        "--api-key",
+        help="require this bearer key on /v1/* (default: the KILN_API_KEY environment "
+        "variable, which keeps the key out of `ps`)",
+    )
     r.add_argument("--served-model-name", help="model name clients use (default: artifact dir)")
     r.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds to drain")
     r.add_argument(
@@ -98,6 +103,12 @@ def parser() -> argparse.ArgumentParser:
         choices=TOOL_CALL_PARSERS,
         help="the model's tool-call format: hermes (<tool_call> blocks, as Qwen writes them), "
         "llama3_json (JSON calls, as Llama 3.1 writes them)",
+    )
+    r.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix "
+        "cache served",
     )
     r.add_argument(
         "--engine-thread",
@@ -264,6 +275,19 @@ def _bench(args) -> None:
     kernels.main(args.rest)
 
 
+def _server_config(args, name: str):
+    """The server's options from `kiln run`'s; the API key from KILN_API_KEY when --api-key
+    is not given (as vLLM reads VLLM_API_KEY)."""
+    from server.app import ServerConfig
+
+    return ServerConfig(
+        served_model_name=name,
+        api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+    )
+
+
 def _run(args) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
@@ -273,7 +297,8 @@ def _run(args) -> int:
     import asyncio
 
     from runtime.async_engine import AsyncEngine
-    from server.app import ServerConfig, create_app, serve
+    from server.app import create_app
+    from server.lifecycle import serve
 
     name = args.served_model_name or args.artifact.resolve().name
     engine = AsyncEngine(core, model_name=name)
@@ -283,11 +308,7 @@ def _run(args) -> int:
         engine.max_model_len,
         engine.max_concurrency,
     )
-    tool_call_parser = args.tool_call_parser if args.enable_auto_tool_choice else None
-    config = ServerConfig(
-        served_model_name=name, api_key=args.api_key, tool_call_parser=tool_call_parser
-    )
-    app = create_app(engine, config)
+    app = create_app(engine, _server_config(args, name))
     # the start-up heap lives as long as the server: keep full collections from walking it
     gc.collect()
     gc.freeze()

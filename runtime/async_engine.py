@@ -14,12 +14,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams, StructuredOutputs
+from runtime.stats import StatsLogger
 
 if TYPE_CHECKING:  # a server whose engine runs in another process need not import torch
     from runtime.engine import Engine
@@ -57,8 +59,8 @@ class _Stream:
 
 
 class EngineLoop:
-    """Runs an Engine: applies queued commands (add, abort, stop) between steps and hands
-    each step's updates to `sink` in one call."""
+    """Runs an Engine: applies queued commands (add, abort, stop) between steps, hands each
+    step's updates to `sink` in one call, and logs the engine's stats line while it works."""
 
     def __init__(self, engine: Engine, sink: Sink) -> None:
         self.engine = engine
@@ -68,9 +70,11 @@ class EngineLoop:
     def run(self) -> BaseException | None:
         """Until told to stop; what killed the loop, if something did."""
         error = None
+        stats_log = StatsLogger(self.engine.stats, time.monotonic())
         try:
             while self._run_commands(block=not self.engine.has_unfinished()):
                 self.sink([(u.request_id, u) for u in self.engine.step()])
+                stats_log.tick(time.monotonic())  # an idle loop comes by every 0.5 s
         except BaseException as e:  # the loop must report any death to every waiter
             log.exception("engine loop died")
             error = e

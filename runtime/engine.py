@@ -11,6 +11,7 @@ next step samples.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import threading
@@ -24,7 +25,7 @@ from compiler.artifact import Artifact, load_artifact
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.model_runner import make_runner, max_model_len
-from runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from runtime.outputs import CompletionOutput, Logprob, RequestOutput, RequestTimes
 from runtime.sampler import (
     Ranked,
     SampledToken,
@@ -39,6 +40,7 @@ from runtime.sampler import (
 from runtime.sampling_params import SamplingParams, StructuredOutputs
 from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.sequence import Sequence, pending
+from runtime.stats import ITERATION_TOKENS_BUCKETS
 from runtime.structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -57,10 +59,21 @@ class _Request:
     # whichever of the request's sequences reaches a position first scores it
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_sent: bool = False
+    first_token: float | None = None  # time.monotonic() when its first token was output
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    def times(self, now: float) -> RequestTimes:
+        """Its phases, its last token output `now`. Each of its sequences was scheduled: each
+        ended on a token of its own."""
+        scheduled = min(s.first_scheduled for s in self.seqs)
+        return RequestTimes(
+            scheduled - self.seqs[0].arrival_time,
+            self.first_token - scheduled,
+            now - self.first_token,
+        )
 
     def take_prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
         """The prompt logprobs, once: when all are scored (by a sequence's first token)."""
@@ -110,6 +123,10 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model (prefix hits excluded)
+        self.num_prompt_tokens = 0  # prompts' tokens, each counted at its request's first token
+        self.num_generation_tokens = 0  # tokens output
+        # steps by the tokens they ran, one count per bucket (the last: more than any bound)
+        self.iteration_tokens = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
         self.grammars: Grammars | None = None  # structured outputs' compiler, once needed
         self._grammars_made = threading.Lock()
 
@@ -227,7 +244,9 @@ class Engine:
                 self._in_flight = flight  # the step before it still lands
                 self.scheduler.undo(plan)
                 raise
-            self.num_computed_tokens += plan.num_batched_tokens
+            num_tokens = plan.num_batched_tokens
+            self.num_computed_tokens += num_tokens
+            self.iteration_tokens[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, num_tokens)] += 1
             seqs = [c.seq for c in plan.chunks if c.sample]
             states = [self.requests[s.request_id].states[s.index] for s in seqs]
             logits, scoring = logits[: len(seqs)], logits[len(seqs) :]
@@ -334,6 +353,8 @@ class Engine:
     def _outputs(self, seqs: list[Sequence], tokens: list[SampledToken]) -> list[RequestOutput]:
         """One update per request, its sequences' deltas in batch order; ended requests go."""
         self._decode_all([t.logprobs for t in tokens if t.logprobs is not None])
+        now = time.monotonic()
+        self.num_generation_tokens += len(seqs)
         updates: dict[str, RequestOutput] = {}
         for seq, token in zip(seqs, tokens, strict=True):
             request = self.requests[seq.request_id]
@@ -343,11 +364,15 @@ class Engine:
             finished = seq.is_finished and request.finished
             update = updates.get(seq.request_id)
             if update is None:
-                updates[seq.request_id] = self._request_output(request, [out], finished)
+                update = updates[seq.request_id] = self._request_output(request, [out], finished)
+                if request.first_token is None:
+                    request.first_token = now
+                    self.num_prompt_tokens += len(request.prompt_token_ids)
             else:
                 update.outputs.append(out)
                 update.finished = finished
             if finished:
+                update.times = request.times(now)
                 del self.requests[seq.request_id]
         return list(updates.values())
 
@@ -422,6 +447,7 @@ class Engine:
             lp.decoded_token = text
 
     def stats(self) -> dict:
+        """The scheduler's state now, and running totals (tokens, steps, preemptions)."""
         bm = self.scheduler.block_manager
         return {
             "num_running": self.scheduler.num_running,
@@ -429,6 +455,11 @@ class Engine:
             "kv_cache_usage": bm.usage,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generation_tokens,
+            "computed_tokens": self.num_computed_tokens,  # the sum of iteration_tokens
+            "iteration_tokens": tuple(self.iteration_tokens),  # per ITERATION_TOKENS_BUCKETS
         }
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from runtime.async_engine import EngineDeadError, EngineLoop, Sink, Stopped
 from runtime.config import EngineConfig
 from runtime.logs import configure_logging
-from runtime.outputs import CompletionOutput, RequestOutput
+from runtime.outputs import CompletionOutput, RequestOutput, RequestTimes
 from runtime.sampling_params import StructuredOutputs
 
 if TYPE_CHECKING:
@@ -197,13 +197,15 @@ class ProcessCore:
             if request_id is not None:
                 self._prompts.pop(request_id, None)
             return request_id, item
-        finished, num_cached_tokens, prompt_logprobs, outputs = item
+        finished, num_cached_tokens, prompt_logprobs, outputs, times = item
         prompt, prompt_token_ids = self._prompts[request_id]
         if finished:
             del self._prompts[request_id]
         outs = [CompletionOutput(*output) for output in outputs]
         update = RequestOutput(request_id, prompt, prompt_token_ids, outs, finished)
         update.num_cached_tokens, update.prompt_logprobs = num_cached_tokens, prompt_logprobs
+        if times is not None:
+            update.times = RequestTimes(*times)
         return request_id, update
 
 
@@ -298,7 +300,10 @@ def _encode(pair: tuple[str | None, Any]) -> tuple[str | None, Any]:
             (o.index, o.text, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason)
             for o in item.outputs
         ]
-        return request_id, (item.finished, item.num_cached_tokens, item.prompt_logprobs, outputs)
+        t = item.times  # in a request's last update only
+        times = None if t is None else (t.queue, t.prefill, t.decode)
+        update = (item.finished, item.num_cached_tokens, item.prompt_logprobs, outputs, times)
+        return request_id, update
     if isinstance(item, BaseException):
         return request_id, _error(item)
     if isinstance(item, Stopped) and item.error is not None:

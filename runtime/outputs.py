@@ -39,6 +39,22 @@ class CompletionOutput:
 
 
 @dataclass(slots=True)
+class RequestTimes:
+    """Where a finished request's time went in the engine, in seconds (vLLM's phases): waiting
+    from its arrival to its first scheduling (a preempted request's later waits are not
+    counted), then prefill to its first token, then decode to its last."""
+
+    queue: float
+    prefill: float
+    decode: float
+
+    @property
+    def inference(self) -> float:
+        """First scheduled to last token."""
+        return self.prefill + self.decode
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """A request's state: its prompt and one CompletionOutput per sequence (`n` of them)."""
 
@@ -51,6 +67,7 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs: per prompt token, its logprob and the top-k (None
     # for the first, which nothing scores); in the first update once the prompt is computed
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    times: RequestTimes | None = None  # in the final update of a request that finished
 
     @property
     def token_ids(self) -> list[int]:
@@ -78,4 +95,5 @@ def merge_update(acc: RequestOutput | None, update: RequestOutput) -> RequestOut
     acc.finished = update.finished
     acc.num_cached_tokens = update.num_cached_tokens
     acc.prompt_logprobs = update.prompt_logprobs or acc.prompt_logprobs
+    acc.times = update.times
     return acc

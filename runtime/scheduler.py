@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ POLICIES = ("fcfs", "priority")
 # prompt tokens one step scores for prompt logprobs, at most: each is a row of logits, which
 # the memory profile reserves room for (model_runner.py)
 MAX_SCORED_TOKENS = 2048
+PREEMPTION_WARN_EVERY = 50  # the first preemption is logged, then every 50th
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,7 @@ class Scheduler:
         self._waiting = _WaitingQueue(config.policy == "priority")
         self._running: list[Sequence] = []
         self._scoring_left = MAX_SCORED_TOKENS  # of the step being scheduled
+        self.num_preemptions = 0  # sequences preempted for lack of blocks, so far
 
     @property
     def num_running(self) -> int:
@@ -281,6 +284,16 @@ class Scheduler:
             self._running.remove(victim)
             self._preempt(victim)
             preempted.append(victim)
+            self.num_preemptions += 1
+            if self.num_preemptions % PREEMPTION_WARN_EVERY == 1:  # as vLLM: not every one
+                logger.warning(
+                    "request %s preempted for lack of KV-cache blocks (running: %d, "
+                    "preemptions so far: %d); it will be recomputed. A larger KV cache "
+                    "(--gpu-memory-utilization) or fewer sequences (--max-num-seqs) avoid it",
+                    victim.request_id,
+                    len(self._running),
+                    self.num_preemptions,
+                )
             if victim is seq:
                 return False, returned
         return True, returned
@@ -296,6 +309,8 @@ class Scheduler:
                 break  # strict order: nobody overtakes the head of the queue
             self._waiting.pop()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled is None:  # a preempted seq's queue time ends at its first
+                seq.first_scheduled = time.monotonic()
             self._admit(seq)
             chunks.append(self._chunk(seq, seq.num_computed_tokens, num_new))
             budget -= num_new
@@ -317,7 +332,6 @@ class Scheduler:
             self._running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        logger.debug("preempting seq %d of request %s", seq.seq_id, seq.request_id)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0  # recompute covers prompt + outputs so far
         seq.status = SequenceStatus.WAITING

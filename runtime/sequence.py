@@ -41,6 +41,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    first_scheduled: float | None = None  # time.monotonic() when first admitted to run
     # its chunks score the prompt (prompt_logprobs) until the request has them all: till
     # then no prefix-cache hit may skip a prompt token's logits
     scores_prompt: bool = field(init=False)

@@ -1,13 +1,14 @@
 """Kiln's OpenAI-compatible HTTP server (aiohttp)."""
 
 __all__ = ["ServerConfig", "create_app", "serve"]
+_HOME = {"ServerConfig": "app", "create_app": "app", "serve": "lifecycle"}
 
 
 def __getattr__(name: str):
-    """The server's API from server.app, imported at first use: the `kiln` command reads
-    server.tools without loading aiohttp."""
-    if name in __all__:
-        from server import app
+    """The server's API from server.app and server.lifecycle, imported at first use: the
+    `kiln` command reads server.tools without loading aiohttp."""
+    if name in _HOME:
+        import importlib
 
-        return getattr(app, name)
+        return getattr(importlib.import_module(f"server.{_HOME[name]}"), name)
     raise AttributeError(f"module 'server' has no attribute {name!r}")

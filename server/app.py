@@ -1,12 +1,13 @@
-"""The aiohttp application: routes, error and auth middleware, short handlers, and `serve`."""
+"""The aiohttp application: routes, error and auth middleware, short handlers (`serve`, which
+runs it: server/lifecycle.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import importlib.metadata
 import logging
-import signal
 import time
 import uuid
 from collections import defaultdict
@@ -25,9 +26,6 @@ from server.protocol import GenerateRequest, ModelInfo
 from server.responses import Meta, Piece, Pieces
 
 logger = logging.getLogger(__name__)
-ENGINE_POLL_S = 0.5  # how often serve() checks that the engine loop is alive
-DEAD_ENGINE_GRACE_S = 2.0  # /health says 503 this long before a dead engine's server exits
-ACCEPT_SETTLE_S = 0.05  # loop time for the last accepted connections to register at shutdown
 
 Update = tuple[int, RequestOutput]  # (prompt index, engine update)
 
@@ -39,6 +37,8 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     max_n: int = 16
     tool_call_parser: str | None = None  # reads the model's calls for tool_choice "auto"
+    # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens
+    enable_prompt_tokens_details: bool = False
 
 
 @dataclass(slots=True)
@@ -80,11 +80,15 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
     app = web.Application(middlewares=[_errors, _gate], client_max_size=config.max_body_bytes)
     app[STATE] = State(engine, config, info, Metrics(engine, name), int(time.time()))
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model:.+}", _model)  # a name may hold "/": org/model
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_post("/detokenize", _detokenize)
     app.router.add_get("/health", _health)
+    app.router.add_route("GET", "/ping", _health)  # vLLM's (SageMaker's) name for /health
+    app.router.add_route("POST", "/ping", _health)
+    app.router.add_get("/version", _version)
     app.router.add_get("/metrics", _metrics)
     return app
 
@@ -150,6 +154,12 @@ async def _models(request: web.Request) -> web.Response:
     return web.json_response(responses.model_list(s.info.name, s.info.max_model_len, s.created))
 
 
+async def _model(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    protocol.check_model({"model": request.match_info["model"]}, s.info)  # else the 404
+    return web.json_response(responses.model_card(s.info.name, s.info.max_model_len, s.created))
+
+
 async def _completions(request: web.Request) -> web.StreamResponse:
     info = request.app[STATE].info
     return await _generate(request, protocol.parse_completion(await _read_json(request), info))
@@ -162,10 +172,12 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 async def _tokenize(request: web.Request) -> web.Response:
     info = request.app[STATE].info
-    ids = protocol.parse_tokenize(await _read_json(request), info)
-    return web.json_response(
-        {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
-    )
+    req = protocol.parse_tokenize(await _read_json(request), info)
+    ids = req.token_ids
+    body = {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
+    if req.token_strs:  # the tokenizer's own strings ("Ġquick"), as vLLM's
+        body["token_strs"] = info.tokenizer.convert_ids_to_tokens(ids)
+    return web.json_response(body)
 
 
 async def _detokenize(request: web.Request) -> web.Response:
@@ -178,6 +190,18 @@ async def _health(request: web.Request) -> web.Response:
     if not request.app[STATE].engine.is_alive:
         raise ProtocolError(503, "the engine is not running")
     return web.Response()
+
+
+async def _version(request: web.Request) -> web.Response:
+    return web.json_response({"version": _kiln_version()})
+
+
+def _kiln_version() -> str:
+    """The installed kiln-llm's version ("unknown" in a tree run without installing it)."""
+    try:
+        return importlib.metadata.version("kiln-llm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -199,7 +223,7 @@ async def _prompt_updates(
     """One prompt's engine updates; closing this aborts its request. The metrics time each
     update as it reaches this event loop, not as it is pulled from here: a slow client or a
     busy handler adds nothing to TTFT, inter-token or end-to-end latency."""
-    timer = state.metrics.start(len(prompt.token_ids), prompt.params.n)
+    timer = state.metrics.start(len(prompt.token_ids), prompt.params.n, prompt.params.max_tokens)
     ids, params = list(prompt.token_ids), prompt.params
     gen = state.engine.generate(
         request_id, ids, params, prompt.text, priority, on_update=timer.observe
@@ -259,7 +283,8 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
         raise ProtocolError(503, "the engine is not running")
     prefix = "chatcmpl" if req.chat else "cmpl"
     meta = Meta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.info.name, req.chat)
-    pieces = Pieces(req, state.token_text, state.token_bytes)
+    cached = state.config.enable_prompt_tokens_details
+    pieces = Pieces(req, state.token_text, state.token_bytes, cached)
     updates = _run(state, meta.id, req)
     async with contextlib.aclosing(updates):
         if not req.stream:
@@ -342,58 +367,3 @@ async def _stream(
         await response.write(responses.sse(_error_body(_unexpected(exc, request))))
     await response.write(responses.DONE)
     return response
-
-
-async def serve(
-    app: web.Application, host: str, port: int, shutdown_timeout: float, engine: Any
-) -> bool:
-    """Serve until SIGTERM/SIGINT, then drain: refuse new work, let the engine finish, close.
-
-    Returns False when the engine died instead: /health answered 503 for a grace period,
-    then the server stopped (the CLI exits non-zero, for a supervisor to restart it).
-    """
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts its
-    # request; the short shutdown_timeout applies after the engine has drained
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
-    await runner.setup()
-    loop = asyncio.get_running_loop()
-    listener = None
-    try:
-        listener = await loop.create_server(runner.server, host, port)
-        logger.info("ready: http://%s:%d (OpenAI API under /v1)", host, port)
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            while not stop.is_set() and engine.is_alive:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), ENGINE_POLL_S)
-            if not stop.is_set():
-                logger.error("the engine died; stopping in %.0f s", DEAD_ENGINE_GRACE_S)
-                await asyncio.sleep(DEAD_ENGINE_GRACE_S)
-                return False
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-        logger.info("shutting down: in-flight requests get up to %.1f s", shutdown_timeout)
-        app[STATE].draining = True
-        await engine.shutdown(shutdown_timeout)
-        return True
-    finally:
-        if listener is not None:
-            await stop_listening(listener)
-        await runner.cleanup()
-
-
-async def stop_listening(listener: asyncio.Server) -> None:
-    """Close the listener without stranding a connection accepted as it closes.
-
-    asyncio sets an accepted socket up one loop turn after accepting it and, if the listener
-    was closed in between, drops it unread and open (CPython gh-109564), so its client waits
-    for its own timeout. So: stop accepting, let what was accepted register with the server,
-    then close the sockets (refusing whatever the kernel still queues)."""
-    loop = asyncio.get_running_loop()
-    for sock in listener.sockets:
-        loop.remove_reader(sock.fileno())
-    await asyncio.sleep(ACCEPT_SETTLE_S)
-    listener.close()

@@ -9,7 +9,7 @@ from typing import Any
 from runtime.sampling_params import SamplingParams
 from server.chat import parse_messages, render_chat
 from server.constraints import structured_outputs
-from server.fields import ProtocolError, bad, field
+from server.fields import ProtocolError, bad, field, warns_ignored
 from server.tools import ForcedCalls, ToolChoice, ToolsError, parse_tools
 
 # /v1/completions without max_tokens (OpenAI's and vLLM's default); chat: what fits
@@ -69,6 +69,14 @@ class GenerateRequest:
     continuous_usage: bool = False  # streamed: every chunk with the usage so far
     priority: int = 0  # under the "priority" scheduling policy: lower is served first
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    """A /tokenize request: the prompt's token ids, and whether their strings are shown too."""
+
+    token_ids: list[int]
+    token_strs: bool = False  # vLLM's `return_token_strs`
 
 
 def check_model(body: Mapping[str, Any], info: ModelInfo) -> None:
@@ -142,11 +150,10 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
 
 
 def _max_tokens(body: Mapping[str, Any]) -> tuple[int | None, str]:
-    """The requested completion length and the field that carried it."""
-    for key in ("max_completion_tokens", "max_tokens"):
-        if (value := field(body, key, int)) is not None:
-            return value, key
-    return None, "max_tokens"
+    """The requested completion length and the field that carried it (max_completion_tokens
+    over max_tokens; both are read, and type-checked)."""
+    given = [(field(body, k, int), k) for k in ("max_completion_tokens", "max_tokens")]
+    return next(((v, k) for v, k in given if v is not None), (None, "max_tokens"))
 
 
 def _prompt(
@@ -158,10 +165,10 @@ def _prompt(
     names: dict[str, str],
     default_max_tokens: int | None = None,
 ) -> Prompt:
-    """One prompt's params; `names` maps SamplingParams fields to the request's field names.
-    Without max_tokens in the request: the model's default, else `default_max_tokens`, else
-    (None) as many as fit, each capped at what fits."""
-    prompt_param = "messages" if "messages" in body else "prompt"
+    """One prompt's params; `names` maps SamplingParams fields (and "prompt") to the request's
+    field names. Without max_tokens in the request: the model's default, else
+    `default_max_tokens`, else (None) as many as fit, each capped at what fits."""
+    prompt_param = names.get("prompt", "prompt")
     ids, text = _truncated(ids, text, body, info)
     if len(ids) >= info.max_model_len:
         msg = (
@@ -191,11 +198,14 @@ def _prompt(
 def _truncated(
     ids: list[int], text: str | None, body: Mapping[str, Any], info: ModelInfo
 ) -> tuple[list[int], str | None]:
-    """vLLM's `truncate_prompt_tokens`: the prompt's last k tokens, its text (when it has one)
-    decoded from them."""
+    """vLLM's `truncate_prompt_tokens`: the prompt's last k tokens (-1: max_model_len), its
+    text (when it has one) decoded from them."""
     k = field(body, "truncate_prompt_tokens", int)
+    if k == -1:
+        k = info.max_model_len
     if k is not None and k < 1:
-        raise bad("'truncate_prompt_tokens' must be at least 1", "truncate_prompt_tokens")
+        msg = "'truncate_prompt_tokens' must be at least 1, or -1 (max_model_len)"
+        raise bad(msg, "truncate_prompt_tokens")
     if k is None or len(ids) <= k:
         return ids, text
     ids = ids[-k:]
@@ -216,7 +226,14 @@ def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
 
 def _request_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]:
     """vLLM's fields of a request beside its prompts and sampling: token ids shown,
-    priority, prompt logprobs shown."""
+    priority, prompt logprobs shown; `best_of` > 1 and beam search refused, as vLLM V1
+    refuses them; OpenAI's `user` read, and unused."""
+    best_of = field(body, "best_of", int)
+    if best_of not in (None, 1):
+        raise bad("'best_of' is not supported: it must be 1 or null (use 'n')", "best_of")
+    if field(body, "use_beam_search", bool, False):
+        raise bad("beam search is not supported", "use_beam_search")
+    field(body, "user", str)
     priority = field(body, "priority", int, 0)
     if priority and not info.priority_scheduling:
         raise bad("'priority' needs a server started with --scheduling-policy priority", "priority")
@@ -261,6 +278,7 @@ def _completion_prompt(item: str | list[int], info: ModelInfo, special: bool, ec
     return ids, info.tokenizer.decode(ids) if echo else None
 
 
+@warns_ignored
 def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     check_model(body, info)
     if body.get("suffix") is not None:
@@ -279,7 +297,7 @@ def parse_completion(body: Mapping[str, Any], info: ModelInfo) -> GenerateReques
     if echo_only:
         if sampling.get("min_tokens", 0) > 0:
             raise bad(f"'min_tokens' must be 0 when '{key}' is 0", "min_tokens")
-        body = {**body, key: 1}
+        body = body | {key: 1}  # (a Fields: what is read of the copy counts as read)
         sampling["logprobs"] = None  # nobody sees the token: nothing to rank it against
     special = field(body, "add_special_tokens", bool, True)
     items = [_completion_prompt(p, info, special, echo) for p in _completion_items(body)]
@@ -337,6 +355,7 @@ def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
     return top or 0
 
 
+@warns_ignored
 def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     check_model(body, info)
     stream, include_usage, continuous_usage = _stream_flags(body)
@@ -360,7 +379,7 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
             )
         sampling["structured_outputs"] = tool_choice.spec()
     ids = chat_prompt(body, info, special_default=False, tools=tools)
-    names = {"max_tokens": _max_tokens(body)[1], "logprobs": "top_logprobs"}
+    names = {"max_tokens": _max_tokens(body)[1], "logprobs": "top_logprobs", "prompt": "messages"}
     prompt = _prompt(ids, None, body, info, sampling, names)
     n = prompt.params.n
     return GenerateRequest(
@@ -377,17 +396,22 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     )
 
 
-def parse_tokenize(body: Mapping[str, Any], info: ModelInfo) -> list[int]:
+@warns_ignored
+def parse_tokenize(body: Mapping[str, Any], info: ModelInfo) -> TokenizeRequest:
     check_model(body, info)
+    token_strs = field(body, "return_token_strs", bool, False)
     if "messages" in body:  # the prompt its chat request would have, tools shown
         tools = body.get("tools")
-        return chat_prompt(body, info, False, tools if isinstance(tools, list) else None)
+        ids = chat_prompt(body, info, False, tools if isinstance(tools, list) else None)
+        return TokenizeRequest(ids, token_strs)
     prompt = field(body, "prompt", str)
     if prompt is None:
         raise bad("'prompt' or 'messages' is required", "prompt")
-    return encode(info, prompt, field(body, "add_special_tokens", bool, True), "prompt")
+    special = field(body, "add_special_tokens", bool, True)
+    return TokenizeRequest(encode(info, prompt, special, "prompt"), token_strs)
 
 
+@warns_ignored
 def parse_detokenize(body: Mapping[str, Any], info: ModelInfo) -> list[int]:
     check_model(body, info)
     if info.tokenizer is None:

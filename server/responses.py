@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import codecs
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from runtime.outputs import CompletionOutput, RequestOutput
+from server.logprobs import (
+    TextOffsets,
+    chat_logprobs,
+    completion_logprobs,
+    concat,
+    echo_logprobs,
+    shown_token,
+    token_logprobs,
+)
 from server.protocol import GenerateRequest
 from server.tools import ToolChoice
 
@@ -26,23 +34,6 @@ class Meta:
 
 
 @dataclass(frozen=True, slots=True)
-class Candidate:
-    """A token's text (decoded alone), raw bytes (maybe part of a character) and logprob."""
-
-    token: str
-    bytes: bytes
-    logprob: float
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """A sampled token and the most likely alternatives, best first."""
-
-    sampled: Candidate
-    top: tuple[Candidate, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class Piece:
     """What one engine delta adds to one choice; logprobs already in the response's format."""
 
@@ -52,23 +43,32 @@ class Piece:
     finish_reason: str | None
     token_ids: tuple[int, ...] | None = None  # the delta's tokens, when the request asks
     prompt_token_ids: tuple[int, ...] | None = None  # a completion choice's first piece's
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
 
 def error_body(status: int, message: str, type: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": status}}
 
 
-def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def token_usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+) -> dict:
+    """OpenAI's usage; `cached_tokens` (prompt tokens served from the prefix cache), when
+    given, as `prompt_tokens_details.cached_tokens`."""
     total = prompt_tokens + completion_tokens
-    return {
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": total,
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
-def model_list(name: str, max_model_len: int, created: int) -> dict:
-    model = {
+def model_card(name: str, max_model_len: int, created: int) -> dict:
+    """The served model, as /v1/models lists it and /v1/models/{model} shows it."""
+    return {
         "id": name,
         "object": "model",
         "created": created,
@@ -76,128 +76,26 @@ def model_list(name: str, max_model_len: int, created: int) -> dict:
         "root": name,
         "max_model_len": max_model_len,
     }
-    return {"object": "list", "data": [model]}
+
+
+def model_list(name: str, max_model_len: int, created: int) -> dict:
+    return {"object": "list", "data": [model_card(name, max_model_len, created)]}
 
 
 def sse(data: dict) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
 
-def token_logprobs(
-    token_ids: Sequence[int],
-    logprobs: Sequence[dict[int, Logprob]],
-    top_n: int,
-    token_text: Callable[[int], str],
-    token_bytes: Callable[[int], bytes],
-    as_ids: bool = False,
-) -> list[TokenLogprob]:
-    """Engine logprobs (one dict per sampled token) as TokenLogprobs with `top_n` alternatives;
-    `as_ids`: each token's text is "token_id:N"."""
-
-    def candidate(token: int, lp: Logprob) -> Candidate:
-        return Candidate(shown_token(token, lp, token_text, as_ids), token_bytes(token), lp.logprob)
-
-    out = []
-    for token, dist in zip(token_ids, logprobs, strict=True):
-        ranked = sorted(dist.items(), key=lambda item: item[1].rank)
-        top = tuple(candidate(t, lp) for t, lp in ranked if lp.rank <= top_n)
-        out.append(TokenLogprob(candidate(token, dist[token]), top))
-    return out
-
-
-def shown_token(
-    token: int, lp: Logprob, token_text: Callable[[int], str], as_ids: bool = False
-) -> str:
-    """A logprob's token as the response shows it: its text decoded alone, or "token_id:N"."""
-    if as_ids:
-        return f"token_id:{token}"
-    return lp.decoded_token if lp.decoded_token is not None else token_text(token)
-
-
-def completion_logprobs(entries: Sequence[TokenLogprob], offsets: list[int]) -> dict[str, list]:
-    """The completions format; `offsets` are where the tokens start in the choice text."""
-    return {
-        "tokens": [e.sampled.token for e in entries],
-        "token_logprobs": [e.sampled.logprob for e in entries],
-        # the sampled token is always listed, as in vLLM, even when it is not among the top
-        "top_logprobs": [{c.token: c.logprob for c in (*e.top, e.sampled)} for e in entries],
-        "text_offset": offsets,
-    }
-
-
-def _chat_token(c: Candidate) -> dict:
-    return {"token": c.token, "logprob": c.logprob, "bytes": list(c.bytes)}
-
-
-def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, list]:
-    """The chat format: `bytes` are raw, so those of the tokens of one character join to it."""
-    content = [
-        _chat_token(e.sampled) | {"top_logprobs": [_chat_token(c) for c in e.top]} for e in entries
-    ]
-    return {"content": content}
-
-
-class TextOffsets:
-    """Where each token of one choice starts in its text, in characters.
-
-    It walks the tokens' raw bytes and counts the characters of their UTF-8 decoding (an
-    invalid byte sequence counts as the U+FFFD the detokenizer shows for it), so a token that
-    starts inside a character, as the second token of a CJK character split over two does,
-    gets that character's offset.
-    """
-
-    def __init__(self, start: int) -> None:
-        self._text_length = start  # of the choice text so far
-        self._chars = start  # where the bytes decoded so far end in the text
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def delta(self, text: str, data: Sequence[bytes], finished: bool) -> list[int]:
-        """Where the tokens of a delta adding `text` start, from their raw bytes `data`. Once the
-        choice is finished, a token past its text (cut off with a stop string) is at its end."""
-        self._text_length += len(text)
-        offsets = [self._add(d) for d in data]
-        return [min(o, self._text_length) for o in offsets] if finished else offsets
-
-    def _add(self, data: bytes) -> int:
-        """The offset of the next token, whose raw bytes are `data`."""
-        pending = self._utf8.getstate()[0]  # the start of a character still unfinished
-        offset = self._chars
-        if data:
-            # the token's first byte continues that character (one character: its offset) or,
-            # invalid there, follows it (which becomes a U+FFFD before it: two)
-            offset += len((pending + data[:1]).decode("utf-8", "replace")) - 1
-        self._chars += len(self._utf8.decode(data))
-        return offset
-
-
-def echo_logprobs(
-    first: str, entries: Sequence[TokenLogprob], offsets: list[int]
-) -> dict[str, list]:
-    """The completions format of a prompt's logprobs: its first token, `first`, which nothing
-    scores, with a null logprob and top, then the other tokens; `offsets`: all of theirs."""
-    rest = completion_logprobs(entries, offsets[1:])
-    return {
-        "tokens": [first, *rest["tokens"]],
-        "token_logprobs": [None, *rest["token_logprobs"]],
-        "top_logprobs": [None, *rest["top_logprobs"]],
-        "text_offset": offsets,
-    }
-
-
-def concat(logprobs: Sequence[dict[str, list] | None]) -> dict[str, list] | None:
-    """Completion-format logprobs one after another, as one (None: none of them)."""
-    given = [lp for lp in logprobs if lp is not None]
-    return {k: [x for lp in given for x in lp[k]] for k in given[0]} if given else None
-
-
 def join(index: int, pieces: Sequence[Piece]) -> Piece:
     """All the pieces of one choice, in order, as one."""
     merged = concat([p.logprobs for p in pieces])
-    finish = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
+    last = next((p for p in reversed(pieces) if p.finish_reason), None)
+    finish, why = (last.finish_reason, last.stop_reason) if last else (None, None)
     ids = [p.token_ids for p in pieces if p.token_ids is not None]
     token_ids = tuple(t for d in ids for t in d) if ids else None
     prompt_ids = pieces[0].prompt_token_ids if pieces else None
-    return Piece(index, "".join(p.text for p in pieces), merged, finish, token_ids, prompt_ids)
+    text = "".join(p.text for p in pieces)
+    return Piece(index, text, merged, finish, token_ids, prompt_ids, why)
 
 
 def choice(meta: Meta, piece: Piece, tool_choice: ToolChoice | None = None) -> dict:
@@ -214,7 +112,7 @@ def choice(meta: Meta, piece: Piece, tool_choice: ToolChoice | None = None) -> d
         text = {"message": message | ({"tool_calls": calls} if calls else {})}
         finish = tool_choice.finish_reason(finish, bool(calls))
     out = {"index": piece.index} | text | {"logprobs": piece.logprobs, "finish_reason": finish}
-    return out | token_ids(piece)
+    return out | {"stop_reason": piece.stop_reason} | token_ids(piece)
 
 
 def token_ids(piece: Piece) -> dict[str, list[int]]:
@@ -256,6 +154,8 @@ def chunk(
         delta = {"role": "assistant"} | delta if role else delta
         one = {"index": piece.index, "delta": delta}
         one |= {"logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
+        if piece.finish_reason is not None:  # as vLLM's chat chunks: with the finish only
+            one["stop_reason"] = piece.stop_reason
         one |= token_ids(piece)
     else:
         one = choice(meta, piece)
@@ -295,11 +195,16 @@ class Pieces:
         req: GenerateRequest,
         token_text: Callable[[int], str],
         token_bytes: Callable[[int, bool], bytes],
+        cached_tokens: bool = False,
     ) -> None:
-        """`token_bytes(token, skip_special_tokens)`: a token's raw bytes (see TextOffsets)."""
+        """`token_bytes(token, skip_special_tokens)`: a token's raw bytes (see TextOffsets);
+        `cached_tokens`: the usage tells how many prompt tokens the prefix cache served (vLLM's
+        --enable-prompt-tokens-details)."""
         self.req = req
         self.token_text = token_text
         self.token_bytes = token_bytes
+        self.cached_tokens = cached_tokens
+        self.cached: dict[int, int] = {}  # prompt -> its tokens served from the prefix cache
         self.offsets: dict[int, TextOffsets] = {}  # choice -> where its tokens start
         self.scored: dict[int, list] = {}  # prompt -> its prompt logprobs, once they come
         self.echoed: dict[int, dict[str, list]] = {}  # prompt -> them in the response format
@@ -308,6 +213,7 @@ class Pieces:
     def of(self, prompt_index: int, out: RequestOutput) -> list[Piece]:
         if out.prompt_logprobs is not None:  # they come before any choice's first token
             self.scored[prompt_index] = out.prompt_logprobs
+        self.cached[prompt_index] = out.num_cached_tokens
         return [self._piece(prompt_index * self.req.n + c.index, c) for c in out.outputs]
 
     def _piece(self, index: int, c: CompletionOutput) -> Piece:
@@ -342,7 +248,7 @@ class Pieces:
             if first and not req.chat:  # a chat response has them once, at its top level
                 prompt_ids = req.prompts[index // req.n].token_ids
         text, merged = echo + c.text, concat([echoed, logprobs])
-        return Piece(index, text, merged, c.finish_reason, ids, prompt_ids)
+        return Piece(index, text, merged, c.finish_reason, ids, prompt_ids, c.stop_reason)
 
     def _echo_logprobs(self, prompt_index: int, text: str) -> dict[str, list]:
         """The prompt's tokens with their logprobs, at their offsets in its echoed text (a
@@ -398,5 +304,8 @@ class Pieces:
         return self.offsets[index].delta(c.text, data, c.finished)
 
     def usage(self) -> dict:
+        """The usage so far; cached tokens (when asked) summed over the prompts, each counted
+        once however many choices it has, as its prompt tokens are."""
         prompt_tokens = sum(len(p.token_ids) for p in self.req.prompts)
-        return token_usage(prompt_tokens, self.completion_tokens)
+        cached = sum(self.cached.values()) if self.cached_tokens else None
+        return token_usage(prompt_tokens, self.completion_tokens, cached)

@@ -101,6 +101,11 @@ def parse_tools(
         if body.get(legacy) is not None:
             raise ToolsError(f"'{legacy}' is not supported: use 'tools' and 'tool_choice'", legacy)
     tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")  # read (and checked) with tools or without
+    if parallel is None:
+        parallel = True
+    elif not isinstance(parallel, bool):
+        raise ToolsError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if tools is None:
         if choice not in (None, "none"):
             raise ToolsError("'tool_choice' needs 'tools'", "tool_choice")
@@ -113,11 +118,6 @@ def parse_tools(
         if name in functions:
             raise ToolsError(f"tools[{i}]: a second function named {name!r}", "tools")
         functions[name] = parameters
-    parallel = body.get("parallel_tool_calls")
-    if parallel is None:
-        parallel = True
-    elif not isinstance(parallel, bool):
-        raise ToolsError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if choice is None or choice == "auto":
         if parser is None:
             raise ToolsError(

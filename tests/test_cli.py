@@ -101,3 +101,36 @@ def test_out_of_gpu_memory_at_start_up_says_what_to_lower(model, caplog, monkeyp
     monkeypatch.setattr("kiln.cli._start_engine", broken)
     with pytest.raises(RuntimeError, match="something else"):  # other errors: the traceback
         main(["run", str(model[1])])
+
+
+def test_run_takes_the_api_key_from_kiln_api_key_unless_given(monkeypatch, capsys):
+    """As vLLM reads VLLM_API_KEY: a key that need not be on the command line (`ps` shows it)."""
+    from kiln.cli import _server_config, parser
+
+    def config(*flags: str):
+        return _server_config(parser().parse_args(["run", "artifact", *flags]), "m")
+
+    monkeypatch.delenv("KILN_API_KEY", raising=False)
+    assert config().api_key is None
+    monkeypatch.setenv("KILN_API_KEY", "sk-from-env")
+    assert config().api_key == "sk-from-env"
+    assert config("--api-key", "sk-flag").api_key == "sk-flag"
+    monkeypatch.setenv("KILN_API_KEY", "")
+    assert config().api_key is None  # set but empty: no key, not the empty one
+    with pytest.raises(SystemExit):
+        parser().parse_args(["run", "--help"])
+    assert "KILN_API_KEY" in " ".join(capsys.readouterr().out.split())
+
+
+def test_run_flags_reach_the_server_config():
+    from kiln.cli import _server_config, parser
+
+    def config(*flags: str):
+        return _server_config(parser().parse_args(["run", "artifact", *flags]), "m")
+
+    assert config().served_model_name == "m"
+    assert not config().enable_prompt_tokens_details
+    assert config("--enable-prompt-tokens-details").enable_prompt_tokens_details
+    assert config("--tool-call-parser", "hermes").tool_call_parser is None  # not enabled
+    auto = config("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    assert auto.tool_call_parser == "hermes"

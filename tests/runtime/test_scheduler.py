@@ -1,6 +1,8 @@
 """Scheduler scenarios and a randomized simulation against a fake model with a fake KV cache."""
 
+import logging
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -160,6 +162,32 @@ def test_preempts_the_newest_and_recomputes_it_first():
             ref.append(next_token(ref))
         assert seq.token_ids == ref and seq.finish_reason == "length"
     assert_idle(sched)
+
+
+def test_preemptions_are_counted_and_warned_of_and_first_admissions_kept(caplog, monkeypatch):
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr("runtime.scheduler.time", SimpleNamespace(monotonic=lambda: clock.now))
+    cfg = SchedulerConfig(num_blocks=6, block_size=4, max_num_seqs=2, enable_prefix_caching=False)
+    sched = Scheduler(cfg)
+    a, b, c = make_seq(0, 8, max_tokens=12), make_seq(1, 8, max_tokens=12), make_seq(2, 4, 2)
+    for seq in (a, b, c):
+        sched.add(seq)
+    readmitted = None
+    with caplog.at_level(logging.WARNING, logger="runtime.scheduler"):
+        while sched.has_unfinished():
+            clock.now += 1
+            out = step(sched)
+            if sched.num_preemptions and any(s.seq is b and s.start == 0 for s in out.chunks):
+                readmitted = clock.now
+    assert sched.num_preemptions == 1  # b, at step 6 (as in the test above)
+    assert [r.getMessage() for r in caplog.records] == [
+        "request r1 preempted for lack of KV-cache blocks (running: 1, preemptions so far: 1); "
+        "it will be recomputed. A larger KV cache (--gpu-memory-utilization) or fewer "
+        "sequences (--max-num-seqs) avoid it"
+    ]
+    # b's queue time ends at its first admission, not at its readmission with c
+    assert (a.first_scheduled, b.first_scheduled) == (1, 1)
+    assert readmitted == c.first_scheduled > 6
 
 
 def test_newest_needing_a_block_preempts_itself():

@@ -69,6 +69,7 @@ class FakeEngine:
         self.fail_after: int | None = None  # updates before the next generate raises RuntimeError
         self.die_after: int | None = None  # updates before the engine dies under the next one
         self.reply: list[int] | None = None  # every output: these tokens, then "stop"
+        self.cached_tokens = 0  # each update's num_cached_tokens: prompt tokens found cached
         self.dead = False
         self.stopping = False
         self.running = 0
@@ -84,6 +85,9 @@ class FakeEngine:
             "kv_cache_usage": 0.25,
             "prefix_cache_queries": 100,
             "prefix_cache_hits": 40,
+            "num_preemptions": 3,
+            "iteration_tokens": (1, 1) + (0,) * 12,  # two steps: of 1 token, and of 8
+            "computed_tokens": 9,
         }
 
     def abort(self, request_id: str) -> None:
@@ -182,7 +186,7 @@ class FakeEngine:
             for j in list(live):
                 token = echo_token(prompt_token_ids, j, step) if reply is None else reply[step]
                 tokens[j].append(token)
-                text, finish = self._text(tokens[j], params)
+                text, finish, why = self._text(tokens[j], params)
                 finish = "abort" if self.stopping else finish
                 finish = finish or ("stop" if reply and step + 1 == len(reply) else None)
                 finish = finish or ("length" if step + 1 == params.max_tokens else None)
@@ -192,28 +196,32 @@ class FakeEngine:
                     logprobs = [fake_logprobs(token, params.logprobs, self.vocab_size)]
                 if finish:
                     live.remove(j)
-                out = CompletionOutput(j, delta, [token], logprobs, finish)
+                out = CompletionOutput(j, delta, [token], logprobs, finish, why)
                 scored = None
                 if params.prompt_logprobs is not None and step == 0 and j == 0:
                     k = params.prompt_logprobs
                     scored = [None] + [
                         fake_logprobs(t, k, self.vocab_size) for t in prompt_token_ids[1:]
                     ]
+                cached = min(self.cached_tokens, len(prompt_token_ids))
                 yield RequestOutput(
-                    request_id, prompt, prompt_token_ids, [out], not live, 0, scored
+                    request_id, prompt, prompt_token_ids, [out], not live, cached, scored
                 )
             if not live:
                 return
 
-    def _text(self, tokens: list[int], params: SamplingParams) -> tuple[str, str | None]:
-        """The output text so far, cut before a stop string or stop token, and why it stopped.
-        As the engine's detokenizer, it leaves out a character whose last bytes are still due."""
+    def _text(
+        self, tokens: list[int], params: SamplingParams
+    ) -> tuple[str, str | None, int | str | None]:
+        """The output text so far, cut before a stop string or stop token, whether it stopped,
+        and the stop string or token id that stopped it (the engine's stop_reason). As the
+        engine's detokenizer, it leaves out a character whose last bytes are still due."""
         if self.tokenizer is None:
-            return "", None
+            return "", None, None
         if tokens[-1] in params.stop_token_ids:
-            return self.tokenizer.decode(tokens[:-1]).rstrip("\ufffd"), "stop"
+            return self.tokenizer.decode(tokens[:-1]).rstrip("\ufffd"), "stop", tokens[-1]
         text = self.tokenizer.decode(tokens).rstrip("\ufffd")
         for stop in params.stop:
             if stop in text:
-                return text[: text.index(stop)], "stop"
-        return text, None
+                return text[: text.index(stop)], "stop", stop
+        return text, None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -191,6 +192,44 @@ def test_stop_strings_and_stop_token_ids(client, tok) -> None:
     )
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("one two three", "stop")
     assert r.usage.completion_tokens == 4
+
+
+def sse_chunks(payload: bytes) -> list[dict]:
+    """The JSON chunks of a raw event stream, [DONE] left out."""
+    events = payload.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+
+
+def test_stop_reason_is_the_stop_string_or_token_that_ended_the_choice(url, client, tok) -> None:
+    prompt = "one two three four five six"
+    four = tok.encode(prompt)[3]
+    kwargs = {"model": NAME, "prompt": prompt, "max_tokens": 6}
+    r = client.completions.create(**kwargs, stop=[" three", "x"])
+    assert (r.choices[0].finish_reason, r.choices[0].model_extra["stop_reason"]) == (
+        "stop", " three",
+    )  # fmt: skip
+    r = client.completions.create(**kwargs, extra_body={"stop_token_ids": [four]})
+    assert r.choices[0].model_extra["stop_reason"] == four
+    choice = client.completions.create(**kwargs | {"max_tokens": 2}).choices[0]
+    assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("length", None)
+    # streamed completions: every chunk's choice has it, null until the one that ends it
+    status, payload, _ = http(url, "/v1/completions", kwargs | {"stop": " four", "stream": True})
+    choices = [c["choices"][0] for c in sse_chunks(payload)]
+    assert status == 200 and [c["stop_reason"] for c in choices] == [None, None, None, " four"]
+    # chat, whole and streamed (there only in the chunk with the finish_reason, as vLLM)
+    ids = chat_ids(tok, HELLO)
+    stop = next(t for k, t in enumerate(ids) if k > 0 and t not in ids[:k])
+    body = {"model": NAME, "messages": HELLO, "max_tokens": 20, "stop_token_ids": [stop]}
+    _, payload, _ = http(url, "/v1/chat/completions", body)
+    (choice,) = json.loads(payload)["choices"]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
+    _, payload, _ = http(url, "/v1/chat/completions", body | {"stream": True})
+    choices = [c["choices"][0] for c in sse_chunks(payload)]
+    assert len(choices) > 2 and all("stop_reason" not in c for c in choices[:-1])
+    assert (choices[-1]["finish_reason"], choices[-1]["stop_reason"]) == ("stop", stop)
+    _, payload, _ = http(url, "/v1/chat/completions", body | {"max_tokens": 1, "stream": True})
+    assert sse_chunks(payload)[-1]["choices"][0]["stop_reason"] is None  # "length"
 
 
 def test_completion_logprobs(client, tok) -> None:
@@ -504,6 +543,95 @@ def test_tokenize_and_detokenize(url, tok) -> None:
     assert json.loads(body)["tokens"] == chat_ids(tok, HELLO)
     status, body, _ = http(url, "/detokenize", {"tokens": tok.encode(FOX)}, key=None)
     assert (status, json.loads(body)) == (200, {"prompt": FOX})
+
+
+def test_tokenize_returns_token_strings_when_asked(url, tok) -> None:
+    body = {"prompt": FOX, "return_token_strs": True}
+    status, payload, _ = http(url, "/tokenize", body, key=None)
+    ids = tok.encode(FOX)
+    got = json.loads(payload)
+    assert status == 200 and got["tokens"] == ids
+    assert got["token_strs"] == tok.convert_ids_to_tokens(ids)
+    assert got["token_strs"][:2] == ["The", "Ġquick"]  # the tokenizer's strings, not decoded
+    _, payload, _ = http(url, "/tokenize", {"messages": HELLO, "return_token_strs": True})
+    assert json.loads(payload)["token_strs"] == tok.convert_ids_to_tokens(chat_ids(tok, HELLO))
+
+
+def test_version_ping_and_one_models_card(url, client) -> None:
+    status, payload, _ = http(url, "/version", method="GET", key=None)
+    version = importlib.metadata.version("kiln-llm")
+    assert (status, json.loads(payload)) == (200, {"version": version})
+    for method in ("GET", "POST"):
+        assert http(url, "/ping", method=method, key=None)[0] == 200
+    model = client.models.retrieve(NAME)
+    assert model.to_dict() == client.models.list().data[0].to_dict()
+    assert http(url, f"/v1/models/{NAME}", method="GET", key=None)[0] == 401  # under /v1
+    status, payload, _ = http(url, "/v1/models/gpt-x", method="GET")
+    error = error_of(payload, 404)
+    assert (status, error["message"]) == (404, "The model `gpt-x` does not exist.")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-x")
+
+
+def test_a_dead_engine_fails_ping_as_it_fails_health(url, engine) -> None:
+    engine.dead = True
+    for method in ("GET", "POST"):
+        assert http(url, "/ping", method=method, key=None)[0] == 503
+
+
+def test_cached_prompt_tokens_with_enable_prompt_tokens_details(tok) -> None:
+    """vLLM's --enable-prompt-tokens-details: the prefix cache's share of the prompt tokens,
+    whole and in the streamed usage; each prompt's counted once, however many choices it has.
+    Without it, as by default in vLLM, the usage has no details."""
+    engine = FakeEngine(tok)
+    engine.cached_tokens = 4
+    name = "org/smol"  # a name with a slash: its card is still found
+    config = ServerConfig(served_model_name=name, enable_prompt_tokens_details=True)
+    with live_server(engine, config) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model=name, prompt=[FOX, "a b c d e"], n=2, max_tokens=2)
+        assert r.usage.prompt_tokens_details.cached_tokens == 8
+        stream = client.chat.completions.create(
+            model=name, messages=HELLO, max_tokens=2, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == 4
+        engine.cached_tokens = 0
+        r = client.chat.completions.create(model=name, messages=HELLO, max_tokens=2)
+        assert r.usage.prompt_tokens_details.cached_tokens == 0  # reported, 0 or not
+        status, payload, _ = http(base, f"/v1/models/{name}", method="GET", key=None)
+        assert (status, json.loads(payload)["id"]) == (200, name)
+    with live_server(engine, ServerConfig(served_model_name=name)) as base:
+        engine.cached_tokens = 4
+        _, payload, _ = http(base, "/v1/completions", {"prompt": FOX, "max_tokens": 2})
+        assert "prompt_tokens_details" not in json.loads(payload)["usage"]
+
+
+def test_unknown_fields_are_served_and_logged_once_a_request(client, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="server.fields"):
+        r = client.completions.create(
+            model=NAME, prompt="one two three", max_tokens=2, user="someone",
+            extra_body={"frobnicate": 1, "length_penalty": 0.5},
+        )  # fmt: skip
+    assert r.choices[0].text == "one two"
+    [record] = [r for r in caplog.records if r.name == "server.fields"]
+    assert record.levelno == logging.WARNING and record.getMessage() == (
+        "The following fields were present in the request but ignored: "
+        "{'frobnicate', 'length_penalty'}"
+    )
+
+
+def test_best_of_and_beam_search_are_400s(url, client) -> None:
+    for body, param in [
+        (GOOD | {"best_of": 2}, "best_of"),
+        (GOOD | {"use_beam_search": True}, "use_beam_search"),
+        ({"messages": HELLO, "use_beam_search": True}, "use_beam_search"),
+    ]:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        status, payload, _ = http(url, path, body)
+        assert (status, error_of(payload, 400)["param"]) == (400, param)
+    assert http(url, "/v1/completions", GOOD | {"best_of": 1, "use_beam_search": False})[0] == 200
+    assert_serving(client)
 
 
 def metric_samples(url: str) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 
 import pytest
@@ -372,6 +373,81 @@ def test_priority_needs_the_priority_policy(info: ModelInfo) -> None:
             parse(body | {"priority": "high"}, ordered)
 
 
+def test_best_of_above_1_and_beam_search_are_400(info: ModelInfo) -> None:
+    for parse, body in ((parse_completion, completion), (parse_chat, chat)):
+        parse(body(best_of=1, use_beam_search=False), info)
+        parse(body(best_of=None, use_beam_search=None), info)
+        for value in (2, 0, "2"):
+            assert refused(parse, body(best_of=value), info).param == "best_of"
+        error = refused(parse, body(use_beam_search=True), info)
+        assert error.param == "use_beam_search" and "beam search is not supported" in error.message
+
+
+# every field the server reads, null or set: none of them is logged as ignored
+SAMPLING = {
+    "model": "smol", "max_tokens": 2, "max_completion_tokens": 2, "temperature": 0.5,
+    "top_p": 0.9, "min_p": 0.0, "presence_penalty": 0.1, "frequency_penalty": 0.1,
+    "repetition_penalty": 1.1, "top_k": 5, "seed": 1, "n": 1, "min_tokens": 0,
+    "ignore_eos": False, "include_stop_str_in_output": False, "skip_special_tokens": True,
+    "stop": ["zz"], "stop_token_ids": [1], "logit_bias": {"5": 1}, "allowed_token_ids": None,
+    "response_format": None, "structured_outputs": None, "guided_json": None,
+    "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "truncate_prompt_tokens": 30, "return_token_ids": True, "return_tokens_as_token_ids": True,
+    "priority": 0, "prompt_logprobs": None, "stream": True, "stream_options": None,
+    "user": "u", "best_of": 1, "use_beam_search": False, "add_special_tokens": True,
+}  # fmt: skip
+KNOWN = [
+    (parse_completion, SAMPLING | {"prompt": "hi", "echo": True, "logprobs": 1, "suffix": None}),
+    # echo with max_tokens 0 parses a copy of the body: what is read of it counts too
+    (parse_completion, {"prompt": [5, 6], "echo": True, "max_tokens": 0, "logprobs": 1,
+                        "truncate_prompt_tokens": 9, "user": "u"}),
+    (parse_chat, SAMPLING | {
+        "messages": HELLO, "logprobs": True, "top_logprobs": 1, "tools": None,
+        "tool_choice": "none", "parallel_tool_calls": False, "functions": None,
+        "function_call": None, "add_generation_prompt": True, "continue_final_message": False,
+        "chat_template_kwargs": {},
+    }),
+    (parse_tokenize, {"model": "smol", "prompt": "hi", "add_special_tokens": False,
+                      "return_token_strs": True}),
+    (parse_tokenize, {"messages": HELLO, "tools": None, "add_generation_prompt": True,
+                      "continue_final_message": False, "chat_template_kwargs": {},
+                      "add_special_tokens": False, "return_token_strs": False}),
+    (parse_detokenize, {"model": "smol", "tokens": [1, 2]}),
+]  # fmt: skip
+IGNORED = "The following fields were present in the request but ignored: "
+
+
+def logged_ignored(caplog, parse, body: dict, info: ModelInfo) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server.fields"):
+        parse(body, info)
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(IGNORED)]
+
+
+@pytest.mark.parametrize("parse, body", KNOWN, ids=lambda x: getattr(x, "__name__", ""))
+def test_fields_the_server_reads_are_not_logged_as_ignored(caplog, info, parse, body) -> None:
+    assert logged_ignored(caplog, parse, body, info) == []
+
+
+@pytest.mark.parametrize("parse, body", KNOWN, ids=lambda x: getattr(x, "__name__", ""))
+def test_other_fields_are_accepted_and_logged_once(caplog, info, parse, body) -> None:
+    unknown = {"length_penalty": 1.0, "zz_custom": {"a": 1}, "documents": None}
+    logged = logged_ignored(caplog, parse, body | unknown, info)
+    assert logged == [IGNORED + "{'documents', 'length_penalty', 'zz_custom'}"]
+
+
+def test_fields_of_the_other_endpoint_are_ignored(caplog, info) -> None:
+    """A field of chat's sent to completions (and the other way) is one the request ignores."""
+    body = {"prompt": "hi", "max_tokens": 2, "messages": HELLO, "top_logprobs": 2}
+    assert logged_ignored(caplog, parse_completion, body, info) == [
+        IGNORED + "{'messages', 'top_logprobs'}"
+    ]
+    body = {"messages": HELLO, "max_tokens": 2, "prompt": "hi", "echo": True, "suffix": "x"}
+    assert logged_ignored(caplog, parse_chat, body, info) == [
+        IGNORED + "{'echo', 'prompt', 'suffix'}"
+    ]
+
+
 def test_prompt_logprobs_score_the_prompt_in_whole_responses(info: ModelInfo) -> None:
     for parse, body in ((parse_completion, {"prompt": "hi"}), (parse_chat, {"messages": HELLO})):
         req = parse(body | {"prompt_logprobs": 3}, info)
@@ -516,20 +592,39 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(info: ModelInfo) -> None:
     # a prompt longer than max_model_len fits once truncated
     over = {"prompt": [5] * (MAX_LEN + 10), "max_tokens": 4, "truncate_prompt_tokens": 8}
     assert len(parse_completion(over, info).prompts[0].token_ids) == 8
-    for bad_k in (0, -1):
+    for bad_k in (0, -2):
         body = {"prompt": text, "truncate_prompt_tokens": bad_k}
         assert refused(parse_completion, body, info).param == "truncate_prompt_tokens"
 
 
+def test_truncate_prompt_tokens_minus_1_is_max_model_len(info: ModelInfo) -> None:
+    """vLLM's -1: truncate to max_model_len; a prompt that fits is whole, a longer one is cut to
+    max_model_len tokens, which leave no room for a completion (the prompt's 400, not the
+    field's)."""
+    ids = info.tokenizer.encode("one two three four five six")
+    body = {"prompt": ids, "truncate_prompt_tokens": -1, "max_tokens": 2}
+    assert list(parse_completion(body, info).prompts[0].token_ids) == ids
+    over = list(range(100, 100 + MAX_LEN + 10))
+    error = refused(parse_completion, body | {"prompt": over}, info)
+    assert error.param == "prompt" and f"the prompt is {MAX_LEN} tokens" in error.message
+    req = parse_chat({"messages": HELLO, "max_tokens": 2, "truncate_prompt_tokens": -1}, info)
+    assert req.prompts[0].token_ids == parse_chat(chat(max_tokens=2), info).prompts[0].token_ids
+
+
 def test_tokenize_and_detokenize_bodies(info: ModelInfo) -> None:
     tok = info.tokenizer
-    assert parse_tokenize({"prompt": "Hello world"}, info) == tok.encode("Hello world")
-    ids = parse_tokenize({"model": "smol", "messages": HELLO}, info)
+    req = parse_tokenize({"prompt": "Hello world"}, info)
+    assert (req.token_ids, req.token_strs) == (tok.encode("Hello world"), False)
+    assert parse_tokenize({"prompt": "Hello", "return_token_strs": True}, info).token_strs
+    req = parse_tokenize({"model": "smol", "messages": HELLO, "return_token_strs": True}, info)
+    ids = req.token_ids
+    assert req.token_strs
     text = tok.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
     assert ids == tok.encode(text, add_special_tokens=False)
     assert parse_detokenize({"tokens": [1, 2, 3]}, info) == [1, 2, 3]
     refused(parse_tokenize, {}, info)
     refused(parse_tokenize, {"prompt": 5}, info)
+    refused(parse_tokenize, {"prompt": "a", "return_token_strs": 1}, info)
     refused(parse_detokenize, {"tokens": [49152]}, info)
     refused(parse_detokenize, {"tokens": "abc"}, info)
 
@@ -648,8 +743,8 @@ def test_tools_messages_and_calls_reach_the_template(templated: ModelInfo) -> No
     )
     assert req.tool_choice is None and req.prompts[0].params.structured_outputs is None
     # /tokenize counts the prompt the chat request has, tools shown
-    ids = parse_tokenize({"model": "smol", "messages": messages, "tools": [ADD, NOW]}, templated)
-    assert tuple(ids) == req.prompts[0].token_ids
+    body = {"model": "smol", "messages": messages, "tools": [ADD, NOW]}
+    assert tuple(parse_tokenize(body, templated).token_ids) == req.prompts[0].token_ids
 
 
 def test_a_forced_tool_choice_becomes_the_spec(info: ModelInfo) -> None:
