@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from runtime.logs import configure_logging
+from server.reasoning import REASONING_PARSERS
 from server.tool_parsers import TOOL_CALL_PARSERS
 
 log = logging.getLogger("kiln")
@@ -103,6 +104,13 @@ def parser() -> argparse.ArgumentParser:
         choices=TOOL_CALL_PARSERS,
         help="the model's tool-call format: hermes (<tool_call> blocks, as Qwen writes them), "
         "llama3_json (JSON calls, as Llama 3.1 writes them)",
+    )
+    r.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        help="split chat outputs' thinking into reasoning_content: qwen3 (an output that "
+        "opens with <think>), deepseek_r1 (the template opens it: DeepSeek-R1, QwQ, "
+        "Qwen3-Thinking)",
     )
     r.add_argument(
         "--enable-prompt-tokens-details",
@@ -284,6 +292,7 @@ def _server_config(args, name: str):
         served_model_name=name,
         api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        reasoning_parser=args.reasoning_parser,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
     )
 

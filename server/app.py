@@ -23,6 +23,7 @@ from server import protocol, responses
 from server.fields import ProtocolError, parse_body
 from server.metrics import Metrics
 from server.protocol import GenerateRequest, ModelInfo
+from server.reasoning import ReasoningStream
 from server.responses import Meta, Piece, Pieces
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     max_n: int = 16
     tool_call_parser: str | None = None  # reads the model's calls for tool_choice "auto"
+    reasoning_parser: str | None = None  # splits chat outputs' thinking off (server/reasoning.py)
     # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens
     enable_prompt_tokens_details: bool = False
 
@@ -76,6 +78,7 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
         max_n=config.max_n,
         tool_call_parser=config.tool_call_parser,
         priority_scheduling=engine.scheduling_policy == "priority",
+        reasoning_parser=config.reasoning_parser,
     )
     app = web.Application(middlewares=[_errors, _gate], client_max_size=config.max_body_bytes)
     app[STATE] = State(engine, config, info, Metrics(engine, name), int(time.time()))
@@ -300,9 +303,11 @@ async def _collect(meta: Meta, pieces: Pieces, updates: AsyncIterator[Update]) -
         for piece in pieces.of(*update):
             got[piece.index].append(piece)
     total = len(pieces.req.prompts) * pieces.req.n
-    tools = pieces.req.tool_choice
-    choices = [responses.choice(meta, responses.join(k, got[k]), tools) for k in range(total)]
     req = pieces.req
+    choices = [
+        responses.choice(meta, responses.join(k, got[k]), req.tool_choice, req.reasoning)
+        for k in range(total)
+    ]
     body = responses.body(meta, choices, pieces.usage(), _chat_prompt_ids(req))
     if req.prompt_logprobs is not None:
         scored = [pieces.prompt_logprobs(i) for i in range(len(req.prompts))]
@@ -319,6 +324,15 @@ def _chat_prompt_ids(req: GenerateRequest) -> tuple[int, ...] | None:
     return req.prompts[0].token_ids if req.chat and req.return_token_ids else None
 
 
+def _split(stream: ReasoningStream, text: str, finished: bool) -> tuple[str, str]:
+    """A delta's (thinking, answer), with what the stream holds once the choice finishes."""
+    thought, answer = stream.feed(text)
+    if finished:
+        rest = stream.finish()
+        thought, answer = thought + rest[0], answer + rest[1]
+    return thought, answer
+
+
 async def _stream(
     request: web.Request,
     meta: Meta,
@@ -332,12 +346,18 @@ async def _stream(
     await response.prepare(request)
 
     calls = req.tool_choice.stream() if req.tool_choice is not None else None
+    thinking = defaultdict(req.reasoning.stream) if req.reasoning is not None else None
 
     async def send(update: Update) -> None:
         for p in pieces.of(*update):
-            delta = None
+            delta, text, finished = None, p.text, p.finish_reason is not None
+            if thinking is not None:  # the thinking is its own field; the rest goes on
+                thought, text = _split(thinking[p.index], text, finished)
+                delta = {"reasoning_content": thought} if thought else {}
+                delta |= {"content": text} if text and calls is None else {}
             if calls is not None:
-                delta, called = calls.delta(p.index, p.text, p.finish_reason is not None)
+                tool_delta, called = calls.delta(p.index, text, finished)
+                delta = (delta or {}) | tool_delta
                 p = replace(p, finish_reason=req.tool_choice.finish_reason(p.finish_reason, called))
             shown = (p.text if delta is None else delta) or p.logprobs or p.finish_reason
             if shown or p.token_ids:  # tokens the text holds back still show their ids

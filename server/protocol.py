@@ -10,6 +10,7 @@ from runtime.sampling_params import SamplingParams
 from server.chat import parse_messages, render_chat
 from server.constraints import structured_outputs
 from server.fields import ProtocolError, bad, field, warns_ignored
+from server.reasoning import REASONING_PARSERS, ReasoningParser
 from server.tools import ForcedCalls, ToolChoice, ToolsError, parse_tools
 
 # /v1/completions without max_tokens (OpenAI's and vLLM's default); chat: what fits
@@ -39,6 +40,7 @@ class ModelInfo:
     max_n: int
     tool_call_parser: str | None = None  # tool_choice "auto" needs one
     priority_scheduling: bool = False  # the engine orders requests by their `priority`
+    reasoning_parser: str | None = None  # chat outputs' thinking split from their answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,7 @@ class GenerateRequest:
     continuous_usage: bool = False  # streamed: every chunk with the usage so far
     priority: int = 0  # under the "priority" scheduling policy: lower is served first
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k
+    reasoning: ReasoningParser | None = None  # chat: splits the output's thinking off
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +385,9 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
     names = {"max_tokens": _max_tokens(body)[1], "logprobs": "top_logprobs", "prompt": "messages"}
     prompt = _prompt(ids, None, body, info, sampling, names)
     n = prompt.params.n
+    # a constrained output is all answer: its grammar holds from its first token
+    constrained = sampling["structured_outputs"] is not None
+    reasoning = None if constrained else REASONING_PARSERS.get(info.reasoning_parser)
     return GenerateRequest(
         True,
         (prompt,),
@@ -392,6 +398,7 @@ def parse_chat(body: Mapping[str, Any], info: ModelInfo) -> GenerateRequest:
         top_logprobs,
         tool_choice=tool_choice,
         continuous_usage=continuous_usage,
+        reasoning=reasoning,
         **extra,
     )
 

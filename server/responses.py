@@ -18,6 +18,7 @@ from server.logprobs import (
     token_logprobs,
 )
 from server.protocol import GenerateRequest
+from server.reasoning import ReasoningParser
 from server.tools import ToolChoice
 
 DONE = b"data: [DONE]\n\n"
@@ -98,19 +99,25 @@ def join(index: int, pieces: Sequence[Piece]) -> Piece:
     return Piece(index, text, merged, finish, token_ids, prompt_ids, why)
 
 
-def choice(meta: Meta, piece: Piece, tool_choice: ToolChoice | None = None) -> dict:
-    """A choice of a full (not streamed) response; a chat output the request made tool calls
-    (`tool_choice`) is given as those calls."""
+def choice(
+    meta: Meta,
+    piece: Piece,
+    tool_choice: ToolChoice | None = None,
+    reasoning: ReasoningParser | None = None,
+) -> dict:
+    """A choice of a full (not streamed) response; a chat output's thinking (`reasoning`) is
+    its `reasoning_content`, and the calls the rest makes (`tool_choice`) its tool calls."""
     finish = piece.finish_reason
     if not meta.chat:
         text = {"text": piece.text}
-    elif tool_choice is None:
-        text = {"message": {"role": "assistant", "content": piece.text}}
     else:
-        content, calls = tool_choice.message(piece.text)
-        message = {"role": "assistant", "content": content}
-        text = {"message": message | ({"tool_calls": calls} if calls else {})}
-        finish = tool_choice.finish_reason(finish, bool(calls))
+        thought, content = reasoning.split(piece.text) if reasoning else (None, piece.text)
+        message = {"role": "assistant"} | ({"reasoning_content": thought} if reasoning else {})
+        if tool_choice is not None:
+            content, calls = tool_choice.message(content or "")
+            message |= {"tool_calls": calls} if calls else {}
+            finish = tool_choice.finish_reason(finish, bool(calls))
+        text = {"message": {"role": "assistant", "content": content} | message}
     out = {"index": piece.index} | text | {"logprobs": piece.logprobs, "finish_reason": finish}
     return out | {"stop_reason": piece.stop_reason} | token_ids(piece)
 

@@ -1070,3 +1070,67 @@ def test_requests_racing_shutdown_are_answered_at_once(tok) -> None:
                 p.join(15)
         assert took < 2.0, f"serve() took {took:.2f} s to close"
     assert max(slowest) < 2.0, f"a poll waited {max(slowest):.2f} s"
+
+
+# --- reasoning ---------------------------------------------------------------------------------
+
+
+THOUGHT = "<think>\nThe capital of France.\n</think>\n\n"
+
+
+@pytest.mark.parametrize(
+    "parser, said, thought",
+    [
+        ("qwen3", THOUGHT + "Paris.", "\nThe capital of France.\n"),
+        ("qwen3", "Paris.", None),  # thinking off: no block in the output
+        ("deepseek_r1", THOUGHT.removeprefix("<think>") + "Paris.", "\nThe capital of France.\n"),
+    ],
+)
+def test_reasoning_is_split_from_the_answer_whole_and_streamed(tok, parser, said, thought):
+    engine = FakeEngine(tok)
+    engine.reply = tok.encode(said)
+    answer = said.rpartition("</think>")[2]
+    with live_server(engine, ServerConfig(reasoning_parser=parser)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        kw = dict(model="smollm2-fake", messages=HELLO, max_tokens=64)
+        message = client.chat.completions.create(**kw).choices[0].message
+        assert (message.reasoning_content, message.content) == (thought, answer)
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kw)]
+        streamed = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        assert streamed == (thought or "")
+        assert "".join(d.content or "" for d in deltas) == answer
+        # completions are not chat: their text stays whole
+        text = client.completions.create(model="smollm2-fake", prompt="hi", max_tokens=64)
+        assert text.choices[0].text == said
+
+
+def test_reasoning_then_tool_calls_and_constrained_outputs_that_cannot_think(tok):
+    engine = FakeEngine(tok)
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    config = ServerConfig(tool_call_parser="hermes", reasoning_parser="deepseek_r1")
+    with live_server(engine, config) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        engine.reply = tok.encode("Which zone?</think>" + HERMES)
+        kw = dict(model="smollm2-fake", messages=HELLO, tools=tools, max_tokens=64)
+        out = client.chat.completions.create(**kw).choices[0]
+        assert out.message.reasoning_content == "Which zone?"
+        assert out.message.content == "Checking.\n" and out.finish_reason == "tool_calls"
+        assert out.message.tool_calls[0].function.arguments == '{"zone": "CET"}'
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == (
+            "Which zone?"
+        )
+        assert "".join(d.content or "" for d in deltas) == "Checking.\n"
+        assert [c.function.name for d in deltas for c in d.tool_calls or []] == ["get_time"]
+        # a grammar holds from the first token: the whole output is the answer
+        engine.reply = tok.encode('{"a": 1}')
+        fmt = {"type": "json_object"}
+        message = (
+            client.chat.completions.create(
+                model="smollm2-fake", messages=HELLO, max_tokens=64, response_format=fmt
+            )
+            .choices[0]
+            .message
+        )
+        assert message.content == '{"a": 1}' and message.model_extra == {}
