@@ -232,8 +232,15 @@ def _factory(cx, node, *args, **kwargs):
     return cx.constant(node.target.__name__.split(".")[0], made)
 
 
-@converter(aten.to.dtype, aten.to.device, aten._to_copy.default, aten.to.dtype_layout)
+@converter(
+    aten.to.dtype,
+    aten.to.device,
+    aten._to_copy.default,
+    aten.to.dtype_layout,
+    aten.type_as.default,
+)
 def _to(cx, node, x, *args, **kwargs):
+    """A cast to the traced result's dtype (type_as: to `other`'s, which the trace recorded)."""
     src, dst = node.args[0].meta["val"].dtype, node.meta["val"].dtype
     if src == dst:
         return cx.value(x)

@@ -171,9 +171,17 @@ def check_config(config) -> None:
             "kin; other architectures as a torch module, through kiln.compile)"
         )
     rope = getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type")) == "dynamic":
+    # one rope's parameters, or (Gemma3: local and global layers) one per layer type
+    per_type = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else ()
+    for params in (rope, *per_type):
+        if params.get("rope_type", params.get("type")) == "dynamic":
+            raise UnsupportedModelError(
+                f"{config.model_type}: dynamic rope scaling (it depends on the sequence length)"
+            )
+    if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModelError(
-            f"{config.model_type}: dynamic rope scaling (it depends on the sequence length)"
+            f"{config.model_type}: bidirectional attention (an encoder's; kiln's attention is "
+            "causal)"
         )
     if getattr(config, "quantization_config", None):
         method = config.quantization_config

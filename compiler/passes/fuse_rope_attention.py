@@ -13,7 +13,11 @@ heads move (q = Transpose(Reshape(Rope(Yq, c, s) -> [1, T, H, D]), 1, 2), c/s [T
 custom module's rope ahead of kiln.attention) fuses too, with Yq and c/s viewed token-major.
 Then partial rotary moved token-major, q = Concat(Rope(Slice(Xq, 0, R)), Slice(Xq, R, D))
 (each over the last dim, the same for k, tables [1, T, 1, R] views of [1, T, R] ones),
-fuses as PagedAttention(rope=True, rotary_dim=R)(Xq, Xk, v, cos, sin).
+fuses as PagedAttention(rope=True, rotary_dim=R)(Xq, Xk, v, cos, sin). Ops over each head's
+row alone (an RMSNorm or LayerNorm, whose weight is per column, a Cast) move with the
+transposes too: q/k norms applied after the heads move (Gemma3's) are rebuilt over X, and a
+full-width rope moved token-major, q = Rope(Xq, c, s) (the same for k, tables [1, T, 1, D]
+views of [1, T, D] ones), fuses as PagedAttention(rope=True)(Xq, Xk, v, cos, sin).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from compiler.passes.rewrite import Rewriter, rewrite
 from ir import ops
 from ir.graph import Graph, Node
 from ir.types import normalize_dim
+
+# ops over each row of the last dim alone, their other inputs (weights) per column: they
+# compute the same in either layout
+ROW_OPS = (ops.RMSNorm, ops.LayerNorm, ops.Cast)
 
 
 def _untransposed(rw: Rewriter, name: str) -> str | None:
@@ -44,7 +52,8 @@ def _table(rw: Rewriter, view: str, unit: int = 1) -> str | None:
 
 def _movable(rw: Rewriter, name: str) -> bool:
     """Whether `name` ([1, H, T, D]) is a Transpose(X, 1, 2), or made from such values by
-    Slice/Concat over the last dim and non-promoting Ropes with [1, 1, T, d] tables."""
+    Slice/Concat over the last dim, non-promoting Ropes with [1, 1, T, d] tables and row ops
+    (ROW_OPS)."""
     if _untransposed(rw, name):
         return True
     node, rank = rw.producer(name), rw.type_of(name).rank
@@ -57,6 +66,8 @@ def _movable(rw: Rewriter, name: str) -> bool:
         x, cos, sin = node.inputs
         same = rw.type_of(x) == rw.type_of(name)
         return same and bool(_table(rw, cos) and _table(rw, sin)) and _movable(rw, x)
+    if isinstance(op, ROW_OPS):
+        return _movable(rw, node.inputs[0])
     return False
 
 
@@ -70,6 +81,8 @@ def _moved(rw: Rewriter, name: str, tables: dict[str, str]) -> str:
     if isinstance(op, ops.Rope):
         x, *cs = node.inputs
         return rw.add(op, _moved(rw, x, tables), *(_token_major(rw, c, tables) for c in cs))[0]
+    if isinstance(op, ROW_OPS):
+        return rw.add(op, _moved(rw, node.inputs[0], tables), *node.inputs[1:])[0]
     moved = (_moved(rw, n, tables) for n in node.inputs)
     return rw.add(replace(op, dim=-1), *moved)[0]
 
@@ -133,9 +146,12 @@ def _same_value(rw: Rewriter, a: str, b: str) -> bool:
     return bool(na and nb and na.op == nb.op and na.inputs == nb.inputs)
 
 
-def _partial_rotary(rw: Rewriter, name: str) -> tuple[str, Node] | None:
+def _rotary(rw: Rewriter, name: str) -> tuple[str, Node] | None:
     """(X, its Rope) when `name` [1, T, H, D] = Concat(Rope(Slice(X, 0, R)), Slice(X, R, D))
-    over the last dim, the Rope in X's dtype (or cast back to it)."""
+    over the last dim (partial rotary) or Rope(X) (full), the Rope in X's dtype (or cast
+    back to it)."""
+    if (rope := _rope_of(rw, name)) is not None:
+        return rope.inputs[0], rope
     cat = rw.producer(name, ops.Concat)
     if cat is None or len(cat.inputs) != 2 or normalize_dim(cat.op.dim, 4) != 3:
         return None
@@ -148,18 +164,18 @@ def _partial_rotary(rw: Rewriter, name: str) -> tuple[str, Node] | None:
     return None
 
 
-def _fuse_partial_rotary(node: Node, rw: Rewriter) -> dict[str, str] | None:
+def _fuse_token_major_rope(node: Node, rw: Rewriter) -> dict[str, str] | None:
     op = node.op
     if not isinstance(op, ops.PagedAttention) or op.layout != "bthd" or op.rope:
         return None
-    pq, pk = _partial_rotary(rw, node.inputs[0]), _partial_rotary(rw, node.inputs[1])
+    pq, pk = _rotary(rw, node.inputs[0]), _rotary(rw, node.inputs[1])
     if not (pq and pk) or pq[1].inputs[1:] != pk[1].inputs[1:]:
         return None
     tables = [_table(rw, c, unit=2) for c in pq[1].inputs[1:]]
     if None in tables:
         return None
     r = rw.type_of(tables[0]).shape[-1]
-    fused = replace(op, rope=True, rotary_dim=r)
+    fused = replace(op, rope=True, rotary_dim=r if r < op.head_dim else None)
     return {node.outputs[0].name: rw.add(fused, pq[0], pk[0], node.inputs[2], *tables)[0]}
 
 
@@ -186,4 +202,4 @@ def fuse_rope_attention(graph: Graph) -> Graph:
             return {node.outputs[0].name: rw.add(replace(op, layout="bthd"), *moved)[0]}
         return None
 
-    return rewrite(rewrite(graph, rule), _fuse_partial_rotary)
+    return rewrite(rewrite(graph, rule), _fuse_token_major_rope)

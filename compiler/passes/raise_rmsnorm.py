@@ -1,4 +1,6 @@
-"""Raise w * cast?(x' * rsqrt(mean(x'^2, -1) + eps)) with x' = x.float() into RMSNorm(x, w).
+"""Raise w * cast(x' * rsqrt(mean(x'^2, -1) + eps), x.dtype) with x' = x.float() into
+RMSNorm(x, w), and w * (x' * rsqrt(mean(x'^2, -1) + eps)) (normalized and weighted in
+float32, rounded after the weight if at all: Gemma's (1 + w) norms) into RMSNorm(x', w).
 
 Pre: canonicalized (no identity casts). Post: each matched tree is one RMSNorm node; the
 interior nodes are left for DCE.
@@ -21,7 +23,7 @@ def _up_from(rw: Rewriter, xp: str) -> str | None:
 
 def _normalized(rw: Rewriter, name: str) -> tuple[str, float] | None:
     """If `name` is (x' * rsqrt(mean(x'^2) + eps)).to(x.dtype) with x' = x.float(), return
-    (x, eps)."""
+    (x, eps); if it is x' * rsqrt(mean(x'^2) + eps) (never rounded), return (x', eps)."""
     back = rw.producer(name, ops.Cast)
     mul = rw.producer(back.inputs[0] if back else name, ops.Binary)
     if mul is None or mul.op.fn != "mul":
@@ -39,8 +41,12 @@ def _normalized(rw: Rewriter, name: str) -> tuple[str, float] | None:
         if (pow_.op.fn, pow_.op.scalar) != ("pow", 2.0) or pow_.inputs[0] != xp:
             continue
         x = _up_from(rw, xp)
+        if x is None:
+            continue
+        if back is None:  # weighted in float32 before any rounding (Gemma's): RMSNorm of x'
+            return xp, add.op.scalar
         # the normalized value is rounded to x's dtype, as RMSNorm does, and only then
-        if x is not None and (back.op.dtype if back else "float32") == rw.type_of(x).dtype:
+        if back.op.dtype == rw.type_of(x).dtype:
             return x, add.op.scalar
     return None
 

@@ -126,22 +126,35 @@ def near_rmsnorm(b, x, w, dtype, case):
     square = ops.BinaryScalar("pow", 2.0, scalar_first=case == "2 ** x")
     m = b.add1(ops.Mean((-1,), True), b.add1(square, xf))
     r = b.add1(ops.Unary("rsqrt"), b.add1(ops.BinaryScalar("add", 1e-5), m))
-    y = b.add1(ops.Binary("mul"), xf, r)
-    if case != "never rounded back":
-        y = b.add1(ops.Cast(dtype), y)
+    y = b.add1(ops.Cast(dtype), b.add1(ops.Binary("mul"), xf, r))
     return b.add1(ops.Binary("mul"), w, y)
 
 
-@pytest.mark.parametrize(
-    "case, dtype",
-    [("2 ** x", "bfloat16"), ("norm in bf16", "float32"), ("never rounded back", "bfloat16")],
-)
+@pytest.mark.parametrize("case, dtype", [("2 ** x", "bfloat16"), ("norm in bf16", "float32")])
 def test_raise_rmsnorm_leaves_what_rounds_differently(case, dtype):
     b = GraphBuilder()
     x = b.input("x", TensorType((1, "T", 24), dtype))
     w = b.input("w", TensorType((24,), "float32"), kind="param")
     before = b.build((near_rmsnorm(b, x, w, dtype, case),))
     assert "RMSNorm" not in eliminate_dead_code(raise_rmsnorm(before)).op_counts()
+
+
+def test_raise_rmsnorm_weighted_in_float32_normalizes_the_float32_value():
+    """Gemma's norm, (x.float() normalized * (1 + w).float()).to(x.dtype): never rounded
+    before the weight, so not RMSNorm(x) (which rounds to x's dtype first) but
+    RMSNorm(x.float()), the rounding back left to the cast after it."""
+    t, w32 = TensorType((1, "T", 24), "bfloat16"), TensorType((24,), "float32")
+    b = GraphBuilder()
+    x, w = b.input("x", t), b.input("w", w32, kind="param")
+    xf = b.add1(ops.Cast("float32"), x)
+    m = b.add1(ops.Mean((-1,), True), b.add1(ops.BinaryScalar("pow", 2.0), xf))
+    r = b.add1(ops.Unary("rsqrt"), b.add1(ops.BinaryScalar("add", 1e-5), m))
+    y = b.add1(ops.Binary("mul"), b.add1(ops.Binary("mul"), xf, r), w)
+    before = b.build((b.add1(ops.Cast("bfloat16"), y),))
+    e = GraphBuilder()
+    x, w = e.input("x", t), e.input("w", w32, kind="param")
+    normed = e.add1(ops.RMSNorm(1e-5), e.add1(ops.Cast("float32"), x), w)
+    check(raise_rmsnorm, before, e.build((e.add1(ops.Cast("bfloat16"), normed),)), atol=0)
 
 
 def test_raise_rope():
@@ -382,6 +395,39 @@ def test_fuse_rope_attention_partial_rotary(leading):
     q, k = moved(xq), moved(xk)
     expected = e.build((e.add1(replace(attn, layout="bthd"), q, k, xv),))
     check(fuse_rope_attention, before, expected, context=attention_context)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fuse_rope_attention_moves_qk_norms_after_the_transpose(dtype):
+    """Gemma3: per-head q/k RMSNorms applied to [1, H, T, D] after the heads move (in bf16
+    computed in float32: cast up, normed, cast back), then the rope: the norms are rebuilt
+    over the untransposed q/k and the rope fuses into the attention's prologue."""
+    attn = ops.PagedAttention(0, 4, 2, 8, 8**-0.5)
+    t = lambda *shape: TensorType(shape, dtype)  # noqa: E731
+
+    def norm(g, x, w):
+        if dtype == "float32":
+            return g.add1(ops.RMSNorm(1e-6), x, w)
+        up = g.add1(ops.RMSNorm(1e-6), g.add1(ops.Cast("float32"), x), w)
+        return g.add1(ops.Cast(dtype), up)
+
+    b = GraphBuilder()
+    xq, xk, xv = (b.input(n, t(1, "T", h, 8)) for n, h in (("q", 4), ("k", 2), ("v", 2)))
+    wq, wk = (b.input(n, f32(8), kind="param") for n in ("wq", "wk"))
+    cos, sin = b.input("cos", t(1, "T", 8)), b.input("sin", t(1, "T", 8))
+    c4, s4 = (b.add1(ops.Reshape((1, 1, "T", 8)), c) for c in (cos, sin))
+    q, k, v = (b.add1(ops.Transpose(1, 2), x) for x in (xq, xk, xv))
+    q, k = (b.add1(ops.Rope(), norm(b, x, w), c4, s4) for x, w in ((q, wq), (k, wk)))
+    before = b.build((b.add1(attn, q, k, v),))
+    e = GraphBuilder()
+    xq, xk, xv, wq, wk, cos, sin = (
+        e.input(i.value.name, i.value.type, i.kind) for i in before.inputs
+    )
+    q, k = norm(e, xq, wq), norm(e, xk, wk)
+    fused = replace(attn, layout="bthd", rope=True)
+    expected = e.build((e.add1(fused, q, k, xv, cos, sin),))
+    context = lambda: attention_context(dtype=TORCH_DTYPES[dtype])  # noqa: E731
+    check(fuse_rope_attention, before, expected, atol=ATOL[dtype], context=context)
 
 
 def test_fuse_norm_linear_leaves_an_odd_width_pair():
