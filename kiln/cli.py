@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import logging
 import os
 import sys
@@ -55,6 +56,30 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
     return value
+
+
+def json_list(text: str) -> tuple[str, ...]:
+    """A JSON list of strings, as vLLM's --allowed-origins and its kin take."""
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return tuple(values)
+
+
+def chat_template(text: str) -> str:
+    """The template --chat-template names, as vLLM reads it: the file at `text`, else `text`
+    itself when it looks like a template (holds a brace or a newline)."""
+    try:
+        return Path(text).read_text(encoding="utf-8")
+    except OSError as exc:
+        if not any(c in text for c in "{}\n"):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} looks like a file's path, but it cannot be read: {exc}"
+            ) from None
+        return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,6 +142,42 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="report usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix "
         "cache served",
+    )
+    r.add_argument(
+        "--chat-template",
+        type=chat_template,
+        metavar="TEMPLATE",
+        help="the Jinja chat template for chat requests (and /tokenize's messages), in place "
+        "of the tokenizer's: a file's path, or the template itself",
+    )
+    r.add_argument(
+        "--allowed-origins",
+        type=json_list,
+        default=("*",),
+        metavar="JSON",
+        help="CORS: the origins whose pages may call the server, as a JSON list, e.g. "
+        '\'["http://localhost:3000"]\' (default ["*"]: any; []: none)',
+    )
+    r.add_argument(
+        "--allowed-methods",
+        type=json_list,
+        default=("*",),
+        metavar="JSON",
+        help='CORS: the methods they may use, as a JSON list (default ["*"]: any)',
+    )
+    r.add_argument(
+        "--allowed-headers",
+        type=json_list,
+        default=("*",),
+        metavar="JSON",
+        help='CORS: the request headers they may send, as a JSON list (default ["*"]: any; '
+        "Accept, Accept-Language, Content-Language and Content-Type always)",
+    )
+    r.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: let those pages make requests with credentials (cookies, HTTP "
+        "authentication) and read the answers",
     )
     r.add_argument(
         "--engine-thread",
@@ -294,6 +355,11 @@ def _server_config(args, name: str):
         tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         reasoning_parser=args.reasoning_parser,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        chat_template=args.chat_template,
+        allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods,
+        allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials,
     )
 
 

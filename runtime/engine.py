@@ -37,7 +37,7 @@ from runtime.sampler import (
     sample_ids,
     sampled_logprobs,
 )
-from runtime.sampling_params import SamplingParams, StructuredOutputs
+from runtime.sampling_params import SamplingParams, StructuredOutputs, resolve_bad_words
 from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.sequence import Sequence, pending
 from runtime.stats import ITERATION_TOKENS_BUCKETS
@@ -146,11 +146,13 @@ class Engine:
         """Queue a request; raises ValueError if it can never be served."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        params = resolve_bad_words(params, self.tokenizer)  # bad_words as token ids
         for name, ids in (
             ("prompt", prompt_token_ids),
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", params.logit_bias),
             ("allowed_token_ids", params.allowed_token_ids or ()),
+            ("bad_words", [t for word in params.bad_words_token_ids for t in word]),
         ):
             bad = [t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size]
             wrong = [t for t in bad if type(t) is not int]  # a float or a bool is no token

@@ -31,12 +31,22 @@ class SamplingState:
     plain_greedy: bool = field(init=False)
     # allowed_token_ids as a mask of the tokens it may not pick, made at its first step
     banned: torch.Tensor | None = field(init=False, default=None)
+    # bad_words_token_ids: the one-token words' tokens, banned at every step; and the longer
+    # words by the last token of their prefix: {prefix[-1]: [(prefix, token banned after it)]}
+    bad_tokens: list[int] = field(init=False, default_factory=list)
+    bad_after: dict[int, list[tuple[list[int], int]]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         p = self.params
+        for *prefix, token in dict.fromkeys(p.bad_words_token_ids):
+            if prefix:
+                self.bad_after.setdefault(prefix[-1], []).append((prefix, token))
+            else:
+                self.bad_tokens.append(token)
         self.plain_greedy = (
             p.greedy
             and not p.logit_bias
+            and not p.bad_words_token_ids
             and p.allowed_token_ids is None
             and p.repetition_penalty == 1.0
             and p.frequency_penalty == 0.0
@@ -44,6 +54,20 @@ class SamplingState:
             and p.min_tokens == 0
             and self.matcher is None
         )
+
+    def bad_words_banned(self) -> list[int]:
+        """The tokens its bad words ban next: each one-token word's, and the last token of each
+        longer word whose other tokens end the output (only the output: as in vLLM, a word is
+        not matched across the prompt's end)."""
+        out = self.output_token_ids
+        after = self.bad_after.get(out[-1], ()) if out else ()
+        if not after:
+            return self.bad_tokens
+        return self.bad_tokens + [
+            token
+            for prefix, token in after
+            if len(prefix) <= len(out) and out[len(out) - len(prefix) :] == prefix
+        ]
 
     def accept(self, token: int) -> None:
         """The engine's word that `token` is the sequence's next: its grammar moves past it
@@ -115,14 +139,15 @@ def _pick(raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Logit bias, the allowed tokens, repetition/frequency/presence penalties and the
-    min_tokens ban, as float32.
+    """Logit bias, the allowed tokens, the bad words' bans, repetition/frequency/presence
+    penalties and the min_tokens ban, as float32.
 
     Returns a new tensor; `logits` is left untouched (its raw values feed the logprobs).
     """
     out = logits.to(torch.float32, copy=True)
     _add_logit_bias(out, states)
     _allow_only(out, states)
+    _ban_bad_words(out, states)
     _apply_repetition_penalty(out, states)
     _apply_frequency_presence(out, states)
     _ban_stop_tokens(out, states)
@@ -327,6 +352,16 @@ def _allow_only(logits: torch.Tensor, states: list[SamplingState]) -> None:
     index = _on(logits.device, rows)
     banned = torch.stack([states[i].banned for i in rows])
     logits[index] = logits[index].masked_fill(banned, float("-inf"))
+
+
+def _ban_bad_words(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Rows with bad words: -inf for each token that would complete one (its prefix ending
+    the output so far)."""
+    if not any(s.params.bad_words_token_ids for s in states):
+        return
+    banned = [s.bad_words_banned() if s.params.bad_words_token_ids else [] for s in states]
+    if any(banned):
+        logits[_rows_tokens(banned, logits.device)] = -torch.inf
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, states: list[SamplingState]) -> None:

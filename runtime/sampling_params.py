@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 MAX_LOGPROBS = 20
 # below it sampling is greedy, as in vLLM: logits / temperature would overflow float32
@@ -75,8 +76,16 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # leave special tokens (e.g. "<|im_end|>") out of text
     structured_outputs: StructuredOutputs | None = None  # what the output must match
+    # vLLM's: words the output may not contain, each tokenized by the engine (with its
+    # tokenizer, `resolve_bad_words`) into bad_words_token_ids
+    bad_words: tuple[str, ...] = ()
+    # token-id sequences the output may not contain: a sequence's last token is banned where
+    # the output ends with the rest of it (a one-token sequence: always); the engine adds
+    # those of bad_words, and any given here are kept
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        _check_bad_words(self)
         if isinstance(self.structured_outputs, dict):
             object.__setattr__(
                 self, "structured_outputs", StructuredOutputs(**self.structured_outputs)
@@ -135,3 +144,53 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+
+def _check_bad_words(params: SamplingParams) -> None:
+    """bad_words as a tuple of strings with something besides whitespace, bad_words_token_ids
+    as a tuple of non-empty tuples of token ids (>= 0; the engine checks them against its
+    vocabulary); ValueError otherwise."""
+    words = params.bad_words
+    if isinstance(words, str) or not isinstance(words, list | tuple):
+        raise ValueError(f"invalid bad_words: {words!r} (must be a list of strings)")
+    if not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError(
+            f"invalid bad_words: {words!r} (must be strings, each with a non-space character)"
+        )
+    object.__setattr__(params, "bad_words", tuple(words))
+    sequences = params.bad_words_token_ids
+    rule = "a list of non-empty lists of token ids"
+    if not isinstance(sequences, list | tuple) or not all(
+        isinstance(ids, list | tuple)
+        and ids
+        and all(type(t) is int and t >= 0 for t in ids)  # a bool or a float is no token
+        for ids in sequences
+    ):
+        raise ValueError(f"invalid bad_words_token_ids: {sequences!r} (must be {rule})")
+    object.__setattr__(params, "bad_words_token_ids", tuple(tuple(ids) for ids in sequences))
+
+
+def bad_word_token_ids(word: str, tokenizer: Any) -> list[tuple[int, ...]]:
+    """The token-id sequences that ban `word`, as vLLM makes them: the word (leading spaces
+    stripped) encoded without special tokens; and the word after a space (as it comes
+    mid-text, where a tokenizer folds the space into the first token), kept only when that
+    makes another first token and the same number of tokens."""
+    alone = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+    if not alone:
+        raise ValueError(f"invalid bad_words: {word!r} encodes to no token")
+    spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+    if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+        return [alone, spaced]
+    return [alone]
+
+
+def resolve_bad_words(params: SamplingParams, tokenizer: Any) -> SamplingParams:
+    """`params` with its bad_words' token-id sequences added to bad_words_token_ids (each
+    sequence once, so resolving again changes nothing); ValueError without a tokenizer."""
+    if not params.bad_words:
+        return params
+    if tokenizer is None:
+        raise ValueError("bad_words need a tokenizer, and this model has none")
+    resolved = [ids for word in params.bad_words for ids in bad_word_token_ids(word, tokenizer)]
+    merged = tuple(dict.fromkeys([*params.bad_words_token_ids, *resolved]))
+    return replace(params, bad_words_token_ids=merged)

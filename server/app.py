@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from aiohttp import web
+import aiohttp_cors
+from aiohttp import hdrs, web
 
 from runtime.outputs import RequestOutput
 from runtime.token_bytes import token_bytes
 from server import protocol, responses
+from server.chat import TemplatedTokenizer
 from server.fields import ProtocolError, parse_body
 from server.metrics import Metrics
 from server.protocol import GenerateRequest, ModelInfo
@@ -41,6 +43,12 @@ class ServerConfig:
     reasoning_parser: str | None = None  # splits chat outputs' thinking off (server/reasoning.py)
     # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens
     enable_prompt_tokens_details: bool = False
+    chat_template: str | None = None  # the template's text, in place of the tokenizer's
+    # CORS, as vLLM's --allowed-origins etc.: "*" is any; no origins, no CORS
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
 
 @dataclass(slots=True)
@@ -73,7 +81,7 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
         name=name,
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
-        tokenizer=engine.tokenizer,
+        tokenizer=_tokenizer(engine.tokenizer, config.chat_template),
         default_params=dict(engine.default_params),
         max_n=config.max_n,
         tool_call_parser=config.tool_call_parser,
@@ -93,7 +101,40 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
     app.router.add_route("POST", "/ping", _health)
     app.router.add_get("/version", _version)
     app.router.add_get("/metrics", _metrics)
+    _allow_cors(app, config)
     return app
+
+
+def _tokenizer(tokenizer: Any, chat_template: str | None) -> Any:
+    """The tokenizer requests use: the engine's, with `chat_template` in place of its own."""
+    if chat_template is None:
+        return tokenizer
+    if tokenizer is None:
+        raise ValueError("a chat template needs a tokenizer, and this model has none")
+    logger.info("chat requests use the given chat template, not the tokenizer's")
+    return TemplatedTokenizer(tokenizer, chat_template)
+
+
+# the request headers CORS always lets through (Starlette's, which vLLM's CORS is)
+SAFELISTED_HEADERS = ("Accept", "Accept-Language", "Content-Language", "Content-Type")
+
+
+def _allow_cors(app: web.Application, config: ServerConfig) -> None:
+    """CORS on every route (aiohttp-cors): preflights from the allowed origins answered,
+    and every response to such an origin, errors and streams too, readable by its page."""
+    if not config.allowed_origins:
+        return
+    headers = config.allowed_headers
+    options = aiohttp_cors.ResourceOptions(
+        allow_credentials=config.allow_credentials,
+        allow_headers="*" if "*" in headers else (*headers, *SAFELISTED_HEADERS),
+        allow_methods="*" if "*" in config.allowed_methods else config.allowed_methods,
+    )
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(config.allowed_origins, options))
+    # whole resources, not routes: a route's own entry would allow its method whatever
+    # allow_methods says
+    for resource in list(app.router.resources()):
+        cors.add(resource)
 
 
 def _error_body(exc: ProtocolError) -> dict:
@@ -120,9 +161,9 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = (
-            exc.text if exc.status == 413 else f"{exc.reason}: {request.method} {request.path}"
-        )
+        # their own words: a body too large, a CORS preflight refused (and why)
+        said = exc.status in (403, 413)
+        message = exc.text if said else f"{exc.reason}: {request.method} {request.path}"
         return _error_response(ProtocolError(exc.status, message), exc.headers.get("Allow"))
     except ConnectionResetError:
         raise  # the client is gone: nobody to answer
@@ -132,6 +173,10 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 @web.middleware
 async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
+    """503 while draining, 401 without the API key on /v1/*; a CORS preflight passes: it
+    carries no key, and a refused one would hide the real request's status from the page."""
+    if _preflight(request):
+        return await handler(request)
     state = request.app[STATE]
     if state.draining and request.path != "/metrics":
         raise ProtocolError(503, "the server is shutting down")
@@ -140,6 +185,13 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
     if key is not None and guarded and not _authorized(request.headers.get("Authorization"), key):
         raise ProtocolError(401, "invalid or missing API key")
     return await handler(request)
+
+
+def _preflight(request: web.Request) -> bool:
+    return (
+        request.method == hdrs.METH_OPTIONS
+        and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+    )
 
 
 def _authorized(header: str | None, key: str) -> bool:

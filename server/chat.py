@@ -101,6 +101,24 @@ def render_chat(
         raise ValueError(f"cannot apply the chat template: {exc}") from exc
 
 
+class TemplatedTokenizer:
+    """A tokenizer with another chat template (`kiln run --chat-template`): rendering uses
+    it, and so does picking a request's `chat_template_kwargs`; the rest is the tokenizer's,
+    which stays as it is."""
+
+    def __init__(self, tokenizer: Any, chat_template: str) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, **kwargs
+        )
+
+
 # what transformers passes a template itself: a request sets none of these
 RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt",
                       "continue_final_message", "raise_exception", "strftime_now"})  # fmt: skip

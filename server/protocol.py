@@ -113,6 +113,14 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _bad_words(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """vLLM's `bad_words`: strings the output may not contain (the engine tokenizes them)."""
+    words = field(body, "bad_words", list, [])
+    if not all(isinstance(w, str) for w in words):
+        raise bad("'bad_words' must be an array of strings", "bad_words")
+    return tuple(words)
+
+
 def _logit_bias(body: Mapping[str, Any], info: ModelInfo) -> dict[int, float]:
     bias = field(body, "logit_bias", dict, {})
     out = {}
@@ -143,6 +151,7 @@ def _sampling_fields(body: Mapping[str, Any], info: ModelInfo) -> dict[str, Any]
         () if ids is None else tuple(check_token_ids(ids, info, "stop_token_ids"))
     )
     out["logit_bias"] = _logit_bias(body, info)
+    out["bad_words"] = _bad_words(body)
     allowed = body.get("allowed_token_ids")
     if allowed is not None:
         if allowed == []:

@@ -134,3 +134,59 @@ def test_run_flags_reach_the_server_config():
     assert config("--tool-call-parser", "hermes").tool_call_parser is None  # not enabled
     auto = config("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     assert auto.tool_call_parser == "hermes"
+
+
+def test_run_cors_flags_are_json_lists_with_vllms_defaults(capsys):
+    from kiln.cli import _server_config, parser
+
+    def config(*flags: str):
+        return _server_config(parser().parse_args(["run", "artifact", *flags]), "m")
+
+    default = config()
+    assert default.allowed_origins == default.allowed_methods == default.allowed_headers == ("*",)
+    assert not default.allow_credentials
+    given = config(
+        "--allowed-origins", '["http://a.example", "http://b.example"]',
+        "--allowed-methods", '["GET", "POST"]', "--allowed-headers", "[]", "--allow-credentials",
+    )  # fmt: skip
+    assert given.allowed_origins == ("http://a.example", "http://b.example")
+    assert (given.allowed_methods, given.allowed_headers) == (("GET", "POST"), ())
+    assert given.allow_credentials
+    for bad in ("http://a.example", '"*"', "[1]"):
+        with pytest.raises(SystemExit) as exit_:
+            parser().parse_args(["run", "artifact", "--allowed-origins", bad])
+        assert exit_.value.code == 2 and "a JSON list of strings" in capsys.readouterr().err
+
+
+def test_run_chat_template_is_a_file_or_the_template_itself(tmp_path, capsys):
+    """As vLLM reads --chat-template: a readable file, else text that looks like a template."""
+    from kiln.cli import _server_config, parser
+
+    def config(*flags: str):
+        return _server_config(parser().parse_args(["run", "artifact", *flags]), "m")
+
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    (tmp_path / "chat.jinja").write_text(template)
+    assert config().chat_template is None
+    assert config("--chat-template", str(tmp_path / "chat.jinja")).chat_template == template
+    assert config("--chat-template", template).chat_template == template
+    with pytest.raises(SystemExit) as exit_:  # at once, before any model loads
+        config("--chat-template", str(tmp_path / "missing.jinja"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.code == 2 and "looks like a file's path, but it cannot be read" in err
+
+
+def test_a_chat_template_for_a_model_without_a_tokenizer_fails_the_start(
+    model, caplog, monkeypatch
+):
+    from kiln import cli
+
+    start, cores = cli._start_engine, []
+    monkeypatch.setattr(cli, "_start_engine", lambda args: cores.append(start(args)) or cores[0])
+    try:  # the tiny model's artifact has no tokenizer
+        fails(caplog, ["run", str(model[1]), "--engine-thread", "--chat-template", "{{ 1 }}"],
+              "a chat template needs a tokenizer, and this model has none")  # fmt: skip
+    finally:
+        for core in cores:
+            core.put(("stop",))
+            core.join(10)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import random
 import signal
+import string
 import subprocess
 import threading
 import time
@@ -214,6 +216,8 @@ def test_ids_outside_the_vocabulary_and_stop_strings_without_tokenizer_are_refus
         ("logit_bias", kiln.SamplingParams(logit_bias={-1: 100.0})),
         ("stop_token_ids", kiln.SamplingParams(stop_token_ids=[vocab], min_tokens=2)),
         ("tokenizer", kiln.SamplingParams(stop=["a"])),
+        ("tokenizer", kiln.SamplingParams(bad_words=["a"])),
+        ("bad_words", kiln.SamplingParams(bad_words_token_ids=[[1, vocab]])),
     ):
         with pytest.raises(ValueError, match=field):
             llm.generate([[1, 2, 3]], params, use_tqdm=False)
@@ -529,6 +533,48 @@ def test_allowed_token_ids_are_all_it_samples(artifact):
     with pytest.raises(ValueError, match="min_tokens"):  # it could pick nothing at first
         llm.engine.add_request("ends", [1, 2], replace(ends, allowed_token_ids=(7,)))
     llm.engine.add_request("ok", [1, 2], replace(ends, allowed_token_ids=(7, 8)))
+
+
+WORDS = [a + b for a, b in itertools.product(string.ascii_lowercase, repeat=2)][:79]
+
+
+@pytest.fixture(scope="module")
+def worded_artifact(tmp_path_factory):
+    """The tiny qwen3 with a word-level tokenizer of its 160 ids: each word of WORDS alone
+    (id 2k) and after a space (2k + 1, "Ġ" + word, as a byte-level BPE has it), <unk>, </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: 2 * k for k, w in enumerate(WORDS)} | {
+        "Ġ" + w: 2 * k + 1 for k, w in enumerate(WORDS)
+    }
+    raw = Tokenizer(models.WordLevel(vocab | {"<unk>": 158, "</s>": 159}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>")
+    out = tmp_path_factory.mktemp("worded") / "qwen3"
+    return kiln.compile(tiny_model("qwen3"), out, tokenizer=tok)
+
+
+def test_bad_words_never_appear_in_greedy_outputs(worded_artifact):
+    llm = kiln.LLM(worded_artifact, num_kv_blocks=64)
+    prompt = "aa ab ac"
+    base = llm.generate([prompt], greedy(24), use_tqdm=False)[0].outputs[0].token_ids
+    # the token greedy picks first, banned as its word: alone and after a space
+    word = WORDS[base[0] // 2]
+    [out] = llm.generate([prompt], replace(greedy(24), bad_words=[word]), use_tqdm=False)
+    ids = out.outputs[0].token_ids
+    assert len(ids) == 24 and ids[0] != base[0]
+    assert not {base[0] // 2 * 2, base[0] // 2 * 2 + 1} & set(ids)
+    # two words, the second after a space (as mid-text): banned right after the first only,
+    # so the output is greedy's up to the first word, then turns away from the second
+    i = next(i for i in range(1, 23) if base[i + 1] % 2 and base[i] not in base[:i])
+    pair = f" {WORDS[base[i] // 2]} {WORDS[base[i + 1] // 2]}"
+    [out] = llm.generate([prompt], replace(greedy(24), bad_words=[pair]), use_tqdm=False)
+    ids = out.outputs[0].token_ids
+    assert len(ids) == 24 and ids[: i + 1] == base[: i + 1] and ids[i + 1] != base[i + 1]
+    assert (base[i], base[i + 1]) not in set(itertools.pairwise(ids))
+    assert_idle(llm)
 
 
 def test_async_engine_keeps_a_closed_streams_id_until_its_request_is_aborted(artifact):

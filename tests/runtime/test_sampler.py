@@ -15,7 +15,7 @@ from runtime.sampler import (
     make_generator,
     sample,
 )
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import SamplingParams, resolve_bad_words
 
 
 @pytest.fixture(autouse=True)
@@ -270,6 +270,69 @@ def test_only_allowed_tokens_are_sampled(temperature):
         assert seen == {max(allowed, key=lambda t: logits[0, t])} | {
             max(allowed, key=lambda t: logits[1, t])
         }
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bad_words_ban_their_last_token_once_the_output_ends_with_the_rest(temperature):
+    vocab = 64
+    logits = torch.full((3, vocab), -20.0)
+    logits[:, [5, 9, 12, 20]] = torch.tensor([80.0, 60.0, 40.0, 20.0])  # 5, then 9, 12, 20
+    # 5: always banned; 9: after (30, 31) or (44, 45); 12: after 40 or (44, 45)
+    words = ((5,), (30, 31, 9), (40, 12), (44, 45, 12), (44, 45, 9))
+    params = SamplingParams(temperature=temperature, bad_words_token_ids=words)
+    cases = [  # the output so far, the tokens banned next, the token picked
+        ([], {5}, 9),  # the prompt ends with (30, 31): a word is matched in the output only
+        ([1, 30, 31], {5, 9}, 12),
+        ([30, 31, 40], {5, 12}, 9),  # ends with 40, no longer with (30, 31)
+        ([45], {5}, 9),  # a prefix's last token alone is not the prefix (44, 45)
+        ([7, 44, 45], {5, 9, 12}, 20),  # two words after the same prefix
+        ([44, 45, 1], {5}, 9),
+    ]
+    for output, bans, want in cases:
+        states = [
+            state(params, prompt=[30, 31], output=output, seed=1),
+            state(SamplingParams(temperature=temperature), output=[30, 31, 40]),
+            state(SamplingParams(temperature=temperature, bad_words_token_ids=((63,),))),
+        ]
+        processed = apply_penalties(logits, states)
+        assert set(torch.nonzero(processed[0] == -torch.inf).flatten().tolist()) == bans, output
+        torch.testing.assert_close(processed[1], logits[1])  # a row without bad words: as is
+        assert torch.nonzero(processed[2] != logits[2]).flatten().tolist() == [63]
+        for _ in range(10):  # sampled: 20 logits apart, the next best token is all but certain
+            assert [t.token_id for t in sample(logits, states)] == [want, 5, 5], output
+
+
+def test_bad_words_params_are_validated():
+    assert SamplingParams(bad_words=["a", " b"]).bad_words == ("a", " b")
+    ids = SamplingParams(bad_words_token_ids=[[1], [2, 3]]).bad_words_token_ids
+    assert ids == ((1,), (2, 3))
+    for words in ("a", ["a", ""], [" "], ["a", 3]):
+        with pytest.raises(ValueError, match="invalid bad_words: "):
+            SamplingParams(bad_words=words)
+    for ids in ([[]], [[1, -1]], [[1.0]], [[True]], [1, 2], ((1,), "2")):
+        with pytest.raises(ValueError, match="invalid bad_words_token_ids: "):
+            SamplingParams(bad_words_token_ids=ids)
+
+
+def test_bad_words_tokenize_as_vllm_does():
+    from conftest import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+
+    def ids(text):
+        return tuple(tok.encode(text, add_special_tokens=False))
+
+    params = resolve_bad_words(SamplingParams(bad_words=["hello", "  world"]), tok)
+    # each word alone (leading spaces stripped) and after a space: another first token
+    assert params.bad_words_token_ids == (ids("hello"), ids(" hello"), ids("world"), ids(" world"))
+    assert len(ids(" hello")) == 1 and ids(" hello") != ids("hello")
+    # after a space the word takes another number of tokens: vLLM keeps only the word alone
+    assert len(ids(" Kilns fire")) != len(ids("Kilns fire"))
+    kilns = resolve_bad_words(SamplingParams(bad_words=["Kilns fire"]), tok)
+    assert kilns.bad_words_token_ids == (ids("Kilns fire"),)
+    assert resolve_bad_words(params, tok) == params  # resolved again: each sequence once
+    with pytest.raises(ValueError, match="tokenizer"):
+        resolve_bad_words(SamplingParams(bad_words=["a"]), None)
 
 
 def test_logprobs_are_raw_log_softmax_with_ranks():

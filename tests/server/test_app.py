@@ -20,6 +20,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from conftest import smollm2_tokenizer
 from fake_engine import EngineDeadError, FakeEngine, echo_token
 from prometheus_client.parser import text_string_to_metric_families
@@ -404,7 +405,7 @@ def test_every_sampling_parameter_reaches_the_engine(client, engine) -> None:
         presence_penalty=0.4, frequency_penalty=-0.2, stop="END", logit_bias={"42": -50},
         user="someone",
         extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "ignore_eos": True,
-                    "min_tokens": 3, "stop_token_ids": [7]},
+                    "min_tokens": 3, "stop_token_ids": [7], "bad_words": ["spam", " eggs"]},
     )  # fmt: skip
     p = engine.calls[-1].params
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.top_k, p.min_p) == (
@@ -413,6 +414,7 @@ def test_every_sampling_parameter_reaches_the_engine(client, engine) -> None:
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.4, -0.2, 1.2)
     assert (p.stop, p.stop_token_ids, p.logit_bias) == (("END",), (7,), {42: -50.0})
     assert (p.ignore_eos, p.min_tokens, p.logprobs) == (True, 3, None)
+    assert p.bad_words == ("spam", " eggs")
 
 
 # --- token ids (vLLM's return_token_ids, return_tokens_as_token_ids) --------------------------
@@ -963,6 +965,156 @@ def test_auto_tool_calls_with_a_parser(tok, parser, said, content) -> None:
         out = client.chat.completions.create(**kw).choices[0]
         assert out.message.content == "No tool needed." and not out.message.tool_calls
         assert out.finish_reason == "stop"
+
+
+# --- CORS (vLLM's --allowed-origins, --allowed-methods, --allowed-headers) ---------------------
+
+
+PAGE = "http://page.example"
+
+
+def preflight(url: str, path: str, origin: str = PAGE, method: str = "POST",
+              headers: str = "authorization, content-type") -> tuple[int, dict]:  # fmt: skip
+    """A browser's CORS preflight, without the API key, as browsers send it: its status and
+    headers (names in lower case)."""
+    asked = {"Origin": origin, "Access-Control-Request-Method": method}
+    if headers:
+        asked["Access-Control-Request-Headers"] = headers
+    status, _, got = http(url, path, method="OPTIONS", key=None, headers=asked)
+    return status, {k.lower(): v for k, v in got.items()}
+
+
+def allowed_origin(headers: dict) -> str | None:
+    return {k.lower(): v for k, v in headers.items()}.get("access-control-allow-origin")
+
+
+def test_cors_by_default_answers_preflights_and_marks_every_response(url) -> None:
+    """vLLM's defaults (any origin, method and header): a browser page can call the API with
+    its key, and read the errors and the streams too."""
+    status, got = preflight(url, "/v1/chat/completions")
+    assert status == 200 and got["access-control-allow-origin"] == PAGE
+    assert "POST" in got["access-control-allow-methods"]
+    allowed = got["access-control-allow-headers"].lower().split(",")
+    assert {"authorization", "content-type"} <= {h.strip() for h in allowed}
+    # a model name holding "/" ({model:.+}), and the routes outside /v1
+    for path in ("/v1/models/org/model", "/health", "/tokenize"):
+        assert preflight(url, path, method="GET")[0] == 200, path
+    origin = {"Origin": PAGE}
+    body = {"model": NAME, "messages": HELLO, "max_tokens": 2}
+    status, _, headers = http(url, "/v1/chat/completions", body, headers=origin)
+    assert status == 200 and allowed_origin(headers) == PAGE
+    status, payload, headers = http(url, "/v1/chat/completions", body | {"stream": True},
+                                    headers=origin)  # fmt: skip
+    assert status == 200 and allowed_origin(headers) == PAGE
+    assert payload.endswith(b"data: [DONE]\n\n")
+    status, _, headers = http(url, "/v1/chat/completions", body, key=None, headers=origin)
+    assert status == 401 and allowed_origin(headers) == PAGE  # the page reads the 401
+    status, _, headers = http(url, "/v1/models/org/model", method="GET", headers=origin)
+    assert status == 404 and allowed_origin(headers) == PAGE
+    assert allowed_origin(http(url, "/v1/models", method="GET")[2]) is None  # no Origin: no CORS
+
+
+def test_cors_allows_only_the_origins_methods_and_headers_given(tok) -> None:
+    config = ServerConfig(
+        api_key=KEY, allowed_origins=(PAGE,), allowed_methods=("POST",),
+        allowed_headers=("Authorization",), allow_credentials=True,
+    )  # fmt: skip
+    with live_server(FakeEngine(tok), config) as base:
+        # Content-Type is always allowed (CORS-safelisted), as in vLLM's (Starlette's) CORS
+        status, got = preflight(base, "/v1/completions")
+        assert status == 200 and got["access-control-allow-origin"] == PAGE
+        assert got["access-control-allow-credentials"] == "true"
+        for refused in (
+            preflight(base, "/v1/completions", origin="http://other.example"),
+            preflight(base, "/v1/completions", method="DELETE"),
+            preflight(base, "/v1/models", method="GET"),
+            preflight(base, "/v1/completions", headers="authorization, x-other"),
+        ):
+            assert refused[0] == 403 and "access-control-allow-origin" not in refused[1]
+        status, payload, _ = http(base, "/v1/completions", method="OPTIONS", key=None,
+                                  headers={"Origin": "http://other.example",
+                                           "Access-Control-Request-Method": "POST"})  # fmt: skip
+        assert error_of(payload, 403)["message"].startswith("CORS preflight request failed")
+        body = {"prompt": FOX, "max_tokens": 2}
+        status, _, headers = http(base, "/v1/completions", body, headers={"Origin": PAGE})
+        assert status == 200 and allowed_origin(headers) == PAGE
+        assert {k.lower(): v for k, v in headers.items()}["access-control-allow-credentials"]
+        other = {"Origin": "http://other.example"}  # served: keeping its page out is the browser's
+        status, _, headers = http(base, "/v1/completions", body, headers=other)
+        assert status == 200 and allowed_origin(headers) is None
+
+
+def test_no_allowed_origins_is_no_cors(tok) -> None:
+    with live_server(FakeEngine(tok), ServerConfig(allowed_origins=())) as base:
+        assert preflight(base, "/v1/completions")[0] == 405
+        status, _, headers = http(base, "/v1/models", method="GET", headers={"Origin": PAGE})
+        assert status == 200 and allowed_origin(headers) is None
+
+
+def test_a_draining_server_answers_preflights_and_its_503s_reach_the_page(tok) -> None:
+    """A refused preflight would show the page a network error instead of the 503."""
+
+    async def main() -> tuple[int, int, str | None]:
+        app = create_app(FakeEngine(tok), ServerConfig(api_key=KEY))
+        app[STATE].draining = True
+        async with TestClient(TestServer(app)) as session:
+            asked = {"Origin": PAGE, "Access-Control-Request-Method": "POST"}
+            async with session.options("/v1/completions", headers=asked) as r:
+                answered = r.status
+            auth = {"Origin": PAGE, "Authorization": f"Bearer {KEY}"}
+            async with session.post("/v1/completions", json={"prompt": FOX}, headers=auth) as r:
+                return answered, r.status, r.headers.get("Access-Control-Allow-Origin")
+
+    assert asyncio.run(main()) == (200, 503, PAGE)
+
+
+# --- kiln run --chat-template -----------------------------------------------------------------
+
+
+TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant{% if loud %}!{% endif %}]{% endif %}"
+)
+
+
+def test_chat_template_replaces_the_tokenizers(tok) -> None:
+    engine = FakeEngine(tok)
+    own = tok.chat_template
+    with live_server(engine, ServerConfig(chat_template=TEMPLATE)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        client.chat.completions.create(model="smollm2-fake", messages=HELLO, max_tokens=2)
+        prompt = "[user] Say hello.\n[assistant]"
+        assert engine.calls[-1].prompt_token_ids == tok.encode(prompt, add_special_tokens=False)
+        # chat_template_kwargs are the variables of this template, which the tokenizer's lacks
+        kwargs = {"chat_template_kwargs": {"loud": True}}
+        client.chat.completions.create(model="smollm2-fake", messages=HELLO, max_tokens=2,
+                                       extra_body=kwargs)  # fmt: skip
+        loud = tok.encode("[user] Say hello.\n[assistant!]", add_special_tokens=False)
+        assert engine.calls[-1].prompt_token_ids == loud
+        _, body, _ = http(base, "/tokenize", {"messages": HELLO}, key=None)
+        assert json.loads(body)["tokens"] == tok.encode(prompt, add_special_tokens=False)
+        # the rest is the tokenizer's: text prompts, detokenizing
+        _, body, _ = http(base, "/tokenize", {"prompt": FOX}, key=None)
+        assert json.loads(body)["tokens"] == tok.encode(FOX)
+        r = client.completions.create(model="smollm2-fake", prompt=FOX, max_tokens=2)
+        assert r.choices[0].text == " ".join(FOX.split()[:2])
+    assert tok.chat_template == own  # the engine's tokenizer is left as it was
+
+
+@pytest.mark.parametrize("template", ["{% if %}", "{{ raise_exception('no system turns') }}"])
+def test_a_chat_template_that_fails_is_a_400(tok, template) -> None:
+    config = ServerConfig(served_model_name=NAME, chat_template=template)
+    with live_server(FakeEngine(tok), config) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="cannot apply the chat template"):
+            client.chat.completions.create(model=NAME, messages=HELLO)
+        assert_serving(client)
+
+
+def test_a_chat_template_needs_a_tokenizer() -> None:
+    engine = FakeEngine(None, max_model_len=64, vocab_size=1000)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        create_app(engine, ServerConfig(chat_template=TEMPLATE))
 
 
 # --- a token-id-only model, and shutdown ------------------------------------------------------

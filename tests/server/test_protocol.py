@@ -281,6 +281,21 @@ def test_vocabulary_checked_params_are_400(info: ModelInfo, fields: dict, param:
         assert refused(parse, body | fields, info).param == param
 
 
+def test_bad_words_are_read_as_strings_for_the_engine(caplog, info: ModelInfo) -> None:
+    for parse, body in ((parse_completion, completion()), (parse_chat, chat())):
+        fields = {"bad_words": ["hello", " big world"]}
+        assert logged_ignored(caplog, parse, body | fields, info) == []
+        params = parse(body | fields, info).prompts[0].params
+        assert params.bad_words == ("hello", " big world")
+        assert params.bad_words_token_ids == ()  # the engine tokenizes them
+        for value in (None, []):
+            assert parse(body | {"bad_words": value}, info).prompts[0].params.bad_words == ()
+        for value in ("hello", {"a": 1}, 5, ["hello", 5], [["hello"]], ["ok", ""], [" "]):
+            error = refused(parse, body | {"bad_words": value}, info)
+            assert error.param == "bad_words", value
+            assert "bad_words" in error.message, error.message
+
+
 # --- other refusals ---------------------------------------------------------------------------
 
 
@@ -390,6 +405,7 @@ SAMPLING = {
     "repetition_penalty": 1.1, "top_k": 5, "seed": 1, "n": 1, "min_tokens": 0,
     "ignore_eos": False, "include_stop_str_in_output": False, "skip_special_tokens": True,
     "stop": ["zz"], "stop_token_ids": [1], "logit_bias": {"5": 1}, "allowed_token_ids": None,
+    "bad_words": ["zz"],
     "response_format": None, "structured_outputs": None, "guided_json": None,
     "guided_regex": None, "guided_choice": None, "guided_grammar": None,
     "truncate_prompt_tokens": 30, "return_token_ids": True, "return_tokens_as_token_ids": True,
