@@ -102,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--max-model-len", type=int, help="longest sequence served (default: the model's)"
     )
+    c.add_argument(
+        "--block-size",
+        type=int,
+        choices=[8, 16, 32],
+        default=16,
+        help="tokens a KV-cache block holds (default 16)",
+    )
     c.add_argument("--dump-ir", type=Path, metavar="DIR", help="write the IR after each pass")
     c.add_argument(
         "--tensor-parallel-size", type=int, default=1, metavar="N", help="shard over N GPUs"
@@ -276,6 +283,7 @@ def _compile(args) -> None:
         args.dtype,
         args.target,
         args.max_model_len,
+        block_size=args.block_size,
         dump_ir=args.dump_ir,
         tensor_parallel_size=args.tensor_parallel_size,
         arch=args.arch,

@@ -44,6 +44,22 @@ def test_user_mistakes_are_one_line_errors(model, tmp_path, caplog):
         fails(caplog, ["generate", str(artifact), "hi", "--device", "cuda"], "needs a CUDA GPU")
 
 
+def test_compile_block_size_reaches_the_artifact_and_the_engine(model, tmp_path, capsys):
+    src, _ = model
+    out = tmp_path / "b32"
+    assert main(["compile", str(src), "-o", str(out), "--block-size", "32"]) == 0
+    llm = kiln.LLM(out)
+    assert llm.engine.runner.block_size == 32
+    # a 40-token prompt spans two blocks; greedy as at the default block size
+    prompt = list(range(3, 43))
+    params = kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ours = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    assert ours == kiln.LLM(model[1]).generate([prompt], params, use_tqdm=False)[0].token_ids
+    with pytest.raises(SystemExit):
+        main(["compile", str(src), "-o", str(tmp_path / "b12"), "--block-size", "12"])
+    assert "invalid choice: 12" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, enabled", [([], True), (["--no-enable-prefix-caching"], False)])
 def test_prefix_caching_is_on_unless_turned_off(model, flag, enabled):
     from kiln.cli import _engine_config, _load_engine, parser

@@ -215,6 +215,14 @@ def test_sliding_window_and_softcap():
     check_attention(DECODE, "float16", rope=True, window=5, softcap=2.0, blocks=MANY)
 
 
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_blocks_of_32_tokens(prefill):
+    """`kiln compile --block-size 32`: contexts within one block, across two, and chunks
+    that start mid-block."""
+    case = Case(4, 2, 8, 32, chunks=((5, 0), (1, 40), (3, 33)) if prefill else ((1, 40), (1, 3)))
+    check_attention(case, "float32", rope=True, prefill=prefill)
+
+
 def test_multi_head_attention_and_several_tiles():
     # a 40-token context takes several rounds of key chunks over the warps
     case = Case(2, 2, 16, 8, chunks=((1, 39), (1, 1)))
