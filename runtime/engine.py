@@ -6,26 +6,25 @@ on them before they are read back, so the host's work overlaps the GPU's. A call
 then returns the previous step's tokens; a sequence that ends on one has run one step more
 than it needed, and that step's token is dropped. Logprobs come back with the tokens; a
 grammar (structured outputs) takes its sequence's token as it lands, which is before the
-next step samples.
+next step samples. A request's state, stop checks and updates: `runtime.requests`.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compiler.artifact import Artifact, load_artifact
 from runtime.config import EngineConfig
-from runtime.detokenizer import IncrementalDetokenizer
 from runtime.model_runner import make_runner, max_model_len
-from runtime.outputs import CompletionOutput, Logprob, RequestOutput, RequestTimes
+from runtime.outputs import CompletionOutput, RequestOutput
+from runtime.requests import Request, decode_logprobs, make_detokenizer, step_outputs
 from runtime.sampler import (
     Ranked,
     SampledToken,
@@ -42,48 +41,6 @@ from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Schedu
 from runtime.sequence import Sequence, pending
 from runtime.stats import ITERATION_TOKENS_BUCKETS
 from runtime.structured import Grammars
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    states: list[SamplingState]
-    detoks: list[IncrementalDetokenizer | None]
-    stop_reasons: list[int | str | None] = field(default_factory=list)
-    # params.prompt_logprobs: one entry per prompt token scored so far (None: the first);
-    # whichever of the request's sequences reaches a position first scores it
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    prompt_logprobs_sent: bool = False
-    first_token: float | None = None  # time.monotonic() when its first token was output
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
-
-    def times(self, now: float) -> RequestTimes:
-        """Its phases, its last token output `now`. Each of its sequences was scheduled: each
-        ended on a token of its own."""
-        scheduled = min(s.first_scheduled for s in self.seqs)
-        return RequestTimes(
-            scheduled - self.seqs[0].arrival_time,
-            self.first_token - scheduled,
-            now - self.first_token,
-        )
-
-    def take_prompt_logprobs(self) -> list[dict[int, Logprob] | None] | None:
-        """The prompt logprobs, once: when all are scored (by a sequence's first token)."""
-        done = self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(
-            self.prompt_token_ids
-        )
-        if not done or self.prompt_logprobs_sent:
-            return None
-        self.prompt_logprobs_sent = True
-        return self.prompt_logprobs
 
 
 @dataclass(slots=True)
@@ -120,7 +77,7 @@ class Engine:
         )
         self.async_scheduling = _async_scheduling(config, self.runner)
         self._in_flight: _InFlight | None = None
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_computed_tokens = 0  # tokens run through the model (prefix hits excluded)
         self.num_prompt_tokens = 0  # prompts' tokens, each counted at its request's first token
@@ -180,7 +137,7 @@ class Engine:
             for i in range(params.n)
         ]
         device = self.runner.device
-        request = _Request(
+        request = Request(
             request_id,
             prompt,
             list(prompt_token_ids),
@@ -196,7 +153,7 @@ class Engine:
                 )
                 for i, seq in enumerate(seqs)
             ],
-            [self._detokenizer(prompt_token_ids, params) for _ in seqs],
+            [make_detokenizer(self.tokenizer, prompt_token_ids, params) for _ in seqs],
             [None] * len(seqs),
             None if params.prompt_logprobs is None else [None],
         )
@@ -218,11 +175,6 @@ class Engine:
             if self.grammars is None:
                 self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         return self.grammars
-
-    def _detokenizer(self, prompt_token_ids, params) -> IncrementalDetokenizer | None:
-        if self.tokenizer is None:
-            return None
-        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
 
     def close(self) -> None:
         """Abort what is in flight and release the runner (TP worker processes)."""
@@ -315,7 +267,7 @@ class Engine:
             scored[seq.request_id] = max(done, end + 1)
             row += chunk.prompt_logits
         entries = prompt_logprobs(logits, picked, tokens, top)
-        self._decode_all(entries)
+        decode_logprobs(self.tokenizer, entries)
         for request, entry in zip(owners, entries, strict=True):
             request.prompt_logprobs.append(entry)
         for request_id in scored:  # scored in full: the request's prompt may come from cache
@@ -347,106 +299,20 @@ class Engine:
         live = [i for i, seq in enumerate(request.seqs) if not seq.is_finished]
         self.scheduler.abort(request_id)
         outs = [  # samples that had finished keep the finish reason they were sent
-            CompletionOutput(i, text=self._take_text(request, i), finish_reason="abort")
-            for i in live
+            CompletionOutput(i, text=request.take_text(i), finish_reason="abort") for i in live
         ]
-        return self._request_output(request, outs, request.finished)
+        return request.output(outs, request.finished)
 
     def _outputs(self, seqs: list[Sequence], tokens: list[SampledToken]) -> list[RequestOutput]:
         """One update per request, its sequences' deltas in batch order; ended requests go."""
-        self._decode_all([t.logprobs for t in tokens if t.logprobs is not None])
+        decode_logprobs(self.tokenizer, [t.logprobs for t in tokens if t.logprobs is not None])
         now = time.monotonic()
         self.num_generation_tokens += len(seqs)
-        updates: dict[str, RequestOutput] = {}
-        for seq, token in zip(seqs, tokens, strict=True):
-            request = self.requests[seq.request_id]
-            out = self._completion(request, seq, token)
-            # Only a sequence that just ended can end its request: the scan over the
-            # request's sequences runs only then.
-            finished = seq.is_finished and request.finished
-            update = updates.get(seq.request_id)
-            if update is None:
-                update = updates[seq.request_id] = self._request_output(request, [out], finished)
-                if request.first_token is None:
-                    request.first_token = now
-                    self.num_prompt_tokens += len(request.prompt_token_ids)
-            else:
-                update.outputs.append(out)
-                update.finished = finished
-            if finished:
-                update.times = request.times(now)
-                del self.requests[seq.request_id]
-        return list(updates.values())
-
-    def _completion(
-        self, request: _Request, seq: Sequence, token: SampledToken
-    ) -> CompletionOutput:
-        """The seq's delta for its new token, after checking whether that token ends it."""
-        self._check_stop(request, seq, token.token_id)
-        return CompletionOutput(
-            seq.index,
-            self._take_text(request, seq.index),
-            [token.token_id],
-            None if token.logprobs is None else [token.logprobs],
-            seq.finish_reason,
-            request.stop_reasons[seq.index],
+        updates, num_prompt_tokens = step_outputs(
+            self.requests, seqs, tokens, now, self.eos_token_ids, self.scheduler.finish
         )
-
-    def _request_output(
-        self, request: _Request, outs: list[CompletionOutput], finished: bool
-    ) -> RequestOutput:
-        return RequestOutput(
-            request.request_id,
-            request.prompt,
-            request.prompt_token_ids,
-            outs,
-            finished,
-            request.seqs[0].num_cached_tokens,
-            request.take_prompt_logprobs(),
-        )
-
-    def _check_stop(self, request: _Request, seq: Sequence, token: int) -> None:
-        params, detok = seq.params, request.detoks[seq.index]
-        state = request.states[seq.index]
-        state.accept(token)
-        # a grammar allows a stop token only where it may end: there it ends the output,
-        # ignore_eos or not
-        eos = token in self.eos_token_ids and (not params.ignore_eos or state.matcher is not None)
-        by_token = eos or token in params.stop_token_ids
-        # as in vLLM, a stop token's own text is output only with include_stop_str_in_output
-        text = detok is not None and (not by_token or params.include_stop_str_in_output)
-        stop_string = detok.add(token) if text else None
-        reason, why = None, None
-        if state.grammar_refused:
-            log.warning("request %s: its grammar allowed no token; ending it", seq.request_id)
-            reason = "stop"
-        elif eos:
-            reason = "stop"
-        elif by_token:
-            reason, why = "stop", token
-        elif stop_string is not None:
-            reason, why = "stop", stop_string
-        # No max_model_len check: add() admits only prompt + max_tokens <= max_model_len.
-        elif seq.num_output_tokens >= params.max_tokens:
-            reason = "length"
-        if reason is not None:
-            request.stop_reasons[seq.index] = why
-            self.scheduler.finish(seq, reason)
-
-    def _take_text(self, request: _Request, index: int) -> str:
-        detok = request.detoks[index]
-        if detok is None:
-            return ""
-        return detok.take_delta(finished=request.seqs[index].is_finished)
-
-    def _decode_all(self, entries: list[dict[int, Logprob]]) -> None:
-        """Each Logprob's token text, decoded alone, in one call to the tokenizer."""
-        if self.tokenizer is None or not entries:
-            return
-        flat = [(token_id, lp) for entry in entries for token_id, lp in entry.items()]
-        texts = self.tokenizer.batch_decode([[token_id] for token_id, _ in flat])
-        for (_, lp), text in zip(flat, texts, strict=True):
-            lp.decoded_token = text
+        self.num_prompt_tokens += num_prompt_tokens
+        return updates
 
     def stats(self) -> dict:
         """The scheduler's state now, and running totals (tokens, steps, preemptions)."""
