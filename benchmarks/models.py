@@ -133,12 +133,13 @@ def in_memory_artifact(model, name: str, workdir, target: str = "cuda", **option
 def sharded_artifact(model, name: str, out, tensor_parallel_size: int, target: str = "cuda"):
     """Compile `model` for `tensor_parallel_size` ranks and write the whole artifact to `out`
     (each other rank's process loads its weights from there); rank 0's are kept in host memory."""
-    from compiler.artifact import Artifact, write_artifact
+    from compiler.artifact import Artifact, read_manifest, write_artifact
 
     built = _build(model, name, target=target, tensor_parallel_size=tensor_parallel_size)
     write_artifact(Path(out), built.manifest, built.graph, built.weights, extra_files=built.files)
     weights = {k: v.cpu() for k, v in built.weights[0].items()}  # as if loaded from `out`
-    return Artifact(Path(out), built.manifest, built.graph, weights)
+    # the manifest as written, with the files it lists (the loader reads only kernels there)
+    return Artifact(Path(out), read_manifest(Path(out)), built.graph, weights)
 
 
 def _build(model, name: str, **options):

@@ -46,7 +46,7 @@ class CompileOptions:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if not re.fullmatch(r"sm_\d+\d", self.arch):
+        if not re.fullmatch(r"sm_\d{2,}", self.arch):
             raise ValueError(f"arch must look like sm_90, got {self.arch!r}")
 
 

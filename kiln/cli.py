@@ -376,6 +376,8 @@ def _run(args) -> int:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
     if args.tool_call_parser and not args.enable_auto_tool_choice:
         log.warning("--tool-call-parser reads calls only with --enable-auto-tool-choice")
+    if args.chat_template is not None and not (args.artifact / "tokenizer").is_dir():
+        raise ValueError("a chat template needs a tokenizer, and this model has none")
     core = _start_engine(args)  # an engine process loads while the server's modules import
     import asyncio
 

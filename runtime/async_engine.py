@@ -70,8 +70,8 @@ class EngineLoop:
     def run(self) -> BaseException | None:
         """Until told to stop; what killed the loop, if something did."""
         error = None
-        stats_log = StatsLogger(self.engine.stats, time.monotonic())
         try:
+            stats_log = StatsLogger(self.engine.stats, time.monotonic())
             while self._run_commands(block=not self.engine.has_unfinished()):
                 self.sink([(u.request_id, u) for u in self.engine.step()])
                 stats_log.tick(time.monotonic())  # an idle loop comes by every 0.5 s

@@ -84,7 +84,9 @@ def _malformed(path: Path, what: str) -> ArtifactError:
 def cubin_paths(artifact: Artifact) -> dict[str, Path]:
     """Kernel name -> its cubin, for each kernel of the (checked) kernels section: a plain
     file name, whose kernels/{name}.cubin is among the manifest's checksummed files."""
-    files = artifact.manifest["files"]
+    files = artifact.manifest.get("files")
+    if not isinstance(files, dict):
+        raise _malformed(artifact.path, "it lists no checksummed files")
     paths = {}
     for name in artifact.manifest["kernels"]["kernels"]:
         if not PLAIN_NAME.fullmatch(name):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from compiler.artifact import Artifact, load_artifact
+from runtime.bad_words import resolve_bad_words
 from runtime.config import EngineConfig
 from runtime.model_runner import make_runner, max_model_len
 from runtime.outputs import CompletionOutput, RequestOutput
@@ -36,7 +37,7 @@ from runtime.sampler import (
     sample_ids,
     sampled_logprobs,
 )
-from runtime.sampling_params import SamplingParams, StructuredOutputs, resolve_bad_words
+from runtime.sampling_params import SamplingParams, StructuredOutputs
 from runtime.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime.sequence import Sequence, pending
 from runtime.stats import ITERATION_TOKENS_BUCKETS
@@ -125,6 +126,8 @@ class Engine:
             raise ValueError(
                 "allowed_token_ids: each one ends the output, which min_tokens forbids at first"
             )
+        if allowed and allowed <= {w[0] for w in params.bad_words_token_ids if len(w) == 1}:
+            raise ValueError("allowed_token_ids: bad_words ban each one")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         spec = params.structured_outputs

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from runtime.bad_words import BadWords
 from runtime.outputs import Logprob
 from runtime.sampling_params import SamplingParams
 from runtime.structured import allowed
@@ -31,18 +32,11 @@ class SamplingState:
     plain_greedy: bool = field(init=False)
     # allowed_token_ids as a mask of the tokens it may not pick, made at its first step
     banned: torch.Tensor | None = field(init=False, default=None)
-    # bad_words_token_ids: the one-token words' tokens, banned at every step; and the longer
-    # words by the last token of their prefix: {prefix[-1]: [(prefix, token banned after it)]}
-    bad_tokens: list[int] = field(init=False, default_factory=list)
-    bad_after: dict[int, list[tuple[list[int], int]]] = field(init=False, default_factory=dict)
+    bad_words: BadWords | None = field(init=False)  # its params' bad_words_token_ids
 
     def __post_init__(self) -> None:
         p = self.params
-        for *prefix, token in dict.fromkeys(p.bad_words_token_ids):
-            if prefix:
-                self.bad_after.setdefault(prefix[-1], []).append((prefix, token))
-            else:
-                self.bad_tokens.append(token)
+        self.bad_words = BadWords(p.bad_words_token_ids) if p.bad_words_token_ids else None
         self.plain_greedy = (
             p.greedy
             and not p.logit_bias
@@ -54,20 +48,6 @@ class SamplingState:
             and p.min_tokens == 0
             and self.matcher is None
         )
-
-    def bad_words_banned(self) -> list[int]:
-        """The tokens its bad words ban next: each one-token word's, and the last token of each
-        longer word whose other tokens end the output (only the output: as in vLLM, a word is
-        not matched across the prompt's end)."""
-        out = self.output_token_ids
-        after = self.bad_after.get(out[-1], ()) if out else ()
-        if not after:
-            return self.bad_tokens
-        return self.bad_tokens + [
-            token
-            for prefix, token in after
-            if len(prefix) <= len(out) and out[len(out) - len(prefix) :] == prefix
-        ]
 
     def accept(self, token: int) -> None:
         """The engine's word that `token` is the sequence's next: its grammar moves past it
@@ -357,9 +337,9 @@ def _allow_only(logits: torch.Tensor, states: list[SamplingState]) -> None:
 def _ban_bad_words(logits: torch.Tensor, states: list[SamplingState]) -> None:
     """Rows with bad words: -inf for each token that would complete one (its prefix ending
     the output so far)."""
-    if not any(s.params.bad_words_token_ids for s in states):
+    if not any(s.bad_words for s in states):
         return
-    banned = [s.bad_words_banned() if s.params.bad_words_token_ids else [] for s in states]
+    banned = [s.bad_words.banned(s.output_token_ids) if s.bad_words else [] for s in states]
     if any(banned):
         logits[_rows_tokens(banned, logits.device)] = -torch.inf
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 # below it sampling is greedy, as in vLLM: logits / temperature would overflow float32
@@ -168,29 +167,3 @@ def _check_bad_words(params: SamplingParams) -> None:
     ):
         raise ValueError(f"invalid bad_words_token_ids: {sequences!r} (must be {rule})")
     object.__setattr__(params, "bad_words_token_ids", tuple(tuple(ids) for ids in sequences))
-
-
-def bad_word_token_ids(word: str, tokenizer: Any) -> list[tuple[int, ...]]:
-    """The token-id sequences that ban `word`, as vLLM makes them: the word (leading spaces
-    stripped) encoded without special tokens; and the word after a space (as it comes
-    mid-text, where a tokenizer folds the space into the first token), kept only when that
-    makes another first token and the same number of tokens."""
-    alone = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
-    if not alone:
-        raise ValueError(f"invalid bad_words: {word!r} encodes to no token")
-    spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-    if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
-        return [alone, spaced]
-    return [alone]
-
-
-def resolve_bad_words(params: SamplingParams, tokenizer: Any) -> SamplingParams:
-    """`params` with its bad_words' token-id sequences added to bad_words_token_ids (each
-    sequence once, so resolving again changes nothing); ValueError without a tokenizer."""
-    if not params.bad_words:
-        return params
-    if tokenizer is None:
-        raise ValueError("bad_words need a tokenizer, and this model has none")
-    resolved = [ids for word in params.bad_words for ids in bad_word_token_ids(word, tokenizer)]
-    merged = tuple(dict.fromkeys([*params.bad_words_token_ids, *resolved]))
-    return replace(params, bad_words_token_ids=merged)

@@ -47,7 +47,7 @@ class StatsLogger:
         self.last_time = now
 
     def tick(self, now: float) -> None:
-        if now - self.last_time < self.interval:
+        if now - self.last_time < self.interval or now == self.last_time:
             return
         stats = self.stats()
         line = stats_line(self.last, stats, now - self.last_time)

@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aiohttp_cors
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from runtime.outputs import RequestOutput
 from runtime.token_bytes import token_bytes
-from server import protocol, responses
+from server import protocol, responses, token_requests
 from server.chat import TemplatedTokenizer
+from server.cors import allow_cors, is_preflight
 from server.fields import ProtocolError, parse_body
 from server.metrics import Metrics
 from server.protocol import GenerateRequest, ModelInfo
@@ -101,7 +101,8 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
     app.router.add_route("POST", "/ping", _health)
     app.router.add_get("/version", _version)
     app.router.add_get("/metrics", _metrics)
-    _allow_cors(app, config)
+    allow_cors(app, config.allowed_origins, config.allowed_methods, config.allowed_headers,
+               config.allow_credentials)  # fmt: skip
     return app
 
 
@@ -113,28 +114,6 @@ def _tokenizer(tokenizer: Any, chat_template: str | None) -> Any:
         raise ValueError("a chat template needs a tokenizer, and this model has none")
     logger.info("chat requests use the given chat template, not the tokenizer's")
     return TemplatedTokenizer(tokenizer, chat_template)
-
-
-# the request headers CORS always lets through (Starlette's, which vLLM's CORS is)
-SAFELISTED_HEADERS = ("Accept", "Accept-Language", "Content-Language", "Content-Type")
-
-
-def _allow_cors(app: web.Application, config: ServerConfig) -> None:
-    """CORS on every route (aiohttp-cors): preflights from the allowed origins answered,
-    and every response to such an origin, errors and streams too, readable by its page."""
-    if not config.allowed_origins:
-        return
-    headers = config.allowed_headers
-    options = aiohttp_cors.ResourceOptions(
-        allow_credentials=config.allow_credentials,
-        allow_headers="*" if "*" in headers else (*headers, *SAFELISTED_HEADERS),
-        allow_methods="*" if "*" in config.allowed_methods else config.allowed_methods,
-    )
-    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(config.allowed_origins, options))
-    # whole resources, not routes: a route's own entry would allow its method whatever
-    # allow_methods says
-    for resource in list(app.router.resources()):
-        cors.add(resource)
 
 
 def _error_body(exc: ProtocolError) -> dict:
@@ -175,7 +154,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
     """503 while draining, 401 without the API key on /v1/*; a CORS preflight passes: it
     carries no key, and a refused one would hide the real request's status from the page."""
-    if _preflight(request):
+    if is_preflight(request):
         return await handler(request)
     state = request.app[STATE]
     if state.draining and request.path != "/metrics":
@@ -185,13 +164,6 @@ async def _gate(request: web.Request, handler: Any) -> web.StreamResponse:
     if key is not None and guarded and not _authorized(request.headers.get("Authorization"), key):
         raise ProtocolError(401, "invalid or missing API key")
     return await handler(request)
-
-
-def _preflight(request: web.Request) -> bool:
-    return (
-        request.method == hdrs.METH_OPTIONS
-        and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
-    )
 
 
 def _authorized(header: str | None, key: str) -> bool:
@@ -227,7 +199,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 async def _tokenize(request: web.Request) -> web.Response:
     info = request.app[STATE].info
-    req = protocol.parse_tokenize(await _read_json(request), info)
+    req = token_requests.parse_tokenize(await _read_json(request), info)
     ids = req.token_ids
     body = {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
     if req.token_strs:  # the tokenizer's own strings ("Ġquick"), as vLLM's
@@ -237,7 +209,7 @@ async def _tokenize(request: web.Request) -> web.Response:
 
 async def _detokenize(request: web.Request) -> web.Response:
     info = request.app[STATE].info
-    ids = protocol.parse_detokenize(await _read_json(request), info)
+    ids = token_requests.parse_detokenize(await _read_json(request), info)
     return web.json_response({"prompt": info.tokenizer.decode(ids)})
 
 

@@ -197,12 +197,10 @@ def test_a_chat_template_for_a_model_without_a_tokenizer_fails_the_start(
 ):
     from kiln import cli
 
-    start, cores = cli._start_engine, []
-    monkeypatch.setattr(cli, "_start_engine", lambda args: cores.append(start(args)) or cores[0])
-    try:  # the tiny model's artifact has no tokenizer
-        fails(caplog, ["run", str(model[1]), "--engine-thread", "--chat-template", "{{ 1 }}"],
-              "a chat template needs a tokenizer, and this model has none")  # fmt: skip
-    finally:
-        for core in cores:
-            core.put(("stop",))
-            core.join(10)
+    def started(args):
+        raise AssertionError("the engine started")
+
+    monkeypatch.setattr(cli, "_start_engine", started)  # refused before the model loads
+    # the tiny model's artifact has no tokenizer
+    fails(caplog, ["run", str(model[1]), "--chat-template", "{{ 1 }}"],
+          "a chat template needs a tokenizer, and this model has none")  # fmt: skip

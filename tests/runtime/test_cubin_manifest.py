@@ -84,6 +84,9 @@ def test_kernels_whose_cubin_is_not_checksummed_are_refused(tmp_path):
     artifact = cuda_artifact(tmp_path, files={"graph.json": "0" * 64})
     with pytest.raises(ArtifactError, match=f"kernels/{NAME}.cubin is not among its checksummed"):
         cubin_paths(artifact)
+    del artifact.manifest["files"]  # an artifact built in memory, its files never listed
+    with pytest.raises(ArtifactError, match="it lists no checksummed files"):
+        cubin_paths(artifact)
 
 
 def test_a_cubin_the_driver_refuses_says_to_recompile(tmp_path, monkeypatch):

@@ -218,6 +218,10 @@ def test_ids_outside_the_vocabulary_and_stop_strings_without_tokenizer_are_refus
         ("tokenizer", kiln.SamplingParams(stop=["a"])),
         ("tokenizer", kiln.SamplingParams(bad_words=["a"])),
         ("bad_words", kiln.SamplingParams(bad_words_token_ids=[[1, vocab]])),
+        (
+            "bad_words ban each one",
+            kiln.SamplingParams(allowed_token_ids=[5, 6], bad_words_token_ids=[[5], [6], [7, 8]]),
+        ),
     ):
         with pytest.raises(ValueError, match=field):
             llm.generate([[1, 2, 3]], params, use_tqdm=False)

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from runtime.bad_words import resolve_bad_words
 from runtime.sampler import (
     SamplingState,
     apply_filters,
@@ -15,7 +16,7 @@ from runtime.sampler import (
     make_generator,
     sample,
 )
-from runtime.sampling_params import SamplingParams, resolve_bad_words
+from runtime.sampling_params import SamplingParams
 
 
 @pytest.fixture(autouse=True)

@@ -12,14 +12,8 @@ from conftest import smollm2_tokenizer
 
 from runtime.sampling_params import SamplingParams, StructuredOutputs
 from server.fields import ProtocolError, parse_body
-from server.protocol import (
-    ModelInfo,
-    chat_prompt,
-    parse_chat,
-    parse_completion,
-    parse_detokenize,
-    parse_tokenize,
-)
+from server.protocol import ModelInfo, chat_prompt, parse_chat, parse_completion
+from server.token_requests import parse_detokenize, parse_tokenize
 from server.tool_parsers import HermesCalls, Llama3JsonCalls
 
 MAX_LEN = 64
