@@ -31,6 +31,7 @@ from server.responses import Meta, Piece, Pieces
 logger = logging.getLogger(__name__)
 
 Update = tuple[int, RequestOutput]  # (prompt index, engine update)
+HEADERS_WAIT_S = 1.0  # a stream's headers wait this long at most for the engine's first word
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,9 +317,21 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     async with contextlib.aclosing(updates):
         if not req.stream:
             return await _collect(meta, pieces, updates)
-        # the first update comes before the headers, so a refused request gets its own status
-        first = await anext(updates, None)
-        return await _stream(request, meta, pieces, first, updates)
+        # the headers wait for the engine's first word up to HEADERS_WAIT_S, so a refused
+        # request gets its own status; one that waits longer (queued, its grammar compiling)
+        # gets them then, as vLLM sends them at once, and what comes after as chunks
+        first = asyncio.ensure_future(anext(updates, None))
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(first), HEADERS_WAIT_S)
+            if first.done():
+                first.result()  # a refusal raises here, before any header is sent
+            return await _stream(request, meta, pieces, first, updates)
+        finally:  # the client left before the first update: stop waiting for it
+            if not first.done():
+                first.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await first
 
 
 async def _collect(meta: Meta, pieces: Pieces, updates: AsyncIterator[Update]) -> web.Response:
@@ -361,7 +374,7 @@ async def _stream(
     request: web.Request,
     meta: Meta,
     pieces: Pieces,
-    first: Update | None,
+    first: asyncio.Future[Update | None],
     updates: AsyncIterator[Update],
 ) -> web.StreamResponse:
     req = pieces.req
@@ -399,8 +412,8 @@ async def _stream(
                     meta, piece, req.include_usage, role=True, prompt_ids=prompt_ids, usage=usage
                 )
                 await response.write(responses.sse(role))
-        if first is not None:
-            await send(first)
+        if (update := await first) is not None:
+            await send(update)
         async for update in updates:
             await send(update)
         if req.include_usage:

@@ -845,6 +845,29 @@ def test_error_mid_stream_is_an_error_chunk_then_done(url, client, engine) -> No
     assert_serving(client)
 
 
+def test_a_slow_first_token_does_not_hold_back_a_streams_headers(url, engine, monkeypatch):
+    """The headers wait HEADERS_WAIT_S at most for the engine's first word: a refusal within
+    it keeps its own status, a slow first token (queued, a grammar compiling) gets the headers
+    first, as vLLM sends them at once."""
+    import server.app
+
+    monkeypatch.setattr(server.app, "HEADERS_WAIT_S", 0.05)
+    engine.token_delay = 0.5
+    body = json.dumps({"messages": HELLO, "max_tokens": 2, "stream": True}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", body, headers)
+    start = time.monotonic()
+    with urllib.request.urlopen(request, timeout=10) as r:
+        answered = time.monotonic() - start
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        events = r.read().decode().split("\n\n")
+    assert answered < 0.4 < time.monotonic() - start  # headers long before the tokens
+    assert events[-2:] == ["data: [DONE]", ""] and len(engine.calls) == 1
+    engine.fail = ValueError("prompt too long for this test")  # a refusal within the wait
+    status, payload, _ = http(url, "/v1/chat/completions", json.loads(body))
+    assert status == 400 and "too long" in error_of(payload, 400)["message"]
+
+
 def test_engine_death_mid_stream_is_a_503_chunk_then_done(url, client, engine) -> None:
     engine.die_after = 2
     body = {"prompt": FOX, "max_tokens": 8, "stream": True}
