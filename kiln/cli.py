@@ -157,29 +157,19 @@ def parser() -> argparse.ArgumentParser:
         help="the Jinja chat template for chat requests (and /tokenize's messages), in place "
         "of the tokenizer's: a file's path, or the template itself",
     )
-    r.add_argument(
-        "--allowed-origins",
-        type=json_list,
-        default=("*",),
-        metavar="JSON",
-        help="CORS: the origins whose pages may call the server, as a JSON list, e.g. "
-        '\'["http://localhost:3000"]\' (default ["*"]: any; []: none)',
-    )
-    r.add_argument(
-        "--allowed-methods",
-        type=json_list,
-        default=("*",),
-        metavar="JSON",
-        help='CORS: the methods they may use, as a JSON list (default ["*"]: any)',
-    )
-    r.add_argument(
-        "--allowed-headers",
-        type=json_list,
-        default=("*",),
-        metavar="JSON",
-        help='CORS: the request headers they may send, as a JSON list (default ["*"]: any; '
-        "Accept, Accept-Language, Content-Language and Content-Type always)",
-    )
+    for flag, what in (
+        ("--allowed-origins", "the origins whose pages may call the server"),
+        ("--allowed-methods", "the methods they may use"),
+        ("--allowed-headers", "the request headers they may send (Accept, Accept-Language, "
+         "Content-Language and Content-Type always)"),
+    ):  # fmt: skip
+        r.add_argument(
+            flag,
+            type=json_list,
+            default=("*",),
+            metavar="JSON",
+            help=f'CORS: {what}, as a JSON list (default ["*"]: any; []: none)',
+        )
     r.add_argument(
         "--allow-credentials",
         action="store_true",

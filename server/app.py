@@ -17,11 +17,11 @@ from typing import Any
 
 from aiohttp import web
 
-from runtime.outputs import RequestOutput
 from runtime.token_bytes import token_bytes
 from server import protocol, responses, token_requests
 from server.chat import TemplatedTokenizer
 from server.cors import allow_cors, is_preflight
+from server.engine_updates import Update, request_updates
 from server.fields import ProtocolError, parse_body
 from server.metrics import Metrics
 from server.protocol import GenerateRequest, ModelInfo
@@ -30,7 +30,6 @@ from server.responses import Meta, Piece, Pieces
 
 logger = logging.getLogger(__name__)
 
-Update = tuple[int, RequestOutput]  # (prompt index, engine update)
 HEADERS_WAIT_S = 1.0  # a stream's headers wait this long at most for the engine's first word
 
 
@@ -237,74 +236,6 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def _engine_error(exc: Exception) -> Exception:
-    if type(exc).__name__ == "EngineDeadError":
-        return ProtocolError(503, "the engine is not running")
-    if isinstance(exc, ValueError):  # the engine's word that the request can never fit
-        return ProtocolError(400, str(exc))
-    return exc
-
-
-async def _prompt_updates(
-    state: State, request_id: str, prompt: protocol.Prompt, priority: int
-) -> AsyncIterator[RequestOutput]:
-    """One prompt's engine updates; closing this aborts its request. The metrics time each
-    update as it reaches this event loop, not as it is pulled from here: a slow client or a
-    busy handler adds nothing to TTFT, inter-token or end-to-end latency."""
-    timer = state.metrics.start(len(prompt.token_ids), prompt.params.n, prompt.params.max_tokens)
-    ids, params = list(prompt.token_ids), prompt.params
-    gen = state.engine.generate(
-        request_id, ids, params, prompt.text, priority, on_update=timer.observe
-    )
-    try:
-        async with contextlib.aclosing(gen):
-            async for out in gen:
-                yield out
-    finally:
-        timer.end()
-
-
-async def _run(state: State, request_id: str, req: GenerateRequest) -> AsyncIterator[Update]:
-    """Every prompt's engine updates, merged as they come; closing this aborts them all."""
-    if len(req.prompts) == 1:  # nothing to merge: no task between the engine and the reply
-        updates = _prompt_updates(state, f"{request_id}-0", req.prompts[0], req.priority)
-        try:
-            async with contextlib.aclosing(updates):
-                async for out in updates:
-                    yield 0, out
-        except Exception as exc:  # as the pump path's: a 503 or 400 for what the engine said
-            raise _engine_error(exc) from None
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
-
-    async def pump(i: int, prompt: protocol.Prompt) -> None:
-        try:
-            updates = _prompt_updates(state, f"{request_id}-{i}", prompt, req.priority)
-            async with contextlib.aclosing(updates):
-                async for out in updates:
-                    queue.put_nowait((i, out))
-        except Exception as exc:
-            queue.put_nowait((i, exc))
-            return
-        queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(req.prompts)]
-    try:
-        running = len(tasks)
-        while running:
-            i, item = await queue.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise _engine_error(item)
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()  # cancelling a pump closes its engine generator: the request is aborted
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamResponse:
     state = request.app[STATE]
     if not state.engine.is_alive:
@@ -313,7 +244,7 @@ async def _generate(request: web.Request, req: GenerateRequest) -> web.StreamRes
     meta = Meta(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.info.name, req.chat)
     cached = state.config.enable_prompt_tokens_details
     pieces = Pieces(req, state.token_text, state.token_bytes, cached)
-    updates = _run(state, meta.id, req)
+    updates = request_updates(state.engine, state.metrics, meta.id, req)
     async with contextlib.aclosing(updates):
         if not req.stream:
             return await _collect(meta, pieces, updates)

@@ -111,3 +111,29 @@ def record_preemptions(engine) -> list:
 
     engine.scheduler.schedule = recording
     return preempted
+
+
+def hf_greedy(model, prompt: list[int], n: int = 32) -> list[int]:
+    """transformers' own greedy `generate` of n tokens after `prompt` (no EOS stop)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),  # token 0 is not padding here
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def run_batch(graph, params, prompts, block_size=4):
+    """The graph's last-token logits for `prompts` run together through the CPU executor."""
+    from runtime.batch import build_batch
+    from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
+
+    per_seq = -(-max(len(p) for p in prompts) // block_size) + 1
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+    kv = allocate_kv_cache(kv_cache_spec(graph), per_seq * len(prompts), block_size)
+    batch = build_batch([(p, 0, t) for p, t in zip(prompts, tables, strict=True)], block_size)
+    return Executor(graph, params).forward(batch, kv)

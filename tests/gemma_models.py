@@ -1,6 +1,6 @@
 """Tiny Gemma, Gemma2 and Gemma3 (text) models whose every feature bites (windows shorter
-than the prompts, small soft-caps, a scale that is not head_dim's, random norm weights), and
-transformers' greedy decoding of them: shared by the CPU and the GPU tests."""
+than the prompts, small soft-caps, a scale that is not head_dim's, random norm weights),
+shared by the CPU and the GPU tests."""
 
 from __future__ import annotations
 
@@ -64,16 +64,3 @@ def reference(model) -> torch.nn.Module:
     """transformers' eager attention: soft-capping and sliding windows as Gemma defines them."""
     model.config._attn_implementation = "eager"
     return model
-
-
-def hf_greedy(model, prompt: list[int], n: int = 32) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, hf_greedy, tiny_model
 
 import kiln
 from compiler.frontend.loader import load_model
@@ -13,19 +13,6 @@ from runtime.batch import build_batch
 from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 
 GREEDY = kiln.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-
-
-def hf_greedy(model, prompt: list[int], n: int = 32) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),  # token 0 is not padding here
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")

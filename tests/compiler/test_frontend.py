@@ -7,26 +7,16 @@ import types
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, run_batch, tiny_model
 
 from compiler.frontend import trace_model
 from compiler.frontend.convert import UnsupportedOpError
 from compiler.frontend.loader import UnsupportedModelError, check_config, load_model
 from compiler.pipeline import CUDA_PASSES, run_pipeline, run_target_passes
 from ir.ops import LayerNorm, PagedAttention
-from runtime.batch import build_batch
-from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 
 # fp32 end to end; the only differences are summation orders (matmul blocking, softmax)
 LOGITS_ATOL = 2e-4
-
-
-def run_batch(graph, params, prompts, block_size=4):
-    per_seq = -(-max(len(p) for p in prompts) // block_size) + 1
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
-    kv = allocate_kv_cache(kv_cache_spec(graph), per_seq * len(prompts), block_size)
-    batch = build_batch([(p, 0, t) for p, t in zip(prompts, tables, strict=True)], block_size)
-    return Executor(graph, params).forward(batch, kv)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gemma_models import GEMMA, LOGITS_ATOL, WINDOW, gemma_model, hf_greedy, reference
+from conftest import hf_greedy, run_batch
+from gemma_models import GEMMA, LOGITS_ATOL, WINDOW, gemma_model, reference
 from transformers import AutoConfig
 
 import kiln
@@ -21,18 +22,8 @@ from compiler.frontend import trace_model
 from compiler.frontend.loader import UnsupportedModelError, check_config
 from compiler.pipeline import CUDA_PASSES, run_pipeline, run_target_passes
 from ir.ops import AddRMSNorm, PagedAttention, RMSNorm
-from runtime.batch import build_batch
-from runtime.executor import Executor, allocate_kv_cache, kv_cache_spec
 
 GREEDY = kiln.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-
-
-def run_batch(graph, params, prompts, block_size=4):
-    per_seq = -(-max(len(p) for p in prompts) // block_size) + 1
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
-    kv = allocate_kv_cache(kv_cache_spec(graph), per_seq * len(prompts), block_size)
-    batch = build_batch([(p, 0, t) for p, t in zip(prompts, tables, strict=True)], block_size)
-    return Executor(graph, params).forward(batch, kv)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

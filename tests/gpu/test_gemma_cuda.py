@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gemma_models import GEMMA, gemma_model, hf_greedy, reference
+from conftest import hf_greedy
+from gemma_models import GEMMA, gemma_model, reference
 
 pytestmark = [
     pytest.mark.gpu,
