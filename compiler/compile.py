@@ -17,10 +17,12 @@ from compiler.artifact import ArtifactError, check_output, read_manifest, write_
 from compiler.frontend import LoadedModel, load_model, trace_model
 from compiler.frontend.loader import from_memory
 from compiler.frontend.module import from_module
+from compiler.passes.fold_constants import fold_constants
+from compiler.passes.quantize import lm_head, quantize_linears
 from compiler.passes.shard import shard
 from compiler.pipeline import CUDA_PASSES, PIPELINE, run_pipeline, run_target_passes
 from ir.graph import Graph
-from ir.ops import Embedding, Linear, PagedAttention
+from ir.ops import QUANT_FORMATS, Embedding, PagedAttention
 from ir.printer import print_graph
 from ir.reference import DTYPE_NAMES, TORCH_DTYPES
 
@@ -38,6 +40,10 @@ class CompileOptions:
     dump_ir: Path | None = None
     arch: str = "sm_90"  # cuda target: the GPU architecture kernels are built for
     tensor_parallel_size: int = 1  # > 1: one graph, weights sharded per rank (passes/shard.py)
+    quantization: str | None = (
+        None  # "int4" or "fp8": the projections' weights (passes/quantize.py)
+    )
+    group_size: int = 128  # int4: inputs sharing a scale and a zero
 
     def __post_init__(self) -> None:
         if self.target not in DEFAULT_DTYPE:
@@ -46,6 +52,10 @@ class CompileOptions:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.quantization not in (None, *QUANT_FORMATS):
+            raise ValueError(f"unknown quantization {self.quantization!r} (supported: int4, fp8)")
+        if self.quantization == "int4" and (self.group_size < 8 or self.group_size % 8):
+            raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
         if not re.fullmatch(r"sm_\d{2,}", self.arch):
             raise ValueError(f"arch must look like sm_90, got {self.arch!r}")
 
@@ -140,6 +150,7 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
     graph, params = run_pipeline(graph, params, dump_dir=options.dump_ir)
     architecture = architecture_summary(loaded.facts, graph)  # of the whole model
     graph, weights = _shard(graph, params, options)
+    graph, weights, quantization = _quantize(graph, weights, options)
     if options.target == "cuda":
         graph = run_target_passes(graph, CUDA_PASSES, options.dump_ir)
     log.info("ops before passes: %s", before)
@@ -153,7 +164,7 @@ def build(loaded: LoadedModel, options: CompileOptions) -> Built:
         "source_sha256": loaded.source_sha256,
         "architecture": architecture,
         "dtype": dtype,
-        "quantization": None,
+        "quantization": quantization,
         "target": options.target,
         "max_model_len": options.max_model_len or loaded.facts.max_model_len,
         "block_size": options.block_size,
@@ -186,11 +197,35 @@ def _shard(graph, params, options: CompileOptions):
     return graph, weights
 
 
+def _quantize(graph, weights, options: CompileOptions):
+    """(graph, weights, the manifest's quantization entry): the projections' weights packed
+    (each rank's alone), or all unchanged when no format is chosen."""
+    if options.quantization is None:
+        return graph, weights, None
+    group_size = options.group_size if options.quantization == "int4" else 0
+    quantized = run_target_passes(
+        graph, (quantize_linears(options.quantization, group_size),), options.dump_ir
+    )
+    if isinstance(weights, list):
+        folded = [fold_constants(quantized, w) for w in weights]
+        graph, weights = folded[0][0], [w for _, w in folded]
+    else:
+        graph, weights = fold_constants(quantized, weights)
+    count = graph.op_counts().get("QuantLinear", 0)
+    left = graph.op_counts().get("Linear", 0)
+    log.info("%s: %d projections quantized, %d Linears kept", options.quantization, count, left)
+    return (
+        graph,
+        weights,
+        {"format": options.quantization, "group_size": group_size, "linears": count},
+    )
+
+
 def architecture_summary(facts, graph: Graph) -> dict:
     """The model's shape, read off the traced graph (its names from the source)."""
     attn = [n.op for n in graph.nodes if isinstance(n.op, PagedAttention)]
     embed = next((n.inputs[0] for n in graph.nodes if isinstance(n.op, Embedding)), None)
-    head = _lm_head(graph)
+    head = lm_head(graph)
     return {
         "model_type": facts.model_type,
         "architectures": list(facts.architectures),
@@ -202,11 +237,3 @@ def architecture_summary(facts, graph: Graph) -> dict:
         "vocab_size": graph.type_of(graph.outputs[0]).shape[-1],
         "tie_word_embeddings": head is not None and head.inputs[1] == embed,
     }
-
-
-def _lm_head(graph: Graph):
-    """The Linear that makes the logits, found back from the output through views and casts."""
-    producers, name = graph.producers(), graph.outputs[0]
-    while (node := producers.get(name)) is not None and not isinstance(node.op, Linear):
-        name = node.inputs[0]
-    return node

@@ -45,6 +45,68 @@ class Linear:
         return (TensorType((*x.shape[:-1], w.shape[0]), x.dtype),)
 
 
+QUANT_FORMATS = ("int4", "fp8")
+
+
+def check_quant(fmt: str, group_size: int, w: TensorType) -> None:
+    """Raise unless `fmt` can quantize the [out, in] weight w (see QuantizeWeight)."""
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r} (supported: {QUANT_FORMATS})")
+    if w.rank != 2 or w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fmt}: cannot quantize {w} (a float [out, in] weight)")
+    if fmt == "fp8" and group_size != 0:
+        raise ValueError(f"fp8 scales each output row (group_size 0), got {group_size}")
+    if fmt == "int4" and (group_size <= 0 or group_size % 8 or w.shape[1] % group_size):
+        raise ValueError(f"int4: group size {group_size} must be a multiple of 8 dividing {w}")
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class QuantizeWeight:
+    """A Linear's [out, in] weight w quantized; only ever over parameters (folded at compile
+    time into the packed weights). int4: (qweight int32 [out, in / 8], eight 4-bit codes per
+    word along `in`, the lowest bits first; scales, zeros [out, in / group_size] in w's dtype),
+    w ~ (q - zero) * scale in each group of group_size inputs. fp8: (qweight float8_e4m3fn
+    [out, in], scales float32 [out]), w ~ q * scale in each output row."""
+
+    format: str
+    group_size: int = 0
+
+    def infer(self, w: TensorType):
+        check_quant(self.format, self.group_size, w)
+        n, k = w.shape
+        if self.format == "fp8":
+            return (TensorType((n, k), "float8_e4m3fn"), TensorType((n,), "float32"))
+        groups = TensorType((n, k // self.group_size), w.dtype)
+        return (TensorType((n, k // 8), "int32"), groups, groups)
+
+
+@op
+@dataclass(frozen=True, slots=True)
+class QuantLinear:
+    """y = x @ dequantize(weight).T (+ bias), the weight dequantized to x's dtype: a Linear
+    over QuantizeWeight's outputs (int4: x, qweight, scales, zeros[, bias]; fp8: x, qweight,
+    scales[, bias])."""
+
+    format: str
+    group_size: int = 0
+
+    def infer(self, x: TensorType, qweight: TensorType, *rest: TensorType):
+        parts = 2 if self.format == "int4" else 1  # scales (and zeros) before the bias
+        if self.format not in QUANT_FORMATS or len(rest) not in (parts, parts + 1):
+            raise ValueError(f"QuantLinear({self.format}): wrong inputs {(x, qweight, *rest)}")
+        n, k = qweight.shape[0], qweight.shape[1] * (8 if self.format == "int4" else 1)
+        w = TensorType((n, k), x.dtype)
+        check_quant(self.format, self.group_size, w)
+        if (qweight, *rest[:parts]) != QuantizeWeight(self.format, self.group_size).infer(w):
+            raise ValueError(f"QuantLinear({self.format}): {qweight, *rest} do not quantize {w}")
+        if x.shape[-1] != k:
+            raise ValueError(f"QuantLinear: input {x} does not match weight {w}")
+        if rest[parts:] and rest[parts] != TensorType((n,), x.dtype):
+            raise ValueError(f"QuantLinear: bias {rest[parts]} does not match weight {w}")
+        return (TensorType((*x.shape[:-1], n), x.dtype),)
+
+
 @op
 @dataclass(frozen=True, slots=True)
 class Unary:

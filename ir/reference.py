@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ir import ops
+from ir.quant import dequantize, quantize
 from ir.types import TensorType
 
 REFERENCE: dict[type, Callable] = {}
@@ -23,6 +24,7 @@ TORCH_DTYPES = {
     "int64": torch.int64,
     "int32": torch.int32,
     "bool": torch.bool,
+    "float8_e4m3fn": torch.float8_e4m3fn,
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -89,6 +91,18 @@ def _embedding(op, ctx, weight, ids):
 @reference(ops.Linear)
 def _linear(op, ctx, x, w, bias=None):
     return F.linear(x, w, bias)
+
+
+@reference(ops.QuantizeWeight)
+def _quantize_weight(op, ctx, w):
+    return quantize(w, op.format, op.group_size)
+
+
+@reference(ops.QuantLinear)
+def _quant_linear(op, ctx, x, qweight, scales, *rest):
+    zeros, bias = (rest[0], rest[1:]) if op.format == "int4" else (None, rest)
+    w = dequantize(op.format, op.group_size, qweight, scales, zeros, x.dtype)
+    return F.linear(x, w, *bias)
 
 
 @reference(ops.Unary)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 Dim = int | str
 SYMBOLS = ("T", "B")
-DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "bool")
+DTYPES = ("float32", "bfloat16", "float16", "int64", "int32", "bool", "float8_e4m3fn")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -113,6 +113,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--tensor-parallel-size", type=int, default=1, metavar="N", help="shard over N GPUs"
     )
+    c.add_argument(
+        "--quantization",
+        choices=["int4", "fp8"],
+        help="store the projections' weights as int4 (per group) or fp8 (per row)",
+    )
+    c.add_argument(
+        "--group-size", type=int, default=128, help="int4: inputs sharing a scale (default 128)"
+    )
     c.set_defaults(func=_compile)
 
     r = sub.add_parser("run", help="serve an artifact with the OpenAI-compatible API")
@@ -277,6 +285,8 @@ def _compile(args) -> None:
         dump_ir=args.dump_ir,
         tensor_parallel_size=args.tensor_parallel_size,
         arch=args.arch,
+        quantization=args.quantization,
+        group_size=args.group_size,
     )
     path = compile_model(args.source, args.output, options)
     log.info("artifact written to %s", path)
