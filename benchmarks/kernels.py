@@ -1,4 +1,4 @@
-"""`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1, K3, K4;
+"""`kiln bench kernels`: every variant of a kernel on the same inputs (BENCH.md K1 to K4;
 K1m: K1 at W1's mixed context lengths; K1s: at W3's lone sequence): the Numba kernels, the
 torch reference, and for attention torch SDPA and flex attention (checked against SDPA).
 
@@ -13,80 +13,17 @@ import argparse
 import functools
 import math
 import random
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import save, table
+from benchmarks.kernel_timing import BF16_FLOPS, DEFAULTS, bw_row, gpu_time, numba_op
+from benchmarks.quant_kernels import k2
 from codegen.registry import BuildConstants
 from ir import ops
 from ir.reference import REFERENCE, RefContext, rms_norm
 from ir.types import TensorType
-
-COPY_BW = 4.25e12  # bytes/s, device-to-device copy (read + write) measured on the H200
-BF16_FLOPS = 786e12  # dense bf16 matmul measured on the H200
-DEFAULTS = BuildConstants()
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """Seconds per call over the repeats: median, min and max; how they were taken."""
-
-    median: float
-    low: float
-    high: float
-    method: str  # "graph" (GPU time of replays) or "eager" (host launch time included)
-
-    def fields(self) -> dict:
-        return {
-            "timing": self.method,
-            "ms": round(self.median * 1e3, 3),
-            "ms_min_max": f"{self.low * 1e3:.3f}-{self.high * 1e3:.3f}",
-        }
-
-
-def _event_times(fn, repeats: int, per: int, method: str) -> Timing:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / per)
-    times.sort()
-    return Timing(times[len(times) // 2], times[0], times[-1], method)
-
-
-def gpu_time(fn, repeats: int = 20, launches: int = 5, graph: bool = True) -> Timing:
-    """Seconds per call. With `graph`, the GPU time of `launches` calls captured in a CUDA
-    graph and replayed, so that no variant is charged its host launch cost (a numba dispatch
-    from Python costs more than the kernel it launches); a variant that syncs with the host
-    (the torch reference) is timed eagerly instead."""
-    if not graph:
-        fn(), fn()
-        return _event_times(fn, repeats, 1, "eager")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(), fn()  # warm-up: compile, allocate, pick algorithms
-    torch.cuda.current_stream().wait_stream(side)
-    replay = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(replay):
-        for _ in range(launches):
-            fn()
-    return _event_times(replay.replay, repeats, launches, "graph")
-
-
-def numba_op(op, types, tensors, sizes, consts=DEFAULTS):
-    import codegen.cuda  # noqa: F401
-    from codegen.cuda.launch import allocate_scratch, launch
-    from codegen.registry import build_kernels
-
-    kernels = build_kernels(op, types, consts)
-    env = {**allocate_scratch(kernels.scratch, sizes, "cuda"), **tensors}
-    return lambda: launch(kernels, sizes, env)
 
 
 def k3(rows: int = 8192, hidden: int = 4096) -> list[dict]:
@@ -105,7 +42,7 @@ def k3(rows: int = 8192, hidden: int = 4096) -> list[dict]:
         "torch reference": lambda: rms_norm(x + r, w, 1e-6),
     }
     moved = 4 * x.nbytes  # read x and r, write the norm and the sum
-    return [_bw_row("K3 add+rmsnorm", name, gpu_time(fn), moved) for name, fn in variants.items()]
+    return [bw_row("K3 add+rmsnorm", name, gpu_time(fn), moved) for name, fn in variants.items()]
 
 
 @functools.cache
@@ -221,7 +158,7 @@ def k1(seqs: int = 64, ctx: int = 4096) -> list[dict]:
     variants, _ = _attention_variants(seqs, 1, ctx - 1, consts)
     kv_bytes = 2 * seqs * ctx * 8 * 128 * 2
     return [
-        _bw_row("K1 paged decode", n, gpu_time(fn, 10, graph=n != "torch reference"), kv_bytes)
+        bw_row("K1 paged decode", n, gpu_time(fn, 10, graph=n != "torch reference"), kv_bytes)
         for n, fn in variants.items()
     ]
 
@@ -270,7 +207,7 @@ def k1m(seqs: int = 256, shortest: int = 100, longest: int = 2048) -> list[dict]
     for blocks in (2048, 8192):
         fn = numba_op(op, types, tensors, sizes, BuildConstants(attn_blocks=blocks))
         variant = f"numba split-K, {blocks} blocks"
-        rows.append(_bw_row("K1m mixed contexts", variant, gpu_time(fn, 10), kv_bytes))
+        rows.append(bw_row("K1m mixed contexts", variant, gpu_time(fn, 10), kv_bytes))
     return rows
 
 
@@ -289,7 +226,7 @@ def k1s(ctx: int = 1152, longest: int = 1280) -> list[dict]:
         consts = BuildConstants(attn_blocks=blocks, attn_split_keys=keys)
         fn = numba_op(op, types, tensors, sizes, consts)
         variant = f"numba split-K, {blocks} blocks, splits of >= {keys} keys"
-        rows.append(_bw_row("K1s one sequence", variant, gpu_time(fn, 10), kv_bytes))
+        rows.append(bw_row("K1s one sequence", variant, gpu_time(fn, 10), kv_bytes))
     return rows
 
 
@@ -315,18 +252,7 @@ def k4(seqs: int = 8, new: int = 2048, cached: int = 2048) -> list[dict]:
     return rows
 
 
-def _bw_row(kernel: str, variant: str, timing: Timing, nbytes: int) -> dict:
-    seconds = timing.median
-    return {
-        "kernel": kernel,
-        "variant": variant,
-        **timing.fields(),
-        "achieved": f"{nbytes / seconds / 1e9:.0f} GB/s",
-        "of_ceiling": f"{nbytes / seconds / COPY_BW:.1%}",
-    }
-
-
-BENCHES = {"k1": k1, "k1m": k1m, "k1s": k1s, "k3": k3, "k4": k4}
+BENCHES = {"k1": k1, "k1m": k1m, "k1s": k1s, "k2": k2, "k3": k3, "k4": k4}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("kiln bench kernels needs an NVIDIA GPU")
     rows = [row for name in args.only for row in BENCHES[name]()]
     columns = ["kernel", "variant", "timing", "ms", "ms_min_max", "achieved", "of_ceiling"]
+    columns += ["vs_cublas"] if "k2" in args.only else []
     print(table(rows, columns))
     print(f"wrote {save('kernels', {'rows': rows})}")
 
