@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import save, table
-from benchmarks.gpu import latency_rows, throughput_rows, w1_config, w1_requests, w2_config
+from benchmarks.gpu import throughput_rows, w1_config, w1_requests, w2_config
+from benchmarks.latency import latency_rows
 from benchmarks.models import in_memory_artifact, random_model, sharded_artifact
 from runtime.batch import build_batch
 from runtime.config import EngineConfig

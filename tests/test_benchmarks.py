@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu import idle_gaps, split_record
 from benchmarks.kernels import flex_causal
+from benchmarks.latency import idle_gaps, split_record
 
 # Odd sizes: flex_attention (eager) and create_block_mask pad to their 128-token blocks
 # themselves. cached > 0, so a plain causal mask (no offset) would give other results.
