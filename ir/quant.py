@@ -42,13 +42,13 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[out, in] codes in 0..15 -> int32 [out, in / 8], eight to a word, the first lowest."""
-    words = q.reshape(q.shape[0], -1, 8) << SHIFTS
+    words = q.reshape(q.shape[0], -1, 8) << SHIFTS.to(q.device)
     return words.sum(-1, dtype=torch.int64).to(torch.uint32).view(torch.int32)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """int32 [out, in / 8] -> int32 codes [out, in]."""
-    return ((qweight[..., None] >> SHIFTS) & 15).reshape(qweight.shape[0], -1)
+    return ((qweight[..., None] >> SHIFTS.to(qweight.device)) & 15).reshape(qweight.shape[0], -1)
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
