@@ -43,7 +43,8 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[out, in] codes in 0..15 -> int32 [out, in / 8], eight to a word, the first lowest."""
     words = q.reshape(q.shape[0], -1, 8) << SHIFTS.to(q.device)
-    return words.sum(-1, dtype=torch.int64).to(torch.uint32).view(torch.int32)
+    words = words.sum(-1, dtype=torch.int64)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # wrapped
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
