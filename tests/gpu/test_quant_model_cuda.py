@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cuda_model import PROMPTS, POSITIONS, argmax_agreement, teacher_forced
+from test_cuda_model import POSITIONS, PROMPTS, argmax_agreement, teacher_forced
 
 pytestmark = [
     pytest.mark.gpu,
