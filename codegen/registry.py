@@ -137,6 +137,11 @@ class BuildConstants:
     attn_load_words: int = 8
     # blocks a one-row NormLinear GEMV aims for: two on each of the H200's 132 SMs
     gemv_blocks: int = 264
+    # rows (tokens) up to which a QuantLinear runs its fused dequant GEMV, which reads the
+    # packed weights once but holds an accumulator a row in each lane and reads x once a
+    # weight word a row; more rows dequantize the weight into a buffer and call cuBLAS,
+    # whose tensor cores win once a weight element serves enough rows
+    quant_gemv_rows: int = 8
     # prefill attention on tensor cores (mma) where the dtype and head size allow it; False
     # keeps the CUDA-core kernel (a baseline for the benchmarks)
     prefill_tensor_cores: bool = True

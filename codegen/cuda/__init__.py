@@ -7,6 +7,7 @@ from codegen.cuda import (
     gather,
     layernorm,
     norm_linear,
+    quant_linear,
     rmsnorm,
     silu_mul,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "gather",
     "layernorm",
     "norm_linear",
+    "quant_linear",
     "rmsnorm",
     "silu_mul",
 ]

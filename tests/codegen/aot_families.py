@@ -18,6 +18,7 @@ from ir.ops import (
     LayerNorm,
     NormLinear,
     PagedAttention,
+    QuantLinear,
     RMSNorm,
     SiluMul,
 )
@@ -30,6 +31,8 @@ def cases():
     heads = (TensorType((1, "T", 4, 16), bf), *[TensorType((1, "T", 2, 16), bf)] * 2)
     cos_sin = [TensorType((1, "T", 16), "float32")] * 2
     expr = ("mul", ("gelu_tanh", ("arg", 0)), ("cast", "float16", ("arg", 1)))
+    x4k, groups = TensorType((1, "T", 4096), bf), TensorType((24, 32), bf)
+    bias, fp8_scales = TensorType((24,), bf), TensorType((24,), "float32")
     return [
         (Embedding(), (TensorType((100, 40), bf), TensorType((1, "T"), "int64"))),
         (RMSNorm(1e-6), (x, TensorType((40,), bf))),
@@ -43,6 +46,9 @@ def cases():
         (NormLinear(1e-6, "silu_mul"), (x, x, TensorType((40,), bf), TensorType((24, 40), bf))),
         (PagedAttention(0, 4, 2, 16, 0.25, 8, 30.0, "bthd", True), (*heads, *cos_sin)),
         (PagedAttention(0, 4, 2, 16, 0.25, layout="bthd"), heads),
+        # a real width (chunks of words in a loop): the GEMV, dequant and bias-add kernels
+        (QuantLinear("int4", 128), (x4k, TensorType((24, 512), "int32"), *[groups] * 2, bias)),
+        (QuantLinear("fp8"), (x4k, TensorType((24, 4096), "float8_e4m3fn"), fp8_scales)),
     ]
 
 
@@ -61,6 +67,7 @@ def main(arch: str) -> None:
                     "cubin_bytes": len(compiled.cubin),
                     "ptx_target": compiled.ptx.split(".target", 1)[1].split()[0],
                     "ptx_params": ptx_params,
+                    "local_depot": "__local_depot" in compiled.ptx,
                 }
             )
     json.dump(records, sys.stdout)

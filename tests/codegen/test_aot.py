@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 AOT_PREFILL = str(HERE / "aot_prefill.py")  # a prefill builder's kernel compiled, described
 FAMILIES = {"Embedding", "RMSNorm", "AddRMSNorm", "LayerNorm", "SiluMul", "FusedElementwise"}
-FAMILIES |= {"GatherLastTokens", "PagedAttention", "NormLinear"}
+FAMILIES |= {"GatherLastTokens", "PagedAttention", "NormLinear", "QuantLinear"}
 
 
 def toolchain_missing() -> str | None:
@@ -66,6 +66,15 @@ def test_attention_is_five_kernels(compiled_families):
     assert names.count(["paged", "attention"]) == 2 and names.count(["attention", "reduce"]) == 4
     assert names.count(["prefill", "attention", "mma"]) == 2  # bf16: on tensor cores
     assert ["rope", "kv", "cache", "write"] in names and ["kv", "cache", "write"] in names
+
+
+def test_quant_linear_compiles_both_paths_in_registers(compiled_families):
+    # int4 with a bias: GEMV, dequant, bias-add; fp8: GEMV, dequant. The GEMV's words and
+    # accumulators in registers: no "__local_depot" in any kernel's PTX
+    quant = [r for r in compiled_families if r["op"] == "QuantLinear"]
+    names = [r["name"].rsplit("_", 1)[0] for r in quant]
+    assert names == ["quant_gemv", "dequant", "bias_add", "quant_gemv", "dequant"]
+    assert not any(r["local_depot"] for r in quant)
 
 
 LOCAL_DEPOT_SCRIPT = """
