@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
-SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # the eight codes of a word, lowest first
 
 
 def quantize(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, ...]:
@@ -42,14 +41,20 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[out, in] codes in 0..15 -> int32 [out, in / 8], eight to a word, the first lowest."""
-    words = q.reshape(q.shape[0], -1, 8) << SHIFTS.to(q.device)
+    words = q.reshape(q.shape[0], -1, 8) << shifts(q.device)
     words = words.sum(-1, dtype=torch.int64)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # wrapped
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """int32 [out, in / 8] -> int32 codes [out, in]."""
-    return ((qweight[..., None] >> SHIFTS.to(qweight.device)) & 15).reshape(qweight.shape[0], -1)
+    return ((qweight[..., None] >> shifts(qweight.device)) & 15).reshape(qweight.shape[0], -1)
+
+
+def shifts(device) -> torch.Tensor:
+    """The bit offsets of a word's eight codes, lowest first (made on the device: a copy from
+    the host could not be captured in a CUDA graph)."""
+    return torch.arange(0, 32, 4, dtype=torch.int32, device=device)
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
