@@ -1,6 +1,7 @@
 """QuantLinear: y = x @ dequantize(weight).T (+ bias), int4 or fp8 weights (see ir/quant.py).
 
-A few rows (at most consts.quant_gemv_rows: decode batches) run one fused dequant GEMV that
+A few rows (at most consts.quant_gemv_rows: decode batches) run a fused dequant GEMV (one
+built for each power of two of rows up to it) that
 reads the packed weights once, as words: int4 an int32 word of eight 4-bit codes (all in one
 group, group sizes being multiples of 8), fp8 an int64 word of eight e4m3 bytes (an int32 word
 of four where the width is not a multiple of 8; other widths get no kernel: the node stays a
@@ -278,7 +279,7 @@ def build_quant_linear(op: QuantLinear, inputs: tuple[TensorType, ...], consts: 
     packed = (Param("in1", word, 2), scales, *([Param("in3", dtype, 2)] if fmt == "int4" else []))
     bias = (Param(f"in{len(packed) + 1}", dtype, 1),) if len(rest) == len(packed) else ()
     rows, max_rows = (lambda s: num_rows(x, s)), consts.quant_gemv_rows
-    few, more = (lambda s: rows(s) <= max_rows), (lambda s: rows(s) > max_rows)
+    more = lambda s: rows(s) > max_rows  # noqa: E731
     key = (fmt, op.group_size, k, n, dtype)
     params, grid = (Param("weight", dtype, 1), *packed), fixed(cdiv(n * (k // per_word), BLOCK))
     dequant = Kernel(
@@ -289,14 +290,24 @@ def build_quant_linear(op: QuantLinear, inputs: tuple[TensorType, ...], consts: 
         params, grid = (Param("out0", dtype, 1), *bias), lambda s: (cdiv(rows(s) * n, BLOCK),)
         name = kernel_name("bias_add", n, dtype, BLOCK)
         steps.append(Kernel(name, _bias_kernel(dtype, n), params, (BLOCK,), grid, more))
-    if max_rows > 0:  # the steps in launch order: the GEMV first, as in norm_linear
-        fn = _gemv_kernel(_gemv_body(*key, bool(bias), max_rows), fmt, bool(bias))
+    gemvs, fewer = [], 0
+    for most in gemv_buckets(max_rows):  # the steps in launch order: GEMVs first
+        fn = _gemv_kernel(_gemv_body(*key, bool(bias), most), fmt, bool(bias))
         params = (Param("out0", dtype, 2), Param("in0", "int64", 2), *packed, *bias)
-        shape = (bool(bias), max_rows, WARPS, ROWS_PER_WARP, gemv_unroll(word))
+        shape = (bool(bias), most, WARPS, ROWS_PER_WARP, gemv_unroll(word))
         name = kernel_name("quant_gemv", *key, *shape)
         grid = fixed(cdiv(n, WARPS * ROWS_PER_WARP))
-        steps.insert(0, Kernel(name, fn, params, (WARPS * WARP,), grid, few))
-    return OpKernels(tuple(steps), (Scratch("weight", dtype, lambda s: (n, k)),))
+        when = lambda s, lo=fewer, hi=most: lo < rows(s) <= hi  # noqa: E731
+        gemvs.append(Kernel(name, fn, params, (WARPS * WARP,), grid, when))
+        fewer = most
+    return OpKernels((*gemvs, *steps), (Scratch("weight", dtype, lambda s: (n, k)),))
+
+
+def gemv_buckets(max_rows: int) -> list[int]:
+    """The row counts GEMVs are built for (each takes the rows above the last's): powers of two
+    up to max_rows. A kernel's loops over rows run to its bucket, so one row does not pay for
+    eight (H200, 4096 x 14336 int4: see benchmarks/NOTES.md)."""
+    return sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)} - {0})
 
 
 def fixed(blocks: int):

@@ -69,11 +69,12 @@ def test_attention_is_five_kernels(compiled_families):
 
 
 def test_quant_linear_compiles_both_paths_in_registers(compiled_families):
-    # int4 with a bias: GEMV, dequant, bias-add; fp8: GEMV, dequant. The GEMV's words and
+    # int4 with a bias: GEMVs, dequant, bias-add; fp8: GEMVs, dequant. The GEMVs' words and
     # accumulators in registers: no "__local_depot" in any kernel's PTX
     quant = [r for r in compiled_families if r["op"] == "QuantLinear"]
     names = [r["name"].rsplit("_", 1)[0] for r in quant]
-    assert names == ["quant_gemv", "dequant", "bias_add", "quant_gemv", "dequant"]
+    gemvs = ["quant_gemv"] * 4  # for 1, 2, 4 and 8 rows
+    assert names == [*gemvs, "dequant", "bias_add", *gemvs, "dequant"]
     assert not any(r["local_depot"] for r in quant)
 
 

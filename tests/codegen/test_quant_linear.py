@@ -11,6 +11,7 @@ import pytest
 import torch
 from kernel_harness import FLOATS, assert_matches, launch_kernels, poisoned, rand, typed
 
+from codegen.cuda.quant_linear import gemv_buckets
 from codegen.registry import BuildConstants, Gemm, build_kernels
 from ir.ops import QuantLinear
 from ir.quant import dequantize, quantize
@@ -108,9 +109,11 @@ def test_no_gemv_at_zero_rows_and_names_hash_the_constants():
         types = (x, TensorType((8, 8), "int32"), g, g)
         return [k.name for k in build_kernels(QuantLinear("int4", group), types, consts).generated]
 
-    assert [n.rsplit("_", 1)[0] for n in names(16)] == ["quant_gemv", "dequant"]
+    assert [n.rsplit("_", 1)[0] for n in names(16)] == ["quant_gemv"] * 4 + ["dequant"]
     assert not set(names(16)) & set(names(32))
-    assert names(16, BuildConstants(quant_gemv_rows=0)) == names(16)[1:]
+    assert names(16, BuildConstants(quant_gemv_rows=0)) == names(16)[4:]
+    assert gemv_buckets(8) == [1, 2, 4, 8] and gemv_buckets(3) == [1, 2, 3]
+    assert gemv_buckets(0) == []
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
