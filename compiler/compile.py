@@ -18,6 +18,7 @@ from compiler.frontend import LoadedModel, load_model, trace_model
 from compiler.frontend.loader import from_memory
 from compiler.frontend.module import from_module
 from compiler.passes.fold_constants import fold_constants
+from compiler.passes.prequantized import use_packed
 from compiler.passes.quantize import lm_head, quantize_linears
 from compiler.passes.shard import shard
 from compiler.pipeline import CUDA_PASSES, PIPELINE, run_pipeline, run_target_passes
@@ -140,17 +141,24 @@ class Built:
 
 
 def build(loaded: LoadedModel, options: CompileOptions) -> Built:
+    if loaded.packed is not None and options.quantization is not None:
+        raise ValueError(
+            f"{loaded.source} is already quantized ({loaded.packed.method}): compile it "
+            "without --quantization"
+        )
     dtype = DTYPE_NAMES[next(loaded.model.parameters()).dtype]
     steps = tqdm(total=3, desc="kiln compile", unit="step")
     steps.set_postfix_str("trace")
     graph, params = trace_model(loaded.model, loaded.facts)
     before = graph.op_counts()
+    if loaded.packed is not None:  # a GPTQ/AWQ checkpoint: its own int4 projections
+        graph, params = use_packed(graph, params, loaded.packed.tensors)
     steps.update()
     steps.set_postfix_str("optimize")
     graph, params = run_pipeline(graph, params, dump_dir=options.dump_ir)
     architecture = architecture_summary(loaded.facts, graph)  # of the whole model
     graph, weights = _shard(graph, params, options)
-    graph, weights, quantization = _quantize(graph, weights, options)
+    graph, weights, quantization = _quantize(graph, weights, options, loaded.packed)
     if options.target == "cuda":
         graph = run_target_passes(graph, CUDA_PASSES, options.dump_ir)
     log.info("ops before passes: %s", before)
@@ -197,9 +205,14 @@ def _shard(graph, params, options: CompileOptions):
     return graph, weights
 
 
-def _quantize(graph, weights, options: CompileOptions):
+def _quantize(graph, weights, options: CompileOptions, packed=None):
     """(graph, weights, the manifest's quantization entry): the projections' weights packed
-    (each rank's alone), or all unchanged when no format is chosen."""
+    (each rank's alone), or all unchanged when no format is chosen (a pre-quantized
+    checkpoint's entry names its method)."""
+    if packed is not None:
+        count = graph.op_counts().get("QuantLinear", 0)
+        entry = {"format": "int4", "group_size": packed.group_size, "linears": count}
+        return graph, weights, entry | {"method": packed.method}
     if options.quantization is None:
         return graph, weights, None
     group_size = options.group_size if options.quantization == "int4" else 0

@@ -7,9 +7,13 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from compiler.frontend.quantized import PackedLinears
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class LoadedModel:
     source: str  # what the user named
     source_sha256: str  # of the weight/config files read
     facts: ModelFacts
+    packed: PackedLinears | None = None  # a GPTQ/AWQ checkpoint's projections (quantized.py)
 
 
 def from_transformers(model, tokenizer, source: str, source_sha256: str) -> LoadedModel:
@@ -138,6 +143,10 @@ def load_model(source: str, dtype: torch.dtype) -> LoadedModel:
             f"{source}: expected a directory with config.json + *.safetensors, or a .gguf file"
         )
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False, **kwargs)
+    if "gguf_file" not in kwargs and getattr(config, "quantization_config", None):
+        from compiler.frontend.quantized import load_quantized  # it imports this module
+
+        return load_quantized(source, directory, config, dtype, hash_files(files))
     check_config(config)
     log.info("loading %s (%s) as %s", source, config.model_type, dtype)
     try:

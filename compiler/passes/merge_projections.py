@@ -1,10 +1,12 @@
-"""Merge Linear nodes that share an input (Q/K/V, gate/up) into one wider Linear.
+"""Merge projections that share an input (Q/K/V, gate/up) into one wider projection.
 
-Pre: any verified graph. Post: for each input, its parameter Linears of equal weight dtype
+Pre: any verified graph. Post: for each input, its Linears over params of equal weight dtype
 and bias presence are one Linear over Concat(weights) (a params-only node that
 fold_constants turns into a pre-packed weight), followed by one Slice per former output;
-a last-dim Slice of such a Slice (a model's own split of a fused projection) becomes one
-Slice of the merged Linear.
+QuantLinears of one format and group size (pre-quantized checkpoints) likewise, their
+qweights, scales, zeros and biases each concatenated along the output rows. A last-dim
+Slice of such a Slice (a model's own split of a fused projection) becomes one Slice of the
+merged projection.
 """
 
 from __future__ import annotations
@@ -14,19 +16,16 @@ from ir import ops
 from ir.graph import Graph, Node
 from ir.types import normalize_dim
 
-
-def _operands(node: Node) -> tuple[str, str, str | None]:
-    x, w, *bias = node.inputs
-    return x, w, bias[0] if bias else None
+PROJECTIONS = (ops.Linear, ops.QuantLinear)  # every operand after x has a row per output
 
 
 def _key(node: Node, rw: Rewriter) -> tuple | None:
-    if not isinstance(node.op, ops.Linear):
+    if not isinstance(node.op, PROJECTIONS):
         return None
-    x, w, bias = _operands(node)
-    if w not in rw.params or (bias is not None and bias not in rw.params):
+    weights = [n for n in node.inputs[1:] if n]
+    if not all(w in rw.params for w in weights):
         return None
-    return (x, rw.type_of(w).dtype, bias is None)
+    return (node.inputs[0], node.op, tuple(rw.type_of(w).dtype for w in weights))
 
 
 def merge_projections(graph: Graph) -> Graph:
@@ -44,11 +43,9 @@ def merge_projections(graph: Graph) -> Graph:
         group = merged.get(id(node))
         if group is None:
             return None
-        x, _, has_bias = _operands(node)
-        weight = rw.add(ops.Concat(0), *(_operands(n)[1] for n in group))[0]
-        biases = [_operands(n)[2] for n in group]
-        bias = rw.add(ops.Concat(0), *biases)[0] if has_bias else None
-        y = rw.add(ops.Linear(), x, weight, *([bias] if bias else []))[0]
+        operands = zip(*([w for w in n.inputs[1:] if w] for n in group), strict=True)
+        weights = [rw.add(ops.Concat(0), *parts)[0] for parts in operands]
+        y = rw.add(node.op, node.inputs[0], *weights)[0]
         start, renames = 0, {}
         for n in group:
             width = rw.type_of(n.inputs[1]).shape[0]
@@ -65,7 +62,7 @@ def _join_slices(node: Node, rw: Rewriter) -> dict[str, str] | None:
     one slice of the projection, which the shard pass can segment."""
     op = node.op
     inner = rw.producer(node.inputs[0], ops.Slice) if isinstance(op, ops.Slice) else None
-    if inner is None or rw.producer(inner.inputs[0], ops.Linear) is None:
+    if inner is None or rw.producer(inner.inputs[0], PROJECTIONS) is None:
         return None
     rank = node.outputs[0].type.rank
     if {normalize_dim(op.dim, rank), normalize_dim(inner.op.dim, rank)} != {rank - 1}:

@@ -22,6 +22,10 @@ connect to, never by weight names:
 - row-parallel: a Linear over a split input (o_proj, down): its weight's columns are
   split, and a new AllReduce sums the partial outputs; a bias is added after the sum
   (once, not on every rank's partial output).
+- QuantLinears (a pre-quantized checkpoint's) shard as Linears: column-parallel cuts the
+  rows of qweight, scales, zeros and bias alike; row-parallel cuts the columns of qweight
+  and of the per-group scales and zeros (whole groups per rank; fp8's per-row scales are
+  replicated).
 - replicated: everything over replicated values. The embedding and the LM head (a Linear
   whose output only reaches graph outputs through reshapes, casts and elementwise ops of the
   logits alone, such as a softcap) are kept whole on every rank: no logits all-gather, and
@@ -50,6 +54,7 @@ ELEMENTWISE = (ops.SiluMul, ops.FusedElementwise, ops.Unary, ops.Binary, ops.Bin
 # what may sit between the LM head and the graph output: views, and elementwise ops of the
 # logits and weights alone (a logit softcap)
 HEAD_TAIL = (ops.Reshape, *ELEMENTWISE)
+PROJECTIONS = (ops.Linear, ops.QuantLinear)
 
 
 class ShardError(ValueError):
@@ -120,7 +125,7 @@ class _Planner:
             layouts = [self.layouts.get(n) if n else None for n in node.inputs]
             if any(layouts):
                 self._split_node(node, layouts)
-            elif isinstance(node.op, ops.Linear):
+            elif isinstance(node.op, PROJECTIONS):
                 self._replicated_linear(node)
         for name in self.graph.outputs:
             if name in self.layouts:
@@ -134,16 +139,17 @@ class _Planner:
         return self.graph.type_of(name)
 
     def _replicated_linear(self, node: Node) -> None:
-        _, w, *bias = node.inputs
+        weights, bias = _operands(node)
+        rows = [*weights, *([bias] if bias else [])]  # all cut along the outputs
         slices = self.users.get(node.outputs[0].name, [])
         last = self.type_of(node.outputs[0].name).rank - 1
         if slices and all(_is_slice(u, last) for u in slices):
-            segments = self._column_parallel(node, w, bias[0] if bias else None, slices)
+            segments = self._column_parallel(node, rows, slices)
             self.layouts[node.outputs[0].name] = segments
         elif slices and not self._reaches_outputs_only(node.outputs[0].name):
             # one segment (GPT-NeoX's per-head [q|k|v] projection, a lone up-projection): its
             # users' rules decide whether a split last dim can flow on
-            segment = self._column_parallel(node, w, bias[0] if bias else None, [])
+            segment = self._column_parallel(node, rows, [])
             (parts,) = segment.parts  # a lone k or v: kv heads
             self.layouts[node.outputs[0].name] = Split(last, parts)
 
@@ -158,11 +164,9 @@ class _Planner:
             for u in users
         )
 
-    def _column_parallel(
-        self, node: Node, w: str, bias: str | None, slices: list[Node]
-    ) -> Segments:
-        """Cuts `w` (and `bias`) into the segments that `slices` take (one segment without
-        slices) and returns the output's layout."""
+    def _column_parallel(self, node: Node, rows: list[str], slices: list[Node]) -> Segments:
+        """Cuts the params `rows` (weight, bias) into the segments that `slices` take (one
+        segment without slices) and returns the output's layout."""
         width = self.type_of(node.outputs[0].name).shape[-1]
         parts_of = {_bounds(u.op, width): self._parts(u) for u in slices}
         bounds = tuple(sorted(parts_of)) or ((0, width),)
@@ -172,9 +176,8 @@ class _Planner:
         for (s, e), p in zip(bounds, parts, strict=True):
             if (e - s) % p:
                 raise self.fail(node, f"segment [{s}, {e}) is not divisible into {p} parts")
-        for param in (w, bias):
-            if param is not None:
-                self._cut(node, param, Cut(0, bounds, parts))
+        for param in rows:
+            self._cut(node, param, Cut(0, bounds, parts))
         return Segments(bounds, parts)
 
     def _parts(self, node: Node) -> int:
@@ -303,11 +306,23 @@ def _elementwise(pl: _Planner, node: Node, layouts) -> Layout:
 
 
 def _row_parallel(pl: _Planner, node: Node, layouts) -> None:
-    x, w = node.inputs[:2]
+    x = node.inputs[0]
     if layouts[0] != Split(pl.type_of(x).rank - 1, pl.tp) or any(layouts[1:]):
         raise pl.fail(node, "its input is not split over its last dimension")
-    pl._cut(node, w, Cut(1, ((0, pl.type_of(w).shape[1]),), (pl.tp,)))
+    for w in _operands(node)[0]:
+        shape = pl.type_of(w).shape
+        if len(shape) == 1:
+            continue  # fp8's per-row scales: each rank's partial sum takes them whole
+        if shape[1] % pl.tp:  # an int4 projection's groups, whole on each rank
+            raise pl.fail(node, f"the {shape[1]} columns of %{w} do not split into {pl.tp}")
+        pl._cut(node, w, Cut(1, ((0, shape[1]),), (pl.tp,)))
     pl.row_parallel.add(id(node))
+
+
+def _operands(node: Node) -> tuple[list[str], str | None]:
+    """A projection's weights (Linear: w; QuantLinear: qweight, scales[, zeros]), its bias."""
+    n = 1 if isinstance(node.op, ops.Linear) else 3 if node.op.format == "int4" else 2
+    return list(node.inputs[1 : 1 + n]), next((b for b in node.inputs[1 + n :] if b), None)
 
 
 def _axis(pl: _Planner, node: Node, layout: Layout | None) -> int:
@@ -328,6 +343,7 @@ SPLIT_RULES = {
     ops.Rope: _rope,
     ops.PagedAttention: _attention,
     ops.Linear: _row_parallel,
+    ops.QuantLinear: _row_parallel,
     **{t: _elementwise for t in ELEMENTWISE},
 }
 
@@ -378,11 +394,11 @@ def _rebuild(pl: _Planner) -> Graph:
         op = pl.new_ops.get(id(node), node.op)
         names = tuple(v.name for v in node.outputs)
         if id(node) in pl.row_parallel:
-            x, w, *bias = node.inputs
-            partial = b.add1(op, x, w, name=b.fresh(f"{names[0]}_partial"))
-            if bias and bias[0] is not None:
+            weights, bias = _operands(node)
+            partial = b.add1(op, node.inputs[0], *weights, name=b.fresh(f"{names[0]}_partial"))
+            if bias is not None:
                 total = b.add1(ops.AllReduce(), partial, name=b.fresh(f"{names[0]}_sum"))
-                b.add1(ops.Binary("add"), total, bias[0], name=names[0])
+                b.add1(ops.Binary("add"), total, bias, name=names[0])
             else:
                 b.add1(ops.AllReduce(), partial, name=names[0])
         else:
